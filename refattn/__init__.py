@@ -1,0 +1,20 @@
+"""refattn: the golden oracle for attention mechanisms built for long sequences."""
+
+from .core import Grads, Result, SpecError, merge
+from .core.registry import get as get_mechanism
+from .core.registry import names as mechanisms
+from .dense import dense_attention, dense_attention_vjp
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SpecError",
+    "Result",
+    "Grads",
+    "merge",
+    "dense_attention",
+    "dense_attention_vjp",
+    "get_mechanism",
+    "mechanisms",
+    "__version__",
+]

@@ -1,0 +1,7 @@
+"""What every mechanism shares. Imports nothing else of refattn."""
+
+from .errors import SpecError
+from .results import Grads, Result
+from .softmax import logsumexp, masked_softmax, merge
+
+__all__ = ["SpecError", "Result", "Grads", "masked_softmax", "logsumexp", "merge"]

@@ -1,0 +1,155 @@
+"""Input checks shared by every mechanism.
+
+Each check either returns a cleaned value or raises :class:`SpecError` naming
+the argument, what was expected and what was given. Nothing is broadcast,
+truncated or padded silently.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import SpecError
+from .precision import STORAGE_DTYPES
+
+CAUSAL_ALIGNMENTS = ("bottom_right", "top_left")
+
+
+def _describe(x) -> str:
+    if isinstance(x, np.ndarray):
+        return f"array of shape {x.shape} and dtype {x.dtype}"
+    return f"{type(x).__name__} {x!r}"
+
+
+def float_array(x, name: str) -> np.ndarray:
+    """``x`` as a finite float64 array (any real float dtype, bfloat16 included)."""
+    if not isinstance(x, np.ndarray):
+        raise SpecError(name, "a numpy array", _describe(x))
+    if x.dtype not in STORAGE_DTYPES.values() and x.dtype.kind not in "iu":
+        raise SpecError(name, "a real floating-point array", f"dtype {x.dtype}")
+    x64 = x.astype(np.float64)
+    if not np.all(np.isfinite(x64)):
+        bad = tuple(int(i) for i in np.argwhere(~np.isfinite(x64))[0])
+        raise SpecError(name, "finite values", f"{x64[bad]} at index {bad}")
+    return x64
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """The sizes of one attention call, read from ``q`` (B, Hq, Nq, D), ``k`` and ``v``."""
+
+    batch: int
+    q_heads: int
+    kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    value_dim: int
+
+    @property
+    def group(self) -> int:
+        """Query heads per key/value head: query head h reads kv head h // group."""
+        return self.q_heads // self.kv_heads
+
+    @property
+    def scores(self) -> tuple[int, int, int, int]:
+        """Shape of the score matrix (B, Hq, Nq, Nk)."""
+        return (self.batch, self.q_heads, self.q_len, self.kv_len)
+
+
+def qkv(q, k, v) -> tuple[np.ndarray, np.ndarray, np.ndarray, AttentionShape]:
+    """Check q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv); return float64 copies."""
+    arrays = {}
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if isinstance(x, np.ndarray) and x.ndim != 4:
+            raise SpecError(name, "4 dimensions (B, H, N, D)", f"shape {x.shape}")
+        arrays[name] = float_array(x, name)
+    q, k, v = arrays["q"], arrays["k"], arrays["v"]
+    b, hq, nq, d = q.shape
+    if k.shape[0] != b:
+        raise SpecError("k", f"batch {b} (as q)", f"batch {k.shape[0]} (shape {k.shape})")
+    if v.shape[:3] != k.shape[:3]:
+        raise SpecError("v", f"(B, H, N) = {k.shape[:3]} (as k)", f"shape {v.shape}")
+    if k.shape[3] != d:
+        raise SpecError("k", f"head dim {d} (as q)", f"head dim {k.shape[3]}")
+    hkv = k.shape[1]
+    if hkv == 0 or hq % hkv != 0:
+        raise SpecError("k", f"a head count dividing q's {hq} heads (GQA/MQA)", f"{hkv} heads")
+    if min(q.shape) == 0 or min(k.shape) == 0 or v.shape[3] == 0:
+        raise SpecError("q, k, v", "non-empty dimensions", f"shapes {q.shape}, {k.shape}, {v.shape}")
+    shape = AttentionShape(b, hq, hkv, nq, k.shape[2], d, v.shape[3])
+    return q, k, v, shape
+
+
+def broadcastable(x, name: str, target: tuple[int, ...], kind: str) -> np.ndarray:
+    """Check ``x`` broadcasts to ``target`` (B, H, Nq, Nk) by right-aligned rules.
+
+    ``kind`` is ``"bool"`` (masks, keep-masks) or ``"float"`` (biases).
+    Returns ``x`` (bool, or float64) with its own shape, not broadcast.
+    """
+    if not isinstance(x, np.ndarray):
+        raise SpecError(name, f"a {kind} numpy array broadcastable to {target}", _describe(x))
+    if kind == "bool" and x.dtype != np.bool_:
+        raise SpecError(name, "dtype bool (True = may attend)", f"dtype {x.dtype}")
+    if not 2 <= x.ndim <= len(target):
+        raise SpecError(name, f"2 to {len(target)} dimensions broadcastable to {target}", f"shape {x.shape}")
+    for size, want in zip(x.shape[::-1], target[::-1]):
+        if size not in (1, want):
+            raise SpecError(name, f"a shape broadcastable to {target}", f"shape {x.shape}")
+    return x if kind == "bool" else float_array(x, name)
+
+
+def real_number(x, name: str, *, minimum: float, inclusive: bool = True, maximum: float | None = None) -> float:
+    """A finite real number in [minimum, maximum) (or (minimum, ...) if not inclusive)."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise SpecError(name, "a real number", _describe(x))
+    x = float(x)
+    low_ok = x >= minimum if inclusive else x > minimum
+    high_ok = maximum is None or x < maximum
+    if not (np.isfinite(x) and low_ok and high_ok):
+        low = f"[{minimum}" if inclusive else f"({minimum}"
+        high = f"{maximum})" if maximum is not None else "inf)"
+        raise SpecError(name, f"a finite number in {low}, {high}", repr(x))
+    return x
+
+
+def scale(x, head_dim: int) -> float:
+    """The logit scale: ``None`` means 1/sqrt(D); otherwise a finite number > 0."""
+    if x is None:
+        return 1.0 / np.sqrt(head_dim)
+    return real_number(x, "scale", minimum=0.0, inclusive=False)
+
+
+def window(x) -> tuple[int | None, int | None] | None:
+    """``window=(left, right)``: each side a non-negative int, or None for unbounded."""
+    if x is None:
+        return None
+    if not isinstance(x, (tuple, list)) or len(x) != 2:
+        raise SpecError("window", "a pair (left, right) of non-negative ints or None", _describe(x))
+    for side in x:
+        if side is not None and (isinstance(side, bool) or not isinstance(side, numbers.Integral) or side < 0):
+            raise SpecError("window", "a pair (left, right) of non-negative ints or None", repr(tuple(x)))
+    return (None if x[0] is None else int(x[0]), None if x[1] is None else int(x[1]))
+
+
+def choice(x, name: str, options) -> str:
+    """One of a fixed set of string options."""
+    if x not in options:
+        raise SpecError(name, f"one of {list(options)}", repr(x))
+    return x
+
+
+def flag(x, name: str) -> bool:
+    if not isinstance(x, (bool, np.bool_)):
+        raise SpecError(name, "True or False", _describe(x))
+    return bool(x)
+
+
+def cotangent(x, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A cotangent (``dout``, ``dlse``) of exactly the output's shape."""
+    if isinstance(x, np.ndarray) and x.shape != shape:
+        raise SpecError(name, f"shape {shape} (the output's)", f"shape {x.shape}")
+    return float_array(x, name)

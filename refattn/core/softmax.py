@@ -1,0 +1,95 @@
+"""Masked softmax, log-sum-exp and the merge of partial results.
+
+Fully masked rows are defined, not NaN: weights 0, output 0, lse ``-inf``
+(spec/README.md, "Fully masked rows"). Masked entries are excluded exactly
+(``-inf``), never by adding a large finite number.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .checks import float_array
+from .errors import SpecError
+from .precision import FLOAT64, Numerics
+
+
+def masked_softmax(logits: np.ndarray, allowed: np.ndarray | None, num: Numerics = FLOAT64):
+    """Softmax over the last axis, restricted to ``allowed``; also its log-sum-exp.
+
+    Parameters
+    ----------
+    logits : ndarray (..., Nk)
+        Finite scores.
+    allowed : bool ndarray broadcastable to ``logits``, or None (all allowed)
+    num : Numerics
+        Precision in which the steps are stored (float64 by default).
+
+    Returns
+    -------
+    weights : ndarray (..., Nk)
+        ``exp(s - lse)`` on allowed entries, 0 elsewhere; rows sum to 1, or
+        are all 0 when nothing is allowed.
+    lse : ndarray (...)
+        ``log sum_j exp(s_j)`` over allowed entries; ``-inf`` when none is.
+    """
+    masked = logits if allowed is None else np.where(allowed, logits, -np.inf)
+    # 1. Row maximum for stability. A fully masked row has max -inf; shift it
+    #    by 0 instead so that no -inf - (-inf) = NaN is ever formed.
+    row_max = masked.max(axis=-1, keepdims=True)
+    has_key = np.isfinite(row_max)
+    shift = np.where(has_key, row_max, 0.0)
+    # 2. Exponentials; exp(-inf) = 0 removes masked entries exactly.
+    exp_shifted = num.store(np.exp(masked - shift))
+    total = num.store(exp_shifted.sum(axis=-1, keepdims=True))
+    # 3. Normalise rows that have a key; a fully masked row stays all-zero.
+    weights = num.store(exp_shifted / np.where(has_key, total, 1.0))
+    with np.errstate(divide="ignore"):
+        lse = np.where(has_key, shift + np.log(total), -np.inf)[..., 0]
+    return weights, num.store(lse)
+
+
+def logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """``log sum exp`` along ``axis``; ``-inf`` where every entry is ``-inf``."""
+    top = np.max(x, axis=axis, keepdims=True)
+    shift = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.squeeze(shift + np.log(np.sum(np.exp(x - shift), axis=axis, keepdims=True)), axis)
+
+
+def merge(partials):
+    """Combine results computed over disjoint key sets into the result over their union.
+
+    For partial ``r`` with output ``o_r`` and log-sum-exp ``l_r``::
+
+        lse = log sum_r exp(l_r)
+        out = sum_r exp(l_r - lse) * o_r
+
+    This is the identity behind FlashAttention's online softmax, split-KV
+    decoding and ring attention. Partials whose every key was masked
+    (``l_r = -inf``) get weight 0; if all are, the row is fully masked:
+    out 0, lse ``-inf``.
+
+    Parameters
+    ----------
+    partials : sequence of (out, lse) pairs or :class:`Result`
+        ``out`` (..., Dv) and ``lse`` (...), all of the same shapes.
+
+    Returns
+    -------
+    out : ndarray (..., Dv), lse : ndarray (...)
+    """
+    pairs = [(p.out, p.lse) if hasattr(p, "lse") else tuple(p) for p in partials]
+    if not pairs:
+        raise SpecError("partials", "at least one (out, lse) pair", "an empty sequence")
+    outs = np.stack([float_array(np.asarray(o), "partials[].out") for o, _ in pairs])  # (R, ..., Dv)
+    lses = np.stack([np.asarray(l, dtype=np.float64) for _, l in pairs])  # (R, ...)
+    if np.any(np.isnan(lses)) or np.any(lses == np.inf):
+        raise SpecError("partials[].lse", "finite values or -inf", "NaN or +inf")
+    if outs.shape[:-1] != lses.shape:
+        raise SpecError("partials", "out (..., Dv) and lse (...) of matching shapes", f"{outs.shape[1:]} and {lses.shape[1:]}")
+    lse = logsumexp(lses, axis=0)  # (...)
+    has_key = np.isfinite(lse)
+    weight = np.where(has_key, np.exp(lses - np.where(has_key, lse, 0.0)), 0.0)  # (R, ...)
+    out = np.sum(weight[..., None] * outs, axis=0)  # (..., Dv)
+    return out, lse
