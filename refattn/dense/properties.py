@@ -203,10 +203,11 @@ def out_from_lse(attend, q, k, v, params, rtol=1e-10):
         s = params["softcap"] * np.tanh(s / params["softcap"])
     if params.get("bias") is not None:
         s = s + params["bias"]
-    lse = result.lse[..., None]
-    weights = np.where(np.isfinite(lse), np.exp(s - np.where(np.isfinite(lse), lse, 0.0)), 0.0)
     if explicit.get("mask") is not None:
-        weights = np.where(explicit["mask"], weights, 0.0)
+        s = np.where(explicit["mask"], s, -np.inf)  # exp(-inf - lse) = 0
+    lse = result.lse[..., None]
+    has_key = np.isfinite(lse)
+    weights = np.where(has_key, np.exp(s - np.where(has_key, lse, 0.0)), 0.0)
     _close("out", result.out, np.einsum("bhqk,bhke->bhqe", weights, values), rtol)
 
 
