@@ -120,8 +120,8 @@ def identical_keys_give_mean(attend, q, k, v, params, rtol=1e-10):
     """When every key is the same, every weight is exactly 1/n over the n allowed keys:
     the output is the mean of the allowed values (the uniform-dilution case).
 
-    Needs no bias, no softcap-free requirement (softcap keeps equal scores
-    equal), and no dropout. Uses key 0 of each head as the common key.
+    Needs no bias and no dropout (softcap is fine: equal scores stay equal).
+    Uses key 0 of each head as the common key.
     """
     _require(params.get("bias") is None and params.get("dropout_keep") is None, "no bias and no dropout")
     same_k = np.broadcast_to(k[:, :, :1], k.shape).copy()
