@@ -3,6 +3,7 @@
 from .core import Grads, Result, SpecError, merge
 from .core.registry import get as get_mechanism
 from .core.registry import names as mechanisms
+from .conformance.verify import verify
 from .dense import dense_attention, dense_attention_vjp
 
 __version__ = "0.1.0"
@@ -14,6 +15,7 @@ __all__ = [
     "merge",
     "dense_attention",
     "dense_attention_vjp",
+    "verify",
     "get_mechanism",
     "mechanisms",
     "__version__",

@@ -25,16 +25,22 @@ def _describe(x) -> str:
 
 
 def float_array(x, name: str) -> np.ndarray:
-    """``x`` as a finite float64 array (any real float dtype, bfloat16 included)."""
+    """``x``, checked to be a finite real array (any float dtype, bfloat16 included, or integers).
+
+    The array itself is returned, not a float64 copy: the reference converts
+    as its precision says, and a kernel given float32 at 64K tokens must not
+    hold float64 copies of its inputs.
+    """
     if not isinstance(x, np.ndarray):
         raise SpecError(name, "a numpy array", _describe(x))
     if x.dtype not in STORAGE_DTYPES.values() and x.dtype.kind not in "iu":
         raise SpecError(name, "a real floating-point array", f"dtype {x.dtype}")
-    x64 = x.astype(np.float64)
-    if not np.all(np.isfinite(x64)):
-        bad = tuple(int(i) for i in np.argwhere(~np.isfinite(x64))[0])
-        raise SpecError(name, "finite values", f"{x64[bad]} at index {bad}")
-    return x64
+    if x.dtype.kind not in "iu":
+        finite = np.isfinite(x)
+        if not np.all(finite):
+            bad = tuple(int(i) for i in np.argwhere(~finite)[0])
+            raise SpecError(name, "finite values", f"{x[bad]} at index {bad}")
+    return x
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,7 @@ def merge(partials):
     pairs = [(p.out, p.lse) if hasattr(p, "lse") else tuple(p) for p in partials]
     if not pairs:
         raise SpecError("partials", "at least one (out, lse) pair", "an empty sequence")
-    outs = np.stack([float_array(np.asarray(o), "partials[].out") for o, _ in pairs])  # (R, ..., Dv)
+    outs = np.stack([float_array(np.asarray(o), "partials[].out").astype(np.float64) for o, _ in pairs])  # (R, ..., Dv)
     lses = np.stack([np.asarray(l, dtype=np.float64) for _, l in pairs])  # (R, ...)
     if np.any(np.isnan(lses)) or np.any(lses == np.inf):
         raise SpecError("partials[].lse", "finite values or -inf", "NaN or +inf")

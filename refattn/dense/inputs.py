@@ -17,14 +17,14 @@ from ..core.masks import combine, position_mask
 
 @dataclass(frozen=True)
 class DenseInputs:
-    """float64 q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) and checked parameters."""
+    """Checked q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), in the caller's dtype, and parameters."""
 
     q: np.ndarray
     k: np.ndarray
     v: np.ndarray
     shape: checks.AttentionShape
     mask: np.ndarray | None  # user mask, bool, broadcastable to (B, Hq, Nq, Nk)
-    bias: np.ndarray | None  # float64, broadcastable to (B, Hq, Nq, Nk)
+    bias: np.ndarray | None  # real, broadcastable to (B, Hq, Nq, Nk)
     causal: bool
     causal_alignment: str
     window: tuple[int | None, int | None] | None

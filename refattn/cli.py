@@ -1,0 +1,141 @@
+"""The ``refattn`` command.
+
+::
+
+    refattn verify --impl package.module:function [--vjp package.module:function]
+                   [--suite DIR] [--mechanism M ...] [--case ID ...]
+                   [--dtype float64|float32|float16|bfloat16] [--layout bhnd|bnhd]
+                   [--grad] [--json FILE] [--junit FILE] [--xfail FILE]
+    refattn export [--out DIR] [--mechanism M ...] [--large] [--check]
+    refattn mechanisms
+
+Exit status: 0 when everything passed, 1 when a case failed (or, for
+``export --check``, the folder has drifted), 2 for usage errors, an
+implementation that cannot be imported, or a suite that cannot be loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .core.precision import PRECISIONS
+
+USAGE_ERROR = 2
+
+
+class UsageError(Exception):
+    """A problem with the command line or its files; printed, exit status 2."""
+
+
+def main(argv=None) -> int:
+    """Run the ``refattn`` command with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help (0) and on usage errors (2)
+        return exc.code if isinstance(exc.code, int) else USAGE_ERROR
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return USAGE_ERROR
+    try:
+        return args.run(args)
+    except UsageError as exc:
+        print(f"refattn {args.command}: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refattn", description="The golden oracle for attention mechanisms.")
+    commands = parser.add_subparsers(dest="command", metavar="command")
+
+    verify = commands.add_parser("verify", help="check an implementation against the conformance vectors")
+    verify.add_argument("--impl", required=True, metavar="MODULE:FUNCTION", help="the implementation, impl(q, k, v, **kwargs)")
+    verify.add_argument("--vjp", metavar="MODULE:FUNCTION", help="its gradients, vjp(dout, q, k, v, dlse=..., **kwargs)")
+    verify.add_argument("--suite", metavar="DIR", help="suite folder (default: ./conformance, else the source checkout's)")
+    verify.add_argument("--mechanism", nargs="+", metavar="M", help="only these mechanisms")
+    verify.add_argument("--case", nargs="+", metavar="ID", help="only these case ids (patterns like 'dense/causal*' too)")
+    verify.add_argument("--dtype", choices=PRECISIONS, default="float64", help="precision of the inputs (default float64)")
+    verify.add_argument("--layout", choices=("bhnd", "bnhd"), default="bhnd", help="layout of q, k, v, out (default bhnd)")
+    verify.add_argument("--grad", action="store_true", help="also check gradients (needs --vjp or impl.vjp)")
+    verify.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    verify.add_argument("--junit", metavar="FILE", help="write the report as JUnit XML")
+    verify.add_argument("--xfail", metavar="FILE", help="ids of cases expected to fail, one per line, # comments")
+    verify.set_defaults(run=_verify)
+
+    export = commands.add_parser("export", help="write the conformance vectors (or check them with --check)")
+    export.add_argument("--out", default="conformance", metavar="DIR", help="suite folder (default ./conformance)")
+    export.add_argument("--mechanism", nargs="+", metavar="M", help="only these mechanisms")
+    export.add_argument("--large", action="store_true", help="also the long-sequence cases")
+    export.add_argument("--check", action="store_true", help="compare DIR with a fresh export; exit 1 on drift")
+    export.set_defaults(run=_export)
+
+    mechanisms = commands.add_parser("mechanisms", help="list the registered mechanisms and their backends")
+    mechanisms.set_defaults(run=_mechanisms)
+    return parser
+
+
+def _verify(args) -> int:
+    from .conformance import verify as v
+    from .conformance.suite import SuiteError, load_suite
+
+    impl = _load("--impl", args.impl)
+    vjp = _load("--vjp", args.vjp) if args.vjp else getattr(impl, "vjp", None)
+    if args.grad and vjp is None:
+        raise UsageError("--grad needs --vjp MODULE:FUNCTION (or an implementation with a .vjp attribute)")
+    try:
+        suite = load_suite(args.suite or v.default_suite_folder())
+        xfail = v.read_xfail(args.xfail) if args.xfail else frozenset()
+        report = v.verify(
+            impl, suite=suite, mechanism=args.mechanism, ids=args.case, dtype=args.dtype, layout=args.layout,
+            grad=args.grad, vjp=vjp, xfail=xfail, name=args.impl,
+        )  # fmt: skip
+    except (OSError, SuiteError) as exc:  # no suite, an unreadable file, a selection matching nothing
+        raise UsageError(str(exc)) from exc
+    print(report.format())
+    if args.json:
+        Path(args.json).write_text(report.to_json(), encoding="utf-8")
+    if args.junit:
+        Path(args.junit).write_text(report.to_junit(), encoding="utf-8")
+    return 0 if report.ok else 1
+
+
+def _load(option: str, spec: str):
+    """Import ``MODULE:FUNCTION``, looking in the current directory first (as ``python -m`` does)."""
+    from .conformance.verify import load_callable
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return load_callable(spec)
+    except (ImportError, ValueError) as exc:
+        raise UsageError(f"cannot load {option} {spec}: {exc}") from exc
+
+
+def _export(args) -> int:
+    from .conformance import export
+
+    if args.check:
+        drift = export.check(args.out, mechanisms=args.mechanism, large=args.large)
+        for message in drift:
+            print(message)
+        print(f"{args.out}: {'drifted' if drift else 'current'}")
+        return 1 if drift else 0
+    export.export(args.out, mechanisms=args.mechanism, large=args.large, progress=None)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _mechanisms(args) -> int:
+    from .core import registry
+
+    for name in registry.names():
+        mechanism = registry.get(name)
+        print(f"{name:<12} backends: {', '.join(mechanism.backends):<20} spec: {mechanism.spec}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Verify a JAX attention function: NumPy in, JAX arrays to the function,
+NumPy out, gradients by ``jax.vjp``.
+
+Example::
+
+    import jax
+    from refattn.conformance.adapters import from_jax
+    from refattn.conformance.verify import verify
+
+    def attend(q, k, v, *, scale=None, **unsupported):
+        return jax.nn.dot_product_attention(q, k, v, scale=scale)  # (B, N, H, D)
+
+    report = verify(from_jax(attend), dtype="float32", layout="bnhd", grad=True)
+
+float64 cases are run with JAX's 64-bit mode switched on for the call
+(``jax.enable_x64``), so that float64 inputs are not silently narrowed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from ...core.results import Result
+from ._common import describe, split_result
+
+
+def _jax():
+    try:
+        import jax
+    except ImportError as exc:
+        raise ImportError("refattn's JAX adapter needs JAX: pip install jax") from exc
+    return jax
+
+
+def from_jax(fn, *, device=None) -> "JaxImplementation":
+    """Wrap ``fn(q, k, v, **kwargs) -> out or (out, lse)``, a function of JAX arrays.
+
+    Parameters
+    ----------
+    fn : callable
+        Receives every array as a JAX array of the same dtype (bool masks
+        included); other parameters (``causal``, ``scale``, ``window``...)
+        unchanged. Returns ``out``, ``(out, lse)`` or an object with
+        ``.out`` and ``.lse``.
+    device : jax.Device, optional
+        Where the arrays are placed (default: JAX's default device).
+
+    Returns
+    -------
+    JaxImplementation
+        A NumPy callable with a ``.vjp`` computed by ``jax.vjp``.
+    """
+    return JaxImplementation(fn, device)
+
+
+class JaxImplementation:
+    """A JAX function seen as a NumPy implementation (see :func:`from_jax`)."""
+
+    def __init__(self, fn, device):
+        self.fn = fn
+        self.device = device
+        self.__module__, self.__qualname__ = describe(fn, "from_jax")
+
+    def __call__(self, q, k, v, **kwargs) -> Result:
+        with _precision_of(q):
+            arrays = self._arrays({"q": q, "k": k, "v": v, **kwargs})
+            out, lse = split_result(self.fn(arrays.pop("q"), arrays.pop("k"), arrays.pop("v"), **arrays))
+            return Result(out=np.asarray(out), lse=None if lse is None else np.asarray(lse))
+
+    def vjp(self, dout, q, k, v, *, dlse=None, **kwargs) -> dict:
+        """Gradients of every floating-point array argument for cotangents ``dout`` (and ``dlse``).
+
+        ``dlse`` is used only when the function returns a log-sum-exp.
+        """
+        jax = _jax()
+        with _precision_of(q):
+            arrays = self._arrays({"q": q, "k": k, "v": v, **kwargs})
+            names = [n for n, x in arrays.items() if isinstance(x, jax.Array) and jax.numpy.issubdtype(x.dtype, jax.numpy.floating)]
+            fixed = {n: x for n, x in arrays.items() if n not in names}
+
+            def forward(*differentiable):
+                given = {**fixed, **dict(zip(names, differentiable))}
+                return split_result(self.fn(given.pop("q"), given.pop("k"), given.pop("v"), **given))
+
+            (out, lse), pullback = jax.vjp(forward, *(arrays[n] for n in names))
+            lse_cotangent = None
+            if lse is not None:
+                lse_cotangent = jax.numpy.zeros_like(lse) if dlse is None else self._array(dlse).astype(lse.dtype)
+            grads = pullback((self._array(dout).astype(out.dtype), lse_cotangent))
+            return {name: np.asarray(g) for name, g in zip(names, grads)}
+
+    def _arrays(self, kwargs: dict) -> dict:
+        return {n: self._array(x) if isinstance(x, np.ndarray) else x for n, x in kwargs.items()}
+
+    def _array(self, x: np.ndarray):
+        return _jax().device_put(x, self.device)
+
+
+def _precision_of(q: np.ndarray):
+    """A context with JAX's 64-bit mode on for float64 inputs, unchanged otherwise."""
+    if q.dtype != np.float64:
+        return contextlib.nullcontext()
+    jax = _jax()
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(True)
+    from jax.experimental import enable_x64  # older JAX releases
+
+    return enable_x64(True)

@@ -1,0 +1,402 @@
+"""Export the conformance vectors, and check that an exported suite is current.
+
+For every registered mechanism (found through ``refattn.core.registry``,
+never imported by name) and every case of its ``cases()``:
+
+1. ``rng = numpy.random.default_rng(case.seed)``; ``arrays = case.arrays(rng)``;
+   then, from the same ``rng``, standard-normal cotangents ``dout`` (shape of
+   ``out``) and ``dlse`` (shape of ``lse``);
+2. the float64 forward and its VJP give the expected values;
+3. the same forward and VJP evaluated with ``precision=`` float32, float16
+   and bfloat16, plainly and with randomised rounding (seeded by the case),
+   give the reference's own error in each precision, from which
+   :mod:`refattn.conformance.tolerance` sets the budgets;
+4. the tensors are written to ``<out>/<mechanism>/<name>.safetensors`` and
+   the case is listed in ``<out>/manifest.json``.
+
+With ``large=True`` the long-sequence cases of ``<package>.cases.large_cases()``
+are added. They are forward only and computed with the Numba kernel
+(``backend="numba"``): the reference's (B, H, Nq, Nk) intermediates do not
+fit in memory at 65536 tokens, and neither does its evaluation at lower
+precision, so large cases carry a float64 budget only. They are not
+committed: export them to another folder.
+
+The output is a pure function of the code: the same refattn on the same
+machine writes byte-identical files (safetensors orders its header by dtype
+and name; the manifest has sorted keys, no timestamps, shortest float repr).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import safetensors.numpy
+from safetensors import SafetensorError
+
+from ..core import registry
+from ..core.precision import jittered
+from ..core.registry import Mechanism
+from . import manifest as manifest_module
+from . import tolerance
+from .case import Case
+from .manifest import MANIFEST_NAME, SuiteError
+from .suite import load_suite
+
+#: Backend computing the large cases.
+LARGE_BACKEND = "numba"
+#: ``check`` accepts expected values that differ from a fresh export by at most
+#: this normwise error: float64 results may differ in the last bits between
+#: machines (vectorised ``exp`` and ``log`` differ by CPU), which is not drift.
+REEXPORT_RTOL = 1e-12
+#: ``check`` accepts budgets within this relative difference, for the same reason
+#: (a last-bit change can move one lower-precision rounding, and so the error).
+REEXPORT_BUDGET_RTOL = 0.25
+
+
+def export(out_dir, mechanisms=None, large=False, progress=False) -> dict:
+    """Write the conformance suite to ``out_dir`` and return its manifest.
+
+    Parameters
+    ----------
+    out_dir : str or path
+        Suite folder; created if needed. Existing case files of the exported
+        mechanisms that are no longer cases are removed; nothing else is.
+    mechanisms : iterable of str, optional
+        Registry names to export; default every registered mechanism.
+    large : bool
+        Also export each mechanism's ``large_cases()`` (long sequences,
+        forward only, float64 budgets only; tens of MB each).
+    progress : bool or None
+        Draw a progress bar on stderr; ``None`` draws it when stderr is a terminal.
+
+    Returns
+    -------
+    dict
+        The manifest, as written to ``out_dir/manifest.json``.
+    """
+    out_dir = Path(out_dir)
+    plan = _plan(_mechanisms(mechanisms), large)
+    entries = []
+    for mechanism, case, is_large in _progress(plan, progress):
+        entries.append(_export_case(out_dir, mechanism, case, is_large))
+    _remove_stale(out_dir, {mechanism.name for mechanism, _, _ in plan}, {entry["file"] for entry in entries})
+    manifest = manifest_module.build(entries)
+    manifest_module.validate(manifest)
+    _write_if_changed(out_dir / MANIFEST_NAME, manifest_module.dumps(manifest).encode("ascii"))
+    return manifest
+
+
+def check(folder, mechanisms=None, large=False) -> list[str]:
+    """Differences between the suite in ``folder`` and what :func:`export` would write there now.
+
+    The folder is first loaded with :func:`~refattn.conformance.suite.load_suite`
+    (so an altered or inconsistent suite is reported), then compared with a
+    fresh export in a temporary folder. Files that are byte-identical agree.
+    Files that differ agree when they differ only as floating point may between
+    machines: every tensor other than the expected values bitwise equal,
+    expected values within :data:`REEXPORT_RTOL` (normwise), the manifest
+    equal except checksums, sizes and budgets within :data:`REEXPORT_BUDGET_RTOL`.
+
+    Parameters
+    ----------
+    folder : str or path
+        The suite folder to check (``conformance`` in the repository).
+    mechanisms, large
+        As for :func:`export`; pass what the folder was exported with.
+
+    Returns
+    -------
+    list of str
+        One message per drift, empty when the folder is current.
+    """
+    folder = Path(folder)
+    try:
+        load_suite(folder)
+    except SuiteError as error:
+        return [f"{folder} does not load: {error}"]
+    with tempfile.TemporaryDirectory() as fresh:
+        export(fresh, mechanisms=mechanisms, large=large)
+        return _differences(Path(fresh), folder)
+
+
+# --- planning -----------------------------------------------------------------
+
+
+def _mechanisms(names) -> list[Mechanism]:
+    if isinstance(names, str):
+        names = [names]
+    return [registry.get(name) for name in (registry.names() if names is None else names)]
+
+
+def large_cases(mechanism: Mechanism) -> list[Case]:
+    """``large_cases()`` of the mechanism's ``cases`` module, or [] when it has none."""
+    module_name = f"{mechanism.package}.cases"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name != module_name:
+            raise
+        return []
+    return list(getattr(module, "large_cases", list)())
+
+
+def _plan(mechanisms: list[Mechanism], large: bool) -> list[tuple[Mechanism, Case, bool]]:
+    """(mechanism, case, is_large) for every case to export, checked for well-formed ids."""
+    plan = []
+    for mechanism in mechanisms:
+        plan += [(mechanism, case, False) for case in mechanism.cases()]
+        if large:
+            plan += [(mechanism, case, True) for case in large_cases(mechanism)]
+    seen = set()
+    for mechanism, case, _ in plan:
+        prefix, _, name = case.id.partition("/")
+        if case.mechanism != mechanism.name or prefix != mechanism.name or not name:
+            raise ValueError(f"case {case.id!r} of mechanism {mechanism.name!r}: ids are '{mechanism.name}/<name>'")
+        if case.id in seen:
+            raise ValueError(f"case id {case.id!r} is defined twice")
+        seen.add(case.id)
+    return plan
+
+
+# --- computing one case -------------------------------------------------------
+
+
+def compute_case(mechanism: Mechanism, case: Case, large: bool = False) -> tuple[dict, dict]:
+    """The tensors of one case and the budgets of its outputs.
+
+    Returns
+    -------
+    tensors : dict[str, ndarray]
+        ``input.*``, ``param.*``, ``cotangent.*``, ``expected.*``, ``aux.*``.
+    tolerances : dict[str, dict[str, float]]
+        Output name -> precision -> budget.
+    """
+    rng = np.random.default_rng(case.seed)
+    arrays = case.arrays(rng)
+    compute = _by_large_backend if large else _by_reference
+    expected, cotangents, tolerances = compute(mechanism, case, arrays, rng)
+    tensors = {
+        (f"input.{name}" if name in case.differentiable else f"param.{name}"): _storable(array)
+        for name, array in arrays.items()
+    }
+    tensors.update({f"cotangent.{name}": value for name, value in cotangents.items()})
+    for name, value in expected.items():
+        tensors[name if name.startswith("aux.") else f"expected.{name}"] = _storable(value)
+    return tensors, tolerances
+
+
+def _by_large_backend(mechanism: Mechanism, case: Case, arrays: dict, rng) -> tuple[dict, dict, dict]:
+    """Forward only, by :data:`LARGE_BACKEND` in float64; float64 budgets only."""
+    expected = _outputs(mechanism.forward(**arrays, **case.params, backend=LARGE_BACKEND))
+    return expected, {}, {name: tolerance.budgets(name, value, {}) for name, value in expected.items()}
+
+
+def _by_reference(mechanism: Mechanism, case: Case, arrays: dict, rng) -> tuple[dict, dict, dict]:
+    """Expected values, cotangents and budgets at every precision, by the reference."""
+    result = mechanism.forward(**arrays, **case.params)
+    cotangents = _cotangents(case, result, rng)
+    expected = {**_outputs(result), **_grads(mechanism, case, arrays, cotangents, precision=None)}
+    at_precision = {p: _evaluations(mechanism, case, arrays, cotangents, p) for p in tolerance.LOWER_PRECISIONS}
+    grads = {name[len("grad."):]: value for name, value in expected.items() if name.startswith("grad.")}
+    arguments = {**arrays, **case.params}
+    sensitivity = tolerance.sensitivities(mechanism.vjp, arguments, cotangents.get("dout"), result, grads)
+    tolerances = {
+        name: tolerance.budgets(
+            name, value, {p: [o[name] for o in outputs] for p, outputs in at_precision.items()}, sensitivity.get(name, 0.0)
+        )
+        for name, value in expected.items()
+    }
+    return expected, cotangents, tolerances
+
+
+def _storable(array) -> np.ndarray:
+    """Floats as contiguous float64; booleans and integers as they are."""
+    array = np.asarray(array)
+    if array.dtype.kind == "f" or array.dtype.name == "bfloat16":
+        array = array.astype(np.float64)
+    return np.ascontiguousarray(array)
+
+
+def _outputs(result) -> dict[str, np.ndarray]:
+    """``out``, ``lse`` (when defined) and ``aux.<name>`` of a forward Result."""
+    outputs = {"out": result.out}
+    if result.lse is not None:
+        outputs["lse"] = result.lse
+    outputs.update({f"aux.{name}": value for name, value in result.aux.items()})
+    return outputs
+
+
+def _cotangents(case: Case, result, rng) -> dict[str, np.ndarray]:
+    """Standard-normal ``dout`` and ``dlse``, drawn after the arrays; none for forward-only cases."""
+    if not case.grad:
+        return {}
+    cotangents = {"dout": rng.standard_normal(result.out.shape)}
+    if result.lse is not None:
+        cotangents["dlse"] = rng.standard_normal(result.lse.shape)
+    return cotangents
+
+
+def _grads(mechanism: Mechanism, case: Case, arrays: dict, cotangents: dict, precision) -> dict[str, np.ndarray]:
+    """``grad.<input>`` for every differentiable input at ``precision``; none for forward-only cases."""
+    if not case.grad:
+        return {}
+    grads = mechanism.vjp(cotangents["dout"], **arrays, dlse=cotangents.get("dlse"), **case.params, precision=precision)
+    declared = {name for name in case.differentiable if name in arrays}
+    if set(grads) != declared:
+        raise ValueError(f"case {case.id}: vjp gave gradients {sorted(grads)}; the case declares {sorted(declared)}")
+    return {f"grad.{name}": grads[name] for name in sorted(grads)}
+
+
+def _evaluations(mechanism: Mechanism, case: Case, arrays: dict, cotangents: dict, precision: str) -> list[dict]:
+    """The case's outputs in ``precision``: plain, then :data:`~tolerance.ROUNDING_TRIALS` jittered."""
+    trials = [jittered(precision, seed=case.seed * 1000 + trial) for trial in range(tolerance.ROUNDING_TRIALS)]
+    return [_evaluate(mechanism, case, arrays, cotangents, p) for p in (precision, *trials)]
+
+
+def _evaluate(mechanism: Mechanism, case: Case, arrays: dict, cotangents: dict, precision) -> dict:
+    """Every output of the case, evaluated by the reference in ``precision`` (a name or a Numerics)."""
+    result = mechanism.forward(**arrays, **case.params, precision=precision)
+    return {**_outputs(result), **_grads(mechanism, case, arrays, cotangents, precision)}
+
+
+def _export_case(out_dir: Path, mechanism: Mechanism, case: Case, large: bool) -> dict:
+    """Compute one case, write its file and return its manifest entry."""
+    tensors, tolerances = compute_case(mechanism, case, large)
+    data = safetensors.numpy.save(tensors)
+    file = f"{case.id}.safetensors"
+    _write_if_changed(out_dir / file, data)
+    return manifest_module.case_entry(
+        case,
+        shapes={name: tensors[name].shape for name in sorted(tensors)},
+        file=file,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size_bytes=len(data),
+        tolerances=tolerances,
+    )
+
+
+# --- files --------------------------------------------------------------------
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """Write ``data`` atomically (temporary file, then rename), unless the file already holds it."""
+    if path.is_file() and path.read_bytes() == data:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+def _remove_stale(out_dir: Path, mechanism_names: set[str], files: set[str]) -> None:
+    """Delete case files of the exported mechanisms that no case produced (renamed or removed cases)."""
+    for name in sorted(mechanism_names):
+        for path in sorted((out_dir / name).glob("*.safetensors")):
+            if f"{name}/{path.name}" not in files:
+                path.unlink()
+
+
+def _progress(items: list, enabled):
+    """Yield ``items``, drawing ``[#####.....] 12/40 dense/causal`` on stderr when enabled."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    width, last = 30, 0
+    for done, item in enumerate(items):
+        if enabled:
+            filled = width * done // max(len(items), 1)
+            line = f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{len(items)} {item[1].id}"
+            sys.stderr.write(line.ljust(last))
+            sys.stderr.flush()
+            last = len(line)
+        yield item
+    if enabled:
+        sys.stderr.write(f"\r[{'#' * width}] {len(items)}/{len(items)}".ljust(last) + "\n")
+
+
+# --- drift --------------------------------------------------------------------
+
+
+def _suite_files(folder: Path) -> set[str]:
+    """The manifest and every case file under ``folder``, as relative POSIX paths."""
+    files = {path.relative_to(folder).as_posix() for path in folder.rglob("*.safetensors")}
+    return files | ({MANIFEST_NAME} if (folder / MANIFEST_NAME).is_file() else set())
+
+
+def _differences(fresh: Path, folder: Path) -> list[str]:
+    messages = []
+    fresh_files, folder_files = _suite_files(fresh), _suite_files(folder)
+    messages += [f"{file}: missing (a fresh export writes it)" for file in sorted(fresh_files - folder_files)]
+    messages += [f"{file}: not in a fresh export (stale; delete it)" for file in sorted(folder_files - fresh_files)]
+    for file in sorted(fresh_files & folder_files):
+        new, old = (fresh / file).read_bytes(), (folder / file).read_bytes()
+        if new == old:
+            continue
+        compare = _manifest_differences if file == MANIFEST_NAME else _tensor_differences
+        messages += [f"{file}: {message}" for message in compare(new, old)]
+    return messages
+
+
+def _tensor_differences(new: bytes, old: bytes) -> list[str]:
+    try:
+        old_tensors = safetensors.numpy.load(old)
+    except SafetensorError as error:
+        return [f"unreadable: {error}"]
+    new_tensors = safetensors.numpy.load(new)
+    if sorted(new_tensors) != sorted(old_tensors):
+        return [f"tensors {sorted(old_tensors)}, a fresh export has {sorted(new_tensors)}"]
+    messages = []
+    for name in sorted(new_tensors):
+        a, b = new_tensors[name], old_tensors[name]
+        if a.dtype != b.dtype or a.shape != b.shape:
+            messages.append(f"{name} is {b.dtype}{list(b.shape)}, a fresh export has {a.dtype}{list(a.shape)}")
+        elif name.startswith("expected.") and a.dtype.kind == "f":
+            error = tolerance.normwise_error(b, a)
+            if error > REEXPORT_RTOL:
+                messages.append(f"{name} differs from a fresh export by {error:.3g} (normwise)")
+        elif not np.array_equal(a, b):
+            messages.append(f"{name} differs from a fresh export")
+    return messages
+
+
+def _manifest_differences(new: bytes, old: bytes) -> list[str]:
+    new, old = manifest_module.loads(new), manifest_module.loads(old)
+    messages = [
+        f"{key} is {old[key]!r}, a fresh export has {new[key]!r}"
+        for key in sorted(new)
+        if key != "cases" and new[key] != old.get(key)
+    ]
+    old_cases = {case["id"]: case for case in old["cases"]}
+    new_cases = {case["id"]: case for case in new["cases"]}
+    removed, added = sorted(old_cases.keys() - new_cases.keys()), sorted(new_cases.keys() - old_cases.keys())
+    messages += [f"case {case_id}: not in a fresh export" for case_id in removed]
+    messages += [f"case {case_id}: missing (a fresh export has it)" for case_id in added]
+    common = [case_id for case_id in new_cases if case_id in old_cases]
+    if common != [case_id for case_id in old_cases if case_id in new_cases]:
+        messages.append("cases are listed in another order than a fresh export lists them")
+    for case_id in common:
+        messages += [f"case {case_id}: {m}" for m in _entry_differences(new_cases[case_id], old_cases[case_id])]
+    return messages
+
+
+def _entry_differences(new: dict, old: dict) -> list[str]:
+    exact = sorted(set(new) - {"sha256", "size_bytes", "tolerances"})
+    messages = [
+        f"{key} is {old.get(key)!r}, a fresh export has {new[key]!r}" for key in exact if new[key] != old.get(key)
+    ]
+    new_budgets, old_budgets = _flat(new["tolerances"]), _flat(old["tolerances"])
+    if sorted(new_budgets) != sorted(old_budgets):
+        return messages + [f"budgets for {sorted(old_budgets)}, a fresh export has {sorted(new_budgets)}"]
+    for key, value in new_budgets.items():
+        if abs(value - old_budgets[key]) > REEXPORT_BUDGET_RTOL * max(value, old_budgets[key]):
+            messages.append(f"budget {key} is {old_budgets[key]!r}, a fresh export has {value!r}")
+    return messages
+
+
+def _flat(tolerances: dict) -> dict[str, float]:
+    return {f"{output}@{precision}": value for output, row in tolerances.items() for precision, value in row.items()}

@@ -1,0 +1,201 @@
+"""The suite manifest: build it at export, read and validate it at load.
+
+``<suite>/manifest.json`` lists every case of a suite (format described in
+conformance/README.md, schema in ``schema.json`` next to this module)::
+
+    {"format_version": 1, "refattn_version": "0.1.0",
+     "flags": {"CAUSAL_ALIGNMENT": "...", ...},
+     "cases": [{"id": "dense/causal", "mechanism": "dense", "preset": null,
+                "description": "...", "flags": [...], "params": {...},
+                "shapes": {"input.q": [1, 2, 17, 16], ...}, "tensors": [...],
+                "file": "dense/causal.safetensors", "sha256": "...",
+                "size_bytes": 12345,
+                "tolerances": {"out": {"float64": 1e-10, "float32": ...}, ...}},
+               ...]}
+
+It is written with sorted keys, one-space indentation and a trailing newline,
+so that the same suite always gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections import Counter
+from pathlib import Path
+
+import jsonschema
+
+from .flags import describe
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SCHEMA_PATH = Path(__file__).with_name("schema.json")
+#: A manifest larger than this is refused before parsing (the default suite's is about 100 kB).
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+
+EXPECTED_PREFIX = "expected."
+AUX_PREFIX = "aux."
+
+
+class SuiteError(ValueError):
+    """A conformance suite that cannot be trusted: unreadable, altered, or not of this format.
+
+    The message names the file or case and the problem.
+    """
+
+
+# --- building -----------------------------------------------------------------
+
+
+def _refattn_version() -> str:
+    # Imported when called, not at module import: refattn/__init__.py may one
+    # day import this package before it has set __version__.
+    from .. import __version__
+
+    return __version__
+
+
+def case_entry(case, *, shapes: dict, file: str, sha256: str, size_bytes: int, tolerances: dict) -> dict:
+    """The manifest entry of one exported :class:`~refattn.conformance.case.Case`."""
+    return {
+        "id": case.id,
+        "mechanism": case.mechanism,
+        "preset": case.preset,
+        "description": case.description,
+        "flags": list(case.flags),
+        "params": case.params,
+        "shapes": {name: list(shape) for name, shape in shapes.items()},
+        "tensors": sorted(shapes),
+        "file": file,
+        "sha256": sha256,
+        "size_bytes": size_bytes,
+        "tolerances": tolerances,
+    }
+
+
+def build(entries: list[dict]) -> dict:
+    """The manifest of a suite made of ``entries``, describing exactly the flags they use."""
+    used = {flag for entry in entries for flag in entry["flags"]}
+    return {
+        "format_version": FORMAT_VERSION,
+        "refattn_version": _refattn_version(),
+        "flags": describe(used),
+        "cases": entries,
+    }
+
+
+def dumps(manifest: dict) -> str:
+    """Deterministic JSON text: sorted keys, indent 1, ASCII, shortest float repr, trailing newline."""
+    return json.dumps(manifest, sort_keys=True, indent=1, allow_nan=False) + "\n"
+
+
+# --- reading ------------------------------------------------------------------
+
+
+def _reject_constant(name: str):
+    raise SuiteError(f"{MANIFEST_NAME}: {name} is not JSON")
+
+
+def _unique_keys(pairs: list) -> dict:
+    keys = Counter(key for key, _ in pairs)
+    repeated = sorted(key for key, count in keys.items() if count > 1)
+    if repeated:
+        raise SuiteError(f"{MANIFEST_NAME}: key {repeated[0]!r} appears twice in one object")
+    return dict(pairs)
+
+
+def loads(data: bytes) -> dict:
+    """Parse manifest bytes strictly: UTF-8 JSON, no NaN/Infinity, no repeated keys, an object at the top."""
+    try:
+        manifest = json.loads(data.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SuiteError(f"{MANIFEST_NAME} is not valid JSON: {error}") from None
+    if not isinstance(manifest, dict):
+        raise SuiteError(f"{MANIFEST_NAME}: expected a JSON object at the top, found {type(manifest).__name__}")
+    return manifest
+
+
+def read(folder: Path) -> dict:
+    """Read and validate ``folder/manifest.json``; raise :class:`SuiteError` on any problem."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        raise SuiteError(f"{folder}: no {MANIFEST_NAME} (is it a conformance suite folder?)")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise SuiteError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes; refusing to parse it")
+    manifest = loads(path.read_bytes())
+    validate(manifest)
+    return manifest
+
+
+@functools.cache
+def _validator() -> jsonschema.Draft202012Validator:
+    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def _location(manifest: dict, path) -> str:
+    """``cases[3].tolerances.out`` (and the case id, when the path is inside a case)."""
+    text = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".")
+    cases = manifest.get("cases")
+    if len(path) >= 2 and path[0] == "cases" and isinstance(cases, list) and isinstance(cases[path[1]], dict):
+        case_id = cases[path[1]].get("id")
+        if isinstance(case_id, str):
+            return f"{text or '(top)'} (case {case_id})"
+    return text or "(top)"
+
+
+def validate(manifest: dict) -> None:
+    """Check the format version, the JSON Schema, then what the schema cannot say.
+
+    Raises
+    ------
+    SuiteError
+        For the first problem found, naming where it is.
+    """
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise SuiteError(
+            f"{MANIFEST_NAME}: format_version {version!r} is not supported; this refattn {_refattn_version()} reads "
+            f"format_version {FORMAT_VERSION} (export the suite again, or use the refattn that wrote it)"
+        )
+    error = jsonschema.exceptions.best_match(_validator().iter_errors(manifest))
+    if error is not None:
+        where = _location(manifest, list(error.absolute_path))
+        raise SuiteError(f"{MANIFEST_NAME}: schema violation at {where}: {error.message}")
+    _check_consistency(manifest)
+
+
+def _check_consistency(manifest: dict) -> None:
+    """Cross-field rules: unique ids and files, ids under their mechanism, flags described,
+    tensor names and tolerances agreeing."""
+    for field in ("id", "file"):
+        counts = Counter(case[field] for case in manifest["cases"])
+        repeated = sorted(value for value, count in counts.items() if count > 1)
+        if repeated:
+            raise SuiteError(f"{MANIFEST_NAME}: {field} {repeated[0]!r} is listed more than once")
+    for case in manifest["cases"]:
+        problem = _case_problem(case, manifest["flags"])
+        if problem:
+            raise SuiteError(f"{MANIFEST_NAME}: case {case['id']}: {problem}")
+
+
+def _case_problem(case: dict, flags: dict) -> str | None:
+    if case["id"].split("/")[0] != case["mechanism"]:
+        return f"id does not start with its mechanism {case['mechanism']!r}"
+    undescribed = [flag for flag in case["flags"] if flag not in flags]
+    if undescribed:
+        return f"flag {undescribed[0]} is not described in the manifest's flags"
+    if sorted(case["tensors"]) != sorted(case["shapes"]):
+        return f"tensors {sorted(case['tensors'])} and the names in shapes {sorted(case['shapes'])} differ"
+    outputs = sorted(output_names(case["tensors"]))
+    if outputs != sorted(case["tolerances"]):
+        return f"tolerances are given for {sorted(case['tolerances'])} but the outputs are {outputs}"
+    return None
+
+
+def output_names(tensors) -> list[str]:
+    """Names of the checked outputs among tensor names: ``expected.out`` -> ``out``; ``aux.*`` as they are."""
+    names = [name[len(EXPECTED_PREFIX):] for name in tensors if name.startswith(EXPECTED_PREFIX)]
+    return names + [name for name in tensors if name.startswith(AUX_PREFIX)]

@@ -1,0 +1,70 @@
+"""examples/torch_sdpa.py: PyTorch's SDPA passes the dense cases it can express;
+its deliberately wrong variants fail exactly the flagged cases, with a readable report."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from refattn import cli
+from refattn.conformance.suite import load_suite
+from refattn.conformance.verify import default_suite_folder, read_xfail, verify
+
+pytest.importorskip("torch")
+pytestmark = pytest.mark.torch
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+XFAIL = EXAMPLES / "torch_sdpa.xfail"
+
+
+@pytest.fixture(scope="module")
+def example():
+    spec = importlib.util.spec_from_file_location("torch_sdpa", EXAMPLES / "torch_sdpa.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def suite():
+    return load_suite(default_suite_folder()).select(mechanisms="dense")
+
+
+def run(impl, suite):
+    return verify(impl, suite=suite, dtype="float32", grad=True, xfail=read_xfail(XFAIL))
+
+
+def test_sdpa_passes_every_case_it_supports(example, suite):
+    report = run(example.sdpa, suite)
+    assert report.ok, report.format()
+    counts = report.counts()
+    assert counts["pass"] == len(suite.cases) - len(read_xfail(XFAIL)) and counts["xpass"] == 0
+
+
+def test_sdpa_from_the_command_line(monkeypatch, suite, capsys):
+    monkeypatch.chdir(EXAMPLES.parent)
+    args = ["verify", "--impl", "examples.torch_sdpa:sdpa", "--mechanism", "dense", "--dtype", "float32", "--grad"]
+    assert cli.main([*args, "--suite", str(suite.folder.resolve()), "--xfail", str(XFAIL)]) == 0
+    assert "(OK)" in capsys.readouterr().out
+
+
+def failing(report) -> set:
+    return {case.id for case in report.cases if case.status == "fail"}
+
+
+def flagged(suite, flag) -> set:
+    return {case.id for case in suite.cases if flag in case.flags} - read_xfail(XFAIL)
+
+
+def test_top_left_causal_fails_the_causal_alignment_cases(example, suite):
+    report = run(example.sdpa_top_left, suite)
+    assert failing(report) and failing(report) <= flagged(suite, "CAUSAL_ALIGNMENT")
+    text = report.format()
+    assert "dense/causal_bottom_right_short_queries [fail]  flags: CAUSAL_ALIGNMENT" in text
+    assert "first differing stage: out" in text and "first difference at index" in text
+
+
+def test_tiled_gqa_fails_every_gqa_head_map_case(example, suite):
+    report = run(example.sdpa_tiled_gqa, suite)
+    assert flagged(suite, "GQA_HEAD_MAP") <= failing(report)
+    assert "GQA_HEAD_MAP: Hq > Hkv >= 2 with distinct kv heads" in report.format()
