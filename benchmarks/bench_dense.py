@@ -189,9 +189,10 @@ def _kernel_only(q, k, v, dout, direction: str, causal: bool) -> float:
         dlse = np.zeros_like(lse)
         dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
         dbias = np.zeros((1, 1, 1, 1), np.float32)
+        ddist = np.zeros((1, *args.dist_table.shape), np.float64)  # no distance table: a placeholder
         common = (args.q, args.k, args.v, dout, lse_for_p, delta, dlse, *args.logits(), *args.dropout())
         kernels._dq_kernel(*common, dq)
-        kernels._dkv_kernel(*common, *args.serial_axes(), dk, dv, dbias)
+        kernels._dkv_kernel(*common, *args.serial_axes(), dk, dv, dbias, ddist)
         return _nbytes(dq, dk, dv)
 
     return _measure(backward, 1)["beyond_outputs_mib"]

@@ -5,6 +5,7 @@ from .core.registry import get as get_mechanism
 from .core.registry import names as mechanisms
 from .conformance.verify import verify
 from .dense import dense_attention, dense_attention_vjp
+from . import position
 
 __version__ = "0.1.0"
 
@@ -15,6 +16,7 @@ __all__ = [
     "merge",
     "dense_attention",
     "dense_attention_vjp",
+    "position",
     "verify",
     "get_mechanism",
     "mechanisms",

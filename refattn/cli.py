@@ -2,8 +2,8 @@
 
 ::
 
-    refattn verify --impl package.module:function [--vjp package.module:function]
-                   [--suite DIR] [--mechanism M ...] [--case ID ...]
+    refattn verify --mechanism M --impl package.module:function [--vjp package.module:function]
+                   [--suite DIR] [--case ID ...]
                    [--dtype float64|float32|float16|bfloat16] [--layout bhnd|bnhd]
                    [--grad] [--json FILE] [--junit FILE] [--xfail FILE]
     refattn export [--out DIR] [--mechanism M ...] [--large] [--check]

@@ -2,7 +2,7 @@
 
 ::
 
-    pytest --refattn-impl=mypackage.attention:attend --refattn-vjp=mypackage.attention:attend_vjp \\
+    pytest --refattn-mechanism=dense --refattn-impl=mypackage.attention:attend --refattn-vjp=mypackage.attention:attend_vjp \\
            --refattn-dtype=float32 --refattn-xfail=known_failures.txt
 
 adds one test per conformance case, named ``refattn-conformance::<case id>``,
@@ -69,7 +69,7 @@ class ConformanceCollector(pytest.Collector):
 
     def collect(self):
         from .conformance import verify as v
-        from .conformance.suite import load_suite
+        from .conformance.suite import load_suite, require_one_mechanism
 
         option = self.config.getoption
         if os.getcwd() not in sys.path:  # find the implementation's module from here, as `python -m pytest` would
@@ -79,7 +79,9 @@ class ConformanceCollector(pytest.Collector):
         suite = load_suite(option("refattn_suite") or v.default_suite_folder())
         xfail = v.read_xfail(option("refattn_xfail")) if option("refattn_xfail") else frozenset()
         settings = dict(dtype=option("refattn_dtype"), layout=option("refattn_layout"), grad=vjp is not None, vjp=vjp)
-        for case in suite.select(mechanisms=option("refattn_mechanism")).cases:
+        cases = suite.select(mechanisms=option("refattn_mechanism")).cases
+        require_one_mechanism(cases, option("refattn_mechanism"))
+        for case in cases:
             item = ConformanceItem.from_parent(
                 self, name=case.id, case=case, impl=impl, settings=settings, flag_descriptions=suite.manifest["flags"]
             )

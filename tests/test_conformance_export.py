@@ -29,12 +29,14 @@ from refattn.core.shapes import sum_to_shape
 from refattn.dense import cases as dense_cases
 
 COMMITTED = Path(__file__).resolve().parents[1] / "conformance"
+DENSE = ["dense"]
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
+    """The dense cases, freshly exported (the export machinery is the same for every mechanism)."""
     folder = tmp_path_factory.mktemp("suite")
-    export(folder)
+    export(folder, mechanisms=DENSE)
     return folder
 
 
@@ -71,12 +73,12 @@ def _rewrite_case(folder: Path, case_id: str, change) -> None:
 
 
 def test_export_twice_gives_identical_bytes(exported, tmp_path):
-    export(tmp_path)
+    export(tmp_path, mechanisms=DENSE)
     assert _files(tmp_path) == _files(exported)
 
 
 def test_export_returns_the_manifest_it_writes(tmp_path):
-    manifest = export(tmp_path)
+    manifest = export(tmp_path, mechanisms=DENSE)
     assert (tmp_path / "manifest.json").read_text() == manifest_module.dumps(manifest)
     assert manifest["format_version"] == 1
     assert sorted(manifest["flags"]) == sorted({flag for case in manifest["cases"] for flag in case["flags"]})
@@ -87,7 +89,7 @@ def test_committed_suite_is_current():
 
 
 def test_check_is_empty_on_a_fresh_export(exported):
-    assert check(exported) == []
+    assert check(exported, mechanisms=DENSE) == []
 
 
 def test_check_reports_an_altered_file(exported, tmp_path):
@@ -96,7 +98,7 @@ def test_check_reports_an_altered_file(exported, tmp_path):
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x01
     path.write_bytes(bytes(data))
-    drift = check(folder)
+    drift = check(folder, mechanisms=DENSE)
     assert len(drift) == 1 and "dense/causal" in drift[0] and "SHA-256" in drift[0]
 
 
@@ -118,7 +120,7 @@ def test_check_reports_a_consistent_but_outdated_case(exported, tmp_path, change
         del entry["shapes"]["expected.lse"], entry["tolerances"]["lse"]
         (folder / "manifest.json").write_text(manifest_module.dumps(manifest))
     _rewrite_case(folder, "dense/causal", change)
-    drift = check(folder)
+    drift = check(folder, mechanisms=DENSE)
     assert any(expected in message and "dense/causal.safetensors" in message for message in drift), drift
 
 
@@ -127,7 +129,7 @@ def test_check_tolerates_last_bit_differences(exported, tmp_path):
     folder = _copy(exported, tmp_path / "suite")
     last_bit = lambda t: t.__setitem__("expected.out", np.nextafter(t["expected.out"], np.inf))  # noqa: E731
     _rewrite_case(folder, "dense/causal", last_bit)
-    assert check(folder) == []
+    assert check(folder, mechanisms=DENSE) == []
 
 
 def test_check_reports_budgets_stale_and_missing_files(exported, tmp_path):
@@ -136,7 +138,7 @@ def test_check_reports_budgets_stale_and_missing_files(exported, tmp_path):
     manifest["cases"][0]["tolerances"]["out"]["float16"] *= 2
     (folder / "manifest.json").write_text(manifest_module.dumps(manifest))
     (folder / "dense" / "renamed_case.safetensors").write_bytes(b"")
-    drift = check(folder)
+    drift = check(folder, mechanisms=DENSE)
     assert any("budget out@float16" in message for message in drift), drift
     assert any("renamed_case.safetensors: not in a fresh export" in message for message in drift), drift
 
@@ -147,7 +149,7 @@ def test_export_removes_case_files_that_are_no_longer_cases(tmp_path):
     stale.write_bytes(b"old")
     unrelated = tmp_path / "notes.txt"
     unrelated.write_text("kept")
-    export(tmp_path)
+    export(tmp_path, mechanisms=DENSE)
     assert not stale.exists() and unrelated.read_text() == "kept"
 
 
@@ -161,9 +163,9 @@ def test_export_subset_of_mechanisms(tmp_path):
 def test_progress_bar_is_drawn_only_when_asked(tmp_path, capsys, monkeypatch):
     first_two = dense_cases.cases()[:2]
     monkeypatch.setattr(dense_cases, "cases", lambda: first_two)
-    export(tmp_path / "quiet", progress=False)
+    export(tmp_path / "quiet", mechanisms=DENSE, progress=False)
     assert capsys.readouterr().err == ""
-    export(tmp_path / "loud", progress=True)
+    export(tmp_path / "loud", mechanisms=DENSE, progress=True)
     assert "2/2" in capsys.readouterr().err
 
 
@@ -186,7 +188,7 @@ def test_large_export_is_forward_only_with_the_numba_backend(tmp_path, monkeypat
     draw = lambda rng: {name: rng.standard_normal((1, 1, 5, 4)) for name in ("q", "k", "v")}  # noqa: E731
     tiny = [Case("dense/long_tiny", "dense", "stand-in", ("LONG_SEQUENCE",), seed=1, arrays=draw, grad=False)]
     monkeypatch.setattr(dense_cases, "large_cases", lambda: tiny)
-    manifest = export(tmp_path, large=True)
+    manifest = export(tmp_path, mechanisms=DENSE, large=True)
     entry = next(case for case in manifest["cases"] if case["id"] == "dense/long_tiny")
     assert calls and entry["tolerances"] == {"out": {"float64": 1e-10}, "lse": {"float64": 1e-10}}
     assert entry["tensors"] == ["expected.lse", "expected.out", "input.k", "input.q", "input.v"]
@@ -235,6 +237,8 @@ def test_normwise_error_rejects_shape_mismatch():
 def test_budget_formula():
     assert tolerance.FLOAT64_BUDGET == 1e-10
     assert tolerance.budget("out", "float64", 123.0) == 1e-10
+    assert tolerance.budget("out", "float64", 123.0, sensitivity=1e3) == 1e-10
+    assert tolerance.budget("out", "float64", 123.0, sensitivity=1e7) == pytest.approx(4 * 2.0**-53 * (1 + 1e7))
     assert tolerance.unit_roundoff("float32") == 2.0**-24
     assert tolerance.unit_roundoff("float16") == 2.0**-11
     assert tolerance.unit_roundoff("bfloat16") == 2.0**-8
@@ -498,8 +502,9 @@ STRUCTURAL = {"BASELINE", "AWKWARD_HEAD_DIM", "ODD_LENGTH", "UNEQUAL_LENGTHS", "
               "VALUE_DIM_DIFFERS", "MASK_BROADCAST", "LONG_SEQUENCE"}  # fmt: skip
 
 
-def test_every_flag_has_a_mutant_or_is_structural():
-    assert set(MUTANTS) | STRUCTURAL == set(FLAGS) and not set(MUTANTS) & STRUCTURAL
+def test_every_dense_flag_has_a_mutant_or_is_structural():
+    dense_flags = {flag for case in _all_dense_cases() for flag in case.flags}
+    assert set(MUTANTS) | STRUCTURAL == dense_flags and not set(MUTANTS) & STRUCTURAL
 
 
 def test_second_formulation_reproduces_every_expected_value(suite):

@@ -84,7 +84,9 @@ def test_select_filters_and_refuses_what_matches_nothing():
         "dense/causal_top_left_long_queries",
     ]
     assert all("GQA_HEAD_MAP" in c.flags for c in suite.select(flags="GQA_HEAD_MAP").cases)
-    assert len(suite.select(mechanisms=["dense"]).cases) == len(suite.cases)
+    dense = suite.select(mechanisms=["dense"]).cases
+    assert dense and {c.mechanism for c in dense} == {"dense"}
+    assert len(suite.select(mechanisms=["dense", "alibi"]).cases) == len(dense) + len(suite.select(mechanisms="alibi").cases)
     for kwargs in (dict(ids="dense/no_such_case"), dict(flags="NO_SUCH_FLAG"), dict(mechanisms="no_such")):
         with pytest.raises(SuiteError, match="no case"):
             suite.select(**kwargs)

@@ -12,7 +12,7 @@ import pytest
 
 from refattn import cli
 from refattn.conformance import export
-from refattn.conformance.suite import load_suite
+from refattn.conformance.suite import SuiteError, load_suite
 from refattn.conformance.verify import (
     check_case,
     default_suite_folder,
@@ -40,7 +40,8 @@ def raising(q, k, v, **params):
 
 @pytest.fixture(scope="module")
 def suite():
-    return load_suite(default_suite_folder())
+    """The committed dense cases (the implementations here are dense attention)."""
+    return load_suite(default_suite_folder()).select(mechanisms="dense")
 
 
 def case_of(suite, case_id):
@@ -65,7 +66,7 @@ def test_reference_on_rounded_inputs_passes_lower_precisions(suite, dtype):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_numba_backend_verifies_from_the_command_line(suite, dtype, capsys):
-    status = cli.main(["verify", *NUMBA, "--grad", "--dtype", dtype, "--suite", str(suite.folder)])
+    status = cli.main(["verify", *NUMBA, "--grad", "--dtype", dtype, "--suite", str(suite.folder), "--mechanism", "dense"])
     assert status == 0, capsys.readouterr().out
 
 
@@ -277,7 +278,7 @@ def test_cli_exit_1_on_a_failure_and_0_once_it_is_xfailed(suite, tmp_path, capsy
 
 
 def test_cli_layout_dtype_and_case_patterns(suite, capsys):
-    args = ["verify", *REFERENCE, "--suite", str(suite.folder), "--case", "dense/gqa*", "--dtype", "bfloat16"]
+    args = ["verify", *REFERENCE, "--suite", str(suite.folder), "--case", "dense/gqa*", "--dtype", "bfloat16"]  # one mechanism
     assert cli.main(args) == 0
     assert "dtype=bfloat16" in capsys.readouterr().out
     assert cli.main([*args, "--layout", "bnhd"]) == 1
@@ -410,7 +411,8 @@ def test_jax_dot_product_attention_forward(suite):
 
 def plugin_args(suite, *args):
     installed = any(ep.value == "refattn.pytest_plugin" for ep in importlib.metadata.entry_points(group="pytest11"))
-    return [*([] if installed else ["-p", "refattn.pytest_plugin"]), f"--refattn-suite={suite.folder.resolve()}", *args]
+    return [*([] if installed else ["-p", "refattn.pytest_plugin"]), f"--refattn-suite={suite.folder.resolve()}",
+            "--refattn-mechanism=dense", *args]  # fmt: skip
 
 
 def test_plugin_makes_one_passing_test_per_case(pytester, suite):
@@ -434,6 +436,20 @@ def test_plugin_failure_shows_the_case_report_and_honours_xfail(pytester, suite)
     assert statuses.count("fail") >= 3
     result.assert_outcomes(failed=statuses.count("fail") - 1, passed=statuses.count("pass"), xfailed=1)
     result.stdout.fnmatch_lines(["*dense/gqa_causal_cross [[]fail[]]*", "*first differing stage: out*", "*first difference at index*"])
+
+
+def test_a_selection_of_several_mechanisms_must_be_named(suite, pytester, capsys):
+    whole = load_suite(suite.folder)
+    assert len({case.mechanism for case in whole.cases}) > 1
+    with pytest.raises(SuiteError, match="mechanisms .*name it with mechanism="):
+        verify(dense_attention, suite=whole)
+    assert cli.main(["verify", *REFERENCE, "--suite", str(suite.folder)]) == 2
+    assert "--mechanism" in capsys.readouterr().err
+    result = pytester.runpytest(*[a for a in plugin_args(suite) if a != "--refattn-mechanism=dense"],
+                                "--refattn-impl=refattn.dense.reference:dense_attention")  # fmt: skip
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    two = verify(dense_attention, suite=whole, mechanism=["dense", "alibi"], ids=["dense/baseline", "alibi/*"])
+    assert {case.mechanism for case in two.cases} == {"dense", "alibi"}
 
 
 def test_plugin_usage_error_for_a_bad_impl(pytester, suite):

@@ -142,6 +142,227 @@ FLAGS: dict[str, str] = {
         "Sequences of thousands to 65536 tokens (large suite only, forward only): fails kernels whose indices "
         "overflow 16 bits, whose tiling breaks at many tiles, or whose accumulation drifts with length."
     ),
+    # ALiBi (refattn/position/alibi).
+    "ALIBI_SLOPES": (
+        "The default ALiBi slopes are the authors' get_slopes(Hq): for Hq a power of two, m_h = 2^(-8(h+1)/Hq) "
+        "(1/2 ... 1/256 for 8 heads, 1/4 ... 1/256 for 4, 2^(-(h+1)/2) for 16). Cases use 4 or 16 heads, where "
+        "2^-(h+1), 2^(-8h/Hq) or a float32 pow of a rounded base give other slopes."
+    ),
+    "ALIBI_NON_POW2_HEADS": (
+        "For Hq not a power of two, the slopes of the largest power of two c below Hq come first, then every "
+        "other slope of 2c heads (the 1st, 3rd, ...), Hq - c of them: 6 heads give 1/4, 1/16, 1/64, 1/256, 1/2, "
+        "1/8. Fails implementations that use the geometric 2^(-8(h+1)/Hq) for every head count, or round up."
+    ),
+    "ALIBI_SLOPE_ORDER": (
+        "Query head h uses slope m_h, in the order get_slopes returns them, also with grouped-query heads (the "
+        "slope follows the query head, not the kv head h // G). Fails reversed slopes and slopes indexed by kv head."
+    ),
+    "ALIBI_SIGN": (
+        "The ALiBi term is a penalty: m_h (p_j - p_i) for keys before the query, i.e. -m_h (p_i - p_j), or "
+        "-m_h |p_i - p_j| in the symmetric form. Fails an implementation that adds +m_h |p_i - p_j|."
+    ),
+    "ALIBI_SYMMETRIC_FORM": (
+        "form = 'causal' is m_h (p_j - p_i) for every key, so without a causal mask keys after the query get a "
+        "positive term; form = 'symmetric' is -m_h |p_j - p_i| (FlashAttention's non-causal ALiBi). Cases have "
+        "keys on both sides of each query: using one form for the other fails."
+    ),
+    "ALIBI_POSITION_OFFSET": (
+        "The distance is between the given positions p_i = q_positions[i] and p_j = k_positions[j], not array "
+        "indices: decoding with a cache has q_positions = Nk - Nq + arange(Nq), packed sequences have gaps. Fails "
+        "implementations that use i and j, or align queries top-left, in the bias."
+    ),
+    "ALIBI_SHORTCUT_LSE": (
+        "Adding m_h p_j alone (BLOOM, MPT, the authors' fairseq code, FlashAttention's causal path) differs from "
+        "the causal form by m_h p_i, a constant per query row: outputs and gradients are the same, the "
+        "log-sum-exp is larger by m_h p_i. Cases have queries far from position 0; the lse must be the causal form's."
+    ),
+    "ALIBI_EXPLICIT_SLOPES": (
+        "Slopes given as an argument replace the default ones, one per query head, in the given order. Fails "
+        "implementations that ignore them or recompute get_slopes(Hq)."
+    ),
+    # T5 bucketed bias (refattn/position/t5).
+    "T5_BUCKET_DIRECTION": (
+        "The relative position is key minus query, r = p_j - p_i (HF: memory_position - context_position), and "
+        "with bidirectional buckets r > 0 (a key after the query) takes the upper half. Fails implementations "
+        "that use p_i - p_j, which swaps the two halves."
+    ),
+    "T5_LOG_BUCKETS": (
+        "Distances n >= max_exact share logarithmic buckets max_exact + trunc(log(n / max_exact) / "
+        "log(max_distance / max_exact) * (side_buckets - max_exact)). Fails log2 or log1p, rounding instead of "
+        "truncating, and a max_exact that is not half of one side's buckets."
+    ),
+    "T5_UNIDIRECTIONAL": (
+        "With bidirectional = False (T5's decoder) all num_buckets buckets measure n = max(p_i - p_j, 0): past "
+        "keys use both halves' worth of buckets and every key after the query falls in bucket 0. Fails "
+        "implementations that bucket a decoder like an encoder, or take |r| for future keys."
+    ),
+    "T5_MAX_DISTANCE_SATURATION": (
+        "Every distance from max_distance on shares the last bucket of its side (the min with side_buckets - 1). "
+        "Cases have positions farther apart than max_distance: without the clamp the bucket leaves its half of "
+        "the table or the table."
+    ),
+    "T5_BUCKET_BOUNDARY": (
+        "HF computes the logarithmic branch in float32 and truncates; where the exact value is an integer the "
+        "float32 rounding decides. With 20 buckets and max_distance 160, distances 10, 20 and 80 fall in bucket "
+        "max_exact + 1, + 2, + 4 in float32 but one lower in float64. Fails implementations that compute it in "
+        "float64."
+    ),
+    "T5_POSITION_OFFSET": (
+        "The relative position is between the given positions (q_positions, k_positions), not array indices: a "
+        "decoder step with a cache has q_positions = Nk - Nq + arange(Nq). Fails implementations that bucket "
+        "j - i."
+    ),
+    "T5_TABLE_LAYOUT": (
+        "The table is (num_buckets, Hq), HF's nn.Embedding(num_buckets, n_heads).weight; Mesh TensorFlow and "
+        "flaxformer store (heads, buckets). The case has num_buckets = Hq, where reading the transpose raises no "
+        "shape error but gives other biases."
+    ),
+    "T5_TABLE_GRADIENT": (
+        "The table's gradient is the bias gradient summed over the batch and over every (query, key) pair in "
+        "each bucket (a scatter-add, the adjoint of the gather). Fails backwards that keep one pair per bucket "
+        "(a scatter that overwrites), drop the batch sum or mix heads."
+    ),
+    # Rotary embedding (refattn/position/rope).
+    "ROPE_LAYOUT": (
+        "Which dims form a rotated pair: layout='half' pairs dim t with t + r/2 (HF rotate_half, GPT-NeoX, HF "
+        "Llama), layout='interleaved' pairs 2t with 2t + 1 (RoFormer, GPT-J rotate_every_two, Meta's Llama "
+        "view_as_complex). Fails an implementation that uses the other layout: the two agree only after "
+        "permuting the dims of q and k."
+    ),
+    "ROPE_PARTIAL": (
+        "rotary_dim r < D (GPT-NeoX rotary_pct, GPT-J rotary_dim): only the first r dims are rotated and the rest "
+        "pass through unchanged; in the half layout dim t pairs with t + r/2, not t + D/2. Fails an "
+        "implementation that rotates all D dims, splits the halves of D, or rotates the last r dims."
+    ),
+    "ROPE_FREQUENCY_EXPONENT": (
+        "Frequencies are base^(-2t/r), t = 0 .. r/2 - 1, with r the rotated dims. Fails an implementation that "
+        "uses base^(-t/r), or divides by the head dim D instead of rotary_dim when r < D."
+    ),
+    "ROPE_BASE": (
+        "The frequency base is a parameter (rope_theta): 500000 for Llama 3, 10000 by default. Fails an "
+        "implementation that hard-codes 10000."
+    ),
+    "ROPE_POSITION_OFFSET": (
+        "Queries at positions that do not start at 0 (decoding or chunked prefill with a KV cache: q_positions = "
+        "Nk - Nq + arange(Nq)). Fails an implementation that rotates the new queries from position 0, or rotates "
+        "them with the keys' first positions."
+    ),
+    "ROPE_POSITION_SCALING": (
+        "Linear position scaling (position interpolation; HF rope_scaling {'type': 'linear', 'factor': s}): "
+        "angles are (position / s) * base^(-2t/r). Fails an implementation that multiplies by s, scales the "
+        "base instead (NTK), or ignores it."
+    ),
+    "ROPE_EXPLICIT_POSITIONS": (
+        "Positions are given, not implied by the index: packed sequences restart at 0, and query and key "
+        "positions differ. Fails an implementation that rotates by the index arange(N) instead of the given "
+        "positions."
+    ),
+    "ROPE_LARGE_POSITIONS": (
+        "Positions near 8000: the angles position * base^(-2t/r) must be formed in float32 or wider (HF forces "
+        "float32, transformers PR 29285). Fails an implementation that forms the angles, or reads its cos/sin "
+        "cache, in float16 or bfloat16, where a position in the thousands is off by several radians."
+    ),
+    "ROPE_TRANSPOSED_GRADIENT": (
+        "The gradients of q and k are those of the rotated q and k rotated back by the transposed rotation "
+        "R(theta)^T = R(-theta). Fails a backward that rotates them forward again, or not at all, or rotates "
+        "the passed-through dims of a partial rotary."
+    ),
+    # xPos (refattn/position/xpos).
+    "XPOS_SCALE_DIRECTION": (
+        "Queries are scaled by zeta^(+n/scale_base) and keys by zeta^(-m/scale_base) (torchscale: downscale=True "
+        "for keys), so pair t of a score decays as zeta_t^((n - m)/scale_base) for keys in the past. Fails an "
+        "implementation that swaps the two, or scales both the same way."
+    ),
+    "XPOS_SCALE_BASE": (
+        "The exponent is position / scale_base with scale_base a parameter (512 in torchscale and lucidrains). "
+        "Fails an implementation that hard-codes 512 or multiplies by it."
+    ),
+    "XPOS_DECAY_RATES": (
+        "zeta_t = (2t/r + gamma) / (1 + gamma), t = 0 .. r/2 - 1, with r the rotated dims and gamma = 0.4. Fails "
+        "an implementation that uses t/r, the head dim D instead of r under partial rotary, or drops gamma from "
+        "numerator or denominator."
+    ),
+    "XPOS_SCALE_LAYOUT": (
+        "Both dims of a rotated pair get the same factor zeta_t^(+-n/scale_base), laid out as the pairs are: "
+        "repeated per element (2t, 2t + 1) in the interleaved layout, concatenated (t, t + r/2) in the half "
+        "layout. Fails an implementation that lays the factors out in the other layout than the rotation "
+        "(rotary-embedding-torch before its fix concatenated them while rotating interleaved pairs)."
+    ),
+    "XPOS_CENTRED_POSITIONS": (
+        "Negative positions, as torchscale's centring produces (positions minus half the length). Fails an "
+        "implementation that reads its tables at position modulo the table length, clamps positions at 0, or "
+        "takes positions as unsigned."
+    ),
+    # Shaw et al. relative representations (refattn/position/shaw).
+    "SHAW_CLIP": (
+        "Relative distances beyond K = max_relative_position are clipped to -K or K: every key K or more "
+        "positions before the query reads table row 0, every key K or more after reads row 2K. Cases have "
+        "lengths well above K (and one has K = 0). Fails implementations that wrap the distance modulo 2K + 1, "
+        "give far keys a zero embedding, or index out of the table."
+    ),
+    "SHAW_DIRECTION": (
+        "Row r of the tables is the distance k_position - q_position = r - K (key minus query, as in "
+        "tensor2tensor), so row K + 1 is the key just after the query. Cases use independently drawn table "
+        "rows and non-causal attention, so both sides are read. Fails implementations that use q - k "
+        "(Hugging Face BERT's relative_key distance) without mirroring the tables."
+    ),
+    "SHAW_VALUE_TERM": (
+        "out_i = sum_j P'_ij (v_j + rel_v[r_ij]): the relative value rows are added to the values and weighted "
+        "by the same attention weights, after dropout. Cases use a value table as large as the values. Fails "
+        "implementations that leave the value term out (relative_key in Hugging Face BERT has none), add it "
+        "unweighted, or apply dropout to one term only."
+    ),
+    "SHAW_SCALE": (
+        "The relative key term is inside the scaled logits: scale * (q_i . k_j + q_i . rel_k[r_ij]), so it is "
+        "also inside the soft-cap, and the bias comes after both. Cases use a scale far from 1/sqrt(D) or a "
+        "soft-cap. Fails implementations that add q_i . rel_k[r_ij] after scaling or after capping."
+    ),
+    "SHAW_TABLE_GRADIENT": (
+        "The gradient of a table row sums over every batch element, head and (query, key) pair that reads it "
+        "(the adjoint of a gather is a scatter-add); the clipped edge rows collect every far pair. Fails "
+        "backwards that overwrite instead of add, keep one head or one batch element, or drop clipped pairs."
+    ),
+    "SHAW_POSITIONS": (
+        "Relative distances come from the given q_positions and k_positions, not from array indices: with a "
+        "KV cache the queries sit at offset + arange(Nq); positions may have gaps or be negative. Fails "
+        "implementations that use arange(Nq) for the queries, or align them with the first keys."
+    ),
+    # Transformer-XL relative scores (refattn/position/transformer_xl).
+    "XL_REL_SHIFT": (
+        "Query i and key j read row R - 1 - (q_positions[i] - k_positions[j]) of r: rows run in descending "
+        "order of distance (the original's pos_seq = arange(klen - 1, -1, -1)), whatever R is. Fails a relative "
+        "shift that is off by one (the row of distance d +- 1), r read in ascending order (row t for distance t), "
+        "and rows counted from Nk instead of R."
+    ),
+    "XL_BIAS_TERMS": (
+        "u (the original's r_w_bias) is added to q in the content term, (q + u) . k, and v_bias (r_r_bias) in "
+        "the position term, (q + v_bias) . r. Cases use distinct, large u and v_bias. Fails implementations that "
+        "swap them, drop one or add one to both terms, and backwards that do not sum du and dv_bias over the "
+        "batch and the queries."
+    ),
+    "XL_MEMORY": (
+        "Keys include mem_len cached positions before the queries (Nk = mem_len + Nq, q_positions = mem_len + "
+        "arange(Nq), k_positions = arange(Nk)): query i is at distance mem_len + i - j from key j and sees keys "
+        "j <= i + mem_len. Fails distances measured from query indices without the memory offset, and a causal "
+        "mask aligned top-left."
+    ),
+    "XL_EXPLICIT_POSITIONS": (
+        "Distances come from the given q_positions and k_positions: the case's positions carry a constant "
+        "offset or gaps. Fails implementations that index r by absolute position, or derive distances from "
+        "indices (as the original's rel-shift does, which is right only for q_positions = mem_len + arange(Nq) "
+        "and k_positions = arange(Nk))."
+    ),
+    "XL_SOFTCAP_SCOPE": (
+        "The soft-cap applies to the whole scaled score scale * ((q + u) . k + (q + v_bias) . r). Fails "
+        "implementations that cap the content term alone and add the position term afterwards, as a bias "
+        "passed to a dense kernel would be."
+    ),
+    "XL_TABLE_GRADIENTS": (
+        "Row t of dr sums, over the batch, every pair (i, j) that read row t (pairs at equal distance share a "
+        "row); rows that no unmasked pair reads get 0; r, u and v_bias have one row per query head, also under "
+        "GQA. Fails backwards that overwrite instead of adding, keep one batch element, or index the tables "
+        "by kv head."
+    ),
 }
 
 

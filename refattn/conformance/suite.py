@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from . import manifest as manifest_module
 from .manifest import SuiteError
 
-__all__ = ["SuiteError", "LoadedCase", "Suite", "load_suite"]
+__all__ = ["SuiteError", "LoadedCase", "Suite", "load_suite", "require_one_mechanism"]
 
 #: Tensor name prefixes whose tensors must be float64.
 FLOAT64_PREFIXES = ("input.", "cotangent.", "expected.")
@@ -122,6 +122,26 @@ class Suite:
             _require_known("flag", flags, {flag for case in chosen for flag in case.flags})
             chosen = [case for case in chosen if set(case.flags) & set(flags)]
         return Suite(self.folder, self.manifest, chosen)
+
+
+def require_one_mechanism(cases, mechanisms) -> None:
+    """Refuse a selection that mixes mechanisms when the caller named none.
+
+    An implementation computes one mechanism; run on another's cases it
+    fails every one of them with an unexpected keyword, which says nothing
+    useful. Naming several mechanisms explicitly is allowed.
+
+    Raises
+    ------
+    SuiteError
+        If ``mechanisms`` is None and ``cases`` belong to more than one mechanism.
+    """
+    found = sorted({case.mechanism for case in cases})
+    if mechanisms is None and len(found) > 1:
+        raise SuiteError(
+            f"the selection has cases of {len(found)} mechanisms {found}; an implementation computes one: "
+            "name it with mechanism= (--mechanism, --refattn-mechanism)"
+        )
 
 
 def _names(value) -> tuple[str, ...]:

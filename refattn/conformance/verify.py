@@ -52,7 +52,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 
 from ..core.precision import PRECISIONS, STORAGE_DTYPES
-from .suite import LoadedCase, Suite, load_suite
+from .suite import LoadedCase, Suite, load_suite, require_one_mechanism
 from .tolerance import TINY, error as output_error
 
 LAYOUTS = ("bhnd", "bnhd")
@@ -571,7 +571,8 @@ def verify(
     ------
     ValueError
         For a bad ``dtype`` or ``layout``, ``grad=True`` without a vjp, or a
-        selection that matches no case (:class:`SuiteError`).
+        selection that matches no case or, with ``mechanism`` None, cases of
+        several mechanisms (:class:`SuiteError`).
     """
     _check_choice(dtype, "dtype", PRECISIONS)
     _check_choice(layout, "layout", LAYOUTS)
@@ -580,6 +581,7 @@ def verify(
         raise ValueError("grad=True needs a vjp: pass vjp=... or an implementation with a .vjp attribute")
     loaded = suite if isinstance(suite, Suite) else load_suite(default_suite_folder() if suite is None else suite)
     cases = loaded.select(mechanisms=mechanism, ids=ids).cases
+    require_one_mechanism(cases, mechanism)
     xfail = frozenset(xfail)
     reports = [_apply_xfail(check_case(impl, case, dtype=dtype, layout=layout, grad=grad, vjp=vjp), xfail) for case in cases]
     known = {case.id for case in loaded.cases}

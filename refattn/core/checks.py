@@ -16,6 +16,9 @@ from .errors import SpecError
 from .precision import STORAGE_DTYPES
 
 CAUSAL_ALIGNMENTS = ("bottom_right", "top_left")
+#: Token positions are bounded so that every distance p_j - p_i is an exact
+#: float64 (|p_j - p_i| <= 2**53) and an int64 that cannot overflow.
+MAX_ABS_POSITION = 2**52
 
 
 def _describe(x) -> str:
@@ -159,3 +162,24 @@ def cotangent(x, name: str, shape: tuple[int, ...]) -> np.ndarray:
     if isinstance(x, np.ndarray) and x.shape != shape:
         raise SpecError(name, f"shape {shape} (the output's)", f"shape {x.shape}")
     return float_array(x, name)
+
+
+def positions(x, name: str, length: int | None = None) -> np.ndarray:
+    """``x`` as int64, checked to be a 1-D integer array of ``length`` token positions.
+
+    Positions are the tokens' positions in their sequence, not array indices:
+    cached decoding passes ``offset + arange(Nq)``, packed sequences restart at
+    0, and they may be negative or unsorted. ``length=None`` accepts any
+    non-empty length. Booleans and floats are rejected; magnitudes are bounded
+    by :data:`MAX_ABS_POSITION`.
+    """
+    count = "at least 1 position" if length is None else f"shape ({length},), one position per token"
+    if not isinstance(x, np.ndarray):
+        raise SpecError(name, f"a 1-D integer numpy array of positions, {count}", _describe(x))
+    if x.dtype.kind not in "iu":
+        raise SpecError(name, "an integer dtype (positions are token indices)", f"dtype {x.dtype}")
+    if x.ndim != 1 or (x.size == 0 if length is None else x.shape[0] != length):
+        raise SpecError(name, f"a 1-D array of positions, {count}", f"shape {x.shape}")
+    if max(abs(int(x.min())), abs(int(x.max()))) > MAX_ABS_POSITION:
+        raise SpecError(name, "positions of magnitude at most 2**52 (exact distances)", f"values {x.min()} to {x.max()}")
+    return x.astype(np.int64)

@@ -10,6 +10,12 @@ O(Nq * Nk). A mask, bias or keep-mask is read where it lies, in its own
 shape, through strides that are 0 along the axes it is broadcast along (see
 ``_flat``); a full (Nq, Nk) one is read one tile at a time.
 
+Position biases that depend only on the distance ``d = k_pos[j] - q_pos[i]``
+and the head (ALiBi, T5) come through a hook,
+:func:`attention_with_distance_bias`: a table (Hq, Nd) with one bias per
+head and distance, read inside each tile at step (3), so even a bias that
+differs for every (i, j) costs O(Nq + Nk) memory, not O(Nq * Nk).
+
 Forward: the online softmax
 ---------------------------
 For each query row ``i`` keep a running maximum ``m``, a running sum ``l`` and
@@ -39,6 +45,7 @@ With ``P = exp(s - lse)`` recomputed tile by tile from the forward's lse, and
     dW_ij     = z_ij * (dout_i · v_j)                          (7'), (6')
     dS_ij     = P_ij * (dW_ij - delta_i) + P_ij * dlse_i       (5')
     dbias     = dS summed over the axes the bias was broadcast along  (3')
+    dtable[h, d] = sum of dS[b, h, i, j] over b and k_pos[j] - q_pos[i] = d  (3')
     dscore_ij = dS_ij * (1 - (capped_ij / c)^2)                (2')  soft-cap
     dq_i = scale * sum_j dscore_ij k_j,  dk_j = scale * sum_i dscore_ij q_i,
     dv_j = sum_i P_ij z_ij dout_i                              (1'), (7')
@@ -47,11 +54,11 @@ Two kernels, neither with atomics: ``_dq_kernel`` runs in parallel over
 (batch, query head, query block) and sweeps key tiles, accumulating dq;
 ``_dkv_kernel`` runs in parallel over (batch, kv head, key block) and sweeps
 the query heads of its GQA group and their query tiles, accumulating dk, dv
-(already summed over the group) and dbias. The VJP takes no saved state, so
-it first runs the forward kernel again for ``out`` and ``lse``. Fully masked
-rows have lse = -inf;
-the kernels use +inf in its place so that their ``P`` is exactly 0 and every
-gradient they feed is 0.
+(already summed over the group), dbias and, one slice per thread, dtable.
+The VJP takes no saved state, so it first runs the forward kernel again for
+``out`` and ``lse``. Fully masked rows have lse = -inf; the kernels use
++inf in its place so that their ``P`` is exactly 0 and every gradient they
+feed is 0.
 
 Tiles and bounds
 ----------------
@@ -89,13 +96,17 @@ memory.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from ..core.checks import cotangent
+from ..core import checks
+from ..core.checks import cotangent, float_array
+from ..core.errors import SpecError
 from ..core.masks import query_offset
 from ..core.results import Grads, Result
 from .inputs import DenseInputs, check_dense_inputs
@@ -171,34 +182,166 @@ def dense_attention_vjp(
         q, k, v, mask=mask, bias=bias, causal=causal, causal_alignment=causal_alignment, window=window,
         scale=scale, softcap=softcap, dropout_keep=dropout_keep, dropout_p=dropout_p,
     )  # fmt: skip
-    s = x.shape
-    dout = cotangent(dout, "dout", (s.batch, s.q_heads, s.q_len, s.value_dim))
-    dlse = None if dlse is None else cotangent(dlse, "dlse", (s.batch, s.q_heads, s.q_len))
-    dtype = _compute_dtype(q)
-    args = _KernelArgs.build(x, dtype, (q, k, v))
-
-    # The forward once more, for out (delta) and lse (to recompute P tile by tile).
-    out, lse = _run_forward(args)
-    dout = np.ascontiguousarray(dout, dtype=dtype)  # (B, Hq, Nq, Dv)
-    dlse = np.zeros(lse.shape, dtype) if dlse is None else np.ascontiguousarray(dlse, dtype=dtype)
-    delta = np.einsum("bhqe,bhqe->bhq", dout, out)  # (B, Hq, Nq): sum_j P_ij dW_ij
-    lse_for_p = np.where(np.isneginf(lse), np.inf, lse).astype(dtype)  # P = exp(s - inf) = 0 on fully masked rows
-
-    dq = np.empty(args.q.shape, dtype)
-    _dq_kernel(args.q, args.k, args.v, dout, lse_for_p, delta, dlse, *args.logits(), *args.dropout(), dq)
-
-    dk = np.empty(args.k.shape, dtype)
-    dv = np.empty(args.v.shape, dtype)
-    dbias = np.zeros(args.bias_own_shape, dtype)  # the bias's own shape, as 4-D
-    serial = args.serial_axes()
-    _dkv_kernel(
-        args.q, args.k, args.v, dout, lse_for_p, delta, dlse, *args.logits(), *args.dropout(), *serial, dk, dv, dbias
-    )
-
-    grads = Grads(q=dq, k=dk, v=dv)
-    if x.bias is not None:
-        grads["bias"] = dbias.reshape(x.bias.shape)
+    args = _KernelArgs.build(x, _compute_dtype(q), (q, k, v))
+    grads, _ = _run_vjp(args, x, dout, dlse)
     return grads
+
+
+# --------------------------------------------------------------------------
+# The distance-bias hook, for position encodings (refattn/position/).
+#
+# ALiBi and T5 add to each logit a bias that depends only on the query head
+# and the distance d = k_positions[j] - q_positions[i]. The caller gives one
+# row of biases per head over every distance that occurs, a table
+# (Hq, Nd) whose column 0 is the distance ``d_min``; step (3) reads
+# ``distance_table[h, d - d_min]`` inside each tile, so the (Nq, Nk) bias
+# never exists. For contiguous positions Nd = Nq + Nk - 1: O(N) memory.
+# --------------------------------------------------------------------------
+
+#: A distance table may hold at most this many distances per query and key
+#: (``distance_range`` refuses positions spread wider), but never fewer than
+#: ``MIN_DISTANCE_SPAN_LIMIT``: the table replaces an (Nq, Nk) bias, and
+#: positions scattered far apart would make it larger than what it replaces.
+DISTANCE_SPAN_FACTOR = 16
+MIN_DISTANCE_SPAN_LIMIT = 1 << 16
+
+
+def distance_range(q_positions, k_positions) -> tuple[int, int]:
+    """The distances a distance table must cover for these positions.
+
+    Parameters
+    ----------
+    q_positions : int ndarray (Nq,)
+    k_positions : int ndarray (Nk,)
+
+    Returns
+    -------
+    d_min, n_distances : int
+        ``d_min = min(k_positions) - max(q_positions)`` and ``n_distances =
+        max(k_positions) - min(q_positions) - d_min + 1``: every distance
+        ``k_positions[j] - q_positions[i]`` lies in ``[d_min, d_min +
+        n_distances)``. Contiguous positions give ``n_distances = Nq + Nk - 1``.
+
+    Raises
+    ------
+    SpecError
+        If a position array is not a non-empty 1-D integer array, or if
+        ``n_distances`` exceeds ``max(DISTANCE_SPAN_FACTOR * (Nq + Nk),
+        MIN_DISTANCE_SPAN_LIMIT)``.
+    """
+    q_positions = checks.positions(q_positions, "q_positions", None)
+    k_positions = checks.positions(k_positions, "k_positions", None)
+    d_min = int(k_positions.min()) - int(q_positions.max())
+    n_distances = int(k_positions.max()) - int(q_positions.min()) - d_min + 1
+    limit = max(DISTANCE_SPAN_FACTOR * (q_positions.size + k_positions.size), MIN_DISTANCE_SPAN_LIMIT)
+    if n_distances > limit:
+        raise SpecError(
+            "k_positions",
+            f"positions spanning at most {limit} distances k - q together with q_positions "
+            f"({DISTANCE_SPAN_FACTOR} per position; the kernel holds one bias per distance)",
+            f"{n_distances} distances, from {d_min} to {d_min + n_distances - 1}",
+        )
+    return d_min, n_distances
+
+
+def attention_with_distance_bias(
+    q,
+    k,
+    v,
+    *,
+    distance_table,
+    d_min,
+    q_positions,
+    k_positions,
+    mask=None,
+    bias=None,
+    causal=False,
+    causal_alignment="bottom_right",
+    window=None,
+    scale=None,
+    softcap=0.0,
+    dropout_keep=None,
+    dropout_p=0.0,
+) -> Result:
+    """:func:`dense_attention` with a position bias given per head and distance.
+
+    The logits of step (3) are ``capped + (position_bias + bias)`` with
+    ``position_bias[b, h, i, j] = distance_table[h, k_positions[j] -
+    q_positions[i] - d_min]``, read tile by tile; masks, causality and
+    windows stay index-based, as in :func:`dense_attention`.
+
+    Parameters
+    ----------
+    distance_table : float ndarray (Hq, Nd)
+        The bias of query head ``h`` at distance ``d_min + n`` is
+        ``distance_table[h, n]``; it must cover every distance that occurs
+        (see :func:`distance_range`).
+    d_min : int
+        The distance of column 0.
+    q_positions : int ndarray (Nq,)
+    k_positions : int ndarray (Nk,)
+        The positions of the queries and keys.
+
+    The other parameters are :func:`dense_attention`'s.
+
+    Returns
+    -------
+    Result
+        As :func:`dense_attention`.
+    """
+    x = check_dense_inputs(
+        q, k, v, mask=mask, bias=bias, causal=causal, causal_alignment=causal_alignment, window=window,
+        scale=scale, softcap=softcap, dropout_keep=dropout_keep, dropout_p=dropout_p,
+    )  # fmt: skip
+    dtype = _compute_dtype(q)
+    distance = _DistanceBias.build(distance_table, d_min, q_positions, k_positions, x.shape, dtype)
+    args = _KernelArgs.build(x, dtype, (q, k, v), distance)
+    out, lse = _run_forward(args)
+    return Result(out=out, lse=lse, aux={})
+
+
+def attention_with_distance_bias_vjp(
+    dout,
+    q,
+    k,
+    v,
+    *,
+    dlse=None,
+    distance_table,
+    d_min,
+    q_positions,
+    k_positions,
+    mask=None,
+    bias=None,
+    causal=False,
+    causal_alignment="bottom_right",
+    window=None,
+    scale=None,
+    softcap=0.0,
+    dropout_keep=None,
+    dropout_p=0.0,
+) -> tuple[Grads, np.ndarray]:
+    """Gradients of :func:`attention_with_distance_bias`.
+
+    Returns
+    -------
+    grads : Grads
+        As :func:`dense_attention_vjp`.
+    d_distance_table : float64 ndarray (Hq, Nd)
+        ``d_distance_table[h, n] = sum over b and over the (i, j) with
+        k_positions[j] - q_positions[i] = d_min + n of dS[b, h, i, j]``, the
+        gradient of the logits (3'). Accumulated in float64 whatever the
+        compute dtype, because each entry sums up to B * Nq terms.
+    """
+    x = check_dense_inputs(
+        q, k, v, mask=mask, bias=bias, causal=causal, causal_alignment=causal_alignment, window=window,
+        scale=scale, softcap=softcap, dropout_keep=dropout_keep, dropout_p=dropout_p,
+    )  # fmt: skip
+    dtype = _compute_dtype(q)
+    distance = _DistanceBias.build(distance_table, d_min, q_positions, k_positions, x.shape, dtype)
+    args = _KernelArgs.build(x, dtype, (q, k, v), distance)
+    return _run_vjp(args, x, dout, dlse)
+
 
 
 def _compute_dtype(q) -> np.dtype:
@@ -215,6 +358,37 @@ def _compute_dtype(q) -> np.dtype:
 
 
 @dataclass(frozen=True)
+class _DistanceBias:
+    """The distance-bias hook, checked: the table in the compute dtype and the
+    positions as int64, all read-only (see the hook's section above)."""
+
+    table: np.ndarray  # (Hq, Nd)
+    d_min: int
+    q_positions: np.ndarray  # (Nq,) int64
+    k_positions: np.ndarray  # (Nk,) int64
+
+    @staticmethod
+    def build(distance_table, d_min, q_positions, k_positions, shape, dtype: np.dtype) -> "_DistanceBias":
+        """Check the hook's arguments against the call's ``shape`` (an AttentionShape)."""
+        q_positions = checks.positions(q_positions, "q_positions", shape.q_len)
+        k_positions = checks.positions(k_positions, "k_positions", shape.kv_len)
+        if isinstance(d_min, bool) or not isinstance(d_min, numbers.Integral):
+            raise SpecError("d_min", "an int, the distance of the table's column 0", repr(d_min))
+        table = float_array(distance_table, "distance_table")
+        if table.ndim != 2 or table.shape[0] != shape.q_heads:
+            raise SpecError("distance_table", f"shape (Hq, Nd) with Hq = {shape.q_heads}", f"shape {table.shape}")
+        lowest = int(k_positions.min()) - int(q_positions.max())
+        highest = int(k_positions.max()) - int(q_positions.min())
+        if d_min > lowest or d_min + table.shape[1] - 1 < highest:
+            raise SpecError(
+                "distance_table",
+                f"a column for every distance k_positions[j] - q_positions[i], {lowest} to {highest}",
+                f"{table.shape[1]} columns from d_min = {d_min}",
+            )
+        return _DistanceBias(_read_only(table, table, dtype), int(d_min), _frozen(q_positions), _frozen(k_positions))
+
+
+@dataclass(frozen=True)
 class _KernelArgs:
     """Checked inputs in the form the kernels take them.
 
@@ -223,7 +397,8 @@ class _KernelArgs:
     (b, h, i, j) of the (B, Hq, Nq, Nk) broadcast reaches into it -- 0 on the
     axes it is broadcast along, as ``np.broadcast_to`` would make them. Nothing
     is copied to score size. An absent one is a single element with its
-    ``has_*`` flag False. This one form, whatever the shapes, gives the kernels
+    ``has_*`` flag False; so is an absent distance bias (a 1 x 1 table and
+    one position each). This one form, whatever the shapes, gives the kernels
     the same argument types every call, so each compiles once per dtype.
     ``left`` and ``right`` are the window sides with causality folded in
     (``right <= 0``) and an unbounded side replaced by ``Nq + Nk``.
@@ -234,6 +409,11 @@ class _KernelArgs:
     v: np.ndarray  # (B, Hkv, Nk, Dv)
     scale: np.floating
     softcap: np.floating
+    has_dist: bool
+    dist_table: np.ndarray  # (Hq, Nd), compute dtype
+    d_min: int
+    q_positions: np.ndarray  # (Nq,) int64
+    k_positions: np.ndarray  # (Nk,) int64
     has_bias: bool
     bias: np.ndarray  # flat
     bias_strides: tuple
@@ -250,15 +430,19 @@ class _KernelArgs:
     keep_scale: np.floating
 
     @staticmethod
-    def build(x: DenseInputs, dtype: np.dtype, given: tuple) -> "_KernelArgs":
-        """From checked inputs ``x``; ``given`` are the caller's q, k, v, used
-        as they are when already C-contiguous in ``dtype`` (no copy)."""
+    def build(x: DenseInputs, dtype: np.dtype, given: tuple, distance: _DistanceBias | None = None) -> "_KernelArgs":
+        """From checked inputs ``x`` and hook ``distance``; ``given`` are the caller's
+        q, k, v, used as they are when already C-contiguous in ``dtype`` (no copy)."""
         s = x.shape
         real = dtype.type
         bias, bias_strides = _flat(x.bias, dtype)
         bias_own_shape = (1, 1, 1, 1) if x.bias is None else (1,) * (4 - x.bias.ndim) + x.bias.shape
         mask, mask_strides = _flat(x.mask, np.bool_)
         keep, keep_strides = _flat(x.dropout_keep, np.bool_)
+        has_dist = distance is not None
+        if not has_dist:
+            no_positions = _frozen(np.zeros(1, np.int64))
+            distance = _DistanceBias(_frozen(np.zeros((1, 1), dtype)), 0, no_positions, no_positions)
 
         unbounded = s.q_len + s.kv_len
         left, right = unbounded, unbounded
@@ -274,6 +458,11 @@ class _KernelArgs:
             v=_read_only(given[2], x.v, dtype),
             scale=real(x.scale),
             softcap=real(x.softcap),
+            has_dist=has_dist,
+            dist_table=distance.table,
+            d_min=distance.d_min,
+            q_positions=distance.q_positions,
+            k_positions=distance.k_positions,
             has_bias=x.bias is not None,
             bias=bias,
             bias_strides=bias_strides,
@@ -292,7 +481,9 @@ class _KernelArgs:
 
     def logits(self) -> tuple:
         """Arguments of steps (1)-(4), in the kernels' order."""
-        return (self.scale, self.softcap, self.has_bias, self.bias, self.bias_strides,
+        return (self.scale, self.softcap,
+                self.has_dist, self.dist_table, self.d_min, self.q_positions, self.k_positions,
+                self.has_bias, self.bias, self.bias_strides,
                 self.has_mask, self.mask, self.mask_strides, self.offset, self.left, self.right)  # fmt: skip
 
     def dropout(self) -> tuple:
@@ -318,7 +509,12 @@ def _read_only(given, checked, dtype) -> np.ndarray:
     float64 copy) cast to ``dtype``; as a read-only view either way, so that
     the kernels always see one array type."""
     use = given if given.dtype == dtype and given.flags.c_contiguous else np.ascontiguousarray(checked, dtype=dtype)
-    view = use.view()
+    return _frozen(use)
+
+
+def _frozen(x: np.ndarray) -> np.ndarray:
+    """A read-only view of ``x``."""
+    view = x.view()
     view.flags.writeable = False
     return view
 
@@ -338,9 +534,7 @@ def _flat(x, dtype) -> tuple[np.ndarray, tuple]:
         x = x[tuple(slice(0, 1) if step == 0 else slice(None) for step in x.strides)]
         flat = np.ascontiguousarray(x, dtype=dtype).reshape(-1)
         strides = tuple(int(np.prod(x.shape[axis + 1 :])) if x.shape[axis] > 1 else 0 for axis in range(4))
-    flat = flat.view()
-    flat.flags.writeable = False
-    return flat, strides
+    return _frozen(flat), strides
 
 
 def _run_forward(args: _KernelArgs) -> tuple[np.ndarray, np.ndarray]:
@@ -349,6 +543,41 @@ def _run_forward(args: _KernelArgs) -> tuple[np.ndarray, np.ndarray]:
     lse = np.empty((batch, q_heads, q_len), args.q.dtype)
     _forward_kernel(args.q, args.k, args.v, *args.logits(), *args.dropout(), out, lse)
     return out, lse
+
+
+def _run_vjp(args: _KernelArgs, x: DenseInputs, dout, dlse) -> tuple[Grads, np.ndarray | None]:
+    """Grads of q, k, v (and the user bias), and the distance table's gradient (None without one)."""
+    s = x.shape
+    dout = cotangent(dout, "dout", (s.batch, s.q_heads, s.q_len, s.value_dim))
+    dlse = None if dlse is None else cotangent(dlse, "dlse", (s.batch, s.q_heads, s.q_len))
+    dtype = args.q.dtype
+
+    # The forward once more, for out (delta) and lse (to recompute P tile by tile).
+    out, lse = _run_forward(args)
+    dout = np.ascontiguousarray(dout, dtype=dtype)  # (B, Hq, Nq, Dv)
+    dlse = np.zeros(lse.shape, dtype) if dlse is None else np.ascontiguousarray(dlse, dtype=dtype)
+    delta = np.einsum("bhqe,bhqe->bhq", dout, out)  # (B, Hq, Nq): sum_j P_ij dW_ij
+    lse_for_p = np.where(np.isneginf(lse), np.inf, lse).astype(dtype)  # P = exp(s - inf) = 0 on fully masked rows
+
+    dq = np.empty(args.q.shape, dtype)
+    _dq_kernel(args.q, args.k, args.v, dout, lse_for_p, delta, dlse, *args.logits(), *args.dropout(), dq)
+
+    dk = np.empty(args.k.shape, dtype)
+    dv = np.empty(args.v.shape, dtype)
+    dbias = np.zeros(args.bias_own_shape, dtype)  # the bias's own shape, as 4-D
+    # One float64 slice of the distance table's gradient per lane of work items (see _dkv_kernel).
+    lanes = numba.get_num_threads() if args.has_dist else 1
+    ddist = np.zeros((lanes, *args.dist_table.shape), np.float64)  # (lanes, Hq, Nd)
+    serial = args.serial_axes()
+    _dkv_kernel(
+        args.q, args.k, args.v, dout, lse_for_p, delta, dlse, *args.logits(), *args.dropout(), *serial,
+        dk, dv, dbias, ddist,
+    )  # fmt: skip
+
+    grads = Grads(q=dq, k=dk, v=dv)
+    if x.bias is not None:
+        grads["bias"] = dbias.reshape(x.bias.shape)
+    return grads, ddist.sum(axis=0) if args.has_dist else None
 
 
 # --------------------------------------------------------------------------
@@ -446,7 +675,8 @@ def _at(strides, b, h, i, j):
 @njit(cache=True)
 def _logits_tile(
     t, dcap, key_major, n_q, n_k, b, h, i0, j0,
-    scale, softcap, has_bias, bias, bias_strides, has_mask, mask, mask_strides, offset, left, right,
+    scale, softcap, has_dist, dist_table, d_min, q_positions, k_positions, has_bias, bias, bias_strides,
+    has_mask, mask, mask_strides, offset, left, right,
 ):  # fmt: skip
     """Steps (1)-(4) in place on a tile ``t`` of dot products ``q·k``.
 
@@ -455,7 +685,7 @@ def _logits_tile(
     real; padding columns become -inf, padding rows are not touched. With a
     soft-cap, ``dcap`` receives its derivative ``1 - (capped / c)**2``.
     """
-    neg_inf, one = -np.inf, t.dtype.type(1.0)
+    neg_inf, zero, one = -np.inf, t.dtype.type(0.0), t.dtype.type(1.0)
     n_rows, n_cols = (n_k, n_q) if key_major else (n_q, n_k)
     for r in range(n_rows):
         # (1) Scaled scores.
@@ -467,11 +697,16 @@ def _logits_tile(
                 capped = softcap * math.tanh(t[r, c] / softcap)
                 t[r, c] = capped
                 dcap[r, c] = one - (capped / softcap) * (capped / softcap)
-        # (3) Additive bias, read through its broadcast view.
-        if has_bias:
+        # (3) Additive bias: the position bias of the distance k_pos[j] - q_pos[i]
+        #     from the distance table, with the user bias (read through its
+        #     broadcast view) added to it.
+        if has_dist or has_bias:
             for c in range(n_cols):
                 i, j = (i0 + c, j0 + r) if key_major else (i0 + r, j0 + c)
-                t[r, c] += bias[_at(bias_strides, b, h, i, j)]
+                added = dist_table[h, k_positions[j] - q_positions[i] - d_min] if has_dist else zero
+                if has_bias:
+                    added += bias[_at(bias_strides, b, h, i, j)]
+                t[r, c] += added
         # (4) Mask, exactly -inf. Position (causal, window): key j is allowed
         #     for query i iff i + offset - left <= j <= i + offset + right, an
         #     interval [lo, hi) of this row's columns.
@@ -514,7 +749,8 @@ def _query_range(j_start, j_stop, offset, left, right, q_len):
 @njit(parallel=True, cache=True, fastmath=False)
 def _forward_kernel(
     q, k, v,
-    scale, softcap, has_bias, bias, bias_strides, has_mask, mask, mask_strides, offset, left, right,  # (1)-(4)
+    scale, softcap, has_dist, dist_table, d_min, q_positions, k_positions,  # (1)-(3)
+    has_bias, bias, bias_strides, has_mask, mask, mask_strides, offset, left, right,  # (3)-(4)
     has_keep, keep, keep_strides, keep_scale,  # (6)
     out, lse,
 ):  # fmt: skip
@@ -548,7 +784,8 @@ def _forward_kernel(
             np.dot(k[b, kvh, j0 : j0 + n_k], q_t, s_t[:n_k])  # (n_k, BQ) = k q^T
             _logits_tile(
                 s_t, dcap, True, n_q, n_k, b, h, i0, j0,
-                scale, softcap, has_bias, bias, bias_strides, has_mask, mask, mask_strides, offset, left, right,
+                scale, softcap, has_dist, dist_table, d_min, q_positions, k_positions, has_bias, bias, bias_strides,
+                has_mask, mask, mask_strides, offset, left, right,
             )  # fmt: skip
             # (5) Online softmax: new maxima, rescale factors, exponentials, sums.
             for c in range(BLOCK_Q):
@@ -602,7 +839,8 @@ def _forward_kernel(
 @njit(parallel=True, cache=True, fastmath=False)
 def _dq_kernel(
     q, k, v, dout, lse, delta, dlse,
-    scale, softcap, has_bias, bias, bias_strides, has_mask, mask, mask_strides, offset, left, right,  # (1)-(4)
+    scale, softcap, has_dist, dist_table, d_min, q_positions, k_positions,  # (1)-(3)
+    has_bias, bias, bias_strides, has_mask, mask, mask_strides, offset, left, right,  # (3)-(4)
     has_keep, keep, keep_strides, keep_scale,  # (6)
     dq,
 ):  # fmt: skip
@@ -643,7 +881,8 @@ def _dq_kernel(
             np.dot(k_tile, q_t, p_t[:n_k])
             _logits_tile(
                 p_t, dcap, True, n_q, n_k, b, h, i0, j0,
-                scale, softcap, has_bias, bias, bias_strides, has_mask, mask, mask_strides, offset, left, right,
+                scale, softcap, has_dist, dist_table, d_min, q_positions, k_positions, has_bias, bias, bias_strides,
+                has_mask, mask, mask_strides, offset, left, right,
             )  # fmt: skip
             for r in range(n_k):
                 for c in range(BLOCK_Q):
@@ -677,18 +916,24 @@ def _dq_kernel(
 @njit(parallel=True, cache=True, fastmath=False)
 def _dkv_kernel(
     q, k, v, dout, lse, delta, dlse,
-    scale, softcap, has_bias, bias, bias_strides, has_mask, mask, mask_strides, offset, left, right,  # (1)-(4)
+    scale, softcap, has_dist, dist_table, d_min, q_positions, k_positions,  # (1)-(3)
+    has_bias, bias, bias_strides, has_mask, mask, mask_strides, offset, left, right,  # (3)-(4)
     has_keep, keep, keep_strides, keep_scale,  # (6)
     serial_batch, serial_heads, serial_blocks,
-    dk, dv, dbias,
+    dk, dv, dbias, ddist,
 ):  # fmt: skip
-    """dk, dv (B, Hkv, Nk, ·), dbias (the bias's own shape, 4-D); parallel over (b, kv head, key block).
+    """dk, dv (B, Hkv, Nk, ·), dbias (the bias's own shape, 4-D) and ddist
+    (lanes, Hq, Nd); parallel over (b, kv head, key block).
 
     Each work item sweeps the query heads of its GQA group and their query
     tiles, so dk and dv come out summed over the group. ``serial_*`` name the
     axes along which the bias is broadcast (see ``_KernelArgs.serial_axes``):
     a work item then walks that whole axis itself, so no two threads ever add
-    into the same dbias entry.
+    into the same dbias entry. Every key block and batch adds into the same
+    distances of the distance table, so with one (``has_dist``) the work items
+    are cut into ``lanes = ddist.shape[0]`` contiguous runs (one per thread),
+    each walked by one thread adding into its own slice ``ddist[lane]``; the
+    caller sums the slices. Without one, every lane is a single work item.
     """
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, kv_len, value_dim = k.shape[1], k.shape[2], v.shape[3]
@@ -698,89 +943,98 @@ def _dkv_kernel(
     items_b = 1 if serial_batch else batch
     items_h = 1 if serial_heads else kv_heads
     items_k = 1 if serial_blocks else n_blocks
+    n_items = items_b * items_h * items_k
+    lanes = min(ddist.shape[0], n_items) if has_dist else n_items
     full_b, full_h, full_q, full_k = dbias.shape[0] > 1, dbias.shape[1] > 1, dbias.shape[2] > 1, dbias.shape[3] > 1
-    for item in prange(items_b * items_h * items_k):
-        outer, item_k = _block_order(item, items_k)
-        item_b, item_h = outer // items_h, outer % items_h
+    for lane in prange(lanes):
         s = np.empty((BLOCK_Q, BLOCK_K), dtype)  # logits, then P; query-major
         dcap = np.empty((BLOCK_Q, BLOCK_K), dtype)
         pz = np.empty((BLOCK_Q, BLOCK_K), dtype)  # dropped weights P * z
         ds = np.empty((BLOCK_Q, BLOCK_K), dtype)  # dW, then dS, then dscore
         dk_tile = np.empty((head_dim, BLOCK_K), dtype)  # one query tile's q^T dscore
         dv_tile = np.empty((value_dim, BLOCK_K), dtype)  # one query tile's dout^T (P z)
-        b_lo, b_hi = (0, batch) if serial_batch else (item_b, item_b + 1)
-        h_lo, h_hi = (0, kv_heads) if serial_heads else (item_h, item_h + 1)
-        k_lo, k_hi = (0, n_blocks) if serial_blocks else (item_k, item_k + 1)
-        for b in range(b_lo, b_hi):
-            for kvh in range(h_lo, h_hi):
-                for block in range(k_lo, k_hi):
-                    j0 = block * BLOCK_K
-                    n_k = min(BLOCK_K, kv_len - j0)
-                    k_t = _transposed(k, b, kvh, j0, n_k, BLOCK_K)  # (D, BK)
-                    v_t = _transposed(v, b, kvh, j0, n_k, BLOCK_K)  # (Dv, BK)
-                    dk_t = np.zeros((head_dim, BLOCK_K), dtype)
-                    dv_t = np.zeros((value_dim, BLOCK_K), dtype)
-                    query_lo, query_hi = _query_range(j0, j0 + n_k, offset, left, right, q_len)
-                    for h in range(kvh * group, (kvh + 1) * group):
-                        for i0 in range(query_lo, query_hi, BLOCK_Q):
-                            n_q = min(BLOCK_Q, query_hi - i0)
-                            q_tile = q[b, h, i0 : i0 + n_q]  # (n_q, D), a view
-                            dout_tile = dout[b, h, i0 : i0 + n_q]  # (n_q, Dv), a view
-                            # (1)-(4) Logits, and (5) P = exp(s - lse), row by row.
-                            np.dot(q_tile, k_t, s[:n_q])  # (n_q, BK) = q k^T
-                            _logits_tile(
-                                s, dcap, False, n_q, n_k, b, h, i0, j0,
-                                scale, softcap, has_bias, bias, bias_strides,
-                                has_mask, mask, mask_strides, offset, left, right,
-                            )  # fmt: skip
-                            for r in range(n_q):
-                                row_lse = lse[b, h, i0 + r]
-                                for c in range(BLOCK_K):
-                                    s[r, c] = _exp_nonpositive(s[r, c] - row_lse)
-                            # (6) Dropped weights P * z; (7') dv^T += dout^T (P z).
-                            for r in range(n_q):
-                                for c in range(BLOCK_K):
-                                    pz[r, c] = s[r, c]
-                                if has_keep:
-                                    for c in range(n_k):
-                                        kept = keep[_at(keep_strides, b, h, i0 + r, j0 + c)]
-                                        pz[r, c] = pz[r, c] * keep_scale if kept else 0
-                            np.dot(dout_tile.T, pz[:n_q], dv_tile)
-                            for e in range(value_dim):
-                                for c in range(BLOCK_K):
-                                    dv_t[e, c] += dv_tile[e, c]
-                            # (7') dP = dout v^T; (6') dW = z * dP.
-                            np.dot(dout_tile, v_t, ds[:n_q])
-                            if has_keep:
+        for item in range(lane * n_items // lanes, (lane + 1) * n_items // lanes):
+            outer, item_k = _block_order(item, items_k)
+            item_b, item_h = outer // items_h, outer % items_h
+            b_lo, b_hi = (0, batch) if serial_batch else (item_b, item_b + 1)
+            h_lo, h_hi = (0, kv_heads) if serial_heads else (item_h, item_h + 1)
+            k_lo, k_hi = (0, n_blocks) if serial_blocks else (item_k, item_k + 1)
+            for b in range(b_lo, b_hi):
+                for kvh in range(h_lo, h_hi):
+                    for block in range(k_lo, k_hi):
+                        j0 = block * BLOCK_K
+                        n_k = min(BLOCK_K, kv_len - j0)
+                        k_t = _transposed(k, b, kvh, j0, n_k, BLOCK_K)  # (D, BK)
+                        v_t = _transposed(v, b, kvh, j0, n_k, BLOCK_K)  # (Dv, BK)
+                        dk_t = np.zeros((head_dim, BLOCK_K), dtype)
+                        dv_t = np.zeros((value_dim, BLOCK_K), dtype)
+                        query_lo, query_hi = _query_range(j0, j0 + n_k, offset, left, right, q_len)
+                        for h in range(kvh * group, (kvh + 1) * group):
+                            for i0 in range(query_lo, query_hi, BLOCK_Q):
+                                n_q = min(BLOCK_Q, query_hi - i0)
+                                q_tile = q[b, h, i0 : i0 + n_q]  # (n_q, D), a view
+                                dout_tile = dout[b, h, i0 : i0 + n_q]  # (n_q, Dv), a view
+                                # (1)-(4) Logits, and (5) P = exp(s - lse), row by row.
+                                np.dot(q_tile, k_t, s[:n_q])  # (n_q, BK) = q k^T
+                                _logits_tile(
+                                    s, dcap, False, n_q, n_k, b, h, i0, j0,
+                                    scale, softcap, has_dist, dist_table, d_min, q_positions, k_positions,
+                                    has_bias, bias, bias_strides, has_mask, mask, mask_strides, offset, left, right,
+                                )  # fmt: skip
                                 for r in range(n_q):
-                                    for c in range(n_k):
-                                        kept = keep[_at(keep_strides, b, h, i0 + r, j0 + c)]
-                                        ds[r, c] = ds[r, c] * keep_scale if kept else 0
-                            # (5') dS = P (dW - delta) + P dlse.
-                            for r in range(n_q):
-                                row_delta, row_dlse = delta[b, h, i0 + r], dlse[b, h, i0 + r]
-                                for c in range(BLOCK_K):
-                                    ds[r, c] = s[r, c] * (ds[r, c] - row_delta) + s[r, c] * row_dlse
-                            # (3') dbias: dS summed over the bias's broadcast axes.
-                            if has_bias:
-                                bb = b if full_b else 0
-                                bh = h if full_h else 0
-                                for r in range(n_q):
-                                    bi = i0 + r if full_q else 0
-                                    for c in range(n_k):
-                                        dbias[bb, bh, bi, j0 + c if full_k else 0] += ds[r, c]
-                            # (2') Soft-cap derivative; (1') dk^T += q^T dscore.
-                            if softcap > 0:
+                                    row_lse = lse[b, h, i0 + r]
+                                    for c in range(BLOCK_K):
+                                        s[r, c] = _exp_nonpositive(s[r, c] - row_lse)
+                                # (6) Dropped weights P * z; (7') dv^T += dout^T (P z).
                                 for r in range(n_q):
                                     for c in range(BLOCK_K):
-                                        ds[r, c] *= dcap[r, c]
-                            np.dot(q_tile.T, ds[:n_q], dk_tile)
-                            for d in range(head_dim):
-                                for c in range(BLOCK_K):
-                                    dk_t[d, c] += dk_tile[d, c]
+                                        pz[r, c] = s[r, c]
+                                    if has_keep:
+                                        for c in range(n_k):
+                                            kept = keep[_at(keep_strides, b, h, i0 + r, j0 + c)]
+                                            pz[r, c] = pz[r, c] * keep_scale if kept else 0
+                                np.dot(dout_tile.T, pz[:n_q], dv_tile)
+                                for e in range(value_dim):
+                                    for c in range(BLOCK_K):
+                                        dv_t[e, c] += dv_tile[e, c]
+                                # (7') dP = dout v^T; (6') dW = z * dP.
+                                np.dot(dout_tile, v_t, ds[:n_q])
+                                if has_keep:
+                                    for r in range(n_q):
+                                        for c in range(n_k):
+                                            kept = keep[_at(keep_strides, b, h, i0 + r, j0 + c)]
+                                            ds[r, c] = ds[r, c] * keep_scale if kept else 0
+                                # (5') dS = P (dW - delta) + P dlse.
+                                for r in range(n_q):
+                                    row_delta, row_dlse = delta[b, h, i0 + r], dlse[b, h, i0 + r]
+                                    for c in range(BLOCK_K):
+                                        ds[r, c] = s[r, c] * (ds[r, c] - row_delta) + s[r, c] * row_dlse
+                                # (3') dbias: dS summed over the bias's broadcast axes; the distance
+                                #      table's gradient: dS summed over b and over (i, j) of each distance.
+                                if has_bias:
+                                    bb = b if full_b else 0
+                                    bh = h if full_h else 0
+                                    for r in range(n_q):
+                                        bi = i0 + r if full_q else 0
+                                        for c in range(n_k):
+                                            dbias[bb, bh, bi, j0 + c if full_k else 0] += ds[r, c]
+                                if has_dist:
+                                    for r in range(n_q):
+                                        column_of_query = q_positions[i0 + r] + d_min
+                                        for c in range(n_k):
+                                            ddist[lane, h, k_positions[j0 + c] - column_of_query] += ds[r, c]
+                                # (2') Soft-cap derivative; (1') dk^T += q^T dscore.
+                                if softcap > 0:
+                                    for r in range(n_q):
+                                        for c in range(BLOCK_K):
+                                            ds[r, c] *= dcap[r, c]
+                                np.dot(q_tile.T, ds[:n_q], dk_tile)
+                                for d in range(head_dim):
+                                    for c in range(BLOCK_K):
+                                        dk_t[d, c] += dk_tile[d, c]
 
-                    for c in range(n_k):
-                        for d in range(head_dim):
-                            dk[b, kvh, j0 + c, d] = scale * dk_t[d, c]
-                        for e in range(value_dim):
-                            dv[b, kvh, j0 + c, e] = dv_t[e, c]
+                        for c in range(n_k):
+                            for d in range(head_dim):
+                                dk[b, kvh, j0 + c, d] = scale * dk_t[d, c]
+                            for e in range(value_dim):
+                                dv[b, kvh, j0 + c, e] = dv_t[e, c]

@@ -1,0 +1,26 @@
+"""T5's bucketed relative position bias (spec/position.md)."""
+
+from ...core import registry
+from .reference import relative_position_bucket, t5_attention, t5_attention_vjp, t5_bias
+
+
+def _cases():
+    from .cases import cases
+
+    return cases()
+
+
+MECHANISM = registry.register(
+    registry.Mechanism(
+        name="t5",
+        package="refattn.position.t5",
+        forward=t5_attention,
+        vjp=t5_attention_vjp,
+        backends=("reference", "numba"),
+        cases=_cases,
+        properties="refattn.position.t5.properties",
+        spec="spec/position.md",
+    )
+)
+
+__all__ = ["relative_position_bucket", "t5_bias", "t5_attention", "t5_attention_vjp"]

@@ -1,0 +1,38 @@
+"""Transformer-XL relative attention scores (spec/position.md, Transformer-XL)."""
+
+from ...core import registry
+from .reference import (
+    rel_shift,
+    relative_position_scores,
+    sinusoid_relative_embeddings,
+    transformer_xl_attention,
+    transformer_xl_attention_vjp,
+)
+
+
+def _cases():
+    from .cases import cases
+
+    return cases()
+
+
+MECHANISM = registry.register(
+    registry.Mechanism(
+        name="transformer_xl",
+        package="refattn.position.transformer_xl",
+        forward=transformer_xl_attention,
+        vjp=transformer_xl_attention_vjp,
+        backends=("reference", "numba"),
+        cases=_cases,
+        properties="refattn.position.transformer_xl.properties",
+        spec="spec/position.md",
+    )
+)
+
+__all__ = [
+    "sinusoid_relative_embeddings",
+    "rel_shift",
+    "relative_position_scores",
+    "transformer_xl_attention",
+    "transformer_xl_attention_vjp",
+]
