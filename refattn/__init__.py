@@ -5,7 +5,7 @@ from .core.registry import get as get_mechanism
 from .core.registry import names as mechanisms
 from .conformance.verify import verify
 from .dense import dense_attention, dense_attention_vjp
-from . import position
+from . import dilution, lsh, position, routing
 
 __version__ = "0.1.0"
 
@@ -17,6 +17,9 @@ __all__ = [
     "dense_attention",
     "dense_attention_vjp",
     "position",
+    "dilution",
+    "lsh",
+    "routing",
     "verify",
     "get_mechanism",
     "mechanisms",

@@ -8,6 +8,8 @@
                    [--grad] [--json FILE] [--junit FILE] [--xfail FILE]
     refattn export [--out DIR] [--mechanism M ...] [--large] [--check]
     refattn mechanisms
+    refattn dilution [--sigma S] [--margin D] [--lengths N ...] [--samples M] [--seed K]
+                     [--ssmax-s S] [--lam L] [--plot FILE]
 
 Exit status: 0 when everything passed, 1 when a case failed (or, for
 ``export --check``, the folder has drifted), 2 for usage errors, an
@@ -74,6 +76,22 @@ def _parser() -> argparse.ArgumentParser:
 
     mechanisms = commands.add_parser("mechanisms", help="list the registered mechanisms and their backends")
     mechanisms.set_defaults(run=_mechanisms)
+
+    dilution = commands.add_parser(
+        "dilution", help="relevant-key mass and entropy against n: closed form, exact and measured (spec: dilution)"
+    )
+    dilution.add_argument("--sigma", type=float, default=1.0, metavar="S", help="noise logits' std σ (default 1)")
+    dilution.add_argument("--margin", type=float, default=4.0, metavar="D", help="the relevant key's logit Δ (default 4)")
+    dilution.add_argument(
+        "--lengths", type=int, nargs="+", default=[16, 64, 256, 1024, 4096, 16384, 65536], metavar="N",
+        help="numbers of keys n (default 16 64 ... 65536)",
+    )  # fmt: skip
+    dilution.add_argument("--samples", type=int, default=1000, metavar="M", help="sampled rows per n (default 1000)")
+    dilution.add_argument("--seed", type=int, default=0, metavar="K", help="seed of the sampled noise (default 0)")
+    dilution.add_argument("--ssmax-s", type=float, metavar="S", help="SSMax's s (default 1/margin, the critical value)")
+    dilution.add_argument("--lam", type=float, default=0.8, metavar="L", help="differential attention's λ (default 0.8)")
+    dilution.add_argument("--plot", metavar="FILE", help="also draw the figure (needs matplotlib: the plot extra)")
+    dilution.set_defaults(run=_dilution)
     return parser
 
 
@@ -134,6 +152,30 @@ def _mechanisms(args) -> int:
     for name in registry.names():
         mechanism = registry.get(name)
         print(f"{name:<12} backends: {', '.join(mechanism.backends):<20} spec: {mechanism.spec}")
+    return 0
+
+
+def _dilution(args) -> int:
+    from .core.errors import SpecError
+    from .dilution import analysis
+
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as exc:
+            raise UsageError("--plot needs matplotlib: pip install 'refattn[plot]'") from exc
+    try:
+        setting = analysis.Setting(margin=args.margin, sigma=args.sigma, ssmax_s=args.ssmax_s, lam=args.lam)
+        rows = analysis.dilution_table(args.lengths, setting, samples=args.samples, seed=args.seed)
+    except SpecError as exc:
+        raise UsageError(str(exc)) from exc
+    print(analysis.format_table(rows, setting, samples=args.samples, seed=args.seed))
+    if args.plot:
+        try:
+            analysis.plot_dilution(rows, setting, args.plot, samples=args.samples)
+        except OSError as exc:
+            raise UsageError(f"cannot write --plot {args.plot}: {exc}") from exc
+        print(f"wrote {args.plot}")
     return 0
 
 

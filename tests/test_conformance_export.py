@@ -171,7 +171,7 @@ def test_progress_bar_is_drawn_only_when_asked(tmp_path, capsys, monkeypatch):
 
 def test_suite_stays_small():
     total = sum(path.stat().st_size for path in COMMITTED.rglob("*") if path.is_file())
-    assert total < 5 * 1024 * 1024
+    assert total < 16 * 1024 * 1024  # every mechanism together; a clone stays small
 
 
 def test_large_export_is_forward_only_with_the_numba_backend(tmp_path, monkeypatch):

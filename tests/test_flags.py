@@ -13,19 +13,34 @@ from pathlib import Path
 import pytest
 
 from refattn.conformance.flags import FLAGS
+from refattn.core import registry
 from refattn.conformance.suite import load_suite
 from refattn.conformance.verify import default_suite_folder, verify
 from tests.wrong_impls import BUGS, CORRECT, WRONG
 
-#: Where the wrong implementations of each position encoding's flags live.
-POSITION_FLAG_TESTS = {
-    "ALIBI_": "tests/test_position_alibi.py",
-    "T5_": "tests/test_position_t5.py",
-    "ROPE_": "tests/test_position_rope_conformance.py",
-    "XPOS_": "tests/test_position_rope_conformance.py",
-    "SHAW_": "tests/test_position_shaw_flags.py",
-    "XL_": "tests/test_position_transformer_xl_conformance.py",
+#: Where the wrong implementations of each other mechanism's flags live: every
+#: flag its cases carry (and the dense cases do not) must be named there.
+FLAG_TESTS = {
+    "alibi": "tests/test_position_alibi.py",
+    "t5": "tests/test_position_t5.py",
+    "rope": "tests/test_position_rope_conformance.py",
+    "xpos": "tests/test_position_rope_conformance.py",
+    "shaw": "tests/test_position_shaw_flags.py",
+    "transformer_xl": "tests/test_position_transformer_xl_conformance.py",
+    "ssmax": "tests/test_dilution_ssmax.py",
+    "logn": "tests/test_dilution_logn.py",
+    "differential": "tests/test_dilution_differential.py",
+    "lsh": "tests/test_lsh_flags.py",
+    "routing": "tests/test_routing_flags.py",
+    "routing_hybrid": "tests/test_routing_flags.py",
+    "soft_routing": "tests/test_routing_flags.py",
+    "centroid_ema": "tests/test_routing_flags.py",
 }
+
+
+def _carried(mechanism: str) -> set[str]:
+    return {flag for case in registry.get(mechanism).cases() for flag in case.flags}
+
 
 #: Flags that no committed case carries, with the reason.
 NOT_TESTABLE = {
@@ -44,8 +59,8 @@ def correct_statuses(suite):
     return {case.id: case.status for case in verify(CORRECT, suite=suite, grad=True).cases}
 
 
-def test_every_flag_has_a_wrong_implementation():
-    dense_flags = {flag for flag in FLAGS if not flag.startswith(tuple(POSITION_FLAG_TESTS))}
+def test_every_dense_flag_has_a_wrong_implementation():
+    dense_flags = _carried("dense") | set(NOT_TESTABLE)
     missing = sorted(dense_flags - set(BUGS) - set(NOT_TESTABLE))
     assert not missing, f"add a wrong implementation to tests/wrong_impls.py for {missing}"
     assert not set(BUGS) - dense_flags, "a wrong implementation names a flag that is not a dense flag"
@@ -69,8 +84,14 @@ def test_wrong_implementation_fails_a_flagged_case(flag, suite, correct_statuses
     assert failed, f"no {flag} case catches a kernel that {BUGS[flag]}:\n{report.format()}"
 
 
-def test_every_position_flag_is_named_by_the_module_that_tests_it():
+def test_every_other_flag_is_named_by_the_module_that_tests_it():
+    assert set(FLAG_TESTS) == set(registry.names()) - {"dense"}, "a mechanism without a flag test module"
     root = Path(__file__).resolve().parents[1]
-    for prefix, module in POSITION_FLAG_TESTS.items():
+    for mechanism, module in FLAG_TESTS.items():
         text = (root / module).read_text()
-        assert [flag for flag in FLAGS if flag.startswith(prefix) and f'"{flag}"' not in text] == [], module
+        unnamed = [flag for flag in sorted(_carried(mechanism) - _carried("dense")) if f'"{flag}"' not in text]
+        assert unnamed == [], f"{module} has no wrong implementation for {unnamed}"
+
+
+def test_every_flag_belongs_to_some_mechanism():
+    assert set(FLAGS) == set(NOT_TESTABLE) | {flag for name in registry.names() for flag in _carried(name)}

@@ -292,7 +292,7 @@ def test_cli_layout_dtype_and_case_patterns(suite, capsys):
         (["--impl", "refattn.dense.reference:nothing"], "has no attribute 'nothing'"),
         (["--impl", "refattn.dense.reference:dense_attention", "--grad"], "--grad needs --vjp"),
         (["--impl", "tests.test_verify:raising", "--suite", "/no/such/folder"], "not a folder"),
-        (["--impl", "tests.test_verify:raising", "--mechanism", "lsh"], "no case with mechanism 'lsh'"),
+        (["--impl", "tests.test_verify:raising", "--mechanism", "nope"], "no case with mechanism 'nope'"),
         (["--impl", "tests.test_verify:raising", "--case", "dense/nope"], "no case id matches 'dense/nope'"),
     ],
 )

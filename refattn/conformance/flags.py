@@ -363,6 +363,230 @@ FLAGS: dict[str, str] = {
         "GQA. Fails backwards that overwrite instead of adding, keep one batch element, or index the tables "
         "by kv head."
     ),
+    # Dilution: differential attention (refattn/dilution/differential).
+    "DIFF_LAMBDA_REPARAM": (
+        "lambda = exp(lambda_q1 . lambda_k1) - exp(lambda_q2 . lambda_k2) + lambda_init: one scalar per layer, shared "
+        "by every head. Cases draw the lambda vectors with standard deviation 0.4 or more, so exp(lambda_q . "
+        "lambda_k) is far from 1 + lambda_q . lambda_k. Fails implementations that drop the exponentials, cross the "
+        "pairs (lambda_q1 . lambda_k2), leave lambda_init out, or keep one lambda per head."
+    ),
+    "DIFF_LAMBDA_INIT": (
+        "lambda_init = 0.8 - 0.6 exp(-0.3 depth) with depth the 0-based layer index (the authors' "
+        "lambda_init_fn(depth); the paper writes l - 1 for a 1-based l), and the same lambda_init in the factor "
+        "1 - lambda_init after the norm. Fails the paper's l - 1 applied to a 0-based index (exp(-0.3 (depth - 1))) "
+        "and a depth counted from 1."
+    ),
+    "DIFF_HEAD_PAIRING": (
+        "Query heads 2h and 2h + 1 (adjacent) are the two maps of output head h, as the authors' "
+        "attn_weights.view(B, H, 2, N, N) and q.reshape(B, N, H, 2, D) make them; lse (B, 2H, Nq) and a per-query-head "
+        "bias or mask follow the same order. Fails implementations that pair heads h and h + H (torch.chunk over the "
+        "heads, as Hugging Face's DiffLlama does)."
+    ),
+    "DIFF_GQA_KEYS": (
+        "With G = H / Hkv >= 2, map c of output head h reads key head 2 (h // G) + c under gqa_keys='paired' (the "
+        "authors' flash variants: kv head j holds the keys 2j and 2j + 1) and key head (2h + c) // G under "
+        "'repeat_kv' (multihead_diffattn.py's repeat_kv over all 2 Hkv key heads); both maps read value head h // G. "
+        "Fails an implementation that uses the other rule than the case's gqa_keys (they differ whenever G >= 2), "
+        "and a dk not summed into the key head each map read."
+    ),
+    "DIFF_SUBLN_SCALE": (
+        "After the per-head RMSNorm the output is multiplied by the fixed factor 1 - lambda_init. Fails "
+        "implementations that leave it out, use the learned 1 - lambda, or apply it before the norm, which cancels it."
+    ),
+    "DIFF_SUBLN_GROUP": (
+        "The RMSNorm (the authors' subln) normalises each output head's 2D features together: one statistic per "
+        "(batch, head, query). Fails implementations that normalise each D-half separately (as a flash kernel that "
+        "splits v in two halves might), all heads together, or subtract the mean (LayerNorm)."
+    ),
+    "DIFF_NORM_EPS": (
+        "The RMSNorm's eps (norm_eps, 1e-5 in the authors' subln) is added to the mean square inside the square "
+        "root. The case's values are small enough that eps is comparable to the mean square. Fails eps left out or "
+        "added outside the root, and another default such as 1e-6 (that of the authors' rms_norm.py, which subln "
+        "overrides)."
+    ),
+    # Dilution: SSMax and log-n scaling (refattn/dilution/ssmax, refattn/dilution/logn).
+    "SSMAX_MASKED_N": (
+        "n in s log n + b is n_i, the number of keys query row i attends to after the user mask, causality and "
+        "the window (i + 1 on a causal row; the unpadded length under key padding; a dropout keep-mask does not "
+        "change it). Cases have rows whose n_i differs from Nk. Fails implementations that use the padded or full "
+        "key length Nk, the query length, or a causal count aligned top-left when it is bottom-right, for every row."
+    ),
+    "SSMAX_PER_HEAD_S": (
+        "s and b have one value per query head: query head h uses s[h] and b[h], also under GQA. Cases draw a "
+        "distinct s_h for every head. Fails implementations that index s by kv head (h // G), use s[0] for every "
+        "head, or tile s over the kv heads."
+    ),
+    "SSMAX_SINGLE_KEY": (
+        "A row that attends to exactly one key has n = 1 and log 1 = 0, so its factor is b_h: its output is that "
+        "key's value and its lse is b_h * cap(scale * q . k) + bias. Fails implementations that clamp n to at "
+        "least 2 (max(n, 2)), use log(n + 1), or count the query twice."
+    ),
+    "SSMAX_FACTOR_SCOPE": (
+        "The factor s log n + b multiplies the scaled scores scale * q . k (equivalently q), before the soft-cap "
+        "and before the bias; the bias is not multiplied. Cases have a soft-cap and a bias. Fails implementations "
+        "that multiply the final logits (after the cap, bias included), or apply the factor after the cap."
+    ),
+    "SSMAX_BIAS": (
+        "The bias b is inside the factor, s log n + b, multiplying the scores; the factor may be negative where b "
+        "< -s log n (such rows favour low scores). Fails implementations that ignore b, add b to the logits "
+        "(which changes only the lse), multiply s log n by b, or clamp the factor at 0."
+    ),
+    "SSMAX_SCALE_GRADIENT": (
+        "ds_h = sum over the batch and the rows of head h of log n_i <q_i, dq'_i> and db_h = the same sum without "
+        "log n_i, with q the query before the factor and dq' the gradient of the scaled query q' = f q. Fails "
+        "backwards that treat s and b as constants, drop log n_i, use q' (or dq = f dq') in place of q (or dq'), "
+        "or sum over one batch element or by kv head."
+    ),
+    "LOGN_SCALE": (
+        "The scaled scores are multiplied by the natural log of n, before the soft-cap and the bias (the bias is "
+        "not multiplied); n = 1 gives log 1 = 0 and uniform scores. Fails implementations that use log2 n or "
+        "log10 n, divide by log n, or multiply the final logits (after the cap, bias included)."
+    ),
+    "LOGN_LENGTH": (
+        "By default n is Nk, the number of keys, the same for every row and unchanged by masks. Cases have Nq != "
+        "Nk, causal or padding masks. Fails implementations that use the query length Nq, the per-row attended "
+        "count (SSMax's n), the unpadded length, or the query position."
+    ),
+    "LOGN_EXPLICIT_N": (
+        "An explicit n (a training length) replaces Nk in log n, on every row. Fails implementations that ignore "
+        "it, use log(Nk) / log(n) (Qwen's log_n(i) with the training length as base) or clamp the factor at 1."
+    ),
+    # LSH attention (refattn/lsh).
+    "LSH_FACTORISED_BUCKETS": (
+        "With n_buckets a list of even factors, factor k reads the next f_k / 2 rotation columns, its bucket is "
+        "argmax([xR_k, -xR_k]), and the factors combine with the first least significant: b_0 + f_0 b_1 + f_0 f_1 "
+        "b_2 ... (HF, trax). Cases use unequal factors: fails the first factor made most significant, columns "
+        "interleaved between factors, or one argmax over all columns."
+    ),
+    "WRAPPED_LOOKBACK": (
+        "Each chunk of the sorted items also attends to n_chunks_before previous and n_chunks_after next chunks "
+        "modulo the number of chunks: chunk 0's previous chunk is the last one, the last chunk's next is chunk 0, "
+        "and with fewer chunks than the window a chunk occurs in it more than once (HF and trax concatenate rolled "
+        "copies). Fails windows that stop at the ends, or that drop repeated chunks."
+    ),
+    "SELF_ONLY_ROW": (
+        "A token's own key (its copy from any round) gets the finite self_mask_value (-1e5; trax subtracts 1e5 "
+        "from the score) instead of being excluded, so a query with no other visible key (token 0 under causal "
+        "masking, a padded token among padded ones) attends to itself with weight 1 and its lse is near -1e5. "
+        "Fails implementations that mask self pairs with -inf (output 0 or NaN) or not at all."
+    ),
+    "PADDING_BUCKET": (
+        "Padded tokens get an extra bucket, prod(n_buckets), and each round then has prod(n_buckets) + 1 bucket "
+        "ids (offsets r (n + 1)): trax whenever a mask is given, HF when some token of the batch is padded (one "
+        "padded sequence moves every sequence's offsets). Fails implementations without the extra bucket, with "
+        "offsets r n, or that decide per sequence."
+    ),
+    "MULTI_ROUND_COMBINE": (
+        "Hashing rounds are combined by their log-sum-exps: out = sum_r exp(lse_r - LSE) o_r, LSE = log sum_r "
+        "exp(lse_r), which is also the returned lse. Fails averaging the rounds, keeping one of them, or "
+        "returning one round's lse."
+    ),
+    "DUP_COUNT": (
+        "With dup_correction, each occurrence of key j in query i's windows has its logit lowered by log n_ij, "
+        "n_ij counted over the windows of all of i's rounds, so that every visible key counts once (trax v1, "
+        "reformer-pytorch allow_duplicate_attention=False); without it a key seen n times weighs n exp(z). Fails "
+        "applying or skipping the correction against the parameter."
+    ),
+    "DUP_COUNT_CROSS_ROUND": (
+        "n_ij also counts occurrences through windows that reach another round: the look-back of a round's first "
+        "chunk is the previous round's last chunk (round 0's wraps to the last round's), and a straddling chunk "
+        "holds two rounds. trax v1 and reformer-pytorch compare same-round chunk locations only (locs1, "
+        "locs2 = locs1 + 1), so a key seen only that way gets count 0 and its logit raised by -log(1e-9) = 20.7. "
+        "Fails that count."
+    ),
+    "CHUNK_STRADDLES_ROUNDS": (
+        "Chunks are cut from the concatenation of all rounds' sorted items: with N not a multiple of chunk_len a "
+        "chunk holds the end of one round and the start of the next, and a round's first chunk looks back into "
+        "the previous round. Fails chunking each round on its own (padding or wrapping within a round)."
+    ),
+    "SHORT_SEQUENCE_FALLBACK": (
+        "HF and reformer-pytorch replace LSH by one dense round when N <= chunk_len: every key once, with the "
+        "same key normalisation, masks and self value, whatever n_hashes. Cases have N < chunk_len < n_hashes N, "
+        "where hashing anyway gives uneven windows and another lse. Fails implementations that hash anyway, or "
+        "fall back where the preset does not."
+    ),
+    "LSH_STABLE_SORT": (
+        "Items are sorted by bucket and, within a bucket, by position (HF's _stable_argsort, trax's key "
+        "N bucket + position); chunk boundaries cut buckets, so the order within a bucket decides which tokens "
+        "see each other. Fails unstable sorts and reversed order within a bucket."
+    ),
+    "LSH_KEY_NORMALISATION": (
+        "Keys are the shared vectors length-normalised, queries are not: HF and trax use x / sqrt(mean(x^2) + "
+        "1e-6) / sqrt(D) = x / sqrt(|x|^2 + 1e-6 D) and unscaled logits q.k; reformer-pytorch uses x / max(|x|, "
+        "1e-12) and scales the logits by 1/sqrt(D). Fails normalising queries too, the other normalisation or "
+        "epsilon, and a missing or extra 1/sqrt(D)."
+    ),
+    "LSH_CAUSAL_POSITIONS": (
+        "Causal masking compares the tokens' original positions (key position <= query position), not their "
+        "slots in the sorted order or in the chunk. Fails a triangular mask applied to the sorted window."
+    ),
+    "LSH_MASK_MODE": (
+        "How masked and self pairs enter the logits: HF and reformer-pytorch replace a masked logit by mask_value, "
+        "then a self pair's by self_mask_value; trax adds both (score - 1e9 - 1e5), so a padded token whose "
+        "windows hold only padded tokens attends to the others, not to itself, and token 0's lse under causal "
+        "masking is its score - 1e5. Fails using one rule for the other."
+    ),
+    "LSH_PADDED_QUERIES": (
+        "reformer-pytorch masks a padded query's whole row (the query and key padding masks multiplied), so a "
+        "padded token attends only to itself (the self value is written after the mask); HF and trax mask padded "
+        "keys only. Fails masking keys only under that preset, or rows under the others."
+    ),
+    # Routing attention (refattn/routing).
+    "ROUTING_BALANCED_TOPK": (
+        "Each centroid selects the `window` tokens most similar to it (balanced clusters of exactly `window` "
+        "members; a token may be in several clusters or in none), ties to the lower position. Fails an "
+        "implementation that clusters each token with its nearest centroid (unbalanced k-means clusters, cut or "
+        "padded to the window), or ranks tokens by distance instead of similarity."
+    ),
+    "ROUTING_SCATTER_MEAN_EPS": (
+        "A token's output is the sum of what the clusters that picked it computed for it, divided by count + "
+        "scatter_eps: 0 in the canonical semantics (the exact mean), 1e-2 for google-research "
+        "(scatter_cluster_items), 1e-5 for lucidrains (scatter_mean). Cases have tokens in several clusters. "
+        "Fails a sum without the division, the count alone under a preset, or another preset's eps."
+    ),
+    "ROUTING_UNROUTED_TOKEN": (
+        "With K * window < N some tokens are in no query list: their output is exactly 0 (a sum over nothing), "
+        "they are listed in aux.unrouted, and their gradients are 0. Fails 0 / 0 = NaN when scatter_eps = 0, and "
+        "falling back to the token's own value or to dense attention."
+    ),
+    "ROUTING_CAUSAL_BY_POSITION": (
+        "Causal routing attention compares the tokens' positions: query slot s sees key slot t iff "
+        "key_membership[t] <= membership[s] (lucidrains: indices >= kv_indices); memory slots are always "
+        "visible. Cases route q and k separately, so the lists differ and some rows are empty (out 0, lse -inf). "
+        "Fails masking by slot (t <= s), which shows a query later tokens and hides earlier ones."
+    ),
+    "ROUTING_SLOT_CAUSAL": (
+        "google-research masks causally by slot inside a cluster (attention_bias_lower_triangle(window): key "
+        "slot t <= query slot s, the lists sorted by position), which with separate query and key lists lets "
+        "a query attend to later tokens. Its preset reproduces that; fails an implementation that masks by "
+        "position under the google_research preset."
+    ),
+    "SHARED_QK_SELF_MASK": (
+        "Under shared-QK the key lists are the query lists, and a token's own key follows the preset: canonical "
+        "excludes it unless no other key of its row is allowed (Reformer's rule), lucidrains replaces its logit "
+        "by -5e4 (TOKEN_SELF_ATTN_VALUE) after the other masks, google-research does not mask it. Fails no self "
+        "mask, an exact self mask that empties first rows, or one preset's rule under another."
+    ),
+    "CENTROID_EMA": (
+        "A centroid update assigns each routing vector to its nearest centroid by the centroids routing used "
+        "(before the update). google-research (vq_ema): EMA of counts and sums, counts smoothed as (c + eps) / "
+        "(n + K eps) * n with eps 1e-5, centroid = sums / smoothed counts, padded tokens left out. lucidrains "
+        "(normalized_mean_ema): centroid <- decay * centroid + (1 - decay) * normalize(sum of its vectors), "
+        "unchanged when it has none. Fails counting padded tokens, skipping the smoothing, not renormalising "
+        "the new mean, and swapping decay and 1 - decay."
+    ),
+    "HYBRID_HEAD_ORDER": (
+        "A hybrid layer's heads are in its preset's order: google-research routing heads first, local heads "
+        "last (attention_nd splits the routing heads off first); lucidrains local heads first (SelfAttention "
+        "concatenates [local_out, global_out]), and its local heads are causal even in a non-causal layer. "
+        "Cases have unequal numbers of local and routing heads; fails the other order."
+    ),
+    "SOFT_ROUTING": (
+        "Soft routing mixes P attention paths per token: out[b, h, n] = sum_p softmax_p(x[b, n] . W_r) * "
+        "O_p[b, h, n], the heads of a token sharing its distribution; gradients reach W_r, x and every path. "
+        "Fails normalising the probabilities over tokens instead of paths, W_r applied transposed, and "
+        "gradients that stop at the probabilities."
+    ),
 }
 
 

@@ -55,7 +55,8 @@ class LoadedCase:
     expected : dict[str, ndarray]
         ``out``, ``lse``, ``grad.q``... from ``expected.<name>``.
     aux : dict[str, ndarray]
-        Integer (or other) intermediates, from ``aux.<name>``; must match exactly.
+        Integer (or other) intermediates, from ``aux.<name>``, sorted by name (the order
+        the verifier checks them in); must match exactly.
     tolerances : dict[str, dict[str, float]]
         Output name (``out``, ``grad.q``, ``aux.<name>``) -> precision -> budget
         on :func:`refattn.conformance.tolerance.normwise_error`.
@@ -189,9 +190,9 @@ def _load_case(root: Path, entry: dict) -> LoadedCase:
     data = _checked_bytes(path, entry, where)
     tensors = _parse(data, entry, where)
     parts = {prefix: {} for prefix in ("input", "param", "cotangent", "expected", "aux")}
-    for name, array in tensors.items():
+    for name in entry["tensors"]:  # the manifest's order (sorted), not the file's: stage reports are deterministic
         prefix, rest = name.split(".", 1)
-        parts[prefix][rest] = array
+        parts[prefix][rest] = tensors[name]
     return LoadedCase(
         id=entry["id"],
         mechanism=entry["mechanism"],

@@ -1,8 +1,10 @@
 """Run someone else's attention implementation against the conformance vectors.
 
 An implementation is a plain callable ``impl(q, k, v, **kwargs)``. For each
-case it receives the case's inputs: ``q``, ``k``, ``v`` positionally, and by
-keyword the other differentiable inputs (``bias``), the array parameters
+case it receives the case's inputs: ``q``, ``k``, ``v`` positionally (``qk``,
+``v`` for mechanisms with shared queries and keys, such as LSH: see
+:data:`POSITIONAL`), and by keyword the other differentiable inputs (``bias``,
+position tables), the array parameters
 (``mask``, ``dropout_keep``) and the JSON parameters (``causal``, ``scale``,
 ``window`` as a tuple...). It returns
 
@@ -58,7 +60,10 @@ from .tolerance import TINY, error as output_error
 LAYOUTS = ("bhnd", "bnhd")
 STATUSES = ("pass", "fail", "error", "xfail", "xpass")
 # Arrays whose axes 1 and 2 (heads, sequence) are swapped in the "bnhd" layout.
-SEQUENCE_MAJOR = ("q", "k", "v", "out", "lse")
+SEQUENCE_MAJOR = ("q", "k", "v", "qk", "out", "lse")
+#: The inputs passed positionally, in this order, when a case has them; every
+#: other input and parameter is passed by keyword.
+POSITIONAL = ("q", "qk", "k", "v")
 
 
 # --------------------------------------------------------------------------
@@ -404,10 +409,10 @@ def _json_param(value):
 
 
 def _call_arguments(case: LoadedCase, dtype: str, layout: str) -> tuple[tuple, dict]:
-    """``(q, k, v)`` and the keyword arguments of one call, cast and laid out."""
+    """``(q, k, v)`` (or ``(qk, v)``) and the keyword arguments of one call, cast and laid out."""
     arrays = {**case.inputs, **case.array_params}
     arrays = {name: _swap_layout(name, _cast(x, dtype), layout) for name, x in arrays.items()}
-    positional = (arrays.pop("q"), arrays.pop("k"), arrays.pop("v"))
+    positional = tuple(arrays.pop(name) for name in POSITIONAL if name in case.inputs)
     keywords = {**{name: _json_param(value) for name, value in case.params.items()}, **arrays}
     return positional, keywords
 
@@ -453,7 +458,7 @@ def _check_grads(case: LoadedCase, grads: Mapping, dtype: str, layout: str) -> l
     """Every stored gradient (q, k, v, then the other inputs); a differentiable input without one fails."""
     stored = [n[len("grad.") :] for n in case.expected if n.startswith("grad.")]
     checks = []
-    for input_name in _in_order(stored, first=("q", "k", "v")):
+    for input_name in _in_order(stored, first=POSITIONAL):
         name = f"grad.{input_name}"
         got = grads.get(input_name) if grads is not None else None
         if got is None:

@@ -46,7 +46,7 @@ With ``P = exp(s - lse)`` recomputed tile by tile from the forward's lse, and
     dS_ij     = P_ij * (dW_ij - delta_i) + P_ij * dlse_i       (5')
     dbias     = dS summed over the axes the bias was broadcast along  (3')
     dtable[h, d] = sum of dS[b, h, i, j] over b and k_pos[j] - q_pos[i] = d  (3')
-    dscore_ij = dS_ij * (1 - (capped_ij / c)^2)                (2')  soft-cap
+    dscore_ij = dS_ij * sech^2(s_ij / c)                        (2')  soft-cap
     dq_i = scale * sum_j dscore_ij k_j,  dk_j = scale * sum_i dscore_ij q_i,
     dv_j = sum_i P_ij z_ij dout_i                              (1'), (7')
 
@@ -644,6 +644,14 @@ def _exp_nonpositive_impl(x):
 
 
 @njit(cache=True)
+def _softcap_slope(x):
+    """``1 - tanh²(x) = sech²(x) = 4 e^(-2|x|) / (1 + e^(-2|x|))²``, without the
+    cancellation of ``1 - tanh²`` where the cap saturates (refattn/core/softcap.py)."""
+    decay = math.exp(-2.0 * abs(x))
+    return 4.0 * decay / ((1.0 + decay) * (1.0 + decay))
+
+
+@njit(cache=True)
 def _block_order(item, n_blocks):
     """(outer index, block) of work item ``item``, blocks ordered 0, n-1, 1, n-2, ...
 
@@ -683,9 +691,9 @@ def _logits_tile(
     ``key_major``: ``t[r, c]`` is (query ``i0 + c``, key ``j0 + r``), else
     (query ``i0 + r``, key ``j0 + c``). ``n_q`` queries and ``n_k`` keys are
     real; padding columns become -inf, padding rows are not touched. With a
-    soft-cap, ``dcap`` receives its derivative ``1 - (capped / c)**2``.
+    soft-cap, ``dcap`` receives its derivative ``sech²(s / c)``.
     """
-    neg_inf, zero, one = -np.inf, t.dtype.type(0.0), t.dtype.type(1.0)
+    neg_inf, zero = -np.inf, t.dtype.type(0.0)
     n_rows, n_cols = (n_k, n_q) if key_major else (n_q, n_k)
     for r in range(n_rows):
         # (1) Scaled scores.
@@ -694,9 +702,8 @@ def _logits_tile(
         # (2) Soft-capping c * tanh(s / c), before bias and mask.
         if softcap > 0:
             for c in range(n_cols):
-                capped = softcap * math.tanh(t[r, c] / softcap)
-                t[r, c] = capped
-                dcap[r, c] = one - (capped / softcap) * (capped / softcap)
+                dcap[r, c] = _softcap_slope(t[r, c] / softcap)
+                t[r, c] = softcap * math.tanh(t[r, c] / softcap)
         # (3) Additive bias: the position bias of the distance k_pos[j] - q_pos[i]
         #     from the distance table, with the user bias (read through its
         #     broadcast view) added to it.

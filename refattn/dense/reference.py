@@ -21,6 +21,7 @@ from ..core.errors import SpecError
 from ..core.precision import Numerics, numerics
 from ..core.results import Grads, Result
 from ..core.shapes import repeat_kv_heads, sum_kv_heads, sum_to_shape
+from ..core.softcap import softcap, softcap_slope
 from ..core.softmax import masked_softmax
 from .inputs import DenseInputs, check_dense_inputs
 
@@ -102,7 +103,7 @@ def _forward_steps(x: DenseInputs, num: Numerics) -> dict:
     # (1) Scaled scores.
     scores = num.store(x.scale * np.einsum("bhqd,bhkd->bhqk", q, k, optimize=True))  # (B, Hq, Nq, Nk)
     # (2) Soft-capping c * tanh(s / c), before bias and mask (Gemma 2's order).
-    capped = num.store(x.softcap * np.tanh(scores / x.softcap)) if x.softcap > 0 else scores
+    capped = num.store(softcap(scores, x.softcap)) if x.softcap > 0 else scores
     # (3) Additive bias (position biases, user bias).
     logits = capped if x.bias is None else num.store(capped + num.load(x.bias))
     # (4)-(5) Mask (exactly -inf), softmax and its log-sum-exp.
@@ -113,7 +114,7 @@ def _forward_steps(x: DenseInputs, num: Numerics) -> dict:
         dropped = num.store(np.where(x.dropout_keep, weights / (1.0 - x.dropout_p), 0.0))
     # (7) Weighted sum of values.
     out = num.store(np.einsum("bhqk,bhke->bhqe", dropped, v, optimize=True))  # (B, Hq, Nq, Dv)
-    return dict(q=q, k=k, v=v, capped=capped, weights=weights, dropped=dropped, lse=lse, out=out)
+    return dict(q=q, k=k, v=v, scores=scores, weights=weights, dropped=dropped, lse=lse, out=out)
 
 
 def dense_attention_vjp(
@@ -182,10 +183,10 @@ def dense_attention_vjp(
     d_logits = num.store(d_logits)  # (B, Hq, Nq, Nk)
     # (3') The bias gradient is dS summed over the axes the bias was broadcast along.
     grads = Grads()
-    # (2') Soft-cap: d/ds [c tanh(s/c)] = 1 - tanh²(s/c) = 1 - (capped / c)².
+    # (2') Soft-cap: d/ds [c tanh(s/c)] = 1 - tanh²(s/c) = sech²(s/c), formed without cancellation.
     d_scores = d_logits
     if x.softcap > 0:
-        d_scores = num.store(d_logits * (1.0 - (f["capped"] / x.softcap) ** 2))
+        d_scores = num.store(d_logits * softcap_slope(f["scores"], x.softcap))
     # (1') s = scale * q kᵀ.
     dq = num.store(x.scale * np.einsum("bhqk,bhkd->bhqd", d_scores, f["k"], optimize=True))
     dk_per_q_head = num.store(x.scale * np.einsum("bhqk,bhqd->bhkd", d_scores, f["q"], optimize=True))

@@ -18,3 +18,10 @@ def describe(fn, adapter: str) -> tuple[str, str]:
     """``(module, qualname)`` naming the adapted function in reports, e.g. ``from_torch(sdpa)``."""
     name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
     return getattr(fn, "__module__", None) or "", f"{adapter}({name})"
+
+
+def named(inputs: tuple[str, ...], sequences: tuple) -> dict:
+    """The positional arrays of one call, keyed by the case's input names."""
+    if len(sequences) != len(inputs):
+        raise TypeError(f"expected {len(inputs)} positional arrays {inputs}, got {len(sequences)}")
+    return dict(zip(inputs, sequences))

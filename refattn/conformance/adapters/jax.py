@@ -23,7 +23,7 @@ import contextlib
 import numpy as np
 
 from ...core.results import Result
-from ._common import describe, split_result
+from ._common import describe, named, split_result
 
 
 def _jax():
@@ -34,7 +34,7 @@ def _jax():
     return jax
 
 
-def from_jax(fn, *, device=None) -> "JaxImplementation":
+def from_jax(fn, *, device=None, inputs=("q", "k", "v")) -> "JaxImplementation":
     """Wrap ``fn(q, k, v, **kwargs) -> out or (out, lse)``, a function of JAX arrays.
 
     Parameters
@@ -46,43 +46,50 @@ def from_jax(fn, *, device=None) -> "JaxImplementation":
         ``.out`` and ``.lse``.
     device : jax.Device, optional
         Where the arrays are placed (default: JAX's default device).
+    inputs : tuple of str
+        Names of the positional inputs, as the cases name them: ``("q", "k",
+        "v")``, or ``("qk", "v")`` for shared-QK mechanisms (LSH). The
+        gradients are returned under these names.
 
     Returns
     -------
     JaxImplementation
         A NumPy callable with a ``.vjp`` computed by ``jax.vjp``.
     """
-    return JaxImplementation(fn, device)
+    return JaxImplementation(fn, device, tuple(inputs))
 
 
 class JaxImplementation:
     """A JAX function seen as a NumPy implementation (see :func:`from_jax`)."""
 
-    def __init__(self, fn, device):
+    def __init__(self, fn, device, inputs):
         self.fn = fn
         self.device = device
+        self.inputs = inputs
         self.__module__, self.__qualname__ = describe(fn, "from_jax")
 
-    def __call__(self, q, k, v, **kwargs) -> Result:
-        with _precision_of(q):
-            arrays = self._arrays({"q": q, "k": k, "v": v, **kwargs})
-            out, lse = split_result(self.fn(arrays.pop("q"), arrays.pop("k"), arrays.pop("v"), **arrays))
+    def __call__(self, *sequences, **kwargs) -> Result:
+        with _precision_of(sequences[0]):
+            arrays = self._arrays({**named(self.inputs, sequences), **kwargs})
+            positional = [arrays.pop(n) for n in self.inputs]
+            out, lse = split_result(self.fn(*positional, **arrays))
             return Result(out=np.asarray(out), lse=None if lse is None else np.asarray(lse))
 
-    def vjp(self, dout, q, k, v, *, dlse=None, **kwargs) -> dict:
+    def vjp(self, dout, *sequences, dlse=None, **kwargs) -> dict:
         """Gradients of every floating-point array argument for cotangents ``dout`` (and ``dlse``).
 
         ``dlse`` is used only when the function returns a log-sum-exp.
         """
         jax = _jax()
-        with _precision_of(q):
-            arrays = self._arrays({"q": q, "k": k, "v": v, **kwargs})
+        with _precision_of(sequences[0]):
+            arrays = self._arrays({**named(self.inputs, sequences), **kwargs})
             names = [n for n, x in arrays.items() if isinstance(x, jax.Array) and jax.numpy.issubdtype(x.dtype, jax.numpy.floating)]
             fixed = {n: x for n, x in arrays.items() if n not in names}
 
             def forward(*differentiable):
                 given = {**fixed, **dict(zip(names, differentiable))}
-                return split_result(self.fn(given.pop("q"), given.pop("k"), given.pop("v"), **given))
+                positional = [given.pop(n) for n in self.inputs]
+                return split_result(self.fn(*positional, **given))
 
             (out, lse), pullback = jax.vjp(forward, *(arrays[n] for n in names))
             lse_cotangent = None

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...core.results import Result
-from ._common import describe, split_result
+from ._common import describe, named, split_result
 
 
 def _torch():
@@ -29,7 +29,7 @@ def _torch():
     return torch
 
 
-def from_torch(fn, *, device="cpu") -> "TorchImplementation":
+def from_torch(fn, *, device="cpu", inputs=("q", "k", "v")) -> "TorchImplementation":
     """Wrap ``fn(q, k, v, **kwargs) -> out or (out, lse)``, a function of torch tensors.
 
     Parameters
@@ -42,41 +42,47 @@ def from_torch(fn, *, device="cpu") -> "TorchImplementation":
         ``out``, ``(out, lse)`` or an object with ``.out`` and ``.lse``.
     device : str or torch.device
         Where the tensors live ("cpu", "cuda", ...).
+    inputs : tuple of str
+        Names of the positional inputs, as the cases name them: ``("q", "k",
+        "v")``, or ``("qk", "v")`` for shared-QK mechanisms (LSH). The
+        gradients are returned under these names.
 
     Returns
     -------
     TorchImplementation
         A NumPy callable with a ``.vjp`` computed by autograd.
     """
-    return TorchImplementation(fn, device)
+    return TorchImplementation(fn, device, tuple(inputs))
 
 
 class TorchImplementation:
     """A torch function seen as a NumPy implementation (see :func:`from_torch`)."""
 
-    def __init__(self, fn, device):
+    def __init__(self, fn, device, inputs):
         self.fn = fn
         self.device = device
+        self.inputs = inputs
         self.__module__, self.__qualname__ = describe(fn, "from_torch")
 
-    def __call__(self, q, k, v, **kwargs) -> Result:
+    def __call__(self, *sequences, **kwargs) -> Result:
         torch = _torch()
         with torch.no_grad():
-            out, lse = split_result(self.fn(*(self._tensor(x) for x in (q, k, v)), **self._keywords(kwargs)))
+            out, lse = split_result(self.fn(*(self._tensor(x) for x in sequences), **self._keywords(kwargs)))
         return Result(out=_numpy(out), lse=None if lse is None else _numpy(lse))
 
-    def vjp(self, dout, q, k, v, *, dlse=None, **kwargs) -> dict:
+    def vjp(self, dout, *sequences, dlse=None, **kwargs) -> dict:
         """Gradients of every floating-point array argument for cotangents ``dout`` (and ``dlse``).
 
         An argument the function does not use gets a zero gradient. ``dlse``
         is used only when the function returns a log-sum-exp.
         """
         torch = _torch()
-        arrays = {"q": q, "k": k, "v": v, **{n: x for n, x in kwargs.items() if isinstance(x, np.ndarray)}}
+        arrays = {**named(self.inputs, sequences), **{n: x for n, x in kwargs.items() if isinstance(x, np.ndarray)}}
         tensors = {n: self._tensor(x) for n, x in arrays.items()}
         leaves = {n: t.requires_grad_() for n, t in tensors.items() if t.is_floating_point()}
         others = {n: x for n, x in kwargs.items() if n not in tensors}
-        out, lse = split_result(self.fn(tensors.pop("q"), tensors.pop("k"), tensors.pop("v"), **tensors, **others))
+        positional = [tensors.pop(n) for n in self.inputs]
+        out, lse = split_result(self.fn(*positional, **tensors, **others))
         outputs, cotangents = [out], [self._tensor(dout).to(out.dtype)]
         if lse is not None and dlse is not None:
             outputs.append(lse)

@@ -78,6 +78,7 @@ from ...dense.numba import (
     _key_range,
     _query_range,
     _read_only,
+    _softcap_slope,
     _transposed,
 )
 from .inputs import ShawInputs, check_shaw_inputs
@@ -429,9 +430,9 @@ def _logits_tile(
     scale. ``key_major``: ``t[r, c]`` is (query ``i0 + c``, key ``j0 + r``),
     else (query ``i0 + r``, key ``j0 + c``). ``n_q`` queries and ``n_k`` keys
     are real; padding columns become -inf, padding rows are not touched. With
-    a soft-cap, ``dcap`` receives its derivative ``1 - (capped / c)**2``.
+    a soft-cap, ``dcap`` receives its derivative ``sech²(s / c)``.
     """
-    neg_inf, one = -np.inf, t.dtype.type(1.0)
+    neg_inf = -np.inf
     n_rows, n_cols = (n_k, n_q) if key_major else (n_q, n_k)
     # (1) Scaled scores: (q·k + q·rel_k[r]) * scale.
     _add_relative(t, qa_t, lo, key_major, n_q, n_k, i0, j0, q_pos, k_pos, clip)
@@ -441,9 +442,8 @@ def _logits_tile(
         # (2) Soft-capping c * tanh(s / c), before bias and mask.
         if softcap > 0:
             for c in range(n_cols):
-                capped = softcap * math.tanh(t[r, c] / softcap)
-                t[r, c] = capped
-                dcap[r, c] = one - (capped / softcap) * (capped / softcap)
+                dcap[r, c] = _softcap_slope(t[r, c] / softcap)
+                t[r, c] = softcap * math.tanh(t[r, c] / softcap)
         # (3) Additive bias, read through its broadcast view.
         if has_bias:
             for c in range(n_cols):

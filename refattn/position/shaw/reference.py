@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...core import registry
-from ...core import checks
+from ...core import checks, registry
 from ...core.checks import cotangent
 from ...core.errors import SpecError
 from ...core.precision import Numerics, numerics
 from ...core.results import Grads, Result
 from ...core.shapes import repeat_kv_heads, sum_kv_heads, sum_to_shape
+from ...core.softcap import softcap, softcap_slope
 from ...core.softmax import masked_softmax
 from .inputs import ShawInputs, check_clip_distance, check_shaw_inputs
 
@@ -157,7 +157,7 @@ def _forward_steps(x: ShawInputs, num: Numerics) -> dict:
     position = num.store(np.einsum("bhqd,qkd->bhqk", q, rel_k, optimize=True))  # (B, Hq, Nq, Nk)
     scores = num.store(d.scale * (content + position))
     # (2) Soft-capping c * tanh(s / c), before bias and mask.
-    capped = num.store(d.softcap * np.tanh(scores / d.softcap)) if d.softcap > 0 else scores
+    capped = num.store(softcap(scores, d.softcap)) if d.softcap > 0 else scores
     # (3) Additive bias.
     logits = capped if d.bias is None else num.store(capped + num.load(d.bias))
     # (4)-(5) Mask (exactly -inf), softmax and its log-sum-exp.
@@ -173,7 +173,7 @@ def _forward_steps(x: ShawInputs, num: Numerics) -> dict:
     out = num.store(content_out + position_out)
     return dict(
         index=index, q=q, k=k, v=v, rel_k=rel_k, rel_v=rel_v,
-        capped=capped, weights=weights, dropped=dropped, lse=lse, out=out,
+        scores=scores, weights=weights, dropped=dropped, lse=lse, out=out,
     )  # fmt: skip
 
 
@@ -257,10 +257,10 @@ def shaw_attention_vjp(
         d_logits = d_logits + p * num.load(dlse)[..., None]
     d_logits = num.store(d_logits)  # (B, Hq, Nq, Nk)
     # (3') The bias gradient is dS summed over the axes the bias was broadcast along.
-    # (2') Soft-cap: d/ds [c tanh(s/c)] = 1 - (capped / c)².
+    # (2') Soft-cap: d/ds [c tanh(s/c)] = sech²(s/c), formed without cancellation.
     d_scores = d_logits
     if x.dense.softcap > 0:
-        d_scores = num.store(d_logits * (1.0 - (f["capped"] / x.dense.softcap) ** 2))
+        d_scores = num.store(d_logits * softcap_slope(f["scores"], x.dense.softcap))
     # (1') s = scale * (q kᵀ + q a^Kᵀ): q reads k_j + a^K_ij; k and the key rows read q.
     scale = x.dense.scale
     dq = num.store(

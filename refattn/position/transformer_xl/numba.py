@@ -77,6 +77,7 @@ from ...dense.numba import (
     _key_range,
     _query_range,
     _read_only,
+    _softcap_slope,
     _transposed,
 )
 from .inputs import TransformerXLInputs, check_transformer_xl_inputs, missing_row
@@ -316,9 +317,9 @@ def _scores_tile(
     real; padding columns become -inf, padding rows are not touched. ``qp_t``
     is the (D, BLOCK_Q) transposed tile of q + v_bias, ``g`` a (SPAN_MAX,
     BLOCK_Q) buffer. With a soft-cap, ``dcap`` receives its derivative
-    ``1 - (capped / c)**2``. Steps (1c)-(4) are those of dense's ``_logits_tile``.
+    ``sech²(s / c)``. Steps (1c)-(4) are those of dense's ``_logits_tile``.
     """
-    neg_inf, one = -np.inf, t.dtype.type(1.0)
+    neg_inf = -np.inf
     _add_position_term(t, key_major, n_q, n_k, i0, j0, qp_t, r_h, q_positions, k_positions, g)
     n_rows, n_cols = (n_k, n_q) if key_major else (n_q, n_k)
     for a in range(n_rows):
@@ -328,9 +329,8 @@ def _scores_tile(
         # (2) Soft-capping c * tanh(s / c) of the whole score, before bias and mask.
         if softcap > 0:
             for c in range(n_cols):
-                capped = softcap * math.tanh(t[a, c] / softcap)
-                t[a, c] = capped
-                dcap[a, c] = one - (capped / softcap) * (capped / softcap)
+                dcap[a, c] = _softcap_slope(t[a, c] / softcap)
+                t[a, c] = softcap * math.tanh(t[a, c] / softcap)
         # (3) The user's bias, read through its broadcast view.
         if has_bias:
             for c in range(n_cols):

@@ -46,6 +46,7 @@ from ...core.errors import SpecError
 from ...core.precision import FLOAT64, Numerics, numerics
 from ...core.results import Grads, Result
 from ...core.shapes import repeat_kv_heads, sum_kv_heads, sum_to_shape
+from ...core.softcap import softcap, softcap_slope
 from ...dense.reference import dense_attention, dense_attention_vjp
 from .inputs import (
     TransformerXLInputs,
@@ -284,11 +285,11 @@ def _forward_steps(x: TransformerXLInputs, num: Numerics) -> dict:
     # (1c) Scaled scores: the scale multiplies both terms.
     scores = num.store(x.dense.scale * (content + position))  # (B, Hq, Nq, Nk)
     # (2) Soft-capping of the whole score, c * tanh(s / c).
-    softcap = x.dense.softcap
-    capped = num.store(softcap * np.tanh(scores / softcap)) if softcap > 0 else scores
+    cap = x.dense.softcap
+    capped = num.store(softcap(scores, cap)) if cap > 0 else scores
     # (3) The user's bias.
     logits = capped if x.dense.bias is None else num.store(capped + num.load(x.dense.bias))
-    return dict(k=k, r=r, selection=selection, q_content=q_content, q_position=q_position, capped=capped, logits=logits)
+    return dict(k=k, r=r, selection=selection, q_content=q_content, q_position=q_position, scores=scores, logits=logits)
 
 
 def _zero_scores(x: TransformerXLInputs) -> tuple[np.ndarray, np.ndarray]:
@@ -378,10 +379,10 @@ def transformer_xl_attention_vjp(
     d_logits = num.load(dense_grads["bias"])  # (B, Hq, Nq, Nk)
     # (3') The user bias's gradient is dZ, summed over the axes it was broadcast along.
     d_bias = None if x.dense.bias is None else sum_to_shape(d_logits.astype(np.float64), x.dense.bias.shape)
-    # (2') Soft-cap: d/ds [c tanh(s/c)] = 1 - (capped / c)².
+    # (2') Soft-cap: d/ds [c tanh(s/c)] = sech²(s/c), formed without cancellation.
     d_scores = d_logits
     if x.dense.softcap > 0:
-        d_scores = num.store(d_logits * (1.0 - (f["capped"] / x.dense.softcap) ** 2))
+        d_scores = num.store(d_logits * softcap_slope(f["scores"], x.dense.softcap))
     # (1c') s = scale * (content + position): each term's gradient is scale * dS.
     d_terms = num.store(x.dense.scale * d_scores)  # (B, Hq, Nq, Nk)
     # (1b') Position term: each pair's gradient goes to the row it read, then to q + v_bias and to r.

@@ -1,0 +1,210 @@
+"""Log-n scaled attention: the executable specification.
+
+Chiang & Cholak 2022, "Overcoming a Theoretical Limitation of
+Self-Attention" (ACL), section 5: as the input grows, softmax attention
+flattens, so a transformer's confidence on tasks such as PARITY and FIRST
+decays with the length; multiplying the attention logits by ``log n`` keeps
+it. In the paper ``n`` is the length of the input string, the same for every
+position.
+
+**Which n.** refattn uses one ``n`` for the whole call, the same for every
+row and head: by default ``n = Nk``, the number of keys (the input length in
+self-attention; the context length when decoding with a cache), and ``n=``
+overrides it with any integer ``>= 1``, for instance a model's training
+length. The logarithm is natural. This is not SSMax's ``n``
+(:mod:`refattn.dilution.ssmax`), which counts per query row the keys the row
+actually attends to: under a causal, window or padding mask the two differ,
+and log-n scaling keeps ``log Nk`` on every row.
+
+**Where the factor enters.** As for SSMax, ``log n`` multiplies the *scaled
+scores* at dense step (1), before the soft-cap and before any bias:
+
+    s_ij = log n · scale · q_i · k_j = scale · (log n · q_i) · k_j
+
+so it folds into the query, ``q' = log n · q``, and everything after is dense
+attention on ``q'``, which this module calls rather than repeats. The user
+``bias`` is not multiplied.
+
+**Edge cases.** ``n = 1`` gives ``log 1 = 0``: every score is 0, each row's
+weights are uniform over its allowed keys (before the bias), and ``q`` gets a
+zero gradient. Fully masked rows are those of dense attention (output 0, lse
+-inf); the factor plays no part in them.
+
+Equations and their numbers are in spec/dilution.md (log-n scaling); the step
+numbers below match: (L1)-(L2), then dense attention's steps (1)-(7) of
+spec/dense.md.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...core import registry
+from ...core.checks import cotangent
+from ...core.errors import SpecError
+from ...core.precision import Numerics, numerics
+from ...core.results import Grads, Result
+from ...dense.inputs import DenseInputs, check_dense_inputs
+from ...dense.reference import dense_attention, dense_attention_vjp
+
+# --- checked inputs -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LognInputs:
+    """Checked log-n arguments: the dense ones and the length ``n``."""
+
+    dense: DenseInputs
+    n: int  # >= 1
+
+
+def length(n, kv_len: int) -> int:
+    """``n``: ``kv_len`` when None, else checked to be an integer >= 1 (a bool or a float is refused)."""
+    if n is None:
+        return kv_len
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral) or n < 1:
+        raise SpecError("n", "an integer >= 1 (the length whose log scales the logits), or None for Nk", repr(n))
+    return int(n)
+
+
+def check_logn_inputs(q, k, v, *, n, **dense_params) -> LognInputs:
+    """Check every argument of :func:`logn_attention`; raise :class:`SpecError` on the first bad one."""
+    dense = check_dense_inputs(q, k, v, **dense_params)
+    return LognInputs(dense=dense, n=length(n, dense.shape.kv_len))
+
+
+# --- the steps ------------------------------------------------------------------
+
+
+def factor_of(x: LognInputs, num: Numerics) -> np.ndarray:
+    """Step (L1): ``log n``, natural, a scalar in ``num``'s compute dtype, stored in its precision."""
+    return num.store(np.log(np.asarray(x.n, dtype=num.compute)))
+
+
+def _scaled_query(factor: np.ndarray, q: np.ndarray, num: Numerics) -> np.ndarray:
+    """Step (L2): ``q' = log n · q``, (B, Hq, Nq, D)."""
+    return num.store(factor * num.load(q))
+
+
+# --- the mechanism ------------------------------------------------------------
+
+
+def logn_attention(
+    q,
+    k,
+    v,
+    *,
+    n=None,
+    mask=None,
+    bias=None,
+    causal=False,
+    causal_alignment="bottom_right",
+    window=None,
+    scale=None,
+    softcap=0.0,
+    dropout_keep=None,
+    dropout_p=0.0,
+    precision=None,
+    backend="reference",
+) -> Result:
+    """Log-n scaled attention: dense attention whose scaled scores are multiplied by ``log n``.
+
+    Parameters
+    ----------
+    q : ndarray (B, Hq, Nq, D)
+    k : ndarray (B, Hkv, Nk, D)
+    v : ndarray (B, Hkv, Nk, Dv)
+    n : int >= 1, optional
+        The length whose natural log scales the logits, the same for every
+        row; default ``Nk``. Not differentiated.
+    mask, bias, causal, causal_alignment, window, scale, softcap, dropout_keep, dropout_p
+        As :func:`refattn.dense_attention`. Masks do not change ``n``;
+        ``bias`` is added after the soft-cap and is not multiplied.
+    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
+        Evaluate in that precision (tolerances only); the result is float64.
+    backend : {"reference", "numba"}
+        ``"numba"`` runs refattn/dilution/logn/numba.py (no ``precision``).
+
+    Returns
+    -------
+    Result
+        ``out`` (B, Hq, Nq, Dv) and ``lse`` (B, Hq, Nq), float64, the lse of
+        the logits with the factor. ``aux`` is empty.
+    """
+    dense_params = dict(
+        mask=mask, bias=bias, causal=causal, causal_alignment=causal_alignment, window=window,
+        scale=scale, softcap=softcap, dropout_keep=dropout_keep, dropout_p=dropout_p,
+    )  # fmt: skip
+    if backend != "reference":
+        return _other_backend(backend, precision).logn_attention(q, k, v, n=n, **dense_params)
+    x = check_logn_inputs(q, k, v, n=n, **dense_params)
+    num = numerics(precision)
+    # (L1) The factor log n.
+    factor = factor_of(x, num)  # ()
+    # (L2) Folded into the query: scale · q'_i · k_j = log n · scale · q_i · k_j.
+    q_scaled = _scaled_query(factor, x.dense.q, num)  # (B, Hq, Nq, D)
+    # Dense (1)-(7) on q'.
+    return dense_attention(q_scaled, k, v, precision=num, **dense_params)
+
+
+def logn_attention_vjp(
+    dout,
+    q,
+    k,
+    v,
+    *,
+    dlse=None,
+    n=None,
+    mask=None,
+    bias=None,
+    causal=False,
+    causal_alignment="bottom_right",
+    window=None,
+    scale=None,
+    softcap=0.0,
+    dropout_keep=None,
+    dropout_p=0.0,
+    precision=None,
+    backend="reference",
+) -> Grads:
+    """Gradients of :func:`logn_attention` for cotangents ``dout`` (and ``dlse``).
+
+    Parameters are those of :func:`logn_attention`, plus ``dout``
+    (B, Hq, Nq, Dv) and ``dlse`` (B, Hq, Nq), optional.
+
+    Returns
+    -------
+    Grads
+        ``q``, ``k``, ``v`` and ``bias`` (its own shape) when a bias was
+        given. ``n`` is an integer: no gradient.
+    """
+    dense_params = dict(
+        mask=mask, bias=bias, causal=causal, causal_alignment=causal_alignment, window=window,
+        scale=scale, softcap=softcap, dropout_keep=dropout_keep, dropout_p=dropout_p,
+    )  # fmt: skip
+    if backend != "reference":
+        return _other_backend(backend, precision).logn_attention_vjp(dout, q, k, v, dlse=dlse, n=n, **dense_params)
+    x = check_logn_inputs(q, k, v, n=n, **dense_params)
+    shape = x.dense.shape
+    cotangent(dout, "dout", (shape.batch, shape.q_heads, shape.q_len, shape.value_dim))
+    if dlse is not None:
+        cotangent(dlse, "dlse", (shape.batch, shape.q_heads, shape.q_len))
+    num = numerics(precision)
+    factor = factor_of(x, num)  # (L1)
+    q_scaled = _scaled_query(factor, x.dense.q, num)  # (L2)
+    # Dense (7')-(1') on q': dq', dk, dv and the bias's gradient.
+    grads = dense_attention_vjp(dout, q_scaled, k, v, dlse=dlse, precision=num, **dense_params)
+    # (L2') q' = log n · q: dq = log n · dq'.
+    grads["q"] = num.store(factor * num.load(grads["q"])).astype(np.float64)
+    # (L1') n is an integer.
+    return grads
+
+
+def _other_backend(backend: str, precision):
+    if precision is not None:
+        wanted = "None with a non-reference backend (kernels compute in their input dtype)"
+        raise SpecError("precision", wanted, repr(precision))
+    return registry.backend("logn", backend)

@@ -1,0 +1,57 @@
+"""LSH attention, Reformer (spec/lsh.md)."""
+
+from ..core import registry
+from .presets import PRESETS, Preset
+from .reference import (
+    bucket_margins,
+    chunk_windows,
+    combine_rounds,
+    hash_buckets,
+    lsh_attention,
+    lsh_attention_vjp,
+    normalised_keys,
+    pair_counts,
+    pair_logits,
+    rotate,
+    sort_items,
+    unsort,
+    window_multiplicity,
+)
+
+
+def _cases():
+    from .cases import cases
+
+    return cases()
+
+
+MECHANISM = registry.register(
+    registry.Mechanism(
+        name="lsh",
+        package="refattn.lsh",
+        forward=lsh_attention,
+        vjp=lsh_attention_vjp,
+        backends=("reference", "numba"),
+        cases=_cases,
+        properties="refattn.lsh.properties",
+        spec="spec/lsh.md",
+    )
+)
+
+__all__ = [
+    "lsh_attention",
+    "lsh_attention_vjp",
+    "rotate",
+    "hash_buckets",
+    "bucket_margins",
+    "sort_items",
+    "chunk_windows",
+    "window_multiplicity",
+    "pair_counts",
+    "normalised_keys",
+    "pair_logits",
+    "unsort",
+    "combine_rounds",
+    "Preset",
+    "PRESETS",
+]

@@ -1,0 +1,692 @@
+"""LSH attention (Reformer): the executable specification.
+
+Kitaev, Kaiser & Levskaya 2020, "Reformer: The Efficient Transformer" (ICLR),
+section 3. Queries and keys share one projection ``x`` (shared-QK). Each token
+is hashed into a bucket by an angular LSH (``argmax([xR; -xR])`` for a random
+rotation ``R``), once per hashing round; the rounds' tokens are sorted by
+bucket and cut into chunks, and each query attends only to the keys of its
+chunk and its neighbouring chunks. Queries are the raw ``x``; keys are ``x``
+length-normalised. A token does not attend to itself unless nothing else is
+available (its logit is a large negative constant). The rounds are combined
+by their log-sum-exps.
+
+The stages are separate functions, in the order of spec/lsh.md, whose
+equation numbers the step comments carry:
+
+* hashing, steps (1)-(3): :func:`rotate`, :func:`hash_buckets` (and
+  :func:`bucket_margins`, how far each decision is from a tie);
+* sorting, step (4): :func:`sort_items`;
+* chunking, step (5): :func:`chunk_windows`, :func:`window_multiplicity`,
+  :func:`pair_counts`;
+* keys, step (6): :func:`normalised_keys`;
+* logits, steps (7)-(9): :func:`pair_logits` and the count correction;
+* per-chunk softmax, step (10) (``core.masked_softmax``); unsorting,
+  step (11): :func:`unsort`; combining the rounds, step (12):
+  :func:`combine_rounds`.
+
+Einsum letters: b batch, h head, r hashing round, n token position, q query
+slot, k key slot (of a chunk's window), d head dim of ``qk``, e value dim,
+p rotation column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ..core import checks, registry
+from ..core.errors import SpecError
+from ..core.precision import FLOAT64, Numerics, numerics
+from ..core.results import Grads, Result
+from ..core.softmax import masked_softmax, merge
+from .inputs import (
+    FROM_PRESET,
+    LSHInputs,
+    bucket_factors,
+    check_lsh_inputs,
+    checked_key_padding_mask,
+    checked_rotations,
+    has_padding_bucket,
+)
+from .presets import PADDING_BUCKETS
+
+# --- hashing: steps (1)-(3) ---------------------------------------------------
+
+
+def rotate(qk: np.ndarray, rotations: np.ndarray) -> np.ndarray:
+    """Step (1): the rotated vectors ``y[r, n] = x_n · R_r``, (B, H, R, N, P).
+
+    ``qk`` is (B, H, N, D) and ``rotations`` (B, H, R, D, P).
+    """
+    return np.einsum("bhnd,bhrdp->bhrnp", qk, rotations, optimize=True)
+
+
+def _factor_buckets(rotated: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
+    """Step (2): the bucket of each token in each round from hashing alone, (B, H, R, N) int64.
+
+    Factor ``k`` reads the next ``f_k / 2`` rotation columns; its bucket is
+    ``argmax([y_k, -y_k])`` (in ``[0, f_k)``), and the factors combine with
+    the first one least significant: ``Σ_k (Π_{k' < k} f_k') · bucket_k``.
+    """
+    bucket = np.zeros(rotated.shape[:-1], dtype=np.int64)
+    base, start = 1, 0
+    for factor in factors:
+        part = rotated[..., start : start + factor // 2]  # (B, H, R, N, f/2)
+        bucket += base * np.argmax(np.concatenate([part, -part], axis=-1), axis=-1)
+        base, start = base * factor, start + factor // 2
+    return bucket
+
+
+def _offset_buckets(bucket: np.ndarray, n_buckets: int, valid: np.ndarray | None, padding_bucket: bool) -> np.ndarray:
+    """Step (3): padded tokens to bucket ``n_buckets`` (when it exists), then round ``r`` offset by ``r · n_round``."""
+    n_round = n_buckets + 1 if padding_bucket else n_buckets
+    if padding_bucket:
+        bucket = np.where(valid[:, None, None, :], bucket, n_buckets)  # (B, H, R, N)
+    offsets = np.arange(bucket.shape[2], dtype=np.int64)[:, None] * n_round  # (R, 1)
+    return bucket + offsets
+
+
+def hash_buckets_of(x: LSHInputs) -> np.ndarray:
+    """Steps (1)-(3) for checked inputs, in float64: buckets (B, H, R, N) int64."""
+    return _hash(x, x.qk.astype(np.float64), FLOAT64)
+
+
+def _hash(x: LSHInputs, qk: np.ndarray, num: Numerics) -> np.ndarray:
+    """Steps (1)-(3) for checked inputs: buckets (B, H, R, N) int64, round offsets included."""
+    # (1) Rotate, in the compute dtype (the rotated values are not a stored step).
+    rotated = rotate(qk, num.load(x.rotations))  # (B, H, R, N, P)
+    # (2) One bucket per factor, combined.
+    bucket = _factor_buckets(rotated, x.factors)  # (B, H, R, N)
+    # (3) Padding bucket and round offsets.
+    return _offset_buckets(bucket, x.n_buckets, x.valid, x.has_padding_bucket)
+
+
+def hash_buckets(qk, rotations, n_buckets, *, key_padding_mask=None, padding_bucket="if_mask") -> np.ndarray:
+    """Steps (1)-(3): the bucket of every token in every round, round offsets included.
+
+    Parameters
+    ----------
+    qk : ndarray (B, H, N, D)
+        The shared query-key vectors (hashed unnormalised; the argmax does not
+        depend on their length).
+    rotations : ndarray (H, R, D, P) or (B, H, R, D, P)
+        ``P = Σ_k f_k / 2`` columns per round: the columns of factor ``k``
+        follow those of factor ``k - 1``.
+    n_buckets : int or list of int
+        Even bucket count, or even factors (factorised hashing).
+    key_padding_mask : bool ndarray (B, N) or (1, N), optional
+        True = real token.
+    padding_bucket : {"if_mask", "if_padded", "none"}
+        When padded tokens get the extra bucket ``Π f_k`` (spec/lsh.md (3)).
+
+    Returns
+    -------
+    ndarray (B, H, R, N), int64
+        ``b[r, n] = r · n_round + bucket``, ``n_round = Π f_k`` (+ 1 with the
+        padding bucket). Returned as ``aux["buckets"]`` by :func:`lsh_attention`.
+    """
+    qk, rotations, factors, valid = _hashing_arguments(qk, rotations, n_buckets, key_padding_mask)
+    padding = has_padding_bucket(valid, checks.choice(padding_bucket, "padding_bucket", PADDING_BUCKETS))
+    rotated = rotate(qk.astype(np.float64), rotations.astype(np.float64))  # (B, H, R, N, P)
+    return _offset_buckets(_factor_buckets(rotated, factors), int(np.prod(factors)), valid, padding)
+
+
+def _hashing_arguments(qk, rotations, n_buckets, key_padding_mask):
+    """Checked ``qk`` (B, H, N, D), rotations (B, H, R, D, P), factors and key padding mask."""
+    if isinstance(qk, np.ndarray) and qk.ndim != 4:
+        raise SpecError("qk", "4 dimensions (B, H, N, D)", f"shape {qk.shape}")
+    qk = checks.float_array(qk, "qk")
+    factors = bucket_factors(n_buckets)
+    n_hashes = rotations.shape[-3] if isinstance(rotations, np.ndarray) and rotations.ndim >= 4 else 1
+    batch, heads, length, head_dim = qk.shape
+    rotations = checked_rotations(rotations, batch, heads, n_hashes, head_dim, factors)
+    return qk, rotations, factors, checked_key_padding_mask(key_padding_mask, batch, length)
+
+
+def bucket_margins(qk, rotations, n_buckets) -> np.ndarray:
+    """How far each hashing decision is from a tie, relative to its rounding scale.
+
+    For factor ``k`` the decision is the argmax of ``[y_k, -y_k]``; its margin
+    is the gap between the largest and the second-largest entry divided by
+    ``max_p Σ_d |x_d R_dp|`` over the factor's columns, which bounds how far
+    rounding ``x`` and ``R`` can move any entry (by a few unit roundoffs of
+    that scale). The returned margin is the smallest over the factors.
+    A float32 implementation reproduces every bucket when the margins exceed
+    a few times 2⁻²⁴; conformance cases have margins of at least 0.05, enough
+    for bfloat16 inputs.
+
+    Returns
+    -------
+    ndarray (B, H, R, N), float64
+    """
+    qk, rotations, factors, _ = _hashing_arguments(qk, rotations, n_buckets, None)
+    qk, rotations = qk.astype(np.float64), rotations.astype(np.float64)
+    rotated = rotate(qk, rotations)  # (B, H, R, N, P)
+    scale = rotate(np.abs(qk), np.abs(rotations))  # (B, H, R, N, P)
+    margin = np.full(rotated.shape[:-1], np.inf)
+    start = 0
+    for factor in factors:
+        columns = slice(start, start + factor // 2)
+        entries = np.concatenate([rotated[..., columns], -rotated[..., columns]], axis=-1)
+        top_two = np.sort(entries, axis=-1)[..., -2:]
+        gap = (top_two[..., 1] - top_two[..., 0]) / np.maximum(scale[..., columns].max(axis=-1), np.finfo(float).tiny)
+        margin = np.minimum(margin, gap)
+        start += factor // 2
+    return margin
+
+
+# --- sorting: step (4) ----------------------------------------------------------
+
+
+def sort_items(buckets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Step (4): sort the ``R · N`` items (round ``r``, token ``n``) by (bucket, position).
+
+    Item ``t = r · N + n`` is token ``n``'s copy in round ``r``. The sort is
+    stable by bucket over items in that order, so equal buckets (always of the
+    same round, by the offsets) keep position order: HF's ``_stable_argsort``
+    and trax's key ``N · bucket + position`` give the same order.
+
+    Parameters
+    ----------
+    buckets : int ndarray (B, H, R, N), round offsets included
+
+    Returns
+    -------
+    permutation : ndarray (B, H, R·N), int64
+        ``permutation[s]`` is the item in sorted slot ``s`` (HF's
+        ``sorted_bucket_idx``, trax's ``sticker``).
+    inverse : ndarray (B, H, R·N), int64
+        ``inverse[t]`` is the slot of item ``t`` (HF's ``undo_sorted_bucket_idx``).
+    """
+    b, h, r, n = buckets.shape
+    permutation = np.argsort(buckets.reshape(b, h, r * n), axis=-1, kind="stable")
+    inverse = np.argsort(permutation, axis=-1, kind="stable")
+    return permutation, inverse
+
+
+# --- chunking: step (5) -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One chunk of the sorted items: its own slots, and the slots of its window.
+
+    ``key_slots`` are the slots of chunks ``c - before, ..., c, ..., c + after``
+    (modulo the number of chunks), in that order; a chunk appears as many
+    times as it occurs in that list (when there are few chunks).
+    """
+
+    query_slots: np.ndarray  # (Lc,) int64
+    key_slots: np.ndarray  # (Wc,) int64
+
+
+def chunk_windows(n_items: int, chunk_len: int, n_chunks_before: int, n_chunks_after: int) -> list[Chunk]:
+    """Step (5): cut ``n_items`` sorted slots into chunks of ``chunk_len`` and give each its window.
+
+    The chunks run over the concatenated rounds, so a chunk may hold the end
+    of one round and the start of the next; the last chunk is shorter when
+    ``chunk_len`` does not divide ``n_items``. Windows wrap around: chunk 0's
+    previous chunk is the last one.
+    """
+    n_chunks = -(-n_items // chunk_len)
+    slots = [np.arange(c * chunk_len, min((c + 1) * chunk_len, n_items)) for c in range(n_chunks)]
+    offsets = range(-n_chunks_before, n_chunks_after + 1)
+    return [Chunk(slots[c], np.concatenate([slots[(c + d) % n_chunks] for d in offsets])) for c in range(n_chunks)]
+
+
+def window_multiplicity(n_chunks: int, n_chunks_before: int, n_chunks_after: int) -> np.ndarray:
+    """``m[δ]``, δ in [0, C): how many of the offsets ``d = -before .. after`` are ``≡ δ (mod C)``.
+
+    A window contains chunk ``(c + δ) mod C`` exactly ``m[δ]`` times.
+    """
+    multiplicity = np.zeros(n_chunks, dtype=np.int64)
+    np.add.at(multiplicity, np.arange(-n_chunks_before, n_chunks_after + 1) % n_chunks, 1)
+    return multiplicity
+
+
+def pair_counts(item_chunk: np.ndarray, pos_q: np.ndarray, pos_k: np.ndarray, multiplicity: np.ndarray) -> np.ndarray:
+    """Step (9)'s ``n_ij``: how many times token ``j`` occurs in the windows of all copies of token ``i``.
+
+    ``n_ij = Σ_r Σ_r' m[(c_r'(j) - c_r(i)) mod C]`` with ``c_r(n)`` the chunk of
+    token ``n``'s round-``r`` copy: wrapped windows, windows that cross into
+    another round and chunks repeated in small windows all count.
+
+    Parameters
+    ----------
+    item_chunk : int ndarray (B, H, R, N)
+        ``c_r(n)``.
+    pos_q : int ndarray (B, H, Lq)
+    pos_k : int ndarray (B, H, Lk)
+    multiplicity : int ndarray (C,)
+        :func:`window_multiplicity`.
+
+    Returns
+    -------
+    ndarray (B, H, Lq, Lk), int64
+    """
+    chunk_q = np.take_along_axis(item_chunk, pos_q[:, :, None, :], axis=3)  # (B, H, R, Lq)
+    chunk_k = np.take_along_axis(item_chunk, pos_k[:, :, None, :], axis=3)  # (B, H, R, Lk)
+    delta = (chunk_k[:, :, None, :, None, :] - chunk_q[:, :, :, None, :, None]) % len(multiplicity)  # (B, H, R, R, Lq, Lk)
+    return multiplicity[delta].sum(axis=(2, 3))
+
+
+# --- keys and logits: steps (6)-(9) --------------------------------------------
+
+
+def _key_norms(qk: np.ndarray, key_norm: str, eps: float) -> np.ndarray:
+    """``ρ_n`` of step (6), (B, H, N, 1): ``sqrt(|x|² + D·eps)`` (rms) or ``max(|x|, eps)`` (l2)."""
+    squared = np.sum(qk * qk, axis=-1, keepdims=True)
+    if key_norm == "rms":
+        return np.sqrt(squared + qk.shape[-1] * eps)
+    return np.maximum(np.sqrt(squared), eps)
+
+
+def normalised_keys(qk: np.ndarray, key_norm: str = "rms", key_norm_eps: float = 1e-6, num: Numerics = FLOAT64) -> np.ndarray:
+    """Step (6): the keys ``u_n = x_n / ρ_n``, (B, H, N, D).
+
+    ``"rms"``: ``ρ = sqrt(|x|² + D·eps)``: HF's and trax's
+    ``x / sqrt(mean(x²) + eps) / sqrt(D)``, a unit vector up to ``eps``.
+    ``"l2"``: ``ρ = max(|x|, eps)``, ``torch.nn.functional.normalize``.
+    """
+    return num.store(qk / _key_norms(qk, key_norm, key_norm_eps))
+
+
+def _gather(x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """``x[b, h, positions[b, h, s]]``: (B, H, N, E) gathered to (B, H, S, E)."""
+    return np.take_along_axis(x, positions[..., None], axis=2)
+
+
+def pair_logits(scores, pos_q, pos_k, *, causal, valid, self_mask_value, mask_value, mask_mode, mask_padded_queries):
+    """Step (8): the logits of (query, key) pairs, decided by original positions.
+
+    A pair is *masked* when causality forbids it (``j > i``), when key ``j``
+    is padded, or, with ``mask_padded_queries``, when query ``i`` is padded.
+    A pair is a *self* pair when ``i == j`` (the same token, whichever rounds
+    its two copies come from).
+
+    * ``"replace"``: a masked pair's logit is ``mask_value`` (excluded exactly
+      when it is None), then a self pair's is ``self_mask_value``, masked or not.
+    * ``"add"``: ``z = s + self_mask_value · [self] + mask_value · [masked]``
+      (a None ``mask_value`` excludes masked pairs exactly).
+
+    Parameters
+    ----------
+    scores : ndarray (B, H, Lq, Lk)
+        Step (7)'s ``s``.
+    pos_q : int ndarray (B, H, Lq)
+    pos_k : int ndarray (B, H, Lk)
+    valid : bool ndarray (B, N) or None
+        True = real token.
+
+    Returns
+    -------
+    logits : ndarray (B, H, Lq, Lk)
+    kept : bool ndarray (B, H, Lq, Lk) or None
+        False where a pair is excluded exactly (None: nothing is).
+    from_scores : bool ndarray (B, H, Lq, Lk)
+        Where the logit depends on the score (its gradient flows).
+    """
+    query, key = pos_q[..., :, None], pos_k[..., None, :]  # (B, H, Lq, 1), (B, H, 1, Lk)
+    self_pair = query == key
+    allowed = np.ones(np.broadcast_shapes(query.shape, key.shape), dtype=bool)
+    if causal:
+        allowed &= key <= query
+    if valid is not None:
+        valid = np.broadcast_to(valid[:, None, :], pos_q.shape[:2] + valid.shape[-1:])  # (B, H, N)
+        allowed &= np.take_along_axis(valid, pos_k, axis=2)[..., None, :]
+        if mask_padded_queries:
+            allowed &= np.take_along_axis(valid, pos_q, axis=2)[..., :, None]
+    dtype = scores.dtype  # the constants join the scores in their dtype
+    if mask_mode == "replace":
+        masked = scores if mask_value is None else np.where(allowed, scores, mask_value)
+        logits = np.where(self_pair, self_mask_value, masked).astype(dtype)
+        kept = None if mask_value is not None else allowed | self_pair
+        return logits, kept, allowed & ~self_pair
+    logits = (scores + self_mask_value * self_pair).astype(dtype)
+    if mask_value is None:
+        return logits, allowed, allowed
+    return (logits + np.where(allowed, 0.0, mask_value)).astype(dtype), None, np.ones_like(allowed)
+
+
+# --- the plan: every discrete decision, held fixed by the VJP --------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The discrete part of one call: buckets, sort, chunks.
+
+    On the short-sequence path there is one round, no buckets, the identity
+    permutation and one chunk whose window is every token once.
+    """
+
+    buckets: np.ndarray | None  # (B, H, R, N) int64
+    permutation: np.ndarray  # (B, H, R'·N): slot -> item r·N + n
+    inverse: np.ndarray  # (B, H, R'·N): item -> slot
+    item_chunk: np.ndarray  # (B, H, R', N): chunk of each item
+    chunks: list[Chunk]
+    multiplicity: np.ndarray  # (C,)
+    n_rounds: int  # R', the rounds combined in step (12)
+
+
+def _plan(x: LSHInputs, qk: np.ndarray, num: Numerics) -> Plan:
+    b, h, n = x.qk.shape[:3]
+    if x.short:
+        # (S) One dense round: every token attends to every token once.
+        identity = np.broadcast_to(np.arange(n), (b, h, n))
+        every = np.arange(n)
+        return Plan(None, identity, identity, np.zeros((b, h, 1, n), np.int64), [Chunk(every, every)], np.ones(1, np.int64), 1)
+    # (1)-(3) Buckets.
+    buckets = _hash(x, qk, num)  # (B, H, R, N)
+    # (4) Stable sort of the R·N items by (bucket, position).
+    permutation, inverse = sort_items(buckets)  # (B, H, R·N) each
+    # (5) Chunks over the concatenated rounds, with wrapped windows.
+    n_items = x.n_hashes * n
+    chunks = chunk_windows(n_items, x.chunk_len, x.n_chunks_before, x.n_chunks_after)
+    multiplicity = window_multiplicity(len(chunks), x.n_chunks_before, x.n_chunks_after)
+    item_chunk = (inverse // x.chunk_len).reshape(b, h, x.n_hashes, n)
+    return Plan(buckets, permutation, inverse, item_chunk, chunks, multiplicity, x.n_hashes)
+
+
+# --- steps (7)-(10) for one chunk --------------------------------------------------
+
+
+def _statistics(num: Numerics) -> Numerics:
+    """Where softmax statistics live: the compute dtype (float32 below float64).
+
+    Kernels keep row maxima, sums and log-sum-exps in float32, as
+    FlashAttention does; the self-mask constant -1e5 would overflow float16.
+    """
+    return replace(num, storage=num.compute)
+
+
+def _attend_chunk(chunk: Chunk, plan: Plan, qk: np.ndarray, keys: np.ndarray, v: np.ndarray, x: LSHInputs, num: Numerics) -> dict:
+    """Steps (7)-(10) for the queries of one chunk; returns what the VJP needs."""
+    n = qk.shape[2]
+    pos_q = plan.permutation[..., chunk.query_slots] % n  # (B, H, Lc)
+    pos_k = plan.permutation[..., chunk.key_slots] % n  # (B, H, Wc)
+    q, k, vv = _gather(qk, pos_q), _gather(keys, pos_k), _gather(v, pos_k)  # (B, H, Lc, D), (B, H, Wc, D), (B, H, Wc, Dv)
+    # (7) Scores of the raw queries against the normalised keys.
+    scores = num.store(x.scale * np.einsum("bhqd,bhkd->bhqk", q, k, optimize=True))  # (B, H, Lc, Wc)
+    # (8) Masks, self pairs and their constants, by original position.
+    logits, kept, from_scores = pair_logits(
+        scores, pos_q, pos_k, causal=x.causal, valid=x.valid, self_mask_value=x.self_mask_value,
+        mask_value=x.mask_value, mask_mode=x.mask_mode, mask_padded_queries=x.mask_padded_queries,
+    )  # fmt: skip
+    # (9) Duplicate correction: each occurrence of key j loses log n_ij.
+    if x.dup_correction:
+        logits = (logits - np.log(pair_counts(plan.item_chunk, pos_q, pos_k, plan.multiplicity))).astype(num.compute)
+    # (10) Softmax over the window, its log-sum-exp, and the weighted values.
+    weights, lse = masked_softmax(logits, kept, _statistics(num))  # (B, H, Lc, Wc), (B, H, Lc)
+    weights = num.store(weights)
+    out = num.store(np.einsum("bhqk,bhke->bhqe", weights, vv, optimize=True))  # (B, H, Lc, Dv)
+    return dict(pos_q=pos_q, pos_k=pos_k, q=q, k=k, v=vv, weights=weights, lse=lse, out=out, from_scores=from_scores)
+
+
+# --- steps (11)-(12) ----------------------------------------------------------------
+
+
+def unsort(sorted_values: np.ndarray, inverse: np.ndarray, n_rounds: int) -> np.ndarray:
+    """Step (11): slot order back to (round, token), (B, H, R·N, ...) -> (B, H, R, N, ...).
+
+    ``inverse`` is :func:`sort_items`' second result: item ``r·N + n`` is at
+    slot ``inverse[r·N + n]``.
+    """
+    b, h, items = inverse.shape
+    index = inverse.reshape(inverse.shape + (1,) * (sorted_values.ndim - 3))
+    gathered = np.take_along_axis(sorted_values, index, axis=2)
+    return gathered.reshape((b, h, n_rounds, items // n_rounds) + sorted_values.shape[3:])
+
+
+def combine_rounds(round_out: np.ndarray, round_lse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Step (12): ``LSE = log Σ_r exp(lse_r)``, ``out = Σ_r exp(lse_r - LSE) o_r`` (``core.merge``).
+
+    ``round_out`` is (B, H, R, N, Dv) and ``round_lse`` (B, H, R, N); returns
+    ``out`` (B, H, N, Dv) and ``lse`` (B, H, N), float64. Rounds with
+    ``lse_r = -inf`` weigh 0; a token with no key in any round gets 0 and ``-inf``.
+    """
+    return merge([(round_out[:, :, r], round_lse[:, :, r]) for r in range(round_lse.shape[2])])
+
+
+def _round_weights(round_lse: np.ndarray, lse: np.ndarray) -> np.ndarray:
+    """``exp(lse_r - LSE)`` (B, H, R, N); 0 for empty rounds and fully masked tokens."""
+    has_key = np.isfinite(lse)
+    shift = np.where(has_key, lse, 0.0)[:, :, None, :]  # (B, H, 1, N)
+    return np.where(has_key[:, :, None, :], np.exp(round_lse - shift), 0.0)
+
+
+def _forward_steps(x: LSHInputs, num: Numerics) -> dict:
+    """Steps (1)-(12) of spec/lsh.md; returns every intermediate the VJP needs."""
+    qk = num.load(x.qk)  # (B, H, N, D)
+    v = num.load(x.v)  # (B, H, N, Dv)
+    plan = _plan(x, qk, num)
+    # (6) Length-normalised keys.
+    keys = normalised_keys(qk, x.key_norm, x.key_norm_eps, num)  # (B, H, N, D)
+    # (7)-(10) Chunk by chunk.
+    chunks = [_attend_chunk(chunk, plan, qk, keys, v, x, num) for chunk in plan.chunks]
+    sorted_out = np.concatenate([c["out"] for c in chunks], axis=2)  # (B, H, R'·N, Dv)
+    sorted_lse = np.concatenate([c["lse"] for c in chunks], axis=2)  # (B, H, R'·N)
+    # (11) Unsort: each round's output and log-sum-exp at each token.
+    round_out = unsort(sorted_out, plan.inverse, plan.n_rounds)  # (B, H, R', N, Dv)
+    round_lse = unsort(sorted_lse, plan.inverse, plan.n_rounds)  # (B, H, R', N)
+    # (12) Combine the rounds by their log-sum-exps.
+    out, lse = combine_rounds(round_out, round_lse)
+    return dict(
+        qk=qk, v=v, plan=plan, keys=keys, chunks=chunks, round_out=round_out, round_lse=round_lse,
+        out=num.store(out), lse=lse.astype(num.compute),
+    )  # fmt: skip
+
+
+# --- the mechanism ------------------------------------------------------------------
+
+
+def lsh_attention(
+    qk,
+    v,
+    *,
+    rotations,
+    n_buckets,
+    n_hashes,
+    chunk_len,
+    causal=False,
+    key_padding_mask=None,
+    n_chunks_before=FROM_PRESET,
+    n_chunks_after=FROM_PRESET,
+    key_norm=FROM_PRESET,
+    key_norm_eps=FROM_PRESET,
+    scale=FROM_PRESET,
+    self_mask_value=FROM_PRESET,
+    mask_value=FROM_PRESET,
+    mask_mode=FROM_PRESET,
+    mask_padded_queries=FROM_PRESET,
+    padding_bucket=FROM_PRESET,
+    dup_correction=FROM_PRESET,
+    short_sequence=FROM_PRESET,
+    preset=None,
+    return_rounds=False,
+    precision=None,
+    backend="reference",
+) -> Result:
+    """Reformer's LSH self-attention with shared queries and keys.
+
+    Parameters
+    ----------
+    qk : ndarray (B, H, N, D)
+        Shared query-key vectors ``x``: queries are ``x``, keys ``x``
+        length-normalised (step (6)), and ``x`` is what is hashed.
+    v : ndarray (B, H, N, Dv)
+    rotations : ndarray (H, R, D, P) or (B, H, R, D, P)
+        The random rotations, ``P = Σ_k f_k / 2`` (one set per head and round,
+        optionally per batch element). HF draws (H, D, R, P): pass
+        ``rotations.transpose(0, 2, 1, 3)``; spec/lsh.md maps trax's and
+        lucidrains' layouts.
+    n_buckets : int or list of int
+        Even bucket count per round, or even factors whose product it is.
+    n_hashes : int >= 1
+        Hashing rounds ``R``; must match ``rotations``.
+    chunk_len : int >= 1
+        Items per chunk of the sorted, concatenated rounds.
+    causal : bool
+        Token ``i`` sees token ``j`` only if ``j <= i`` (original positions).
+    key_padding_mask : bool ndarray (B, N) or (1, N), optional
+        True = real token. Padded tokens are masked as keys (and as queries
+        with ``mask_padded_queries``) and may get a bucket of their own.
+    n_chunks_before, n_chunks_after, key_norm, key_norm_eps, scale,
+    self_mask_value, mask_value, mask_mode, mask_padded_queries,
+    padding_bucket, dup_correction, short_sequence
+        The behaviours on which implementations differ
+        (:class:`refattn.lsh.presets.Preset` describes each). Each defaults to
+        the preset's value; canonical values: 1, 0, "rms", 1e-6, 1.0 (the
+        keys are unit length; ``scale=None`` means 1/sqrt(D), lucidrains'),
+        -1e5, None (masked keys excluded exactly), "replace", False,
+        "if_mask", False, "lsh".
+    preset : {None, "hf", "trax", "lucidrains"}
+        Whose values the unspecified behaviours take; presets also reject
+        lengths their implementation does not accept.
+    return_rounds : bool
+        Also return the rounds' outputs and log-sum-exps in ``aux``.
+    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
+        Evaluate in that precision (tolerances only); the result is float64.
+    backend : {"reference", "numba"}
+        ``"numba"`` runs refattn/lsh/numba.py (no ``precision``; results in
+        the compute dtype).
+
+    Returns
+    -------
+    Result
+        ``out`` (B, H, N, Dv) and ``lse`` (B, H, N), float64: ``lse`` is
+        step (12)'s ``log Σ_r exp(lse_r)``. ``aux``: ``buckets`` (B, H, R, N)
+        int64 with round offsets and ``permutation`` (B, H, R·N) int64 (the
+        item ``r·N + n`` in each sorted slot); with ``return_rounds``, also
+        ``round_out`` (B, H, R, N, Dv) and ``round_lse`` (B, H, R, N). The
+        short-sequence path has no buckets: ``aux`` holds only the rounds.
+    """
+    params = _params(locals())
+    if backend != "reference":
+        return _other_backend(backend, precision).lsh_attention(qk, v, **params, return_rounds=return_rounds)
+    x = check_lsh_inputs(qk, v, **params)
+    f = _forward_steps(x, numerics(precision))
+    plan = f["plan"]
+    aux = {} if plan.buckets is None else {"buckets": plan.buckets, "permutation": plan.permutation}
+    if return_rounds:
+        aux.update(round_out=f["round_out"].astype(np.float64), round_lse=f["round_lse"].astype(np.float64))
+    return Result(out=f["out"].astype(np.float64), lse=f["lse"].astype(np.float64), aux=aux)
+
+
+def lsh_attention_vjp(
+    dout,
+    qk,
+    v,
+    *,
+    dlse=None,
+    rotations,
+    n_buckets,
+    n_hashes,
+    chunk_len,
+    causal=False,
+    key_padding_mask=None,
+    n_chunks_before=FROM_PRESET,
+    n_chunks_after=FROM_PRESET,
+    key_norm=FROM_PRESET,
+    key_norm_eps=FROM_PRESET,
+    scale=FROM_PRESET,
+    self_mask_value=FROM_PRESET,
+    mask_value=FROM_PRESET,
+    mask_mode=FROM_PRESET,
+    mask_padded_queries=FROM_PRESET,
+    padding_bucket=FROM_PRESET,
+    dup_correction=FROM_PRESET,
+    short_sequence=FROM_PRESET,
+    preset=None,
+    precision=None,
+    backend="reference",
+) -> Grads:
+    """Gradients of :func:`lsh_attention` for cotangents ``dout`` (and ``dlse``), buckets held fixed.
+
+    Parameters are those of :func:`lsh_attention`, plus ``dout`` (B, H, N, Dv)
+    and ``dlse`` (B, H, N), optional (0 when omitted).
+
+    Returns
+    -------
+    Grads
+        ``qk`` (B, H, N, D): the query path plus the key path through the
+        normalisation of step (6); ``v`` (B, H, N, Dv). Hashing, sorting,
+        masks and counts are piecewise constant: no gradient flows through
+        them, and ``rotations`` gets none.
+    """
+    params = _params(locals())
+    if backend != "reference":
+        return _other_backend(backend, precision).lsh_attention_vjp(dout, qk, v, dlse=dlse, **params)
+    x = check_lsh_inputs(qk, v, **params)
+    b, h, n, dv = v.shape
+    dout = checks.cotangent(dout, "dout", (b, h, n, dv))
+    dlse = None if dlse is None else checks.cotangent(dlse, "dlse", (b, h, n))
+    num = numerics(precision)
+    f = _forward_steps(x, num)
+    plan = f["plan"]
+    dout = num.load(dout)  # (B, H, N, Dv)
+
+    # (12') out = Σ_r w_r o_r with w_r = exp(lse_r - LSE), LSE = log Σ_r exp(lse_r):
+    #       do_r = w_r dout, dlse_r = w_r (dout · (o_r - out) + dLSE).
+    weights = _round_weights(f["round_lse"], f["lse"])  # (B, H, R', N)
+    d_round_out = num.store(weights[..., None] * dout[:, :, None])  # (B, H, R', N, Dv)
+    spread = np.sum(dout[:, :, None] * (f["round_out"] - f["out"][:, :, None]), axis=-1)  # (B, H, R', N)
+    if dlse is not None:
+        spread = spread + num.load(dlse)[:, :, None]
+    d_round_lse = num.store(weights * spread)  # (B, H, R', N)
+    # (11') Back to slot order: slot s holds item permutation[s].
+    d_sorted_out = np.take_along_axis(d_round_out.reshape(b, h, -1, dv), plan.permutation[..., None], axis=2)
+    d_sorted_lse = np.take_along_axis(d_round_lse.reshape(b, h, -1), plan.permutation, axis=2)
+
+    d_query = np.zeros(f["qk"].shape, dtype=num.compute)  # (B, H, N, D)
+    d_keys = np.zeros(f["qk"].shape, dtype=num.compute)  # (B, H, N, D)
+    d_v = np.zeros(f["v"].shape, dtype=num.compute)  # (B, H, N, Dv)
+    for chunk, c in zip(plan.chunks, f["chunks"]):
+        d_o = d_sorted_out[..., chunk.query_slots, :]  # (B, H, Lc, Dv)
+        d_l = d_sorted_lse[..., chunk.query_slots]  # (B, H, Lc)
+        p = c["weights"]  # (B, H, Lc, Wc)
+        # (10') o = P v and lse: dv gathers P^T do; dz = P (dP - Σ_k P dP + dlse).
+        _scatter_add(d_v, c["pos_k"], num.store(np.einsum("bhqk,bhqe->bhke", p, d_o, optimize=True)))
+        d_p = num.store(np.einsum("bhqe,bhke->bhqk", d_o, c["v"], optimize=True))
+        row_dot = num.store(np.sum(p * d_p, axis=-1, keepdims=True))  # (B, H, Lc, 1)
+        d_logits = num.store(p * (d_p - row_dot + d_l[..., None]))
+        # (9')-(8') Counts and constants are fixed: only entries whose logit is the score pass it on.
+        d_scores = np.where(c["from_scores"], d_logits, 0.0)
+        # (7') s = scale q · u: to the query positions and to the key positions.
+        _scatter_add(d_query, c["pos_q"], num.store(x.scale * np.einsum("bhqk,bhkd->bhqd", d_scores, c["k"], optimize=True)))
+        _scatter_add(d_keys, c["pos_k"], num.store(x.scale * np.einsum("bhqk,bhqd->bhkd", d_scores, c["q"], optimize=True)))
+    # (6') u = x / ρ: dx = (du - u (u · du)) / ρ (l2 below eps: du / eps).
+    d_from_keys = num.store(_normalisation_vjp(num.store(d_keys), f["qk"], f["keys"], x.key_norm, x.key_norm_eps))
+    # (5')-(1') Sorting and hashing are piecewise constant: nothing more.
+    return Grads(qk=(num.store(d_query) + d_from_keys).astype(np.float64), v=num.store(d_v).astype(np.float64))
+
+
+def _normalisation_vjp(d_keys: np.ndarray, qk: np.ndarray, keys: np.ndarray, key_norm: str, eps: float) -> np.ndarray:
+    """Adjoint of step (6) at ``x = qk`` with ``u = keys``, (B, H, N, D)."""
+    rho = _key_norms(qk, key_norm, eps)  # (B, H, N, 1)
+    projected = (d_keys - keys * np.sum(keys * d_keys, axis=-1, keepdims=True)) / rho
+    if key_norm == "rms":
+        return projected
+    return np.where(np.sqrt(np.sum(qk * qk, axis=-1, keepdims=True)) > eps, projected, d_keys / eps)
+
+
+def _scatter_add(target: np.ndarray, positions: np.ndarray, values: np.ndarray) -> None:
+    """``target[b, h, positions[b, h, s]] += values[b, h, s]`` (repeated positions add up)."""
+    b, h = np.indices(positions.shape[:2])
+    np.add.at(target, (b[..., None], h[..., None], positions), values)
+
+
+def _params(arguments: dict) -> dict:
+    """The keyword arguments shared by every backend's forward and VJP."""
+    names = (
+        "rotations", "n_buckets", "n_hashes", "chunk_len", "causal", "key_padding_mask", "scale",
+        "n_chunks_before", "n_chunks_after", "key_norm", "key_norm_eps", "self_mask_value", "mask_value",
+        "mask_mode", "mask_padded_queries", "padding_bucket", "dup_correction", "short_sequence", "preset",
+    )  # fmt: skip
+    return {name: arguments[name] for name in names}
+
+
+def _other_backend(backend: str, precision):
+    if precision is not None:
+        raise SpecError("precision", "None with a non-reference backend (kernels compute in their input dtype)", repr(precision))
+    return registry.backend("lsh", backend)

@@ -1,0 +1,219 @@
+"""Compatibility presets of routing attention: every behaviour on which the paper's
+semantics, google-research's code and lucidrains' code differ, in one dataclass.
+
+A parameter of :func:`~refattn.routing.reference.routing_attention` (and of the
+hybrid, soft-routing and centroid functions) that is left at :data:`FROM_PRESET`
+takes the preset's value; an explicit value overrides it. ``preset=None`` is the
+canonical semantics (spec/routing.md, "Presets"). The sources of each value:
+
+* google-research: ``routing_transformer/utils.py`` (``multihead_attention_nd``,
+  ``attention_nd``, ``clustered_local_attention_helper``,
+  ``clustered_attention_bias_nd``, ``scatter_cluster_items``, ``online_kmeans``,
+  ``layer_norm``) and the hyper-parameters of
+  ``routing_transformer/sparse_transformer.py`` (``sparse_transformer_local``).
+* lucidrains: ``routing_transformer/routing_transformer.py`` (``KmeansAttention``,
+  ``Kmeans``, ``kmeans_iter``, ``scatter_mean``, ``SelfAttention``, the constants
+  ``TOKEN_SELF_ATTN_VALUE`` and ``KMEAN_INIT_ITERS``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+
+from ..core.errors import SpecError
+
+
+class _FromPreset:
+    """Sentinel default: "take this parameter from the preset"."""
+
+    def __repr__(self) -> str:
+        return "FROM_PRESET"
+
+
+#: Default of every preset-controlled parameter.
+FROM_PRESET = _FromPreset()
+
+#: lucidrains masks with ``-torch.finfo(dots.dtype).max``; the models run in float32.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+@dataclass(frozen=True)
+class RoutingPreset:
+    """One implementation's choice for every behaviour that differs.
+
+    Attributes
+    ----------
+    routing_norm : {"layer", "l2"}
+        How routing vectors are normalised: layer norm without scale or bias
+        (google-research ``layer_norm(q, scaling=False)``) or L2 (lucidrains
+        ``F.normalize``).
+    norm_eps : float > 0
+        Layer norm: added to the variance (google-research 1e-6). L2: the
+        smallest norm divided by (``F.normalize``'s 1e-12).
+    query_prescale : float > 0 or None
+        Factor applied to q (and, under shared-QK, to k) before normalising;
+        None means 1/sqrt(D). google-research scales q by 1/sqrt(D) in
+        ``multihead_attention_nd`` before the layer norm, which changes the
+        result only through ``norm_eps``.
+    attend_on : {"normalized", "raw"}
+        Whether attention uses the normalised routing vectors (google-research
+        replaces q and k by their layer norms) or the raw q, k (lucidrains).
+    normalize_shared_keys : bool
+        With ``attend_on="raw"`` and shared-QK, normalise the keys (lucidrains:
+        ``k = F.normalize(k)`` when ``shared_qk``).
+    scale : float > 0 or None
+        Logit scale; None means 1/sqrt(D). google-research multiplies by
+        nothing after the layer norm (1.0); lucidrains by ``d ** -0.5``.
+    causal_by : {"position", "slot"}
+        Causal mask by the tokens' positions (lucidrains ``indices >= kv_indices``)
+        or by their slots inside the cluster (google-research
+        ``attention_bias_lower_triangle(attention_window)``).
+    order : {"position", "similarity"}
+        Order of the tokens inside a cluster: ascending position
+        (google-research ``tf.sort(idx)``) or descending similarity (lucidrains
+        ``topk``).
+    mask_value : float or None
+        None excludes masked keys exactly; a number replaces their logits
+        (google-research -1e9, lucidrains ``-finfo(float32).max``).
+    self_mask : bool
+        Under shared-QK, keep a token from attending to itself (lucidrains);
+        google-research has no self mask.
+    self_mask_value : float or None
+        None: a token attends to itself only when no other key of its row is
+        allowed (the Reformer rule). A number replaces the self logit, after
+        every other mask (lucidrains ``TOKEN_SELF_ATTN_VALUE = -5e4``).
+    query_padding : {"mask_row", "mask_window", "none"}
+        What padding does to a padded token's own row: the whole row is masked,
+        memory included (canonical); its window keys are masked but not the
+        memory key/values (lucidrains pads the mask with True for memory);
+        nothing (google-research masks padded keys only).
+    scatter_eps : float >= 0
+        ``out = sum / (count + scatter_eps)`` (google-research 1e-2,
+        lucidrains 1e-5); 0 is the exact mean, 0 for unrouted tokens.
+    head_order : {"routing_first", "local_first"}
+        Hybrid layers: google-research splits routing heads off first
+        (``tf.split(q, [sparsity_cluster_num_heads, ...])``); lucidrains
+        concatenates ``[local_out, global_out]``.
+    local_causal : bool or None
+        Hybrid layers: whether local heads are causal; None follows ``causal``
+        (google-research); lucidrains' ``LocalAttention(causal=True)`` always is.
+    centroid_update : {"vq_ema", "normalized_mean_ema"}
+        google-research ``online_kmeans`` (EMA of counts and sums, Laplace
+        smoothing) or lucidrains ``kmeans_iter`` + ``ema_inplace``.
+    decay : float in [0, 1]
+        EMA decay (0.999 in both: google-research hparams ``decay``,
+        lucidrains ``kmeans_ema_decay``).
+    ema_eps : float > 0
+        google-research: Laplace smoothing epsilon of the counts (1e-5).
+        lucidrains: ``F.normalize``'s epsilon of the new means (1e-12).
+    commitment : float >= 0
+        Commitment loss weight (google-research ``beta`` 1e-4, lucidrains
+        ``commitment_factor`` 1e-4).
+    loss_reduction : {"sum_of_means", "mean"}
+        google-research adds the queries' and the keys' mean squared errors;
+        lucidrains takes one mean over the queries and keys together.
+    """
+
+    name: str | None
+    routing_norm: str
+    norm_eps: float
+    query_prescale: float | None
+    attend_on: str
+    normalize_shared_keys: bool
+    scale: float | None
+    causal_by: str
+    order: str
+    mask_value: float | None
+    self_mask: bool
+    self_mask_value: float | None
+    query_padding: str
+    scatter_eps: float
+    head_order: str
+    local_causal: bool | None
+    centroid_update: str
+    decay: float
+    ema_eps: float
+    commitment: float
+    loss_reduction: str
+
+
+#: The paper's semantics, with refattn's conventions where the paper is silent.
+CANONICAL = RoutingPreset(
+    name=None,
+    routing_norm="layer",
+    norm_eps=1e-6,
+    query_prescale=1.0,
+    attend_on="normalized",
+    normalize_shared_keys=False,
+    scale=None,
+    causal_by="position",
+    order="position",
+    mask_value=None,
+    self_mask=True,
+    self_mask_value=None,
+    query_padding="mask_row",
+    scatter_eps=0.0,
+    head_order="routing_first",
+    local_causal=None,
+    centroid_update="vq_ema",
+    decay=0.999,
+    ema_eps=1e-5,
+    commitment=1e-4,
+    loss_reduction="sum_of_means",
+)
+
+PRESETS: dict[str, RoutingPreset] = {
+    "google_research": replace(
+        CANONICAL,
+        name="google_research",
+        query_prescale=None,
+        scale=1.0,
+        causal_by="slot",
+        mask_value=-1e9,
+        self_mask=False,
+        query_padding="none",
+        scatter_eps=1e-2,
+    ),
+    "lucidrains": replace(
+        CANONICAL,
+        name="lucidrains",
+        routing_norm="l2",
+        norm_eps=1e-12,
+        attend_on="raw",
+        normalize_shared_keys=True,
+        order="similarity",
+        mask_value=-FLOAT32_MAX,
+        self_mask_value=-5e4,
+        query_padding="mask_window",
+        scatter_eps=1e-5,
+        head_order="local_first",
+        local_causal=True,
+        centroid_update="normalized_mean_ema",
+        ema_eps=1e-12,
+        loss_reduction="mean",
+    ),
+}
+
+#: Names that differ only by spelling: the repository is "google-research".
+_ALIASES = {"google-research": "google_research"}
+
+#: The preset-controlled parameter names.
+PARAMETERS = tuple(f.name for f in fields(RoutingPreset) if f.name != "name")
+
+
+def get_preset(preset) -> RoutingPreset:
+    """The preset called ``preset`` ("google_research", "lucidrains"), or the canonical one for None."""
+    if preset is None:
+        return CANONICAL
+    name = _ALIASES.get(preset, preset) if isinstance(preset, str) else preset
+    if name not in PRESETS:
+        raise SpecError("preset", f"None or one of {sorted(PRESETS)}", repr(preset))
+    return PRESETS[name]
+
+
+def resolve(preset, **given) -> dict:
+    """The value of each named parameter: the given one, or the preset's where it is :data:`FROM_PRESET`."""
+    chosen = get_preset(preset)
+    return {name: getattr(chosen, name) if value is FROM_PRESET else value for name, value in given.items()}

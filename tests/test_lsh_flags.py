@@ -1,0 +1,247 @@
+"""The LSH conformance cases catch the mistakes their flags name.
+
+The suite is exported to a temporary folder. ``SmallLSH`` is LSH attention
+written here in PyTorch from spec/lsh.md, window by window and independently of
+refattn's reference (autograd gives its gradients); ``SmallLSH(bug=FLAG)``
+makes the one mistake that the flag ``FLAG`` names, each marked ``# bug FLAG``
+next to the line it replaces. Every wrong variant must fail at least one case
+carrying its flag, while the correct one passes them all, gradients included.
+
+verify() calls ``impl(q, k, v, ...)``; LSH cases have one shared ``qk`` input,
+so :func:`shared_qk` presents each case with ``q = k = qk``.
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+import refattn.lsh  # noqa: F401  (registers "lsh")
+from refattn.conformance import flags as catalogue
+from refattn.conformance.export import export
+from refattn.conformance.suite import load_suite
+from refattn.conformance.verify import verify
+from refattn.core.results import Result
+from refattn.lsh.cases import cases
+
+torch = pytest.importorskip("torch")
+
+#: What each wrong variant gets wrong, in the words of a bug report.
+BUGS = {
+    "LSH_FACTORISED_BUCKETS": "combines factorised buckets with the first factor most significant",
+    "WRAPPED_LOOKBACK": "drops neighbouring chunks before the first and after the last instead of wrapping",
+    "SELF_ONLY_ROW": "excludes self pairs exactly (-inf) instead of giving them the self value",
+    "PADDING_BUCKET": "offsets round r by r·n instead of r·(n + 1) when the padding bucket exists",
+    "MULTI_ROUND_COMBINE": "averages the rounds' outputs and log-sum-exps",
+    "DUP_COUNT": "ignores dup_correction",
+    "DUP_COUNT_CROSS_ROUND": "counts a key only through same-round windows (trax v1, reformer-pytorch)",
+    "CHUNK_STRADDLES_ROUNDS": "chunks each round on its own, windows wrapping within the round",
+    "SHORT_SEQUENCE_FALLBACK": "hashes even when N <= chunk_len",
+    "LSH_STABLE_SORT": "orders the tokens of a bucket by decreasing position",
+    "LSH_KEY_NORMALISATION": "normalises the queries as well as the keys",
+    "LSH_CAUSAL_POSITIONS": "applies the causal mask to sorted slots instead of positions",
+    "LSH_MASK_MODE": "adds the mask constants where the preset replaces, and replaces where it adds",
+    "LSH_PADDED_QUERIES": "masks padded keys only, whatever mask_padded_queries says",
+}
+
+#: The LSH flags, from the catalogue.
+FLAGS = {name: catalogue.FLAGS[name] for name in BUGS}
+
+
+def shared_qk(suite):
+    """The suite with each case's ``qk`` also given as ``q`` and ``k`` (verify's positional inputs)."""
+    cases_ = [dataclasses.replace(c, inputs={"q": c.inputs["qk"], "k": c.inputs["qk"], "v": c.inputs["v"]}) for c in suite.cases]
+    return dataclasses.replace(suite, cases=cases_)
+
+
+class SmallLSH:
+    """LSH attention in PyTorch, float64, window by window; ``bug`` names one LSH flag's mistake."""
+
+    def __init__(self, bug=None):
+        self.bug = bug
+
+    def __call__(self, q, k, v, **params):
+        with torch.no_grad():
+            out, lse, buckets = self._forward(torch.tensor(q, dtype=torch.float64), torch.tensor(v, dtype=torch.float64), **params)
+        return Result(out=out.numpy(), lse=lse.numpy(), aux={} if buckets is None else {"buckets": buckets})
+
+    def vjp(self, dout, q, k, v, *, dlse=None, **params):
+        qk = torch.tensor(q, dtype=torch.float64, requires_grad=True)
+        values = torch.tensor(v, dtype=torch.float64, requires_grad=True)
+        out, lse, _ = self._forward(qk, values, **params)
+        loss = (out * torch.tensor(dout)).sum()
+        if dlse is not None:
+            loss = loss + torch.where(torch.isfinite(lse), lse * torch.tensor(dlse), 0.0).sum()
+        loss.backward()
+        return {"qk": qk.grad.numpy(), "v": values.grad.numpy()}
+
+    def _forward(self, qk, v, *, rotations, n_buckets, n_hashes, chunk_len, causal=False, key_padding_mask=None,
+                 **behaviours):  # fmt: skip
+        batch, heads, n, _ = qk.shape
+        rotations = np.broadcast_to(rotations, (batch,) + rotations.shape[-4:])
+        factors = list(n_buckets) if isinstance(n_buckets, (list, tuple)) else [n_buckets]
+        valid = None if key_padding_mask is None else np.broadcast_to(key_padding_mask, (batch, n))
+        short = behaviours["short_sequence"] == "full" and n <= chunk_len
+        if self.bug == "SHORT_SEQUENCE_FALLBACK":
+            short = False  # bug SHORT_SEQUENCE_FALLBACK
+        outs, lses, buckets = [], [], []
+        for b in range(batch):
+            for h in range(heads):
+                if short:
+                    bucket, windows, rounds = None, [(list(range(n)), list(range(n)))], 1
+                else:
+                    bucket = self._buckets(qk[b, h].detach().numpy(), rotations[b, h], factors, valid, b, behaviours)
+                    windows, rounds = self._windows(bucket, chunk_len, behaviours), n_hashes
+                    buckets.append(bucket)
+                o, l = self._attend(qk[b, h], v[b, h], windows, rounds, causal, None if valid is None else valid[b], behaviours)
+                outs.append(o)
+                lses.append(l)
+        out = torch.stack(outs).reshape(batch, heads, n, -1)
+        lse = torch.stack(lses).reshape(batch, heads, n)
+        return out, lse, None if short else np.stack(buckets).reshape(batch, heads, n_hashes, n)
+
+    def _buckets(self, x, rotations, factors, valid, b, behaviours):
+        """(R, N) buckets with offsets: per-factor argmax of [xR, -xR], padding bucket, round offsets."""
+        rotated = np.einsum("nd,rdp->rnp", x, rotations)
+        digits, start = [], 0
+        for factor in factors:
+            part = rotated[..., start : start + factor // 2]
+            digits.append(np.argmax(np.concatenate([part, -part], axis=-1), axis=-1))
+            start += factor // 2
+        if self.bug == "LSH_FACTORISED_BUCKETS":
+            digits, factors = digits[::-1], factors[::-1]  # bug LSH_FACTORISED_BUCKETS
+        bucket, base = 0, 1
+        for digit, factor in zip(digits, factors):
+            bucket, base = bucket + base * digit, base * factor
+        total = int(np.prod(factors))
+        rule = behaviours["padding_bucket"]
+        padding = valid is not None and (rule == "if_mask" or (rule == "if_padded" and not valid.all()))
+        per_round = total + 1 if padding else total
+        if self.bug == "PADDING_BUCKET":
+            per_round = total  # bug PADDING_BUCKET
+        if padding:
+            bucket = np.where(valid[b][None, :], bucket, total)
+        return bucket + per_round * np.arange(len(rotations))[:, None]
+
+    def _windows(self, bucket, chunk_len, behaviours):
+        """[(query items, key items)] for every chunk; item t is token t % N of round t // N."""
+        rounds, n = bucket.shape
+        flat = bucket.reshape(-1)
+        order = sorted(range(rounds * n), key=lambda t: (flat[t], t))
+        if self.bug == "LSH_STABLE_SORT":
+            order = sorted(range(rounds * n), key=lambda t: (flat[t], -t))  # bug LSH_STABLE_SORT
+        sequences = [order]
+        if self.bug == "CHUNK_STRADDLES_ROUNDS":
+            sequences = [[t for t in order if t // n == r] for r in range(rounds)]  # bug CHUNK_STRADDLES_ROUNDS
+        windows = []
+        for items in sequences:
+            chunks = [items[c : c + chunk_len] for c in range(0, len(items), chunk_len)]
+            for c, chunk in enumerate(chunks):
+                neighbours = [c + d for d in range(-behaviours["n_chunks_before"], behaviours["n_chunks_after"] + 1)]
+                if self.bug == "WRAPPED_LOOKBACK":
+                    neighbours = [m for m in neighbours if 0 <= m < len(chunks)]  # bug WRAPPED_LOOKBACK
+                windows.append((chunk, [t for m in neighbours for t in chunks[m % len(chunks)]]))
+        return windows
+
+    def _counts(self, windows, n):
+        """n_ij: occurrences of token j in the windows of token i's copies."""
+        counts = np.zeros((n, n))
+        for queries, keys in windows:
+            np.add.at(counts, np.ix_([t % n for t in queries], [t % n for t in keys]), 1)  # a token may recur in a window
+        if self.bug == "DUP_COUNT_CROSS_ROUND":
+            counts = self._same_round_counts(windows, n)  # bug DUP_COUNT_CROSS_ROUND
+        return counts
+
+    @staticmethod
+    def _same_round_counts(windows, n):
+        """reformer-pytorch's count: rounds r in which token j's round-r copy is in token i's round-r window, + 1e-9."""
+        counts = np.zeros((n, n))
+        for queries, keys in windows:
+            for t in queries:
+                for s in keys:
+                    counts[t % n, s % n] += t // n == s // n
+        return counts + 1e-9
+
+    def _attend(self, x, v, windows, rounds, causal, valid, p):
+        n = x.shape[0]
+        scale = 1 / math.sqrt(x.shape[1]) if p["scale"] is None else p["scale"]
+        keys = self._normalise(x, p["key_norm"], p["key_norm_eps"])
+        queries = x
+        if self.bug == "LSH_KEY_NORMALISATION":
+            queries = keys  # bug LSH_KEY_NORMALISATION
+        counts = self._counts(windows, n) if p["dup_correction"] and self.bug != "DUP_COUNT" else None
+        round_out = torch.zeros(rounds, n, v.shape[1], dtype=torch.float64)
+        round_lse = torch.full((rounds, n), -math.inf, dtype=torch.float64)
+        for query_items, key_items in windows:
+            pq, pk = [t % n for t in query_items], [t % n for t in key_items]
+            logits = self._logits(scale * queries[pq] @ keys[pk].T, pq, pk, query_items, key_items, causal, valid, p)
+            if counts is not None:
+                logits = logits - torch.log(torch.tensor(counts[np.ix_(pq, pk)]))
+            lse = torch.logsumexp(logits, dim=-1)
+            weights = torch.where(torch.isfinite(lse)[:, None], torch.exp(logits - lse.clamp(min=-1e300)[:, None]), 0.0)
+            rows = (torch.tensor([t // n for t in query_items]), torch.tensor(pq))
+            round_out = round_out.index_put(rows, weights @ v[pk])
+            round_lse = round_lse.index_put(rows, lse)
+        if self.bug == "MULTI_ROUND_COMBINE":
+            return round_out.mean(0), round_lse.mean(0)  # bug MULTI_ROUND_COMBINE
+        lse = torch.logsumexp(round_lse, dim=0)
+        weights = torch.where(torch.isfinite(lse), torch.exp(round_lse - lse.clamp(min=-1e300)), 0.0)
+        return (weights[..., None] * round_out).sum(0), lse
+
+    @staticmethod
+    def _normalise(x, key_norm, eps):
+        norm = x.norm(dim=-1, keepdim=True)
+        if key_norm == "rms":
+            return x / torch.sqrt(norm**2 + x.shape[-1] * eps)
+        return x / norm.clamp(min=eps)
+
+    def _logits(self, scores, pq, pk, query_items, key_items, causal, valid, p):
+        q_pos, k_pos = torch.tensor(pq)[:, None], torch.tensor(pk)[None, :]
+        allowed = torch.ones(scores.shape, dtype=torch.bool)
+        if causal:
+            allowed &= k_pos <= q_pos
+            if self.bug == "LSH_CAUSAL_POSITIONS":
+                allowed = torch.tensor(key_items)[None, :] <= torch.tensor(query_items)[:, None]  # bug LSH_CAUSAL_POSITIONS
+        mask_queries = p["mask_padded_queries"]
+        if self.bug == "LSH_PADDED_QUERIES":
+            mask_queries = False  # bug LSH_PADDED_QUERIES
+        if valid is not None:
+            allowed &= torch.tensor(valid[pk])[None, :]
+            if mask_queries:
+                allowed &= torch.tensor(valid[pq])[:, None]
+        self_pair = q_pos == k_pos
+        self_value = p["self_mask_value"]
+        if self.bug == "SELF_ONLY_ROW":
+            self_value = -math.inf  # bug SELF_ONLY_ROW
+        mask_value = -math.inf if p["mask_value"] is None else p["mask_value"]
+        mode = p["mask_mode"]
+        if self.bug == "LSH_MASK_MODE":
+            mode = "add" if mode == "replace" else "replace"  # bug LSH_MASK_MODE
+        if mode == "replace":
+            return torch.where(self_pair, self_value, torch.where(allowed, scores, mask_value))
+        return scores + torch.where(self_pair, self_value, 0.0) + torch.where(allowed, 0.0, mask_value)
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lsh_suite")
+    export(folder, mechanisms=["lsh"])
+    return shared_qk(load_suite(folder))
+
+
+def test_every_lsh_flag_is_used_and_has_a_wrong_implementation():
+    used = {flag for case in cases() for flag in case.flags}
+    assert used == set(FLAGS)
+    assert all(len(text) > 80 for text in FLAGS.values())
+
+
+def test_the_small_implementation_passes_every_case(suite):
+    report = verify(SmallLSH(), suite=suite, grad=True)
+    assert report.ok, report.format()
+
+
+@pytest.mark.parametrize("flag", sorted(BUGS))
+def test_wrong_implementation_fails_a_flagged_case(flag, suite):
+    report = verify(SmallLSH(bug=flag), suite=suite.select(flags=flag))
+    assert any(case.status == "fail" for case in report.cases), f"no {flag} case catches a kernel that {BUGS[flag]}"
