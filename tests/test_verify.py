@@ -357,6 +357,27 @@ def test_torch_adapter_dtypes_and_gradients(suite):
     assert report.impl == "tests.test_verify:from_torch(test_torch_adapter_dtypes_and_gradients.<locals>.attend)"
 
 
+def test_shared_qk_cases_pass_qk_and_v_positionally_through_the_torch_adapter():
+    """LSH cases have inputs ``qk`` and ``v``: verify calls ``impl(qk, v, ...)`` and reads ``grad.qk``."""
+    torch = pytest.importorskip("torch")
+    from refattn.conformance.adapters import from_torch
+    from refattn.lsh import lsh_attention
+
+    calls = []
+
+    def attend(qk, v, **params):  # the reference itself, behind torch tensors (forward only)
+        calls.append((qk.shape, v.shape))
+        arrays = {n: x.numpy() if isinstance(x, torch.Tensor) else x for n, x in params.items()}
+        result = lsh_attention(qk.numpy(), v.numpy(), **arrays)
+        return torch.from_numpy(result.out), torch.from_numpy(result.lse)
+
+    whole = load_suite(default_suite_folder())
+    report = verify(from_torch(attend, inputs=("qk", "v")), suite=whole, mechanism="lsh")
+    assert report.ok and calls and len(report.cases) == len(whole.select(mechanisms="lsh").cases), report.format()
+    with pytest.raises(TypeError, match="expected 2 positional arrays"):
+        from_torch(attend, inputs=("qk", "v"))(np.zeros(1), np.zeros(1), np.zeros(1))
+
+
 def test_adapters_say_what_to_install(monkeypatch):
     from refattn.conformance.adapters import from_jax, from_torch
 

@@ -418,7 +418,7 @@ FLAGS: dict[str, str] = {
     ),
     "SSMAX_SINGLE_KEY": (
         "A row that attends to exactly one key has n = 1 and log 1 = 0, so its factor is b_h: its output is that "
-        "key's value and its lse is b_h * cap(scale * q . k) + bias. Fails implementations that clamp n to at "
+        "key's value and its lse is cap(b_h * scale * q . k) + bias. Fails implementations that clamp n to at "
         "least 2 (max(n, 2)), use log(n + 1), or count the query twice."
     ),
     "SSMAX_FACTOR_SCOPE": (

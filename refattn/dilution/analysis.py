@@ -2,7 +2,7 @@
 
 The seed argues that as the number of keys ``n`` grows each token competes
 with more tokens, so attention is diluted, and noise keys take mass from the
-relevant ones. Two models make that precise (spec/_drafts/diagnostics_analysis.md,
+relevant ones. Two models make that precise (spec/dilution.md,
 equations (A1)-(A12), numbered below as there):
 
 (a) *Equal keys* (A1). ``n`` equal logits give every weight exactly ``1/n``
@@ -347,7 +347,7 @@ def predict(mechanism: str, n: int, setting: Setting) -> Prediction | None:
     whatever the correlation of the two maps' noise.
 
     Returns None where the scaled margin or noise lies beyond
-    :data:`MAX_ABS_MARGIN` or :data:`MAX_SIGMA` (log-n scaling of σ >= 1.8
+    :data:`MAX_ABS_MARGIN` or :data:`MAX_SIGMA` (log-n scaling of σ > 1.80
     at n = 65536, for instance).
     """
     n = _int_at_least(n, "n", 2)

@@ -31,7 +31,7 @@ The first two compute the entropy from the logits, ``H = lse − Σ P z``
 accumulate; the third from the weights, ``H = −Σ P log P`` (eq. D4'). The
 tests check that the two agree.
 
-Equations (D1)-(D9) are in spec/_drafts/diagnostics_analysis.md; the step
+Equations (D1)-(D9) are in spec/dilution.md; the step
 numbers below match. Einsum letters: b batch, h query head, q query position,
 k key position, d head dim.
 """

@@ -9,7 +9,7 @@ tile of logits ever exists. Memory is O(N) (plus the caller's arrays), never
 O(Nq * Nk). Work items, parallel with ``prange``, are (batch, query head,
 query block).
 
-Streaming statistics (spec/_drafts/diagnostics_analysis.md, (S1)-(S4))
+Streaming statistics (spec/dilution.md, (S1)-(S4))
 ---------------------------------------------------------------------
 For each query row keep, over the keys seen so far, the running maximum
 ``m`` of the logits, and with ``p_j = exp(z_j − m)``::

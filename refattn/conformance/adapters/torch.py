@@ -67,7 +67,8 @@ class TorchImplementation:
     def __call__(self, *sequences, **kwargs) -> Result:
         torch = _torch()
         with torch.no_grad():
-            out, lse = split_result(self.fn(*(self._tensor(x) for x in sequences), **self._keywords(kwargs)))
+            positional = [self._tensor(x) for x in named(self.inputs, sequences).values()]
+            out, lse = split_result(self.fn(*positional, **self._keywords(kwargs)))
         return Result(out=_numpy(out), lse=None if lse is None else _numpy(lse))
 
     def vjp(self, dout, *sequences, dlse=None, **kwargs) -> dict:

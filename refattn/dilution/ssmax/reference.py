@@ -37,7 +37,7 @@ gradient 0, whatever ``f_i`` would be (``log 0`` is never formed; refattn
 sets ``f_i = 0`` there). A row with ``n_i = 1`` has ``log 1 = 0``, so its
 factor is ``b_h`` alone (0 without a bias): its output is the single value
 it attends to, as for any softmax over one entry, and its lse is
-``b_h · cap(scale · q_i · k_j) + bias_ij``.
+``cap(b_h · scale · q_i · k_j) + bias_ij``.
 
 **Parameters.** ``s`` must be positive: SSMax is the base-``n`` exponential
 ``n^(s z)``, whose point is that the factor grows with ``n``; ``s = 0``
