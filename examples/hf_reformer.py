@@ -30,9 +30,12 @@ need anything else raise ``NotImplementedError`` and are listed in
 ``examples/hf_reformer.xfail``.
 
 ``hf_lsh(qk, v, **params)`` and ``hf_lsh_vjp(dout, qk, v, dlse=..., **params)``
-take LSH's shared ``qk``; refattn's verifier calls ``impl(q, k, v, **params)``,
-so tests/test_example_hf_reformer.py passes each case's ``qk`` as ``q`` and
-``k`` and a wrapper drops ``k``. Every "hf" preset case passes in float64
+take LSH's shared ``qk``, as refattn's verifier passes it for LSH cases::
+
+    refattn verify --mechanism lsh --impl examples.hf_reformer:hf_lsh \
+        --vjp examples.hf_reformer:hf_lsh_vjp --grad --xfail examples/hf_reformer.xfail
+
+Every "hf" preset case passes in float64
 (budget 1e-10) and float32, buckets exactly and gradients included, and so do
 the canonical cases whose behaviours HF shares.
 """

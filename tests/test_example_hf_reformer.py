@@ -2,22 +2,18 @@
 (every "hf" preset case, and the canonical cases whose behaviours HF shares), buckets
 exactly, outputs and gradients within budget, in float64 and float32.
 
-The suite is exported to a temporary folder. verify() calls ``impl(q, k, v, ...)``;
-LSH cases have one shared ``qk`` input, so :func:`shared_qk` presents each case with
-``q = k = qk`` and the implementations drop ``k``.
+The committed LSH cases have one shared ``qk`` input, so verify() calls
+``hf_lsh(qk, v, ...)`` and ``hf_lsh_vjp(dout, qk, v, ...)`` directly.
 """
 
-import dataclasses
 import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import refattn.lsh  # noqa: F401  (registers "lsh")
-from refattn.conformance.export import export
 from refattn.conformance.suite import load_suite
-from refattn.conformance.verify import read_xfail, verify
+from refattn.conformance.verify import IMPLIED_OUT, default_suite_folder, read_xfail, verify
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -36,35 +32,14 @@ def example():
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("lsh_suite")
-    export(folder, mechanisms=["lsh"])
-    return shared_qk(load_suite(folder))
-
-
-def shared_qk(suite):
-    """The suite with each case's ``qk`` also given as ``q`` and ``k`` (verify's positional inputs)."""
-    cases = [dataclasses.replace(c, inputs={"q": c.inputs["qk"], "k": c.inputs["qk"], "v": c.inputs["v"]}) for c in suite.cases]
-    return dataclasses.replace(suite, cases=cases)
-
-
-class OnQKV:
-    """``fn(qk, v, **params)`` (with ``fn.vjp``) called as ``impl(q, k, v, **params)``."""
-
-    def __init__(self, fn, vjp):
-        self.fn, self._vjp = fn, vjp
-
-    def __call__(self, q, k, v, **params):
-        return self.fn(q, v, **params)
-
-    def vjp(self, dout, q, k, v, *, dlse=None, **params):
-        return self._vjp(dout, q, v, dlse=dlse, **params)
+def suite():
+    return load_suite(default_suite_folder()).select(mechanisms="lsh")
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_hf_passes_every_case_it_can_express(example, suite, dtype):
     xfail = read_xfail(XFAIL)
-    report = verify(OnQKV(example.hf_lsh, example.hf_lsh_vjp), suite=suite, dtype=dtype, grad=True, xfail=xfail)
+    report = verify(example.hf_lsh, vjp=example.hf_lsh_vjp, suite=suite, dtype=dtype, grad=True, xfail=xfail)
     assert report.ok, report.format()
     counts = report.counts()
     assert counts["pass"] == len(suite.cases) - len(xfail) and counts["xpass"] == 0, report.format()
@@ -79,8 +54,12 @@ def test_wrong_rotations_fail_at_the_buckets_first(example, suite):
     def negated(qk, v, *, rotations, **params):
         return example.hf_lsh(qk, v, rotations=-rotations, **params)
 
-    report = verify(OnQKV(negated, None), suite=suite.select(ids="lsh/hf_two_rounds"))
+    report = verify(negated, suite=suite.select(ids="lsh/hf_two_rounds"))
     assert report.cases[0].status == "fail" and report.cases[0].first_stage == "aux.buckets"
+    # HF's attention is still right for the buckets it computed: only the hashing differs.
+    implied = [check for check in report.cases[0].checks if check.name == IMPLIED_OUT]
+    assert [check.status for check in implied] == ["pass"], report.format()
+    assert "consistent with the output its own buckets imply" in report.format()
 
 
 def test_rotation_layout_is_hf_s(example):

@@ -14,6 +14,7 @@ from refattn import cli
 from refattn.conformance import export
 from refattn.conformance.suite import SuiteError, load_suite
 from refattn.conformance.verify import (
+    IMPLIED_OUT,
     check_case,
     default_suite_folder,
     first_difference,
@@ -376,6 +377,26 @@ def test_shared_qk_cases_pass_qk_and_v_positionally_through_the_torch_adapter():
     assert report.ok and calls and len(report.cases) == len(whole.select(mechanisms="lsh").cases), report.format()
     with pytest.raises(TypeError, match="expected 2 positional arrays"):
         from_torch(attend, inputs=("qk", "v"))(np.zeros(1), np.zeros(1), np.zeros(1))
+
+
+def test_wrong_decisions_are_told_apart_from_wrong_attention():
+    """When an implementation's buckets differ, its output is also checked against what its own buckets imply."""
+    from refattn.lsh import lsh_attention
+
+    def other_hash(qk, v, *, rotations, **params):  # other buckets, attention right for them
+        return lsh_attention(qk, v, rotations=-rotations, **params)
+
+    def other_hash_and_off(qk, v, **params):  # and attention that is wrong for them too
+        result = other_hash(qk, v, **params)
+        return Result(out=result.out * 1.01, lse=result.lse, aux=result.aux)
+
+    whole = load_suite(default_suite_folder())
+    for impl, verdict in ((other_hash, "pass"), (other_hash_and_off, "fail")):
+        case = verify(impl, suite=whole, ids=["lsh/hf_two_rounds"]).cases[0]
+        assert case.status == "fail" and case.first_stage == "aux.buckets"
+        assert [c.status for c in case.checks if c.name == IMPLIED_OUT] == [verdict], case.format()
+    # Buckets that match: no implied check at all.
+    assert all(c.name != IMPLIED_OUT for c in verify(lsh_attention, suite=whole, ids=["lsh/hf_two_rounds"]).cases[0].checks)
 
 
 def test_adapters_say_what_to_install(monkeypatch):

@@ -53,6 +53,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
+from ..core import registry
 from ..core.precision import PRECISIONS, STORAGE_DTYPES
 from .suite import LoadedCase, Suite, load_suite, require_one_mechanism
 from .tolerance import TINY, error as output_error
@@ -61,6 +62,9 @@ LAYOUTS = ("bhnd", "bnhd")
 STATUSES = ("pass", "fail", "error", "xfail", "xpass")
 # Arrays whose axes 1 and 2 (heads, sequence) are swapped in the "bnhd" layout.
 SEQUENCE_MAJOR = ("q", "k", "v", "qk", "out", "lse")
+#: Name of the check of ``out`` against what the implementation's own
+#: intermediates imply (``Mechanism.implied_output``), run when they differ.
+IMPLIED_OUT = "out|own_aux"
 #: The inputs passed positionally, in this order, when a case has them; every
 #: other input and parameter is passed by keyword.
 POSITIONAL = ("q", "qk", "k", "v")
@@ -188,6 +192,7 @@ class CaseReport:
             for c in self.checks:
                 lines.append(f"  {c.name:<12} {_num(c.error):>10} {_num(c.budget):>10} {_num(c.ratio):>10}  {c.status}")
         lines.extend(f"  {c.describe()}" for c in self.failed_checks)
+        lines.extend(f"  {c.name}: {c.detail}" for c in self.checks if c.name == IMPLIED_OUT and c.status == "pass")
         if flag_descriptions and self.status != "pass":
             for flag in (f for f in self.flags if f in flag_descriptions):
                 lines.append(textwrap.fill(f"{flag}: {flag_descriptions[flag]}", 100, initial_indent="  ", subsequent_indent="    "))
@@ -368,6 +373,8 @@ def check_case(
     try:
         returned = _read_returned(impl(*positional, **keywords), layout)
         checks += _check_forward(case, returned, dtype)
+        if any(c.name.startswith("aux.") and c.status == "fail" for c in checks):
+            checks += _check_implied(case, returned, dtype)
         if grad and any(name.startswith("grad.") for name in case.expected):
             cotangents = _cotangents(case, dtype, layout)
             positional, keywords = _call_arguments(case, dtype, layout)  # fresh copies: impl may have written to its own
@@ -472,6 +479,25 @@ def _check_grads(case: LoadedCase, grads: Mapping, dtype: str, layout: str) -> l
 def _in_order(names, first: tuple[str, ...]) -> list[str]:
     """``names`` with those in ``first`` leading, in that order, and the rest sorted."""
     return [n for n in first if n in names] + sorted(n for n in names if n not in first)
+
+
+def _check_implied(case: LoadedCase, returned: _Returned, dtype: str) -> list[OutputCheck]:
+    """``out`` against what the implementation's own intermediates imply (see ``Mechanism.implied_output``).
+
+    Run only when an intermediate differs from the case's, so it never fails a
+    case that would pass; its verdict says whether the output is right given
+    the implementation's own decisions (then only the decisions are wrong).
+    """
+    if case.mechanism not in registry.names() or registry.get(case.mechanism).implied_output is None:
+        return []
+    arguments = {**case.inputs, **case.array_params, **{n: _json_param(x) for n, x in case.params.items()}}
+    implied = registry.get(case.mechanism).implied_output(arguments, returned.aux)
+    if implied is None:
+        return []
+    check = _check_float(IMPLIED_OUT, returned.out, np.asarray(implied.out, np.float64), case.tolerances["out"][dtype])
+    verdict = "consistent with" if check.status == "pass" else "differs from"
+    detail = f"out {verdict} the output its own {', '.join(sorted(returned.aux))} imply"
+    return [OutputCheck(check.name, check.status, check.error, check.budget, detail, check.difference)]
 
 
 def _check_float(name: str, got: np.ndarray | None, want: np.ndarray, budget: float) -> OutputCheck:

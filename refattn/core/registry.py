@@ -39,6 +39,13 @@ class Mechanism:
         Module path of its invariants (``properties.py``).
     spec : str
         Its spec page, relative to the repository root.
+    implied_output : callable, optional
+        ``implied_output(arguments, aux) -> Result or None``: the output that an
+        implementation's own discrete intermediates (``aux``, e.g. LSH buckets)
+        imply, by a formula independent of how they were computed. When those
+        intermediates differ from a case's, the verifier compares the
+        implementation's output with this, telling a wrong decision (hashing,
+        routing) apart from wrong attention given the decision.
     """
 
     name: str
@@ -49,6 +56,7 @@ class Mechanism:
     cases: Callable
     properties: str
     spec: str
+    implied_output: Callable | None = None
 
 
 _MECHANISMS: dict[str, Mechanism] = {}

@@ -19,6 +19,17 @@ from .reference import (
 )
 
 
+def _implied_by_buckets(arguments: dict, aux: dict):
+    """The dense identity over an implementation's own buckets (spec/lsh.md), or None without them."""
+    from .properties import lsh_as_dense
+
+    buckets = aux.get("buckets")
+    if buckets is None:
+        return None
+    qk, v = arguments.pop("qk"), arguments.pop("v")
+    return lsh_as_dense(qk, v, buckets=buckets, **arguments)
+
+
 def _cases():
     from .cases import cases
 
@@ -35,6 +46,7 @@ MECHANISM = registry.register(
         cases=_cases,
         properties="refattn.lsh.properties",
         spec="spec/lsh.md",
+        implied_output=_implied_by_buckets,
     )
 )
 
