@@ -42,14 +42,14 @@ def _cases_of(mechanism: str):
     return cases
 
 
-def _register(name: str, forward, vjp) -> registry.Mechanism:
+def _register(name: str, forward, vjp, backends=("reference",)) -> registry.Mechanism:
     return registry.register(
         registry.Mechanism(
             name=name,
             package="refattn.routing",
             forward=forward,
             vjp=vjp,
-            backends=("reference",),
+            backends=backends,
             cases=_cases_of(name),
             properties="refattn.routing.properties",
             spec="spec/routing.md",
@@ -57,7 +57,7 @@ def _register(name: str, forward, vjp) -> registry.Mechanism:
     )
 
 
-MECHANISM = _register("routing", routing_attention, routing_attention_vjp)
+MECHANISM = _register("routing", routing_attention, routing_attention_vjp, backends=("reference", "numba"))
 HYBRID_MECHANISM = _register("routing_hybrid", hybrid_attention, hybrid_attention_vjp)
 SOFT_ROUTING_MECHANISM = _register("soft_routing", soft_routing_attention, soft_routing_attention_vjp)
 CENTROID_EMA_MECHANISM = _register("centroid_ema", centroid_ema, centroid_ema_vjp)

@@ -485,7 +485,9 @@ def routing_attention(
         ``attend_on="raw"`` attention uses q and k as given.
     precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
         Evaluate in that precision (refattn.core.precision; tolerances only).
-    backend : {"reference"}
+    backend : {"reference", "numba"}
+        "numba": refattn/routing/numba.py, computing in float32 for float32/float16/bfloat16
+        inputs (float64 otherwise) and returning in that dtype; ``precision`` must then be None.
 
     Returns
     -------
