@@ -357,7 +357,7 @@ def test_masked_value_matters_only_without_the_self_entry():
 def test_registered():
     mechanism = registry.get("lsh")
     assert mechanism.forward is lsh_attention and mechanism.vjp is lsh_attention_vjp
-    assert mechanism.backends == ("reference",) and mechanism.spec == "spec/lsh.md"
+    assert mechanism.backends == ("reference", "numba") and mechanism.spec == "spec/lsh.md"
 
 
 # --- bad input --------------------------------------------------------------------------

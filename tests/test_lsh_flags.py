@@ -1,17 +1,14 @@
 """The LSH conformance cases catch the mistakes their flags name.
 
-The suite is exported to a temporary folder. ``SmallLSH`` is LSH attention
+The cases are the committed suite's. ``SmallLSH`` is LSH attention
 written here in PyTorch from spec/lsh.md, window by window and independently of
 refattn's reference (autograd gives its gradients); ``SmallLSH(bug=FLAG)``
 makes the one mistake that the flag ``FLAG`` names, each marked ``# bug FLAG``
 next to the line it replaces. Every wrong variant must fail at least one case
 carrying its flag, while the correct one passes them all, gradients included.
-
-verify() calls ``impl(q, k, v, ...)``; LSH cases have one shared ``qk`` input,
-so :func:`shared_qk` presents each case with ``q = k = qk``.
+LSH cases have one shared ``qk`` input: verify() calls ``impl(qk, v, ...)``.
 """
 
-import dataclasses
 import math
 
 import numpy as np
@@ -19,9 +16,8 @@ import pytest
 
 import refattn.lsh  # noqa: F401  (registers "lsh")
 from refattn.conformance import flags as catalogue
-from refattn.conformance.export import export
 from refattn.conformance.suite import load_suite
-from refattn.conformance.verify import verify
+from refattn.conformance.verify import default_suite_folder, verify
 from refattn.core.results import Result
 from refattn.lsh.cases import cases
 
@@ -49,25 +45,19 @@ BUGS = {
 FLAGS = {name: catalogue.FLAGS[name] for name in BUGS}
 
 
-def shared_qk(suite):
-    """The suite with each case's ``qk`` also given as ``q`` and ``k`` (verify's positional inputs)."""
-    cases_ = [dataclasses.replace(c, inputs={"q": c.inputs["qk"], "k": c.inputs["qk"], "v": c.inputs["v"]}) for c in suite.cases]
-    return dataclasses.replace(suite, cases=cases_)
-
-
 class SmallLSH:
     """LSH attention in PyTorch, float64, window by window; ``bug`` names one LSH flag's mistake."""
 
     def __init__(self, bug=None):
         self.bug = bug
 
-    def __call__(self, q, k, v, **params):
+    def __call__(self, qk, v, **params):
         with torch.no_grad():
-            out, lse, buckets = self._forward(torch.tensor(q, dtype=torch.float64), torch.tensor(v, dtype=torch.float64), **params)
+            out, lse, buckets = self._forward(torch.tensor(qk, dtype=torch.float64), torch.tensor(v, dtype=torch.float64), **params)
         return Result(out=out.numpy(), lse=lse.numpy(), aux={} if buckets is None else {"buckets": buckets})
 
-    def vjp(self, dout, q, k, v, *, dlse=None, **params):
-        qk = torch.tensor(q, dtype=torch.float64, requires_grad=True)
+    def vjp(self, dout, qk, v, *, dlse=None, **params):
+        qk = torch.tensor(qk, dtype=torch.float64, requires_grad=True)
         values = torch.tensor(v, dtype=torch.float64, requires_grad=True)
         out, lse, _ = self._forward(qk, values, **params)
         loss = (out * torch.tensor(dout)).sum()
@@ -224,10 +214,8 @@ class SmallLSH:
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("lsh_suite")
-    export(folder, mechanisms=["lsh"])
-    return shared_qk(load_suite(folder))
+def suite():
+    return load_suite(default_suite_folder()).select(mechanisms="lsh")
 
 
 def test_every_lsh_flag_is_used_and_has_a_wrong_implementation():
