@@ -34,7 +34,11 @@ import numpy as np
 import pytest
 
 from refattn import SpecError
-from refattn.dilution.diagnostics import attention_diagnostics, diagnostics_from_weights, logit_diagnostics
+from refattn.dilution.diagnostics import (
+    attention_diagnostics,
+    diagnostics_from_weights,
+    logit_diagnostics,
+)
 
 FLOAT64_TOL = 1e-10
 FLOAT32_TOL = 2e-5
@@ -277,7 +281,9 @@ def test_agrees_with_a_loop_formulation(name):
 
 @pytest.mark.parametrize("name", ["random_mask_full_relevance", "softcap_bias", "causal_nq_gt_nk"])
 def test_entropy_from_logits_equals_entropy_from_weights(name):
-    from refattn import dense_attention  # the weights, recovered row by row from one-hot values
+    from refattn import (
+        dense_attention,  # the weights, recovered row by row from one-hot values
+    )
 
     d, (q, k, params) = run_case(name)
     params = {key: value for key, value in params.items() if key not in ("relevant", "top_k")}

@@ -17,10 +17,9 @@ import refattn.conformance.flags as flag_catalogue
 from refattn import SpecError
 from refattn.conformance.export import export
 from refattn.conformance.suite import load_suite
-from refattn.conformance.tolerance import ROUNDING_TRIALS, budgets, error, sensitivities
+from refattn.conformance.tolerance import error
 from refattn.conformance.verify import verify
 from refattn.core import registry
-from refattn.core.precision import jittered
 from refattn.dilution.differential import (
     differential_attention,
     differential_attention_vjp,
@@ -30,6 +29,7 @@ from refattn.dilution.differential import (
 )
 from refattn.dilution.differential import numba as differential_numba
 from refattn.dilution.differential.cases import cases
+from tests import agreement
 
 from .naive_dense import naive_dense
 
@@ -422,42 +422,8 @@ def test_properties_reject_problems_they_are_not_stated_for():
 # --- the numba backend --------------------------------------------------------------------
 
 
-def _outputs(result, grads):
-    return {"out": result.out, "lse": result.lse, **{f"grad.{name}": value for name, value in grads.items()}}
-
-
 def check_numba_agreement(q, k, v, params, precision, seed):
-    """backend="numba" in ``precision`` against the float64 reference, within the conformance budgets
-    (the reference's own error in that precision, plain and jittered, times c, plus the floor)."""
-    rng = np.random.default_rng(seed)
-    exact = differential_attention(q, k, v, **params)
-    dout = rng.standard_normal(exact.out.shape)
-    dlse = np.where(np.isfinite(exact.lse), rng.standard_normal(exact.lse.shape), 0.0)
-    exact_grads = differential_attention_vjp(dout, q, k, v, dlse=dlse, **params)
-    want = _outputs(exact, exact_grads)
-
-    cast = {n: (x.astype(precision) if isinstance(x, np.ndarray) and x.dtype.kind == "f" else x) for n, x in params.items()}
-    fast = differential_attention(*(x.astype(precision) for x in (q, k, v)), **cast, backend="numba")
-    fast_grads = differential_attention_vjp(dout.astype(precision), *(x.astype(precision) for x in (q, k, v)),
-                                            dlse=dlse.astype(precision), **cast, backend="numba")  # fmt: skip
-    assert fast.out.dtype == np.dtype(precision)
-    got = _outputs(fast, fast_grads)
-    assert set(got) == set(want)
-
-    emulated = {}
-    if precision != "float64":
-        trials = [precision] + [jittered(precision, seed + trial) for trial in range(ROUNDING_TRIALS)]
-        evaluations = [
-            _outputs(differential_attention(q, k, v, **params, precision=p),
-                     differential_attention_vjp(dout, q, k, v, dlse=dlse, **params, precision=p))
-            for p in trials
-        ]  # fmt: skip
-        emulated = {name: {precision: [e[name] for e in evaluations]} for name in want}
-    sensitivity = sensitivities(differential_attention_vjp, {"q": q, "k": k, "v": v, **params}, dout, exact, exact_grads)
-    for name in want:
-        allowed = budgets(name, want[name], emulated.get(name, {}), sensitivity.get(name, 0.0))[precision]
-        found = error(name, got[name], want[name])
-        assert found <= allowed, f"{name}: error {found:.3e} > budget {allowed:.3e} ({precision})"
+    agreement.check_numba_agreement(differential_attention, differential_attention_vjp, q, k, v, params, precision, seed)
 
 
 @given(problem=differential_problems(), precision=st.sampled_from(["float64", "float32"]), seed=st.integers(0, 2**16))

@@ -17,16 +17,16 @@ import refattn.conformance.flags as flag_catalogue
 from refattn import SpecError, dense_attention
 from refattn.conformance.export import export
 from refattn.conformance.suite import load_suite
-from refattn.conformance.tolerance import ROUNDING_TRIALS, budgets, error, sensitivities
+from refattn.conformance.tolerance import error
 from refattn.conformance.verify import verify
 from refattn.core import registry
-from refattn.core.precision import jittered
 from refattn.core.results import Result
 from refattn.dilution.logn import logn_attention, logn_attention_vjp, properties
 from refattn.dilution.logn import numba as logn_numba
 from refattn.dilution.logn.cases import cases
 from refattn.dilution.ssmax import ssmax_attention
 from refattn.strategies import dense_problems
+from tests import agreement
 
 #: Log-n's flags, from the catalogue.
 FLAGS = {name: text for name, text in flag_catalogue.FLAGS.items() if name.startswith("LOGN_")}
@@ -338,45 +338,8 @@ def test_properties_reject_problems_they_are_not_stated_for():
 # --- the numba backend ------------------------------------------------------------------
 
 
-def _outputs(result, grads):
-    return {"out": result.out, "lse": result.lse, **{f"grad.{name}": value for name, value in grads.items()}}
-
-
 def check_numba_agreement(q, k, v, params, precision, seed):
-    """backend="numba" in ``precision`` against the float64 reference, within the conformance
-    budgets (tests/test_position_rope.py::check_numba_agreement; a bias is cast too)."""
-    rng = np.random.default_rng(seed)
-    exact = logn_attention(q, k, v, **params)
-    dout = rng.standard_normal(exact.out.shape)
-    dlse = np.where(np.isfinite(exact.lse), rng.standard_normal(exact.lse.shape), 0.0)
-    exact_grads = logn_attention_vjp(dout, q, k, v, dlse=dlse, **params)
-    want = _outputs(exact, exact_grads)
-
-    cast = [x.astype(precision) for x in (q, k, v)]
-    cast_params = {
-        n: x.astype(precision) if isinstance(x, np.ndarray) and x.dtype.kind == "f" else x for n, x in params.items()
-    }
-    fast = logn_attention(*cast, **cast_params, backend="numba")
-    fast_grads = logn_attention_vjp(
-        dout.astype(precision), *cast, dlse=dlse.astype(precision), **cast_params, backend="numba"
-    )
-    assert fast.out.dtype == np.dtype(precision)
-    got = _outputs(fast, fast_grads)
-    assert set(got) == set(want)
-
-    emulated = {}
-    if precision != "float64":
-        trials = [precision] + [jittered(precision, seed + trial) for trial in range(ROUNDING_TRIALS)]
-        evaluations = [
-            _outputs(logn_attention(q, k, v, **params, precision=p), logn_attention_vjp(dout, q, k, v, dlse=dlse, **params, precision=p))
-            for p in trials
-        ]  # fmt: skip
-        emulated = {name: {precision: [e[name] for e in evaluations]} for name in want}
-    sensitivity = sensitivities(logn_attention_vjp, {"q": q, "k": k, "v": v, **params}, dout, exact, exact_grads)
-    for name in want:
-        allowed = budgets(name, want[name], emulated.get(name, {}), sensitivity.get(name, 0.0))[precision]
-        found = error(name, got[name], want[name])
-        assert found <= allowed, f"{name}: error {found:.3e} > budget {allowed:.3e} ({precision})"
+    agreement.check_numba_agreement(logn_attention, logn_attention_vjp, q, k, v, params, precision, seed)
 
 
 @given(problem=logn_problems(), precision=st.sampled_from(["float64", "float32"]), seed=st.integers(0, 2**16))

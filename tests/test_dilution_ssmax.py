@@ -18,15 +18,20 @@ import refattn.conformance.flags as flag_catalogue
 from refattn import SpecError, dense_attention
 from refattn.conformance.export import export
 from refattn.conformance.suite import load_suite
-from refattn.conformance.tolerance import ROUNDING_TRIALS, budgets, error, sensitivities
+from refattn.conformance.tolerance import error
 from refattn.conformance.verify import verify
 from refattn.core import registry
-from refattn.core.precision import jittered
 from refattn.core.results import Result
-from refattn.dilution.ssmax import attended_counts, properties, ssmax_attention, ssmax_attention_vjp
+from refattn.dilution.ssmax import (
+    attended_counts,
+    properties,
+    ssmax_attention,
+    ssmax_attention_vjp,
+)
 from refattn.dilution.ssmax import numba as ssmax_numba
 from refattn.dilution.ssmax.cases import cases
 from refattn.strategies import dense_problems
+from tests import agreement
 
 #: SSMax's flags, from the catalogue.
 FLAGS = {name: text for name, text in flag_catalogue.FLAGS.items() if name.startswith("SSMAX_")}
@@ -482,47 +487,8 @@ def test_properties_reject_problems_they_are_not_stated_for():
 # --- the numba backend ------------------------------------------------------------------
 
 
-def _outputs(result, grads):
-    return {"out": result.out, "lse": result.lse, **{f"grad.{name}": value for name, value in grads.items()}}
-
-
 def check_numba_agreement(q, k, v, params, precision, seed):
-    """backend="numba" in ``precision`` against the float64 reference, within the conformance
-    budgets (tests/test_position_rope.py::check_numba_agreement; float arrays among the
-    parameters -- s, b, bias -- are cast too)."""
-    rng = np.random.default_rng(seed)
-    exact = ssmax_attention(q, k, v, **params)
-    dout = rng.standard_normal(exact.out.shape)
-    dlse = np.where(np.isfinite(exact.lse), rng.standard_normal(exact.lse.shape), 0.0)
-    exact_grads = ssmax_attention_vjp(dout, q, k, v, dlse=dlse, **params)
-    want = _outputs(exact, exact_grads)
-
-    cast = [x.astype(precision) for x in (q, k, v)]
-    cast_params = {
-        n: x.astype(precision) if isinstance(x, np.ndarray) and x.dtype.kind == "f" else x for n, x in params.items()
-    }
-    fast = ssmax_attention(*cast, **cast_params, backend="numba")
-    fast_grads = ssmax_attention_vjp(
-        dout.astype(precision), *cast, dlse=dlse.astype(precision), **cast_params, backend="numba"
-    )
-    assert fast.out.dtype == np.dtype(precision)
-    np.testing.assert_array_equal(fast.aux["counts"], exact.aux["counts"])
-    got = _outputs(fast, fast_grads)
-    assert set(got) == set(want)
-
-    emulated = {}
-    if precision != "float64":
-        trials = [precision] + [jittered(precision, seed + trial) for trial in range(ROUNDING_TRIALS)]
-        evaluations = [
-            _outputs(ssmax_attention(q, k, v, **params, precision=p), ssmax_attention_vjp(dout, q, k, v, dlse=dlse, **params, precision=p))
-            for p in trials
-        ]  # fmt: skip
-        emulated = {name: {precision: [e[name] for e in evaluations]} for name in want}
-    sensitivity = sensitivities(ssmax_attention_vjp, {"q": q, "k": k, "v": v, **params}, dout, exact, exact_grads)
-    for name in want:
-        allowed = budgets(name, want[name], emulated.get(name, {}), sensitivity.get(name, 0.0))[precision]
-        found = error(name, got[name], want[name])
-        assert found <= allowed, f"{name}: error {found:.3e} > budget {allowed:.3e} ({precision})"
+    agreement.check_numba_agreement(ssmax_attention, ssmax_attention_vjp, q, k, v, params, precision, seed)
 
 
 @given(problem=ssmax_problems(), precision=st.sampled_from(["float64", "float32"]), seed=st.integers(0, 2**16))

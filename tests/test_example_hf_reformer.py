@@ -13,7 +13,12 @@ import numpy as np
 import pytest
 
 from refattn.conformance.suite import load_suite
-from refattn.conformance.verify import IMPLIED_OUT, default_suite_folder, read_xfail, verify
+from refattn.conformance.verify import (
+    IMPLIED_OUT,
+    default_suite_folder,
+    read_xfail,
+    verify,
+)
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")

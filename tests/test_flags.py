@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from refattn.conformance.flags import FLAGS
-from refattn.core import registry
 from refattn.conformance.suite import load_suite
 from refattn.conformance.verify import default_suite_folder, verify
+from refattn.core import registry
 from tests.wrong_impls import BUGS, CORRECT, WRONG
 
 #: Where the wrong implementations of each other mechanism's flags live: every

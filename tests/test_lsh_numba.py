@@ -32,6 +32,7 @@ from refattn.lsh import PRESETS, lsh_attention, lsh_attention_vjp
 from refattn.lsh import numba as kernels
 from refattn.lsh.cases import draw_qk
 
+
 @contextlib.contextmanager
 def run_rows(rows):
     """Cut the chunks into runs of about ``rows`` items (1: one chunk per run, or before + after)."""

@@ -17,13 +17,19 @@ from hypothesis import strategies as st
 import refattn.conformance.flags as flag_catalogue
 from refattn import SpecError, dense_attention
 from refattn.conformance.suite import load_suite
-from refattn.conformance.tolerance import ROUNDING_TRIALS, budgets, error, sensitivities
+from refattn.conformance.tolerance import error
 from refattn.conformance.verify import default_suite_folder, verify
 from refattn.core import registry
-from refattn.core.precision import jittered
-from refattn.position.alibi import alibi_attention, alibi_attention_vjp, alibi_bias, alibi_slopes, properties
+from refattn.position.alibi import (
+    alibi_attention,
+    alibi_attention_vjp,
+    alibi_bias,
+    alibi_slopes,
+    properties,
+)
 from refattn.position.alibi.cases import cases
 from refattn.strategies import dense_problems
+from tests.agreement import check_numba_agreement
 
 from .naive_dense import naive_dense
 
@@ -497,30 +503,7 @@ def test_a_wrong_implementation_fails_a_flagged_case(flag, suite):
 @needs_numba_backend
 @given(problem=alibi_problems(), precision=st.sampled_from(["float64", "float32"]), seed=st.integers(0, 2**16))
 def test_numba_matches_reference(problem, precision, seed):
-    q, k, v, params = problem
-    rng = np.random.default_rng(seed)
-    exact = alibi_attention(q, k, v, **params)
-    dout = rng.standard_normal(exact.out.shape)
-    dlse = np.where(np.isfinite(exact.lse), rng.standard_normal(exact.lse.shape), 0.0)
-    exact_grads = alibi_attention_vjp(dout, q, k, v, dlse=dlse, **params)
-    want = {"out": exact.out, "lse": exact.lse, **{f"grad.{n}": g for n, g in exact_grads.items()}}
-    cast = {n: (x.astype(precision) if isinstance(x, np.ndarray) and x.dtype.kind == "f" else x) for n, x in params.items()}
-    fast = alibi_attention(*(x.astype(precision) for x in (q, k, v)), **cast, backend="numba")
-    fast_grads = alibi_attention_vjp(dout.astype(precision), *(x.astype(precision) for x in (q, k, v)),
-                                     dlse=dlse.astype(precision), **cast, backend="numba")  # fmt: skip
-    got = {"out": fast.out, "lse": fast.lse, **{f"grad.{n}": g for n, g in fast_grads.items()}}
-    assert set(got) == set(want)
-    emulated = []
-    if precision != "float64":
-        for p in [precision] + [jittered(precision, seed + t) for t in range(ROUNDING_TRIALS)]:
-            result = alibi_attention(q, k, v, **params, precision=p)
-            grads = alibi_attention_vjp(dout, q, k, v, dlse=dlse, **params, precision=p)
-            emulated.append({"out": result.out, "lse": result.lse, **{f"grad.{n}": g for n, g in grads.items()}})
-    sensitivity = sensitivities(alibi_attention_vjp, {"q": q, "k": k, "v": v, **params}, dout, exact, exact_grads)
-    for name in want:
-        at_precision = {precision: [e[name] for e in emulated]} if emulated else {}
-        allowed = budgets(name, want[name], at_precision, sensitivity.get(name, 0.0))[precision]
-        assert error(name, got[name], want[name]) <= allowed, name
+    check_numba_agreement(alibi_attention, alibi_attention_vjp, *problem, precision, seed)
 
 
 @needs_numba_backend

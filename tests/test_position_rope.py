@@ -12,11 +12,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from refattn import SpecError, dense_attention
-from refattn.conformance.tolerance import ROUNDING_TRIALS, budgets, error, sensitivities
-from refattn.core.precision import jittered
-from refattn.position.rope import apply_rope, properties, rope_angles, rope_attention, rope_attention_vjp
+from refattn.position.rope import (
+    apply_rope,
+    properties,
+    rope_angles,
+    rope_attention,
+    rope_attention_vjp,
+)
 from refattn.position.rope.cases import cases
 from refattn.strategies import dense_problems
+from tests.agreement import check_numba_agreement
 from tests.naive_dense import naive_dense
 
 # --------------------------------------------------------------------------
@@ -372,42 +377,6 @@ def rotary_problems(draw, max_offset=5000):
         params["q_positions"] = rng.integers(-max_offset, max_offset, s.q_len)
         params["k_positions"] = rng.integers(-max_offset, max_offset, s.kv_len)
     return problem.q, problem.k, problem.v, params
-
-
-def _outputs(result, grads):
-    return {"out": result.out, "lse": result.lse, **{f"grad.{name}": value for name, value in grads.items()}}
-
-
-def check_numba_agreement(forward, vjp, q, k, v, params, precision, seed):
-    """``forward``/``vjp`` with backend="numba" in ``precision`` against the float64 reference, within
-    the conformance budgets (tests/test_dense_numba_agreement.py; the reference's own error in that
-    precision, plain and jittered, times c, plus the floor)."""
-    rng = np.random.default_rng(seed)
-    exact = forward(q, k, v, **params)
-    dout = rng.standard_normal(exact.out.shape)
-    dlse = np.where(np.isfinite(exact.lse), rng.standard_normal(exact.lse.shape), 0.0)
-    exact_grads = vjp(dout, q, k, v, dlse=dlse, **params)
-    want = _outputs(exact, exact_grads)
-
-    cast = [x.astype(precision) for x in (q, k, v)]
-    fast = forward(*cast, **params, backend="numba")
-    fast_grads = vjp(dout.astype(precision), *cast, dlse=dlse.astype(precision), **params, backend="numba")
-    assert fast.out.dtype == np.dtype(precision)
-    got = _outputs(fast, fast_grads)
-    assert set(got) == set(want)
-
-    emulated = {}
-    if precision != "float64":
-        trials = [precision] + [jittered(precision, seed + trial) for trial in range(ROUNDING_TRIALS)]
-        evaluations = [
-            _outputs(forward(q, k, v, **params, precision=p), vjp(dout, q, k, v, dlse=dlse, **params, precision=p)) for p in trials
-        ]
-        emulated = {name: {precision: [e[name] for e in evaluations]} for name in want}
-    sensitivity = sensitivities(vjp, {"q": q, "k": k, "v": v, **params}, dout, exact, exact_grads)
-    for name in want:
-        allowed = budgets(name, want[name], emulated.get(name, {}), sensitivity.get(name, 0.0))[precision]
-        found = error(name, got[name], want[name])
-        assert found <= allowed, f"{name}: error {found:.3e} > budget {allowed:.3e} ({precision})"
 
 
 @given(problem=rotary_problems(), base=st.sampled_from([10000.0, 500000.0, 7.0]), precision=st.sampled_from(["float64", "float32"]),

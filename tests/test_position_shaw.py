@@ -11,7 +11,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from refattn import SpecError
-from refattn.position.shaw import properties, relative_index, shaw_attention, shaw_attention_vjp
+from refattn.position.shaw import (
+    properties,
+    relative_index,
+    shaw_attention,
+    shaw_attention_vjp,
+)
 
 # --------------------------------------------------------------------------
 # The relative index.

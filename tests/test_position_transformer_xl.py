@@ -16,13 +16,13 @@ import pytest
 
 from refattn import SpecError
 from refattn.position.transformer_xl import (
+    properties,
     rel_shift,
     relative_position_scores,
     sinusoid_relative_embeddings,
     transformer_xl_attention,
     transformer_xl_attention_vjp,
 )
-from refattn.position.transformer_xl import properties
 
 STEP = 1e-6
 

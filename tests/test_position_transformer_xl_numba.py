@@ -18,7 +18,11 @@ from hypothesis import strategies as st
 from refattn import SpecError
 from refattn.conformance.tolerance import ROUNDING_TRIALS, budgets, error, sensitivities
 from refattn.core.precision import jittered
-from refattn.position.transformer_xl import properties, transformer_xl_attention, transformer_xl_attention_vjp
+from refattn.position.transformer_xl import (
+    properties,
+    transformer_xl_attention,
+    transformer_xl_attention_vjp,
+)
 from refattn.position.transformer_xl.numba import BLOCK_R, SPAN_MAX
 
 PROBLEMS = {

@@ -13,10 +13,17 @@ from hypothesis import strategies as st
 from refattn import SpecError
 from refattn.position.rope import apply_rope
 from refattn.position.rope import properties as rope_properties
-from refattn.position.xpos import apply_xpos, properties, xpos_attention, xpos_attention_vjp, xpos_scales
+from refattn.position.xpos import (
+    apply_xpos,
+    properties,
+    xpos_attention,
+    xpos_attention_vjp,
+    xpos_scales,
+)
 from refattn.position.xpos.cases import cases
+from tests.agreement import check_numba_agreement
 from tests.naive_dense import naive_dense
-from tests.test_position_rope import check_numba_agreement, naive_rotation, rotary_problems
+from tests.test_position_rope import naive_rotation, rotary_problems
 
 RNG = np.random.default_rng(20221220)
 X = RNG.standard_normal((2, 3, 6, 8))
