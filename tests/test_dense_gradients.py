@@ -7,29 +7,11 @@ import numpy as np
 import pytest
 
 from refattn import dense_attention, dense_attention_vjp
+from tests.finite_differences import finite_differences
 
 B, HQ, HKV, NQ, NK, D, DV = 1, 4, 2, 3, 4, 3, 2  # GQA 4:2, Nq != Nk
-STEP = 1e-6
-
-
-def _loss(params, dout, dlse, **arrays):
-    """L = <dout, out> + <dlse, lse>, with dlse = 0 on fully masked rows (lse = -inf)."""
-    result = dense_attention(**arrays, **params)
-    total = np.sum(dout * result.out)
-    if dlse is not None:
-        total += np.sum(dlse * np.where(np.isfinite(result.lse), result.lse, 0.0))
-    return total
-
-
 def _finite_differences(params, dout, dlse, arrays, name):
-    grad = np.zeros_like(arrays[name])
-    for index in np.ndindex(grad.shape):
-        plus = {n: a.copy() for n, a in arrays.items()}
-        minus = {n: a.copy() for n, a in arrays.items()}
-        plus[name][index] += STEP
-        minus[name][index] -= STEP
-        grad[index] = (_loss(params, dout, dlse, **plus) - _loss(params, dout, dlse, **minus)) / (2 * STEP)
-    return grad
+    return finite_differences(dense_attention, arrays, params, dout, dlse, name)
 
 
 def _problem(seed, causal, window, softcap, bias, mask, dropout):

@@ -30,6 +30,7 @@ from refattn.dilution.differential import (
 from refattn.dilution.differential import numba as differential_numba
 from refattn.dilution.differential.cases import cases
 from tests import agreement
+from tests.finite_differences import finite_differences
 
 from .naive_dense import naive_dense
 
@@ -205,26 +206,8 @@ def test_lower_precision_evaluation_stays_close(precision):
 
 # --- gradients ------------------------------------------------------------------------
 
-STEP = 1e-6
-
-
-def _loss(arrays, params, dout, dlse):
-    result = differential_attention(**arrays, **params)
-    total = np.sum(dout * result.out)
-    if dlse is not None:
-        total += np.sum(dlse * np.where(np.isfinite(result.lse), result.lse, 0.0))
-    return total
-
-
 def _finite_differences(arrays, params, dout, dlse, name):
-    grad = np.zeros_like(arrays[name])
-    for index in np.ndindex(grad.shape):
-        plus = {n: a.copy() for n, a in arrays.items()}
-        minus = {n: a.copy() for n, a in arrays.items()}
-        plus[name][index] += STEP
-        minus[name][index] -= STEP
-        grad[index] = (_loss(plus, params, dout, dlse) - _loss(minus, params, dout, dlse)) / (2 * STEP)
-    return grad
+    return finite_differences(differential_attention, arrays, params, dout, dlse, name)
 
 
 GRADIENT_SETTINGS = {

@@ -27,6 +27,7 @@ from refattn.dilution.logn.cases import cases
 from refattn.dilution.ssmax import ssmax_attention
 from refattn.strategies import dense_problems
 from tests import agreement
+from tests.finite_differences import finite_differences
 
 #: Log-n's flags, from the catalogue.
 FLAGS = {name: text for name, text in flag_catalogue.FLAGS.items() if name.startswith("LOGN_")}
@@ -184,26 +185,8 @@ def test_lower_precision_evaluation_stays_close(precision):
 
 # --- gradients ------------------------------------------------------------------------
 
-STEP = 1e-6
-
-
-def _loss(arrays, params, dout, dlse):
-    result = logn_attention(**arrays, **params)
-    total = np.sum(dout * result.out)
-    if dlse is not None:
-        total += np.sum(dlse * np.where(np.isfinite(result.lse), result.lse, 0.0))
-    return total
-
-
 def _finite_differences(arrays, params, dout, dlse, name):
-    grad = np.zeros_like(arrays[name])
-    for index in np.ndindex(grad.shape):
-        plus = {n: a.copy() for n, a in arrays.items()}
-        minus = {n: a.copy() for n, a in arrays.items()}
-        plus[name][index] += STEP
-        minus[name][index] -= STEP
-        grad[index] = (_loss(plus, params, dout, dlse) - _loss(minus, params, dout, dlse)) / (2 * STEP)
-    return grad
+    return finite_differences(logn_attention, arrays, params, dout, dlse, name)
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,7 @@ from refattn.dilution.ssmax import numba as ssmax_numba
 from refattn.dilution.ssmax.cases import cases
 from refattn.strategies import dense_problems
 from tests import agreement
+from tests.finite_differences import finite_differences
 
 #: SSMax's flags, from the catalogue.
 FLAGS = {name: text for name, text in flag_catalogue.FLAGS.items() if name.startswith("SSMAX_")}
@@ -256,27 +257,11 @@ def test_lower_precision_evaluation_stays_close(precision):
 
 # --- gradients ------------------------------------------------------------------------
 
-STEP = 1e-6
 GRADIENT_SIZES = dict(b=1, hq=4, hkv=2, nq=3, nk=5, d=3, dv=2)
 
 
-def _loss(arrays, params, dout, dlse):
-    result = ssmax_attention(**arrays, **params)
-    total = np.sum(dout * result.out)
-    if dlse is not None:
-        total += np.sum(dlse * np.where(np.isfinite(result.lse), result.lse, 0.0))
-    return total
-
-
 def _finite_differences(arrays, params, dout, dlse, name):
-    grad = np.zeros_like(arrays[name])
-    for index in np.ndindex(grad.shape):
-        plus = {n: a.copy() for n, a in arrays.items()}
-        minus = {n: a.copy() for n, a in arrays.items()}
-        plus[name][index] += STEP
-        minus[name][index] -= STEP
-        grad[index] = (_loss(plus, params, dout, dlse) - _loss(minus, params, dout, dlse)) / (2 * STEP)
-    return grad
+    return finite_differences(ssmax_attention, arrays, params, dout, dlse, name)
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ from refattn.position.alibi import (
 from refattn.position.alibi.cases import cases
 from refattn.strategies import dense_problems
 from tests.agreement import check_numba_agreement
+from tests.finite_differences import finite_differences
 
 from .naive_dense import naive_dense
 
@@ -269,26 +270,8 @@ def test_lower_precision_evaluation_stays_close(precision):
 
 # --- gradients ----------------------------------------------------------------
 
-STEP = 1e-6
-
-
-def _loss(arrays, params, dout, dlse):
-    result = alibi_attention(**arrays, **params)
-    total = np.sum(dout * result.out)
-    if dlse is not None:
-        total += np.sum(dlse * np.where(np.isfinite(result.lse), result.lse, 0.0))
-    return total
-
-
 def _finite_differences(arrays, params, dout, dlse, name):
-    grad = np.zeros_like(arrays[name])
-    for index in np.ndindex(grad.shape):
-        plus = {n: a.copy() for n, a in arrays.items()}
-        minus = {n: a.copy() for n, a in arrays.items()}
-        plus[name][index] += STEP
-        minus[name][index] -= STEP
-        grad[index] = (_loss(plus, params, dout, dlse) - _loss(minus, params, dout, dlse)) / (2 * STEP)
-    return grad
+    return finite_differences(alibi_attention, arrays, params, dout, dlse, name)
 
 
 GRADIENT_COMBINATIONS = list(

@@ -22,6 +22,7 @@ from refattn.position.rope import (
 from refattn.position.rope.cases import cases
 from refattn.strategies import dense_problems
 from tests.agreement import check_numba_agreement
+from tests.finite_differences import finite_differences
 from tests.naive_dense import naive_dense
 
 # --------------------------------------------------------------------------
@@ -230,26 +231,8 @@ def test_cached_decoding_matches_the_full_sequence():
     np.testing.assert_allclose(step.lse, full.lse[:, :, 7:], atol=1e-14)
 
 
-STEP = 1e-6
-
-
-def _loss(params, dout, dlse, **arrays):
-    result = rope_attention(**arrays, **params)
-    total = np.sum(dout * result.out)
-    if dlse is not None:
-        total += np.sum(dlse * np.where(np.isfinite(result.lse), result.lse, 0.0))
-    return total
-
-
 def _finite_differences(params, dout, dlse, arrays, name):
-    grad = np.zeros_like(arrays[name])
-    for index in np.ndindex(grad.shape):
-        plus = {n: a.copy() for n, a in arrays.items()}
-        minus = {n: a.copy() for n, a in arrays.items()}
-        plus[name][index] += STEP
-        minus[name][index] -= STEP
-        grad[index] = (_loss(params, dout, dlse, **plus) - _loss(params, dout, dlse, **minus)) / (2 * STEP)
-    return grad
+    return finite_differences(rope_attention, arrays, params, dout, dlse, name)
 
 
 VJP_COMBINATIONS = list(

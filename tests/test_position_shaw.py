@@ -17,6 +17,7 @@ from refattn.position.shaw import (
     shaw_attention,
     shaw_attention_vjp,
 )
+from tests.finite_differences import finite_differences
 
 # --------------------------------------------------------------------------
 # The relative index.
@@ -220,27 +221,8 @@ def test_matches_hugging_face_relative_key_with_the_table_mirrored():
 # The hand-derived VJP against central finite differences.
 # --------------------------------------------------------------------------
 
-STEP = 1e-6
-
-
-def _loss(params, dout, dlse, arrays):
-    """L = <dout, out> + <dlse, lse>, with dlse = 0 on fully masked rows (lse = -inf)."""
-    result = shaw_attention(**arrays, **params)
-    total = np.sum(dout * result.out)
-    if dlse is not None:
-        total += np.sum(dlse * np.where(np.isfinite(result.lse), result.lse, 0.0))
-    return total
-
-
 def _finite_differences(params, dout, dlse, arrays, name):
-    grad = np.zeros_like(arrays[name])
-    for index in np.ndindex(grad.shape):
-        plus = {n: a.copy() for n, a in arrays.items()}
-        minus = {n: a.copy() for n, a in arrays.items()}
-        plus[name][index] += STEP
-        minus[name][index] -= STEP
-        grad[index] = (_loss(params, dout, dlse, plus) - _loss(params, dout, dlse, minus)) / (2 * STEP)
-    return grad
+    return finite_differences(shaw_attention, arrays, params, dout, dlse, name)
 
 
 def _gradient_problem(seed, causal, bias, mask, extras):

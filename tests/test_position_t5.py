@@ -33,6 +33,7 @@ from refattn.position.t5 import (
 from refattn.position.t5.cases import cases
 from refattn.strategies import dense_problems
 from tests.agreement import check_numba_agreement
+from tests.finite_differences import finite_differences
 
 from .naive_dense import naive_dense
 
@@ -367,26 +368,8 @@ def test_lower_precision_evaluation_stays_close_and_keeps_the_buckets(precision)
 
 # --- gradients ----------------------------------------------------------------
 
-STEP = 1e-6
-
-
-def _loss(arrays, params, dout, dlse):
-    result = t5_attention(**arrays, **params)
-    total = np.sum(dout * result.out)
-    if dlse is not None:
-        total += np.sum(dlse * np.where(np.isfinite(result.lse), result.lse, 0.0))
-    return total
-
-
 def _finite_differences(arrays, params, dout, dlse, name):
-    grad = np.zeros_like(arrays[name])
-    for index in np.ndindex(grad.shape):
-        plus = {n: a.copy() for n, a in arrays.items()}
-        minus = {n: a.copy() for n, a in arrays.items()}
-        plus[name][index] += STEP
-        minus[name][index] -= STEP
-        grad[index] = (_loss(plus, params, dout, dlse) - _loss(minus, params, dout, dlse)) / (2 * STEP)
-    return grad
+    return finite_differences(t5_attention, arrays, params, dout, dlse, name)
 
 
 GRADIENT_COMBINATIONS = list(

@@ -23,8 +23,7 @@ from refattn.position.transformer_xl import (
     transformer_xl_attention,
     transformer_xl_attention_vjp,
 )
-
-STEP = 1e-6
+from tests.finite_differences import finite_differences
 
 # --------------------------------------------------------------------------
 # The sinusoid table.
@@ -272,24 +271,8 @@ def _problem(seed, causal, softcap, bias, masks):
     return arrays, params, dout, dlse
 
 
-def _loss(params, dout, dlse, arrays):
-    """L = <dout, out> + <dlse, lse>, with dlse = 0 on fully masked rows (lse = -inf)."""
-    result = transformer_xl_attention(**arrays, **params)
-    total = np.sum(dout * result.out)
-    if dlse is not None:
-        total += np.sum(dlse * np.where(np.isfinite(result.lse), result.lse, 0.0))
-    return total
-
-
 def _finite_differences(params, dout, dlse, arrays, name):
-    grad = np.zeros_like(arrays[name])
-    for index in np.ndindex(grad.shape):
-        plus = {n: a.copy() for n, a in arrays.items()}
-        minus = {n: a.copy() for n, a in arrays.items()}
-        plus[name][index] += STEP
-        minus[name][index] -= STEP
-        grad[index] = (_loss(params, dout, dlse, plus) - _loss(params, dout, dlse, minus)) / (2 * STEP)
-    return grad
+    return finite_differences(transformer_xl_attention, arrays, params, dout, dlse, name)
 
 
 def _assert_matches_finite_differences(grads, params, dout, dlse, arrays):

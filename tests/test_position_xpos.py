@@ -22,6 +22,7 @@ from refattn.position.xpos import (
 )
 from refattn.position.xpos.cases import cases
 from tests.agreement import check_numba_agreement
+from tests.finite_differences import finite_differences
 from tests.naive_dense import naive_dense
 from tests.test_position_rope import naive_rotation, rotary_problems
 
@@ -182,26 +183,8 @@ def test_attention_is_dense_attention_on_transformed_queries_and_keys():
     np.testing.assert_allclose(got.lse, lse, atol=1e-13)
 
 
-STEP = 1e-6
-
-
-def _loss(params, dout, dlse, **arrays):
-    result = xpos_attention(**arrays, **params)
-    total = np.sum(dout * result.out)
-    if dlse is not None:
-        total += np.sum(dlse * np.where(np.isfinite(result.lse), result.lse, 0.0))
-    return total
-
-
 def _finite_differences(params, dout, dlse, arrays, name):
-    grad = np.zeros_like(arrays[name])
-    for index in np.ndindex(grad.shape):
-        plus = {n: a.copy() for n, a in arrays.items()}
-        minus = {n: a.copy() for n, a in arrays.items()}
-        plus[name][index] += STEP
-        minus[name][index] -= STEP
-        grad[index] = (_loss(params, dout, dlse, **plus) - _loss(params, dout, dlse, **minus)) / (2 * STEP)
-    return grad
+    return finite_differences(xpos_attention, arrays, params, dout, dlse, name)
 
 
 @pytest.mark.parametrize(
