@@ -5,8 +5,9 @@ mechanism's ``cases.py`` can use it without depending on the rest of
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -53,3 +54,124 @@ class Case:
     differentiable: tuple[str, ...] = ("q", "k", "v")
     preset: str | None = None
     grad: bool = True
+
+
+# --------------------------------------------------------------------------
+# Case building, shared by every mechanism's cases.py.
+#
+# A case's arrays are drawn from ``default_rng(seed)`` with the seed the
+# CRC-32 of the case id, so adding, removing or reordering cases never
+# changes another case's data. ``draw`` draws q, k, v first and then the
+# extra arrays in the order given: that order is part of each case's data.
+# --------------------------------------------------------------------------
+
+
+class Dims(NamedTuple):
+    """Sizes of one case: q (b, hq, nq, d), k (b, hkv, nk, d), v (b, hkv, nk, dv); dv = d when None."""
+
+    b: int
+    hq: int
+    hkv: int
+    nq: int
+    nk: int
+    d: int
+    dv: int | None = None
+
+    @property
+    def scores(self) -> tuple[int, int, int, int]:
+        """The full score shape (B, Hq, Nq, Nk)."""
+        return (self.b, self.hq, self.nq, self.nk)
+
+    @property
+    def q_shape(self) -> tuple[int, int, int, int]:
+        return (self.b, self.hq, self.nq, self.d)
+
+    @property
+    def k_shape(self) -> tuple[int, int, int, int]:
+        return (self.b, self.hkv, self.nk, self.d)
+
+    @property
+    def v_shape(self) -> tuple[int, int, int, int]:
+        return (self.b, self.hkv, self.nk, self.d if self.dv is None else self.dv)
+
+
+#: ``maker(rng, dims) -> ndarray``: one array of a case.
+ArrayMaker = Callable[[np.random.Generator, Dims], np.ndarray]
+
+
+def case_seed(case_id: str) -> int:
+    """The seed of a case: the CRC-32 of its id."""
+    return zlib.crc32(case_id.encode())
+
+
+def normal(shape_of: Callable[[Dims], tuple], std: float = 1.0) -> ArrayMaker:
+    """A float array of standard deviation ``std`` and shape ``shape_of(dims)``."""
+    return lambda rng, dims: std * rng.standard_normal(shape_of(dims))
+
+
+def random_mask(shape_of: Callable[[Dims], tuple], keep: float) -> ArrayMaker:
+    """A boolean mask, each entry True with probability ``keep``."""
+    return lambda rng, dims: rng.random(shape_of(dims)) < keep
+
+
+def every_row_has_a_key(mask_maker: ArrayMaker) -> ArrayMaker:
+    """``mask_maker``'s mask with one random key allowed in every query row (no fully masked row)."""
+
+    def make(rng, dims):
+        mask = mask_maker(rng, dims)
+        rows = mask.reshape(-1, mask.shape[-1])
+        rows[np.arange(rows.shape[0]), rng.integers(0, mask.shape[-1], rows.shape[0])] = True
+        return mask
+
+    return make
+
+
+def with_empty_rows(mask_maker: ArrayMaker, rows: list[tuple[int, int, int]]) -> ArrayMaker:
+    """``mask_maker``'s (B, H, Nq, Nk) mask with the rows (b, h, i) fully masked."""
+
+    def make(rng, dims):
+        mask = mask_maker(rng, dims)
+        for b, h, i in rows:
+            mask[b, h, i, :] = False
+        return mask
+
+    return make
+
+
+def key_padding(lengths: tuple[int, ...]) -> ArrayMaker:
+    """(B, 1, 1, Nk) mask: batch element b attends to its first ``lengths[b]`` keys."""
+    return lambda rng, dims: (np.arange(dims.nk) < np.array(lengths)[:, None])[:, None, None, :]
+
+
+def query_and_key_padding(lengths: tuple[int, ...]) -> ArrayMaker:
+    """(B, 1, Nq, Nk) mask for self-attention over padded sequences: padded queries see nothing."""
+
+    def make(rng, dims):
+        valid = np.arange(dims.nq) < np.array(lengths)[:, None]  # (B, N)
+        return (valid[:, :, None] & valid[:, None, :])[:, None]
+
+    return make
+
+
+def draw(dims: Dims, extra: dict[str, ArrayMaker] | None = None, *, std: float = 1.0, v_std: float = 1.0):
+    """``arrays(rng)``: q and k of standard deviation ``std``, v of ``v_std``, then ``extra`` in order."""
+
+    def arrays(rng: np.random.Generator) -> dict:
+        out = {
+            "q": std * rng.standard_normal(dims.q_shape),
+            "k": std * rng.standard_normal(dims.k_shape),
+            "v": v_std * rng.standard_normal(dims.v_shape),
+        }
+        for name, make in (extra or {}).items():
+            out[name] = make(rng, dims)
+        return out
+
+    return arrays
+
+
+def make_case(mechanism: str, name: str, description: str, flags: tuple[str, ...],
+              arrays: Callable[[np.random.Generator], dict], **fields) -> Case:  # fmt: skip
+    """The case ``<mechanism>/<name>``, seeded by its id; ``fields`` are :class:`Case`'s other fields."""
+    case_id = f"{mechanism}/{name}"
+    return Case(id=case_id, mechanism=mechanism, description=description, flags=tuple(flags),
+                seed=case_seed(case_id), arrays=arrays, **fields)  # fmt: skip

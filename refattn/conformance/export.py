@@ -54,9 +54,9 @@ LARGE_BACKEND = "numba"
 #: this normwise error: float64 results may differ in the last bits between
 #: machines (vectorised ``exp`` and ``log`` differ by CPU), which is not drift.
 REEXPORT_RTOL = 1e-12
-#: ``check`` accepts budgets within this relative difference, for the same reason
-#: (a last-bit change can move one lower-precision rounding, and so the error).
-REEXPORT_BUDGET_RTOL = 0.25
+#: ``check`` accepts budgets within this relative difference (0.75: within a factor of 4),
+#: for the same reason (a last-bit change can move lower-precision roundings, and so the error).
+REEXPORT_BUDGET_RTOL = 0.75
 
 
 def export(out_dir, mechanisms=None, large=False, progress=False) -> dict:
@@ -99,9 +99,20 @@ def check(folder, mechanisms=None, large=False) -> list[str]:
     (so an altered or inconsistent suite is reported), then compared with a
     fresh export in a temporary folder. Files that are byte-identical agree.
     Files that differ agree when they differ only as floating point may between
-    machines: every tensor other than the expected values bitwise equal,
-    expected values within :data:`REEXPORT_RTOL` (normwise), the manifest
-    equal except checksums, sizes and budgets within :data:`REEXPORT_BUDGET_RTOL`.
+    machines: integer and boolean tensors bitwise equal, floating-point
+    tensors within :data:`REEXPORT_RTOL` (normwise), the manifest equal except
+    checksums, sizes and budgets within :data:`REEXPORT_BUDGET_RTOL`.
+
+    Why not bitwise: BLAS and LAPACK pick their kernels by CPU (OpenBLAS's
+    DYNAMIC_ARCH), and NumPy's exp and sums have CPU-specific SIMD loops. So
+    float64 inputs that a case builds with a QR factorisation (routing's
+    designed problems) differ in their last bits between an Intel and an AMD
+    machine, and the lower-precision evaluations that set the budgets round
+    differently: budgets were seen to differ by up to 2.4x between two such
+    machines (routing_hybrid/google, differential/decode_single_query).
+    A budget is a bound on rounding error, not a value, so ``check`` accepts
+    one within a factor of 4 of a fresh export's; what it must catch (a
+    changed function, case or policy) moves values far more than that.
 
     Parameters
     ----------
@@ -355,7 +366,7 @@ def _tensor_differences(new: bytes, old: bytes) -> list[str]:
         a, b = new_tensors[name], old_tensors[name]
         if a.dtype != b.dtype or a.shape != b.shape:
             messages.append(f"{name} is {b.dtype}{list(b.shape)}, a fresh export has {a.dtype}{list(a.shape)}")
-        elif name.startswith("expected.") and a.dtype.kind == "f":
+        elif a.dtype.kind == "f":  # expected values, inputs and float parameters alike (see check)
             error = tolerance.normwise_error(b, a)
             if error > REEXPORT_RTOL:
                 messages.append(f"{name} differs from a fresh export by {error:.3g} (normwise)")

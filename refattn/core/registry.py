@@ -1,44 +1,94 @@
-"""The mechanism registry: how the conformance suite, the CLI and the verifier
-find mechanisms without importing them by name.
+"""The mechanism contract and registry (DESIGN.md, "The mechanism contract").
 
-Each mechanism package registers one :class:`Mechanism` when imported
-(``refattn/__init__.py`` imports them all). Backends are modules named
-``refattn.<package>.<backend>`` imported on first use, so that importing
-refattn never compiles a Numba kernel or needs CuPy.
+A mechanism is one folder ``refattn/<family>/<name>/`` with
+
+``reference.py``
+    The **public function**, whose signature and numpydoc docstring are the
+    specification, written once::
+
+        def dense_attention(q, k, v, *, mask=None, ..., precision=None, backend="reference") -> Result:
+            '''...the spec...'''
+            return registry.call_forward("dense", locals())
+
+    its VJP derived from it (never a second copy of the signature)::
+
+        dense_attention_vjp = registry.vjp_function(dense_attention, "dense", grads="...")
+
+    and the reference **backend**: ``forward(inputs, num) -> Result`` and
+    ``vjp(inputs, cotangents, num) -> Grads``, the numbered steps of the spec.
+``inputs.py`` (or a function in ``reference.py``)
+    ``check_inputs(**arguments)``: every public argument but ``precision`` and
+    ``backend`` in, one checked-inputs object out. Every ``SpecError`` is
+    raised here, before any backend runs. The object has a method
+    ``cotangent_shapes() -> {"dout": shape, "dlse": shape or None}``.
+``numba.py`` (``cupy.py``...)
+    Other backends: ``forward(inputs) -> Result`` and ``vjp(inputs,
+    cotangents, saved=None) -> Grads`` over checked inputs, computing in the
+    inputs' dtype (float32 for float32/float16/bfloat16, float64 otherwise).
+    ``saved`` is the Result this backend's forward returned for the same
+    inputs, when the caller has it (FlashAttention's backward reuses ``out``
+    and ``lse``); a backend may ignore it.
+``cases.py``, ``properties.py``, ``spec/<page>.md``
+    Its conformance cases (``cases() -> list[Case]`` and ``FLAGS``, the
+    descriptions of the flags only it uses), its invariants, its spec page.
+``__init__.py``
+    One ``registry.register(Mechanism(...))`` call.
+
+The registry is the only dispatcher: :func:`call_forward` and the VJPs made by
+:func:`vjp_function` check the inputs once, pick the backend, apply the
+precision rule (``precision=`` is an option of the reference alone, whose
+results are float64 whatever it computed in) and check cotangents. Backends
+are modules imported on first use, so importing refattn compiles no Numba
+kernel and needs no CuPy.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable
 
+import numpy as np
+
+from .checks import cotangent
 from .errors import SpecError
+from .precision import numerics
+from .results import Cotangents, Grads, Result
+
+REFERENCE = "reference"
+#: Arguments of every public function that are not the mechanism's own.
+DISPATCH_ARGUMENTS = ("precision", "backend")
+#: Keywords the derived VJP adds in front of the forward's own.
+VJP_ARGUMENTS = ("dout", "dlse", "saved")
 
 
 @dataclass(frozen=True)
 class Mechanism:
-    """One attention mechanism's contract (DESIGN.md, "The mechanism contract").
+    """One registered mechanism.
 
     Attributes
     ----------
     name : str
-        Registry key, e.g. ``"dense"``.
+        Registry key, e.g. ``"dense"``; also the prefix of its case ids.
     package : str
-        Module path of its folder, e.g. ``"refattn.dense"``.
+        Module path of its folder, e.g. ``"refattn.dense"``; backends are
+        ``<package>.<backend>``, cases ``<package>.cases``, invariants
+        ``<package>.properties``.
     forward : callable
-        ``forward(q, k, v, *, ..., backend="reference") -> Result``.
+        The public function (in ``reference.py``).
     vjp : callable
-        ``vjp(dout, q, k, v, *, dlse=None, ..., backend="reference") -> Grads``.
+        Its VJP, made by :func:`vjp_function`.
+    check_inputs : callable
+        ``check_inputs(**arguments) -> inputs``.
     backends : tuple of str
-        Backends this mechanism has, ``"reference"`` first.
-    cases : callable
-        ``cases() -> list[Case]``, its conformance cases.
-    properties : str
-        Module path of its invariants (``properties.py``).
+        ``"reference"`` first.
     spec : str
         Its spec page, relative to the repository root.
+    positional : tuple of str
+        The array inputs passed positionally, in order: ``("q", "k", "v")``,
+        or ``("qk", "v")`` for shared query-key mechanisms.
     implied_output : callable, optional
         ``implied_output(arguments, aux) -> Result or None``: the output that an
         implementation's own discrete intermediates (``aux``, e.g. LSH buckets)
@@ -53,16 +103,37 @@ class Mechanism:
     forward: Callable
     vjp: Callable
     backends: tuple[str, ...]
-    cases: Callable
-    properties: str
     spec: str
+    check_inputs: Callable | None = None  # TRANSITIONAL: required once every mechanism is migrated
+    positional: tuple[str, ...] = ("q", "k", "v")
     implied_output: Callable | None = None
+
+    def backend(self, backend_name: str) -> ModuleType:
+        """The module implementing this mechanism on ``backend_name``."""
+        if backend_name not in self.backends:
+            raise SpecError("backend", f"one of {list(self.backends)} for {self.name}", repr(backend_name))
+        return importlib.import_module(f"{self.package}.{backend_name}")
+
+    def cases(self) -> list:
+        """Its conformance cases: those of ``<package>.cases.cases()`` whose mechanism is this one."""
+        return [case for case in importlib.import_module(f"{self.package}.cases").cases() if case.mechanism == self.name]
+
+    def flags(self) -> dict[str, str]:
+        """The flags its cases module describes (``<package>.cases.FLAGS``; may be empty)."""
+        return dict(getattr(importlib.import_module(f"{self.package}.cases"), "FLAGS", {}))
+
+    @property
+    def properties(self) -> str:
+        """Module path of its invariants."""
+        return f"{self.package}.properties"
 
 
 _MECHANISMS: dict[str, Mechanism] = {}
 
 
 def register(mechanism: Mechanism) -> Mechanism:
+    if mechanism.backends[:1] != (REFERENCE,):
+        raise RuntimeError(f"mechanism {mechanism.name!r}: backends must start with {REFERENCE!r}")
     if mechanism.name in _MECHANISMS and _MECHANISMS[mechanism.name] is not mechanism:
         raise RuntimeError(f"mechanism {mechanism.name!r} registered twice")
     _MECHANISMS[mechanism.name] = mechanism
@@ -80,9 +151,101 @@ def get(name: str) -> Mechanism:
     return _MECHANISMS[name]
 
 
-def backend(name: str, backend_name: str) -> ModuleType:
-    """The module implementing mechanism ``name`` on backend ``backend_name``."""
+def backend(name: str, backend_name: str) -> ModuleType:  # TRANSITIONAL: for the old per-mechanism dispatch
+    return get(name).backend(backend_name)
+
+
+# --------------------------------------------------------------------------
+# Dispatch: the one place where inputs are checked and a backend is chosen.
+# --------------------------------------------------------------------------
+
+
+def _split(arguments: dict) -> tuple[dict, str, object]:
+    """The mechanism's own arguments, the backend name and the precision."""
+    own = {name: value for name, value in arguments.items() if name not in DISPATCH_ARGUMENTS}
+    backend_name = arguments.get("backend", REFERENCE)
+    precision = arguments.get("precision")
+    if backend_name != REFERENCE and precision is not None:
+        raise SpecError(
+            "precision", "None with a non-reference backend (kernels compute in their input dtype)", repr(precision)
+        )
+    return own, backend_name, precision
+
+
+def call_forward(name: str, arguments: dict) -> Result:
+    """Run mechanism ``name``'s forward on ``arguments`` (the public function's ``locals()``)."""
     mechanism = get(name)
-    if backend_name not in mechanism.backends:
-        raise SpecError("backend", f"one of {list(mechanism.backends)} for {name}", repr(backend_name))
-    return importlib.import_module(f"{mechanism.package}.{backend_name}")
+    own, backend_name, precision = _split(arguments)
+    module = mechanism.backend(backend_name)  # a bad backend name fails before any work
+    inputs = mechanism.check_inputs(**own)
+    if backend_name == REFERENCE:
+        return _as_float64(module.forward(inputs, numerics(precision)))
+    return module.forward(inputs)
+
+
+def call_vjp(name: str, dout, arguments: dict, *, dlse=None, saved: Result | None = None) -> Grads:
+    """Run mechanism ``name``'s VJP for cotangents ``dout`` (and ``dlse``)."""
+    mechanism = get(name)
+    own, backend_name, precision = _split(arguments)
+    module = mechanism.backend(backend_name)
+    inputs = mechanism.check_inputs(**own)
+    shapes = inputs.cotangent_shapes()
+    dout = cotangent(dout, "dout", shapes["dout"])
+    if dlse is not None:
+        if shapes.get("dlse") is None:
+            raise SpecError("dlse", f"None ({name} defines no log-sum-exp)", "an array")
+        dlse = cotangent(dlse, "dlse", shapes["dlse"])
+    cotangents = Cotangents(dout=dout, dlse=dlse)
+    if backend_name == REFERENCE:
+        grads = module.vjp(inputs, cotangents, numerics(precision))
+        return Grads({key: np.asarray(value, np.float64) for key, value in grads.items()})
+    return module.vjp(inputs, cotangents, saved=saved)
+
+
+def _as_float64(result: Result) -> Result:
+    """The reference's result in float64 (it may have computed in a lower precision)."""
+    aux = {key: value.astype(np.float64) if np.issubdtype(value.dtype, np.floating) else value
+           for key, value in result.aux.items()}  # fmt: skip
+    lse = None if result.lse is None else np.asarray(result.lse, np.float64)
+    return Result(out=np.asarray(result.out, np.float64), lse=lse, aux=aux)
+
+
+def vjp_function(forward: Callable, name: str, *, grads: str) -> Callable:
+    """The public VJP of ``forward``, without a second copy of its signature.
+
+    Its signature is ``forward``'s with ``dout`` first and the keywords
+    ``dlse=None`` (the cotangent of ``lse``; 0 when omitted) and
+    ``saved=None`` (the Result the same backend's forward returned for these
+    arguments, which a kernel may reuse instead of recomputing it). ``grads``
+    is the docstring's "Returns" text: which gradients, of what shape.
+    """
+    forward_signature = inspect.signature(forward)
+    parameters = list(forward_signature.parameters.values())
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    first_keyword = next(i for i, p in enumerate(parameters) if p.kind == keyword)
+    signature = forward_signature.replace(
+        parameters=[inspect.Parameter("dout", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        + parameters[:first_keyword]
+        + [inspect.Parameter("dlse", keyword, default=None), inspect.Parameter("saved", keyword, default=None)]
+        + parameters[first_keyword:],
+        return_annotation=Grads,
+    )
+
+    def vjp(dout, *args, dlse=None, saved=None, **kwargs):
+        bound = forward_signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return call_vjp(name, dout, dict(bound.arguments), dlse=dlse, saved=saved)
+
+    vjp.__name__ = vjp.__qualname__ = f"{forward.__name__}_vjp"
+    vjp.__signature__ = signature
+    vjp.__module__ = forward.__module__
+    vjp.__doc__ = (
+        f"Gradients of :func:`{forward.__name__}` for cotangents ``dout`` (and ``dlse``).\n\n"
+        f"Parameters are those of :func:`{forward.__name__}`, plus\n\n"
+        "dout : ndarray, the shape of ``out``\n    Cotangent of ``out``.\n"
+        "dlse : ndarray, the shape of ``lse``, optional\n    Cotangent of ``lse``; 0 when omitted.\n"
+        "saved : Result, optional\n    What the same backend's forward returned for these arguments;\n"
+        "    a kernel may reuse it instead of recomputing the forward.\n\n"
+        f"Returns\n-------\nGrads\n{grads}\n"
+    )
+    return vjp

@@ -40,3 +40,19 @@ class Grads(dict):
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
+
+
+@dataclass(frozen=True)
+class Cotangents:
+    """The cotangents a backend's VJP receives, checked against the output shapes.
+
+    Attributes
+    ----------
+    dout : ndarray
+        Cotangent of ``out``, float, the shape of ``out``.
+    dlse : ndarray or None
+        Cotangent of ``lse``; None means 0.
+    """
+
+    dout: np.ndarray
+    dlse: np.ndarray | None = None

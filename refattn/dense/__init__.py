@@ -1,14 +1,8 @@
 """Dense scaled dot-product attention (spec/dense.md)."""
 
 from ..core import registry
+from .inputs import check_dense_inputs
 from .reference import dense_attention, dense_attention_vjp
-
-
-def _cases():
-    from .cases import cases
-
-    return cases()
-
 
 MECHANISM = registry.register(
     registry.Mechanism(
@@ -16,9 +10,8 @@ MECHANISM = registry.register(
         package="refattn.dense",
         forward=dense_attention,
         vjp=dense_attention_vjp,
+        check_inputs=check_dense_inputs,
         backends=("reference", "numba"),
-        cases=_cases,
-        properties="refattn.dense.properties",
         spec="spec/dense.md",
     )
 )

@@ -8,8 +8,8 @@ numbers (a ``CAUSAL_ALIGNMENT`` case always has Nq != Nk, a ``GQA_HEAD_MAP``
 case has at least two distinct kv heads, a ``SOFTCAP_BEFORE_BIAS`` case has
 a bias large enough for the order to matter).
 
-Seeds are the CRC-32 of the case id, so adding, removing or reordering cases
-never changes another case's data.
+Arrays are drawn with the shared helpers of refattn/conformance/case.py
+(seeded by the CRC-32 of the case id).
 
 :func:`large_cases` lists the long-sequence cases of ``refattn export
 --large``: forward only, computed with the Numba kernel, not committed.
@@ -17,98 +17,23 @@ never changes another case's data.
 
 from __future__ import annotations
 
-import zlib
-from typing import Callable, NamedTuple
-
 import numpy as np
 
-from ..conformance.case import Case
+from ..conformance.case import (
+    ArrayMaker,
+    Case,
+    Dims,
+    draw,
+    every_row_has_a_key,
+    key_padding,
+    normal,
+    make_case,
+    query_and_key_padding,
+    random_mask,
+    with_empty_rows,
+)
 
-ArrayMaker = Callable[[np.random.Generator, "Dims"], np.ndarray]
-
-
-class Dims(NamedTuple):
-    """Sizes of one case: q (b, hq, nq, d), k (b, hkv, nk, d), v (b, hkv, nk, dv); dv = d when None."""
-
-    b: int
-    hq: int
-    hkv: int
-    nq: int
-    nk: int
-    d: int
-    dv: int | None = None
-
-    @property
-    def scores(self) -> tuple[int, int, int, int]:
-        return (self.b, self.hq, self.nq, self.nk)
-
-
-# --- array makers: (rng, dims) -> array --------------------------------------
-
-
-def _normal(shape_of: Callable[[Dims], tuple], std: float = 1.0) -> ArrayMaker:
-    """A float array of standard deviation ``std`` and shape ``shape_of(dims)``."""
-    return lambda rng, dims: std * rng.standard_normal(shape_of(dims))
-
-
-def _random_mask(shape_of: Callable[[Dims], tuple], keep: float) -> ArrayMaker:
-    """A boolean mask, each entry True with probability ``keep``."""
-    return lambda rng, dims: rng.random(shape_of(dims)) < keep
-
-
-def _every_row_has_a_key(mask_maker: ArrayMaker) -> ArrayMaker:
-    """``mask_maker``'s mask with one random key allowed in every query row (no fully masked row)."""
-
-    def make(rng, dims):
-        mask = mask_maker(rng, dims)
-        rows = mask.reshape(-1, mask.shape[-1])
-        rows[np.arange(rows.shape[0]), rng.integers(0, mask.shape[-1], rows.shape[0])] = True
-        return mask
-
-    return make
-
-
-def _with_empty_rows(mask_maker: ArrayMaker, rows: list[tuple[int, int, int]]) -> ArrayMaker:
-    """``mask_maker``'s (B, H, Nq, Nk) mask with the rows (b, h, i) fully masked."""
-
-    def make(rng, dims):
-        mask = mask_maker(rng, dims)
-        for b, h, i in rows:
-            mask[b, h, i, :] = False
-        return mask
-
-    return make
-
-
-def _key_padding(lengths: tuple[int, ...]) -> ArrayMaker:
-    """(B, 1, 1, Nk) mask: batch element b attends to its first ``lengths[b]`` keys."""
-    return lambda rng, dims: (np.arange(dims.nk) < np.array(lengths)[:, None])[:, None, None, :]
-
-
-def _query_and_key_padding(lengths: tuple[int, ...]) -> ArrayMaker:
-    """(B, 1, Nq, Nk) mask for self-attention over padded sequences: padded queries see nothing."""
-
-    def make(rng, dims):
-        valid = np.arange(dims.nq) < np.array(lengths)[:, None]  # (B, N)
-        return (valid[:, :, None] & valid[:, None, :])[:, None]
-
-    return make
-
-
-def _draw(dims: Dims, std: float, extra: dict[str, ArrayMaker]):
-    """``arrays(rng)``: q, k, v of standard deviation ``std``, then the ``extra`` arrays in order."""
-
-    def arrays(rng: np.random.Generator) -> dict:
-        out = {
-            "q": std * rng.standard_normal((dims.b, dims.hq, dims.nq, dims.d)),
-            "k": std * rng.standard_normal((dims.b, dims.hkv, dims.nk, dims.d)),
-            "v": rng.standard_normal((dims.b, dims.hkv, dims.nk, dims.dv or dims.d)),
-        }
-        for name, make in extra.items():
-            out[name] = make(rng, dims)
-        return out
-
-    return arrays
+SCORES = Dims.scores.fget  # shape_of for a full (B, Hq, Nq, Nk) array
 
 
 def _case(name: str, description: str, flags: tuple[str, ...], dims: Dims, *, std: float = 1.0,
@@ -117,23 +42,16 @@ def _case(name: str, description: str, flags: tuple[str, ...], dims: Dims, *, st
     """One dense case; ``params`` are the JSON keyword arguments (causal, window, scale, ...)."""
     extra = {"bias": bias, "mask": mask, "dropout_keep": keep}
     extra = {key: make for key, make in extra.items() if make is not None}
-    case_id = f"dense/{name}"
-    return Case(
-        id=case_id,
-        mechanism="dense",
-        description=description,
-        flags=flags,
-        seed=zlib.crc32(case_id.encode()),
-        arrays=_draw(dims, std, extra),
+    return make_case(
+        "dense",
+        name,
+        description,
+        flags,
+        draw(dims, extra, std=std),
         params=params,
         differentiable=("q", "k", "v", "bias") if bias is not None else ("q", "k", "v"),
         grad=grad,
     )
-
-
-def FULL(dims: Dims) -> tuple[int, int, int, int]:
-    """The full score shape (B, H, Nq, Nk)."""
-    return dims.scores
 
 
 def cases() -> list[Case]:
@@ -198,22 +116,22 @@ def cases() -> list[Case]:
         # --- masks -----------------------------------------------------------
         _case("mask_layout", "Unstructured (B, H, N, N) mask, about half the keys, every row non-empty.",
               ("MASK_LAYOUT", "MULTI_BATCH"), Dims(2, 2, 2, 12, 12, 16),
-              mask=_every_row_has_a_key(_random_mask(FULL, 0.5))),
+              mask=every_row_has_a_key(random_mask(SCORES, 0.5))),
         _case("mask_2d", "A (Nq, Nk) mask broadcast over batch and heads, 10 queries over 14 keys.",
               ("MASK_BROADCAST",), Dims(1, 2, 2, 10, 14, 8),
-              mask=_every_row_has_a_key(_random_mask(lambda d: (d.nq, d.nk), 0.6))),
+              mask=every_row_has_a_key(random_mask(lambda d: (d.nq, d.nk), 0.6))),
         _case("mask_causal_window", "A (1, H, N, N) mask over B=2, AND causal AND window (5, None), 15 tokens.",
               ("MASK_COMBINATION", "SLIDING_WINDOW", "MASK_BROADCAST"), Dims(2, 2, 2, 15, 15, 16),
-              mask=_random_mask(lambda d: (1, d.hq, d.nq, d.nk), 0.7), causal=True, window=[5, None]),
+              mask=random_mask(lambda d: (1, d.hq, d.nq, d.nk), 0.7), causal=True, window=[5, None]),
         _case("padding_mask_keys", "B=2, key padding mask (B, 1, 1, Nk), valid lengths 13 and 6.",
               ("PADDING_MASK", "MASK_BROADCAST", "MULTI_BATCH"), Dims(2, 2, 2, 13, 13, 16),
-              mask=_key_padding((13, 6))),
+              mask=key_padding((13, 6))),
         _case("padding_mask_queries", "B=2, padded self-attention (B, 1, N, N), lengths 9, 4: padded queries see none.",
               ("PADDING_MASK", "FULLY_MASKED_ROW", "MULTI_BATCH"), Dims(2, 2, 2, 9, 9, 16),
-              mask=_query_and_key_padding((9, 4))),
+              mask=query_and_key_padding((9, 4))),
         _case("fully_masked_rows", "Random mask with three query rows fully masked in different heads.",
               ("FULLY_MASKED_ROW", "MASK_LAYOUT"), Dims(1, 2, 2, 8, 10, 16),
-              mask=_with_empty_rows(_every_row_has_a_key(_random_mask(FULL, 0.6)), [(0, 0, 2), (0, 1, 0), (0, 1, 5)])),
+              mask=with_empty_rows(every_row_has_a_key(random_mask(SCORES, 0.6)), [(0, 0, 2), (0, 1, 0), (0, 1, 5)])),
         _case("fully_masked_everything", "Every row fully masked: output, gradients all 0, lse all -inf.",
               ("FULLY_MASKED_ROW",), Dims(1, 2, 1, 4, 6, 8),
               mask=lambda rng, dims: np.zeros((dims.nq, dims.nk), dtype=bool)),
@@ -224,30 +142,30 @@ def cases() -> list[Case]:
               ("SOFTCAP",), Dims(1, 2, 2, 12, 12, 16), std=2.0, softcap=1.5),
         _case("softcap_before_bias", "Soft-cap 2 then a full bias of standard deviation 3.",
               ("SOFTCAP_BEFORE_BIAS", "BIAS"), Dims(1, 2, 2, 10, 10, 16), std=1.5,
-              bias=_normal(FULL, 3.0), softcap=2.0),
+              bias=normal(SCORES, 3.0), softcap=2.0),
         _case("softcap_before_mask", "Soft-cap 1, causal: capping after the mask would give masked keys logit -1.",
               ("SOFTCAP_BEFORE_MASK", "CAUSAL_MASK"), Dims(1, 2, 2, 12, 12, 16), std=2.0,
               softcap=1.0, causal=True),
         _case("bias_full", "Full (B, H, Nq, Nk) bias of standard deviation 1, 8 queries over 11 keys.",
-              ("BIAS",), Dims(2, 2, 2, 8, 11, 16), bias=_normal(FULL)),
+              ("BIAS",), Dims(2, 2, 2, 8, 11, 16), bias=normal(SCORES)),
         _case("bias_broadcast_heads", "ALiBi-like (1, H, 1, Nk) bias, GQA 4:2; its gradient sums batch and queries.",
-              ("BIAS_BROADCAST", "GQA_HEAD_MAP"), Dims(1, 4, 2, 9, 12, 16), bias=_normal(lambda d: (1, d.hq, 1, d.nk), 2.0)),
+              ("BIAS_BROADCAST", "GQA_HEAD_MAP"), Dims(1, 4, 2, 9, 12, 16), bias=normal(lambda d: (1, d.hq, 1, d.nk), 2.0)),
         _case("bias_broadcast_2d", "(Nq, Nk) bias broadcast over B=2 and heads.",
-              ("BIAS_BROADCAST", "MULTI_BATCH"), Dims(2, 2, 2, 10, 10, 8), bias=_normal(lambda d: (d.nq, d.nk), 2.0)),
+              ("BIAS_BROADCAST", "MULTI_BATCH"), Dims(2, 2, 2, 10, 10, 8), bias=normal(lambda d: (d.nq, d.nk), 2.0)),
         # --- dropout and log-sum-exp -----------------------------------------
         _case("dropout", "Dropout p = 0.25 with a given keep-mask: kept weights times 4/3, lse unchanged.",
               ("DROPOUT_SCALING",), Dims(1, 2, 2, 12, 12, 16),
-              keep=_random_mask(FULL, 0.75), dropout_p=0.25),
+              keep=random_mask(SCORES, 0.75), dropout_p=0.25),
         _case("lse_definition", "Scale 0.7, a full bias and a partial mask: lse of the final logits, natural log.",
-              ("LSE_DEFINITION",), Dims(1, 2, 2, 10, 13, 16), bias=_normal(FULL),
-              mask=_every_row_has_a_key(_random_mask(FULL, 0.7)), scale=0.7),
+              ("LSE_DEFINITION",), Dims(1, 2, 2, 10, 13, 16), bias=normal(SCORES),
+              mask=every_row_has_a_key(random_mask(SCORES, 0.7)), scale=0.7),
         # --- everything at once ----------------------------------------------
         _case("combined", "GQA 4:2, B=2, D=59, Dv=7, 9 queries over 14 keys, causal bottom-right, window (6, None), "
               "key padding, broadcast bias, soft-cap 5, scale 0.2, dropout 0.1.",
               ("MASK_COMBINATION", "CAUSAL_ALIGNMENT", "GQA_HEAD_MAP", "VALUE_DIM_DIFFERS", "PADDING_MASK"),
               Dims(2, 4, 2, 9, 14, 59, 7), std=1.5,
-              bias=_normal(lambda d: (1, d.hq, 1, d.nk)), mask=_key_padding((14, 10)),
-              keep=_random_mask(FULL, 0.9), causal=True, window=[6, None], softcap=5.0, scale=0.2, dropout_p=0.1),
+              bias=normal(lambda d: (1, d.hq, 1, d.nk)), mask=key_padding((14, 10)),
+              keep=random_mask(SCORES, 0.9), causal=True, window=[6, None], softcap=5.0, scale=0.2, dropout_p=0.1),
     ]  # fmt: skip
 
 

@@ -33,6 +33,11 @@ class DenseInputs:
     dropout_keep: np.ndarray | None  # bool, broadcastable to (B, Hq, Nq, Nk)
     dropout_p: float
 
+    def cotangent_shapes(self) -> dict:
+        """Shapes of ``dout`` and ``dlse``: those of ``out`` and ``lse``."""
+        s = self.shape
+        return {"dout": (s.batch, s.q_heads, s.q_len, s.value_dim), "dlse": (s.batch, s.q_heads, s.q_len)}
+
     def allowed(self) -> np.ndarray | None:
         """The user mask AND the causal/window mask, or None when nothing is masked."""
         by_position = position_mask(

@@ -101,89 +101,44 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
-from numba import njit, prange, types
-from numba.extending import overload
+from numba import njit, prange
 
 from ..core import checks
 from ..core.checks import cotangent, float_array
 from ..core.errors import SpecError
 from ..core.masks import query_offset
-from ..core.results import Grads, Result
+from ..core.results import Cotangents, Grads, Result
+from ..core.tiles import compute_dtype, exp_nonpositive, frozen
 from .inputs import DenseInputs, check_dense_inputs
 
 BLOCK_Q = 64  # query rows per tile
 BLOCK_K = 64  # key rows per tile
 
-_FLOAT32_COMPUTED = (np.dtype(np.float32), np.dtype(np.float16))  # and bfloat16
+_compute_dtype = compute_dtype  # TRANSITIONAL
+_exp_nonpositive = exp_nonpositive  # TRANSITIONAL
+_frozen = frozen  # TRANSITIONAL
+
 
 # --------------------------------------------------------------------------
-# Public functions: the same keyword parameters as reference.py.
+# The backend: forward and VJP over checked inputs (refattn/core/registry.py).
 # --------------------------------------------------------------------------
 
 
-def dense_attention(
-    q,
-    k,
-    v,
-    *,
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    dropout_keep=None,
-    dropout_p=0.0,
-) -> Result:
-    """Scaled dot-product attention, tiled; see :func:`refattn.dense.reference.dense_attention`.
-
-    Returns
-    -------
-    Result
-        ``out`` (B, Hq, Nq, Dv) and ``lse`` (B, Hq, Nq) in the compute dtype:
-        float32 for float32/float16/bfloat16 ``q``, float64 otherwise.
-    """
-    x = check_dense_inputs(
-        q, k, v, mask=mask, bias=bias, causal=causal, causal_alignment=causal_alignment, window=window,
-        scale=scale, softcap=softcap, dropout_keep=dropout_keep, dropout_p=dropout_p,
-    )  # fmt: skip
-    args = _KernelArgs.build(x, _compute_dtype(q), (q, k, v))
+def forward(x: DenseInputs) -> Result:
+    """Steps (1)-(7), tiled: ``out`` (B, Hq, Nq, Dv) and ``lse`` (B, Hq, Nq) in the compute dtype
+    (float32 for float32/float16/bfloat16 ``q``, float64 otherwise)."""
+    args = _KernelArgs.build(x, _compute_dtype(x.q), (x.q, x.k, x.v))
     out, lse = _run_forward(args)
     return Result(out=out, lse=lse, aux={})
 
 
-def dense_attention_vjp(
-    dout,
-    q,
-    k,
-    v,
-    *,
-    dlse=None,
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    dropout_keep=None,
-    dropout_p=0.0,
-) -> Grads:
-    """Gradients of :func:`dense_attention`; see :func:`refattn.dense.reference.dense_attention_vjp`.
+def vjp(x: DenseInputs, cotangents: Cotangents, saved: Result | None = None) -> Grads:
+    """Steps (7')-(1'), tiled: ``q``, ``k``, ``v`` and (with a bias) ``bias`` in its own shape, in the compute dtype.
 
-    Returns
-    -------
-    Grads
-        ``q``, ``k``, ``v`` and (when a bias was given) ``bias`` in its own
-        shape, in the compute dtype.
+    ``saved``, this backend's forward of the same inputs, spares running the forward again.
     """
-    x = check_dense_inputs(
-        q, k, v, mask=mask, bias=bias, causal=causal, causal_alignment=causal_alignment, window=window,
-        scale=scale, softcap=softcap, dropout_keep=dropout_keep, dropout_p=dropout_p,
-    )  # fmt: skip
-    args = _KernelArgs.build(x, _compute_dtype(q), (q, k, v))
-    grads, _ = _run_vjp(args, x, dout, dlse)
+    args = _KernelArgs.build(x, _compute_dtype(x.q), (x.q, x.k, x.v))
+    grads, _ = _run_vjp(args, x, cotangents.dout, cotangents.dlse, saved)
     return grads
 
 
@@ -245,33 +200,19 @@ def distance_range(q_positions, k_positions) -> tuple[int, int]:
 
 
 def attention_with_distance_bias(
-    q,
-    k,
-    v,
-    *,
-    distance_table,
-    d_min,
-    q_positions,
-    k_positions,
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    dropout_keep=None,
-    dropout_p=0.0,
+    x: DenseInputs, *, distance_table, d_min: int, q_positions, k_positions
 ) -> Result:
-    """:func:`dense_attention` with a position bias given per head and distance.
+    """:func:`forward` with a position bias given per head and distance.
 
     The logits of step (3) are ``capped + (position_bias + bias)`` with
     ``position_bias[b, h, i, j] = distance_table[h, k_positions[j] -
     q_positions[i] - d_min]``, read tile by tile; masks, causality and
-    windows stay index-based, as in :func:`dense_attention`.
+    windows stay index-based, as in :func:`forward`.
 
     Parameters
     ----------
+    x : DenseInputs
+        The checked dense arguments (q, k, v, mask, bias, causal, ...).
     distance_table : float ndarray (Hq, Nd)
         The bias of query head ``h`` at distance ``d_min + n`` is
         ``distance_table[h, n]``; it must cover every distance that occurs
@@ -281,75 +222,33 @@ def attention_with_distance_bias(
     q_positions : int ndarray (Nq,)
     k_positions : int ndarray (Nk,)
         The positions of the queries and keys.
-
-    The other parameters are :func:`dense_attention`'s.
-
-    Returns
-    -------
-    Result
-        As :func:`dense_attention`.
     """
-    x = check_dense_inputs(
-        q, k, v, mask=mask, bias=bias, causal=causal, causal_alignment=causal_alignment, window=window,
-        scale=scale, softcap=softcap, dropout_keep=dropout_keep, dropout_p=dropout_p,
-    )  # fmt: skip
-    dtype = _compute_dtype(q)
+    dtype = _compute_dtype(x.q)
     distance = _DistanceBias.build(distance_table, d_min, q_positions, k_positions, x.shape, dtype)
-    args = _KernelArgs.build(x, dtype, (q, k, v), distance)
+    args = _KernelArgs.build(x, dtype, (x.q, x.k, x.v), distance)
     out, lse = _run_forward(args)
     return Result(out=out, lse=lse, aux={})
 
 
 def attention_with_distance_bias_vjp(
-    dout,
-    q,
-    k,
-    v,
-    *,
-    dlse=None,
-    distance_table,
-    d_min,
-    q_positions,
-    k_positions,
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    dropout_keep=None,
-    dropout_p=0.0,
+    x: DenseInputs, cotangents: Cotangents, *, distance_table, d_min: int, q_positions, k_positions
 ) -> tuple[Grads, np.ndarray]:
-    """Gradients of :func:`attention_with_distance_bias`.
+    """Gradients of :func:`attention_with_distance_bias` for checked ``cotangents``.
 
     Returns
     -------
     grads : Grads
-        As :func:`dense_attention_vjp`.
+        As :func:`vjp`.
     d_distance_table : float64 ndarray (Hq, Nd)
         ``d_distance_table[h, n] = sum over b and over the (i, j) with
         k_positions[j] - q_positions[i] = d_min + n of dS[b, h, i, j]``, the
         gradient of the logits (3'). Accumulated in float64 whatever the
         compute dtype, because each entry sums up to B * Nq terms.
     """
-    x = check_dense_inputs(
-        q, k, v, mask=mask, bias=bias, causal=causal, causal_alignment=causal_alignment, window=window,
-        scale=scale, softcap=softcap, dropout_keep=dropout_keep, dropout_p=dropout_p,
-    )  # fmt: skip
-    dtype = _compute_dtype(q)
+    dtype = _compute_dtype(x.q)
     distance = _DistanceBias.build(distance_table, d_min, q_positions, k_positions, x.shape, dtype)
-    args = _KernelArgs.build(x, dtype, (q, k, v), distance)
-    return _run_vjp(args, x, dout, dlse)
-
-
-
-def _compute_dtype(q) -> np.dtype:
-    """float32 for float32, float16 and bfloat16 inputs; float64 otherwise."""
-    dtype = getattr(q, "dtype", None)
-    if dtype in _FLOAT32_COMPUTED or (dtype is not None and dtype.name == "bfloat16"):
-        return np.dtype(np.float32)
-    return np.dtype(np.float64)
+    args = _KernelArgs.build(x, dtype, (x.q, x.k, x.v), distance)
+    return _run_vjp(args, x, cotangents.dout, cotangents.dlse)
 
 
 # --------------------------------------------------------------------------
@@ -512,13 +411,6 @@ def _read_only(given, checked, dtype) -> np.ndarray:
     return _frozen(use)
 
 
-def _frozen(x: np.ndarray) -> np.ndarray:
-    """A read-only view of ``x``."""
-    view = x.view()
-    view.flags.writeable = False
-    return view
-
-
 def _flat(x, dtype) -> tuple[np.ndarray, tuple]:
     """A read-only flat array holding ``x``, and the strides (b, h, i, j) -> index into it.
 
@@ -545,15 +437,17 @@ def _run_forward(args: _KernelArgs) -> tuple[np.ndarray, np.ndarray]:
     return out, lse
 
 
-def _run_vjp(args: _KernelArgs, x: DenseInputs, dout, dlse) -> tuple[Grads, np.ndarray | None]:
-    """Grads of q, k, v (and the user bias), and the distance table's gradient (None without one)."""
-    s = x.shape
-    dout = cotangent(dout, "dout", (s.batch, s.q_heads, s.q_len, s.value_dim))
-    dlse = None if dlse is None else cotangent(dlse, "dlse", (s.batch, s.q_heads, s.q_len))
-    dtype = args.q.dtype
+def _run_vjp(args: _KernelArgs, x: DenseInputs, dout, dlse, saved: Result | None = None) -> tuple[Grads, np.ndarray | None]:
+    """Grads of q, k, v (and the user bias), and the distance table's gradient (None without one).
 
-    # The forward once more, for out (delta) and lse (to recompute P tile by tile).
-    out, lse = _run_forward(args)
+    ``dout`` and ``dlse`` are checked cotangents. ``out`` and ``lse`` come from ``saved`` when given,
+    else from the forward once more (out for delta, lse to recompute P tile by tile).
+    """
+    dtype = args.q.dtype
+    if saved is not None and saved.out.dtype == dtype and saved.out.shape == dout.shape:
+        out, lse = saved.out, saved.lse
+    else:
+        out, lse = _run_forward(args)
     dout = np.ascontiguousarray(dout, dtype=dtype)  # (B, Hq, Nq, Dv)
     dlse = np.zeros(lse.shape, dtype) if dlse is None else np.ascontiguousarray(dlse, dtype=dtype)
     delta = np.einsum("bhqe,bhqe->bhq", dout, out)  # (B, Hq, Nq): sum_j P_ij dW_ij
@@ -583,64 +477,6 @@ def _run_vjp(args: _KernelArgs, x: DenseInputs, dout, dlse) -> tuple[Grads, np.n
 # --------------------------------------------------------------------------
 # Small pieces shared by the kernels.
 # --------------------------------------------------------------------------
-
-
-def _exp_nonpositive(x):
-    """``exp(x)`` for ``x <= 0`` (and -inf), vectorisable; results below the
-    smallest normal number are flushed to 0. For Numba code only: its float32
-    and float64 implementations follow."""
-    raise NotImplementedError("_exp_nonpositive is compiled by Numba; call it from a kernel")
-
-
-@overload(_exp_nonpositive, jit_options={"fastmath": False})
-def _exp_nonpositive_impl(x):
-    # exp(x) = 2**n * exp(r), n = round(x / ln 2), r = x - n ln 2 (ln 2 split
-    # in two so that n * ln2_hi is exact: Cody & Waite 1980), |r| <= ln(2)/2,
-    # exp(r) by its Taylor polynomial (error < 1/2 ulp before rounding), and
-    # 2**n built from its exponent bits.
-    if isinstance(x, types.Float) and x.bitwidth == 32:
-        f32 = np.float32
-        log2e, ln2_hi, ln2_lo = f32(1.4426950408889634), f32(0.693359375), f32(-2.12194440e-4)
-        lowest, half, zero = f32(-87.0), f32(0.5), f32(0.0)
-        c2, c3, c4, c5, c6, c7 = (f32(1.0 / math.factorial(n)) for n in range(2, 8))
-        one = f32(1.0)
-
-        def exp32(x):
-            xc = max(x, lowest)
-            n = np.floor(xc * log2e + half)  # a float: math.floor would give an int64 and stop vectorisation
-            r = xc - n * ln2_hi - n * ln2_lo
-            p = ((((((c7 * r + c6) * r + c5) * r + c4) * r + c3) * r + c2) * r + one) * r + one
-            two_n = np.int32((np.int32(n) + np.int32(127)) << np.int32(23)).view(np.float32)
-            return zero if x < lowest else p * two_n
-
-        return exp32
-    if isinstance(x, types.Float) and x.bitwidth == 64:
-        ln2_hi, ln2_lo = 6.93147180369123816490e-01, 1.90821492927058770002e-10
-        log2e, lowest = 1.4426950408889634, -708.0
-        c = tuple(1.0 / math.factorial(n) for n in range(14))
-        c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13 = c[2:]
-
-        def exp64(x):
-            xc = max(x, lowest)
-            n = np.floor(xc * log2e + 0.5)
-            r = xc - n * ln2_hi - n * ln2_lo
-            p = c13 * r + c12
-            p = p * r + c11
-            p = p * r + c10
-            p = p * r + c9
-            p = p * r + c8
-            p = p * r + c7
-            p = p * r + c6
-            p = p * r + c5
-            p = p * r + c4
-            p = p * r + c3
-            p = p * r + c2
-            p = (p * r + 1.0) * r + 1.0
-            two_n = np.int64((np.int64(n) + np.int64(1023)) << np.int64(52)).view(np.float64)
-            return 0.0 if x < lowest else p * two_n
-
-        return exp64
-    return None
 
 
 @njit(cache=True)

@@ -16,27 +16,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core.invariants import close, require
 from ..core.masks import position_mask
 from ..core.softmax import merge
 
 POSITION_PARAMS = ("causal", "window")
-
-
-def _close(name: str, got, want, rtol: float) -> None:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    same_inf = np.isinf(want) & (got == want)
-    finite = ~same_inf
-    if np.any(np.isinf(got[finite])) or np.any(np.isnan(got)) or np.any(np.isinf(want[finite])):
-        raise AssertionError(f"{name}: infinities or NaN differ")
-    err = np.max(np.abs(got[finite] - want[finite]), initial=0.0)
-    ref = max(np.max(np.abs(want[finite]), initial=0.0), 1.0)
-    if err > rtol * ref:
-        raise AssertionError(f"{name}: normwise error {err / ref:.3e} > {rtol:.1e}")
-
-
-def _require(condition: bool, what: str) -> None:
-    if not condition:
-        raise ValueError(f"this property needs {what}")
 
 
 def _explicit_mask(q, k, params) -> dict:
@@ -61,10 +45,10 @@ def weights_sum_to_one(attend, q, k, v, params, rtol=1e-10):
     Seen through the output: with every value equal to 1, ``out = sum_j p_ij = 1``.
     Needs no dropout (a keep-mask rescales surviving weights).
     """
-    _require(params.get("dropout_keep") is None, "no dropout")
+    require(params.get("dropout_keep") is None, "no dropout")
     result = attend(q, k, np.ones_like(v), **params)
     has_key = np.isfinite(result.lse)[..., None]
-    _close("sum of weights", result.out, np.where(has_key, 1.0, 0.0) * np.ones_like(result.out), rtol)
+    close("sum of weights", result.out, np.where(has_key, 1.0, 0.0) * np.ones_like(result.out), rtol)
 
 
 def key_permutation_invariance(attend, q, k, v, params, seed=0, rtol=1e-10):
@@ -72,15 +56,15 @@ def key_permutation_invariance(attend, q, k, v, params, seed=0, rtol=1e-10):
 
     Needs no causal mask or window: those tie keys to positions.
     """
-    _require(not params.get("causal") and params.get("window") is None, "no causal mask and no window")
+    require(not params.get("causal") and params.get("window") is None, "no causal mask and no window")
     perm = np.random.default_rng(seed).permutation(k.shape[2])
     permuted = dict(params)
     for name in ("mask", "bias", "dropout_keep"):
         if params.get(name) is not None:
             permuted[name] = params[name][..., perm]
     base, moved = attend(q, k, v, **params), attend(q, k[:, :, perm], v[:, :, perm], **permuted)
-    _close("out", moved.out, base.out, rtol)
-    _close("lse", moved.lse, base.lse, rtol)
+    close("out", moved.out, base.out, rtol)
+    close("lse", moved.lse, base.lse, rtol)
 
 
 def causal_independence(attend, q, k, v, params, seed=0, rtol=1e-10):
@@ -90,7 +74,7 @@ def causal_independence(attend, q, k, v, params, seed=0, rtol=1e-10):
     Every key/value after a cut is replaced by noise; rows whose bound is
     before the cut must not change. Needs ``causal=True``.
     """
-    _require(bool(params.get("causal")), "causal=True")
+    require(bool(params.get("causal")), "causal=True")
     nq, nk = q.shape[2], k.shape[2]
     offset = nk - nq if params.get("causal_alignment", "bottom_right") == "bottom_right" else 0
     rng = np.random.default_rng(seed)
@@ -100,8 +84,8 @@ def causal_independence(attend, q, k, v, params, seed=0, rtol=1e-10):
     v2[:, :, cut:] = rng.standard_normal(v2[:, :, cut:].shape)
     rows = np.arange(nq) + offset < cut  # rows whose every visible key is before the cut
     base, changed = attend(q, k, v, **params), attend(q, k2, v2, **params)
-    _close("out of rows before the cut", changed.out[:, :, rows], base.out[:, :, rows], rtol)
-    _close("lse of rows before the cut", changed.lse[:, :, rows], base.lse[:, :, rows], rtol)
+    close("out of rows before the cut", changed.out[:, :, rows], base.out[:, :, rows], rtol)
+    close("lse of rows before the cut", changed.lse[:, :, rows], base.lse[:, :, rows], rtol)
 
 
 def score_shift_invariance(attend, q, k, v, params, shift=7.25, rtol=1e-10):
@@ -112,8 +96,8 @@ def score_shift_invariance(attend, q, k, v, params, shift=7.25, rtol=1e-10):
     shifted = dict(params)
     shifted["bias"] = shift + (params["bias"] if params.get("bias") is not None else np.zeros((1, 1)))
     base, moved = attend(q, k, v, **params), attend(q, k, v, **shifted)
-    _close("out", moved.out, base.out, rtol)
-    _close("lse - shift", moved.lse - shift, base.lse, rtol)
+    close("out", moved.out, base.out, rtol)
+    close("lse - shift", moved.lse - shift, base.lse, rtol)
 
 
 def identical_keys_give_mean(attend, q, k, v, params, rtol=1e-10):
@@ -123,7 +107,7 @@ def identical_keys_give_mean(attend, q, k, v, params, rtol=1e-10):
     Needs no bias and no dropout (softcap is fine: equal scores stay equal).
     Uses key 0 of each head as the common key.
     """
-    _require(params.get("bias") is None and params.get("dropout_keep") is None, "no bias and no dropout")
+    require(params.get("bias") is None and params.get("dropout_keep") is None, "no bias and no dropout")
     same_k = np.broadcast_to(k[:, :, :1], k.shape).copy()
     result = attend(q, same_k, v, **params)
     explicit = _explicit_mask(q, k, params)
@@ -134,7 +118,7 @@ def identical_keys_give_mean(attend, q, k, v, params, rtol=1e-10):
     values = np.repeat(v, group, axis=1)  # (B, Hq, Nk, Dv)
     count = allowed.sum(-1, keepdims=True)  # (B, Hq, Nq, 1)
     mean = np.einsum("bhqk,bhke->bhqe", allowed.astype(float), values) / np.maximum(count, 1)
-    _close("out", result.out, mean, rtol)
+    close("out", result.out, mean, rtol)
 
 
 def gqa_equals_repeated_heads(attend, q, k, v, params, rtol=1e-10):
@@ -143,8 +127,8 @@ def gqa_equals_repeated_heads(attend, q, k, v, params, rtol=1e-10):
     group = q.shape[1] // k.shape[1]
     gqa = attend(q, k, v, **params)
     mha = attend(q, np.repeat(k, group, axis=1), np.repeat(v, group, axis=1), **params)
-    _close("out", gqa.out, mha.out, rtol)
-    _close("lse", gqa.lse, mha.lse, rtol)
+    close("out", gqa.out, mha.out, rtol)
+    close("lse", gqa.lse, mha.lse, rtol)
 
 
 def fully_masked_rows(attend, q, k, v, params, rows=(0,)):
@@ -168,7 +152,7 @@ def split_and_merge(attend, q, k, v, params, split=None, rtol=1e-10):
     Causal masks and windows are made explicit first (they are positional);
     mask, bias and keep-mask columns are split with the keys.
     """
-    _require(k.shape[2] >= 2, "at least two keys")
+    require(k.shape[2] >= 2, "at least two keys")
     nk = k.shape[2]
     split = nk // 2 if split is None else split
     params = _explicit_mask(q, k, params)
@@ -181,8 +165,8 @@ def split_and_merge(attend, q, k, v, params, split=None, rtol=1e-10):
         halves.append(attend(q, k[:, :, cols], v[:, :, cols], **part))
     out, lse = merge(halves)
     whole = attend(q, k, v, **params)
-    _close("merged out", out, whole.out, rtol)
-    _close("merged lse", lse, whole.lse, rtol)
+    close("merged out", out, whole.out, rtol)
+    close("merged lse", lse, whole.lse, rtol)
 
 
 def out_from_lse(attend, q, k, v, params, rtol=1e-10):
@@ -192,7 +176,7 @@ def out_from_lse(attend, q, k, v, params, rtol=1e-10):
     Scores are formed here from their definition (scale, softcap, bias).
     Needs no dropout.
     """
-    _require(params.get("dropout_keep") is None, "no dropout")
+    require(params.get("dropout_keep") is None, "no dropout")
     result = attend(q, k, v, **params)
     explicit = _explicit_mask(q, k, params)
     group = q.shape[1] // k.shape[1]
@@ -208,7 +192,7 @@ def out_from_lse(attend, q, k, v, params, rtol=1e-10):
     lse = result.lse[..., None]
     has_key = np.isfinite(lse)
     weights = np.where(has_key, np.exp(s - np.where(has_key, lse, 0.0)), 0.0)
-    _close("out", result.out, np.einsum("bhqk,bhke->bhqe", weights, values), rtol)
+    close("out", result.out, np.einsum("bhqk,bhke->bhqe", weights, values), rtol)
 
 
 ALL = (

@@ -16,14 +16,12 @@ from __future__ import annotations
 import numpy as np
 
 from ..core import registry
-from ..core.checks import cotangent
-from ..core.errors import SpecError
 from ..core.precision import Numerics, numerics
-from ..core.results import Grads, Result
+from ..core.results import Cotangents, Grads, Result
 from ..core.shapes import repeat_kv_heads, sum_kv_heads, sum_to_shape
 from ..core.softcap import softcap, softcap_slope
 from ..core.softmax import masked_softmax
-from .inputs import DenseInputs, check_dense_inputs
+from .inputs import DenseInputs
 
 
 def dense_attention(
@@ -81,16 +79,13 @@ def dense_attention(
         ``out`` (B, Hq, Nq, Dv) and ``lse`` (B, Hq, Nq), both float64; a fully
         masked row has out 0 and lse ``-inf``. ``aux`` is empty.
     """
-    params = dict(
-        mask=mask, bias=bias, causal=causal, causal_alignment=causal_alignment, window=window,
-        scale=scale, softcap=softcap, dropout_keep=dropout_keep, dropout_p=dropout_p,
-    )  # fmt: skip
-    if backend != "reference":
-        return _other_backend(backend, precision).dense_attention(q, k, v, **params)
-    inputs = check_dense_inputs(q, k, v, **params)
-    num = numerics(precision)
-    steps = _forward_steps(inputs, num)
-    return Result(out=steps["out"].astype(np.float64), lse=steps["lse"].astype(np.float64), aux={})
+    return registry.call_forward("dense", locals())
+
+
+def forward(x: DenseInputs, num: Numerics) -> Result:
+    """The reference backend: steps (1)-(7) in precision ``num``."""
+    steps = _forward_steps(x, num)
+    return Result(out=steps["out"], lse=steps["lse"], aux={})
 
 
 def _forward_steps(x: DenseInputs, num: Numerics) -> dict:
@@ -117,53 +112,19 @@ def _forward_steps(x: DenseInputs, num: Numerics) -> dict:
     return dict(q=q, k=k, v=v, scores=scores, weights=weights, dropped=dropped, lse=lse, out=out)
 
 
-def dense_attention_vjp(
-    dout,
-    q,
-    k,
-    v,
-    *,
-    dlse=None,
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    dropout_keep=None,
-    dropout_p=0.0,
-    precision=None,
-    backend="reference",
-) -> Grads:
-    """Gradients of ``dense_attention`` for cotangents ``dout`` (and ``dlse``).
+dense_attention_vjp = registry.vjp_function(
+    dense_attention,
+    "dense",
+    grads="""    ``q``, ``k``, ``v`` (shapes of the inputs) and ``bias`` (the bias's own
+    shape, broadcast axes summed) when a bias was given. Masks and the
+    keep-mask are not differentiable. Fully masked rows contribute 0.""",
+)
 
-    Parameters are those of :func:`dense_attention`, plus
 
-    dout : ndarray (B, Hq, Nq, Dv)
-        Cotangent of ``out``.
-    dlse : ndarray (B, Hq, Nq), optional
-        Cotangent of ``lse``; 0 when omitted.
-
-    Returns
-    -------
-    Grads
-        ``q``, ``k``, ``v`` (shapes of the inputs) and ``bias`` (the bias's
-        own shape, broadcast axes summed) when a bias was given. Masks and
-        the keep-mask are not differentiable. Fully masked rows contribute 0.
-    """
-    params = dict(
-        mask=mask, bias=bias, causal=causal, causal_alignment=causal_alignment, window=window,
-        scale=scale, softcap=softcap, dropout_keep=dropout_keep, dropout_p=dropout_p,
-    )  # fmt: skip
-    if backend != "reference":
-        return _other_backend(backend, precision).dense_attention_vjp(dout, q, k, v, dlse=dlse, **params)
-    x = check_dense_inputs(q, k, v, **params)
-    b, hq, nq, dv = x.shape.batch, x.shape.q_heads, x.shape.q_len, x.shape.value_dim
-    dout = cotangent(dout, "dout", (b, hq, nq, dv))
-    dlse = None if dlse is None else cotangent(dlse, "dlse", (b, hq, nq))
-    num = numerics(precision)
+def vjp(x: DenseInputs, cotangents: Cotangents, num: Numerics) -> Grads:
+    """The reference backend's VJP: steps (7')-(1') in precision ``num``."""
     f = _forward_steps(x, num)
+    dout, dlse = cotangents.dout, cotangents.dlse
     dout = num.load(dout)  # (B, Hq, Nq, Dv)
 
     # (7') out = D v, with D the dropped weights.
@@ -192,6 +153,7 @@ def dense_attention_vjp(
     dk_per_q_head = num.store(x.scale * np.einsum("bhqk,bhqd->bhkd", d_scores, f["q"], optimize=True))
     # GQA: a kv head's gradient is the sum over the query heads that read it.
     group = x.shape.group
+    # (The sums over heads and broadcast axes are exact-ish float64 sums, not part of the emulated precision.)
     grads["q"] = dq.astype(np.float64)
     grads["k"] = sum_kv_heads(dk_per_q_head.astype(np.float64), group)
     grads["v"] = sum_kv_heads(dv_per_q_head.astype(np.float64), group)
@@ -199,8 +161,3 @@ def dense_attention_vjp(
         grads["bias"] = sum_to_shape(d_logits.astype(np.float64), x.bias.shape)
     return grads
 
-
-def _other_backend(backend: str, precision):
-    if precision is not None:
-        raise SpecError("precision", "None with a non-reference backend (kernels compute in their input dtype)", repr(precision))
-    return registry.backend("dense", backend)
