@@ -2,7 +2,7 @@
 
 B = 1, H = 8, D = Dv = 64, float32, 4 hashing rounds, chunks of 64 with one
 chunk of look-back (the Reformer / HF defaults), no mask, not causal.
-``n_buckets`` follows HF's own rule when ``config.num_buckets`` is unset
+``num_buckets`` follows HF's own rule when ``config.num_buckets`` is unset
 (``ReformerConfig._set_num_buckets``, with HF's default
 ``max_position_embeddings = 4096``): ``2^⌊log2(2N / L)⌋`` buckets, factorised
 into two powers of two when that exceeds ``2·max(√(4096 / L), L) = 128``:
@@ -24,8 +24,9 @@ Backends:
 * ``reference``: refattn's NumPy specification (float64 inside), up to
   ``--reference-max``;
 * ``numba``: refattn/lsh/numba.py, float32 in and float32 compute;
-  "backward" is the public VJP, which takes no saved state and so hashes,
-  sorts and runs the forward again;
+  "backward" is the public VJP without ``saved=``, so it hashes, sorts and
+  runs the forward again (as it did before ``saved`` existed, so that the
+  times compare with earlier runs);
 * ``hf``: transformers' ``LSHSelfAttention`` built from a ``ReformerConfig``
   with the same sizes (``hash_seed`` fixed, dropout 0), fed hidden states
   ``X`` (B, N, H·D). refattn's backends get HF's own ``qk = X W_qkᵀ`` and
@@ -57,7 +58,7 @@ import sys
 import time
 
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
-N_HASHES, CHUNK_LEN = 4, 64
+NUM_HASHES, CHUNK_LEN = 4, 64
 HF_MAX_POSITION_EMBEDDINGS = 4096  # ReformerConfig's default, which _set_num_buckets reads
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -122,7 +123,7 @@ def _hf_module(n: int, weights=None):
 
     config = ReformerConfig(
         attention_head_size=HEAD_DIM, num_attention_heads=HEADS, hidden_size=HEADS * HEAD_DIM, attn_layers=["lsh"],
-        lsh_attn_chunk_length=CHUNK_LEN, num_hashes=N_HASHES, num_buckets=hf_num_buckets(n), lsh_num_chunks_before=1,
+        lsh_attn_chunk_length=CHUNK_LEN, num_hashes=NUM_HASHES, num_buckets=hf_num_buckets(n), lsh_num_chunks_before=1,
         lsh_num_chunks_after=0, is_decoder=False, lsh_attention_probs_dropout_prob=0.0, hash_seed=0,
     )  # fmt: skip
     module = modeling_reformer.LSHSelfAttention(config, layer_idx=0).eval()
@@ -149,7 +150,7 @@ def _problem(n: int, seed: int = 0):
 
     buckets = hf_num_buckets(n)
     half = sum(buckets if isinstance(buckets, list) else [buckets]) // 2
-    rotations = rng.standard_normal((HEADS, N_HASHES, HEAD_DIM, half), dtype=np.float32)
+    rotations = rng.standard_normal((HEADS, NUM_HASHES, HEAD_DIM, half), dtype=np.float32)
     qk, v = heads(hidden @ weights[0].T), heads(hidden @ weights[1].T)
     return hidden, dout, weights, qk, v, heads(dout), rotations
 
@@ -159,7 +160,7 @@ def child(backend: str, n: int, direction: str, repeats: int) -> dict:
     if backend in ("reference", "numba"):
         from refattn.lsh import lsh_attention, lsh_attention_vjp
 
-        params = dict(rotations=rotations, n_buckets=hf_num_buckets(n), n_hashes=N_HASHES, chunk_len=CHUNK_LEN)
+        params = dict(rotations=rotations, num_buckets=hf_num_buckets(n), num_hashes=NUM_HASHES, chunk_len=CHUNK_LEN)
 
         def forward(qk, v):
             r = lsh_attention(qk, v, **params, backend=backend)
@@ -186,7 +187,7 @@ def child(backend: str, n: int, direction: str, repeats: int) -> dict:
 
             def forward(module, x):
                 with torch.no_grad():
-                    out = module(x, num_hashes=N_HASHES).hidden_states
+                    out = module(x, num_hashes=NUM_HASHES).hidden_states
                 return out.numel() * out.element_size()
 
             forward(small, x[:, :256])
@@ -198,7 +199,7 @@ def child(backend: str, n: int, direction: str, repeats: int) -> dict:
             leaves = [leaf, *module.parameters()]
             for p in leaves:
                 p.grad = None
-            return leaves, module(leaf, num_hashes=N_HASHES).hidden_states
+            return leaves, module(leaf, num_hashes=NUM_HASHES).hidden_states
 
         _, out = prepared(small, x[:, :256])
         out.backward(d[:, :256])
@@ -324,8 +325,8 @@ def main(argv=None) -> None:
             backends.remove("hf")
 
     buckets = ", ".join(f"{n}: {hf_num_buckets(n)}" for n in args.lengths)
-    print(f"# LSH attention, B={BATCH} H={HEADS} D={HEAD_DIM} float32, {N_HASHES} rounds, chunk {CHUNK_LEN}, "
-          f"one chunk before; n_buckets (HF's rule) {buckets}; {args.threads} threads; "
+    print(f"# LSH attention, B={BATCH} H={HEADS} D={HEAD_DIM} float32, {NUM_HASHES} rounds, chunk {CHUNK_LEN}, "
+          f"one chunk before; num_buckets (HF's rule) {buckets}; {args.threads} threads; "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
     print("| N | direction | backend | time (s) | peak growth beyond outputs (MiB) |")
     print("|---|---|---|---:|---:|", flush=True)

@@ -1,6 +1,6 @@
 """Routing attention, forward and backward: reference vs numba vs lucidrains' KmeansAttention on CPU.
 
-B = 1, H = 8, D = 64, float32, K = round(√N) clusters of window = N // K
+B = 1, H = 8, D = 64, float32, K = round(√N) clusters of cluster_size W = N // K
 tokens (the Routing Transformer's O(N^1.5 · D) setting), non-causal, separate
 query and key routing, the ``"lucidrains"`` preset (L2 routing vectors, raw
 q/k attended with 1/√D, members by descending similarity, scatter eps 1e-5),
@@ -56,7 +56,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def sizes(n: int) -> tuple[int, int]:
-    """(clusters, window) for N tokens: K = round(√N), W = N // K."""
+    """(clusters, cluster_size) for N tokens: K = round(√N), W = N // K."""
     clusters = max(1, round(math.sqrt(n)))
     return clusters, n // clusters
 
@@ -81,26 +81,27 @@ def _refattn_calls(backend: str, n: int):
     """forward(q, k, v) and backward(q, k, v, dout) of refattn's routing on ``backend``, each returning output bytes."""
     from refattn.routing import routing_attention, routing_attention_vjp
 
-    _, window = sizes(n)
+    _, cluster_size = sizes(n)
 
     def forward(q, k, v, centroids):
-        r = routing_attention(q, k, v, centroids=centroids, window=window, preset=PRESET, backend=backend)
-        return _nbytes(r.out, r.lse)
+        r = routing_attention(q, k, v, centroids=centroids, cluster_size=cluster_size, preset=PRESET, backend=backend)
+        return _nbytes(r.out, r.aux["slot_lse"])
 
     def backward(q, k, v, dout, centroids):
-        g = routing_attention_vjp(dout, q, k, v, centroids=centroids, window=window, preset=PRESET, backend=backend)
+        g = routing_attention_vjp(dout, q, k, v, centroids=centroids, cluster_size=cluster_size, preset=PRESET,
+                                  backend=backend)  # fmt: skip
         return _nbytes(*g.values())
 
     return forward, backward
 
 
-def _lucidrains_module(centroids, window: int):
+def _lucidrains_module(centroids, window_size: int):
     """KmeansAttention in eval mode whose k-means means are ``centroids`` (H, K, D)."""
     import torch
     from routing_transformer.routing_transformer import KmeansAttention
 
     heads, clusters, dim = centroids.shape
-    module = KmeansAttention(clusters, window, heads, dim).eval()
+    module = KmeansAttention(clusters, window_size, heads, dim).eval()  # its window_size is our cluster_size
     module.kmeans.means.copy_(torch.from_numpy(centroids))
     module.kmeans.initted.fill_(True)
     return module
@@ -161,7 +162,8 @@ def check(n: int) -> dict:
     module = _lucidrains_module(centroids, sizes(n)[1])
     with torch.no_grad():
         theirs = module(*(torch.from_numpy(x) for x in (q, k, v)))[0].numpy()
-    ours = routing_attention(q, k, v, centroids=centroids, window=sizes(n)[1], preset=PRESET, backend="numba").out
+    ours = routing_attention(q, k, v, centroids=centroids, cluster_size=sizes(n)[1], preset=PRESET,
+                             backend="numba").out  # fmt: skip
     return {"max_abs_difference": float(np.max(np.abs(ours - theirs))), "max_abs_output": float(np.max(np.abs(theirs)))}
 
 
@@ -226,7 +228,7 @@ def main(argv=None) -> None:
             print("routing_transformer is not installed: skipping the lucidrains column", file=sys.stderr)
             backends.remove("lucidrains")
 
-    print(f"# routing attention, B={BATCH} H={HEADS} D={HEAD_DIM} float32, K = round(sqrt(N)), window = N // K, "
+    print(f"# routing attention, B={BATCH} H={HEADS} D={HEAD_DIM} float32, K = round(sqrt(N)), cluster_size W = N // K, "
           f"preset {PRESET!r}, {args.threads} threads", flush=True)  # fmt: skip
     if args.check and "lucidrains" in backends:
         n = min(args.lengths)
@@ -235,14 +237,14 @@ def main(argv=None) -> None:
                                           capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])  # fmt: skip
         print(f"# check at N={n}: max |numba - lucidrains| = {found['max_abs_difference']:.2e} "
               f"(max |out| {found['max_abs_output']:.2f})", flush=True)  # fmt: skip
-    print("| N | K x window | direction | backend | time (s) | peak growth beyond outputs (MiB) |")
+    print("| N | K x W | direction | backend | time (s) | peak growth beyond outputs (MiB) |")
     print("|---|---|---|---|---:|---:|", flush=True)
     rows = []
     for n in args.lengths:
-        clusters, window = sizes(n)
+        clusters, cluster_size = sizes(n)
         for direction in args.directions:
             for backend in backends:
-                cells = [n, f"{clusters} x {window}", direction, backend]
+                cells = [n, f"{clusters} x {cluster_size}", direction, backend]
                 if backend == "reference" and n > args.reference_max:
                     print("| " + " | ".join(map(str, cells)) + f" | skipped: N > --reference-max {args.reference_max} | |")
                     continue

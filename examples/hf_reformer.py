@@ -10,7 +10,7 @@ and runs HF's own forward on the case's arrays:
   ``qk`` and ``v`` (products with 0 and 1 are exact). The input's gradient is
   ``[dqk | dv]``.
 * **Rotations.** HF draws them inside ``_hash_vectors`` with
-  ``torch.randn((H, D, R, n_buckets / 2))``. For the duration of the call
+  ``torch.randn((H, D, R, num_buckets / 2))``. For the duration of the call
   ``torch.randn`` returns the case's rotations in that layout
   (``rotations.transpose(0, 2, 1, 3)``), checked against the requested
   shape, so HF's own hashing (factorised buckets, padding bucket, round
@@ -67,24 +67,24 @@ HF_FIXED = dict(
 )
 
 
-def hf_lsh(qk, v, *, rotations, n_buckets, n_hashes, chunk_len, n_chunks_before, n_chunks_after, causal=False,
-           key_padding_mask=None, **behaviours) -> Result:  # fmt: skip
+def hf_lsh(qk, v, *, rotations, num_buckets, num_hashes, chunk_len, num_chunks_before, num_chunks_after,
+           causal=False, key_padding_mask=None, **behaviours) -> Result:  # fmt: skip
     """HF's LSHSelfAttention forward on a case: ``Result(out, lse, aux={"buckets"})``, NumPy in and out."""
-    module, hidden, mask, randn = _setup(qk, v, rotations, n_buckets, n_hashes, chunk_len, n_chunks_before,
-                                         n_chunks_after, causal, key_padding_mask, behaviours)  # fmt: skip
+    module, hidden, mask, randn = _setup(qk, v, rotations, num_buckets, num_hashes, chunk_len, num_chunks_before,
+                                         num_chunks_after, causal, key_padding_mask, behaviours)  # fmt: skip
     with torch.no_grad():
-        out, lse, buckets = _run(module, hidden, mask, n_hashes, randn)
+        out, lse, buckets = _run(module, hidden, mask, num_hashes, randn)
     aux = {} if buckets is None else {"buckets": buckets.numpy()}
     return Result(out=_bhnd(out, qk.shape[1]).numpy(), lse=lse.numpy(), aux=aux)
 
 
-def hf_lsh_vjp(dout, qk, v, *, dlse=None, rotations, n_buckets, n_hashes, chunk_len, n_chunks_before, n_chunks_after,
-               causal=False, key_padding_mask=None, **behaviours) -> dict:  # fmt: skip
+def hf_lsh_vjp(dout, qk, v, *, dlse=None, rotations, num_buckets, num_hashes, chunk_len, num_chunks_before,
+               num_chunks_after, causal=False, key_padding_mask=None, **behaviours) -> dict:  # fmt: skip
     """Gradients of ``qk`` and ``v`` by autograd through HF's forward (buckets fixed by HF itself)."""
-    module, hidden, mask, randn = _setup(qk, v, rotations, n_buckets, n_hashes, chunk_len, n_chunks_before,
-                                         n_chunks_after, causal, key_padding_mask, behaviours)  # fmt: skip
+    module, hidden, mask, randn = _setup(qk, v, rotations, num_buckets, num_hashes, chunk_len, num_chunks_before,
+                                         num_chunks_after, causal, key_padding_mask, behaviours)  # fmt: skip
     hidden.requires_grad_()
-    out, lse, _ = _run(module, hidden, mask, n_hashes, randn)
+    out, lse, _ = _run(module, hidden, mask, num_hashes, randn)
     loss = (_bhnd(out, qk.shape[1]) * torch.from_numpy(np.asarray(dout)).to(out.dtype)).sum()
     if dlse is not None:
         loss = loss + (lse * torch.from_numpy(np.asarray(dlse)).to(lse.dtype)).sum()
@@ -94,19 +94,19 @@ def hf_lsh_vjp(dout, qk, v, *, dlse=None, rotations, n_buckets, n_hashes, chunk_
     return {"qk": grad[0].numpy(), "v": grad[1].numpy()}
 
 
-def _setup(qk, v, rotations, n_buckets, n_hashes, chunk_len, n_chunks_before, n_chunks_after, causal,
+def _setup(qk, v, rotations, num_buckets, num_hashes, chunk_len, num_chunks_before, num_chunks_after, causal,
            key_padding_mask, behaviours):  # fmt: skip
     """The module, its input ``[qk | v]``, HF's attention mask and the rotations as HF draws them."""
     b, h, n, d = qk.shape
-    _require_expressible(qk, v, rotations, n_hashes, chunk_len, key_padding_mask, behaviours)
+    _require_expressible(qk, v, rotations, num_hashes, chunk_len, key_padding_mask, behaviours)
     dtype = {np.dtype(np.float64): torch.float64, np.dtype(np.float32): torch.float32}.get(qk.dtype)
     if dtype is None:
         raise NotImplementedError(f"this adapter runs HF in float32 or float64, not {qk.dtype}")
     config = ReformerConfig(
         attention_head_size=d, num_attention_heads=h, hidden_size=2 * h * d, attn_layers=["lsh"],
-        lsh_attn_chunk_length=chunk_len, num_hashes=n_hashes,
-        num_buckets=list(n_buckets) if isinstance(n_buckets, (list, tuple)) else n_buckets,
-        lsh_num_chunks_before=n_chunks_before, lsh_num_chunks_after=n_chunks_after, is_decoder=causal,
+        lsh_attn_chunk_length=chunk_len, num_hashes=num_hashes,
+        num_buckets=list(num_buckets) if isinstance(num_buckets, (list, tuple)) else num_buckets,
+        lsh_num_chunks_before=num_chunks_before, lsh_num_chunks_after=num_chunks_after, is_decoder=causal,
         lsh_attention_probs_dropout_prob=0.0, hash_seed=None,
     )  # fmt: skip
     module = modeling_reformer.LSHSelfAttention(config, layer_idx=0).to(dtype).eval()
@@ -126,7 +126,7 @@ def _tokens(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(b, n, h * d)))
 
 
-def _require_expressible(qk, v, rotations, n_hashes, chunk_len, key_padding_mask, behaviours):
+def _require_expressible(qk, v, rotations, num_hashes, chunk_len, key_padding_mask, behaviours):
     """Raise NotImplementedError for what HF's LSHSelfAttention cannot compute.
 
     Three behaviours HF fixes are accepted where the case's value gives the
@@ -150,8 +150,8 @@ def _require_expressible(qk, v, rotations, n_hashes, chunk_len, key_padding_mask
         raise NotImplementedError("HF adds the padding bucket only when some token of the batch is padded")
     if n <= chunk_len and behaviours.get("short_sequence") != "full":
         raise NotImplementedError("HF runs dense attention when N <= chunk_len")
-    if n > chunk_len and (n_hashes * n) % chunk_len:
-        raise NotImplementedError("HF reshapes the n_hashes·N sorted items into whole chunks")
+    if n > chunk_len and (num_hashes * n) % chunk_len:
+        raise NotImplementedError("HF reshapes the num_hashes·N sorted items into whole chunks")
 
 
 def _fixed_randn(rotations: torch.Tensor):
@@ -166,7 +166,7 @@ def _fixed_randn(rotations: torch.Tensor):
     return randn
 
 
-def _run(module, hidden, mask, n_hashes, randn):
+def _run(module, hidden, mask, num_hashes, randn):
     """HF's forward; returns out (B, N, H·D), the combined lse (B, H, N) and HF's buckets (or None)."""
     recorded = {}
     real_reverse_sort, real_attend = modeling_reformer.ReverseSort, module._attend
@@ -187,7 +187,7 @@ def _run(module, hidden, mask, n_hashes, randn):
         stack.enter_context(mock.patch.object(torch, "randn", randn))
         stack.enter_context(mock.patch.object(modeling_reformer, "ReverseSort", RecordingReverseSort))
         stack.enter_context(mock.patch.object(module, "_attend", recording_attend))
-        output = module(hidden, attention_mask=mask, num_hashes=n_hashes)
+        output = module(hidden, attention_mask=mask, num_hashes=num_hashes)
     b, h, n = hidden.shape[0], module.num_attention_heads, hidden.shape[1]
     per_round = recorded["logits"].reshape(b, h, -1, n)  # (B, H, R, N), or (B, H, 1, N) on the short path
     return output.hidden_states, torch.logsumexp(per_round, dim=2), output.buckets

@@ -2,18 +2,20 @@
 
 ::
 
-    refattn verify --mechanism M --impl package.module:function [--vjp package.module:function]
-                   [--suite DIR] [--case ID ...]
+    refattn verify --mechanism M (--impl package.module:function [--vjp package.module:function] | --backend NAME)
+                   [--suite DIR] [--require-official] [--case ID ...]
                    [--dtype float64|float32|float16|bfloat16] [--layout bhnd|bnhd]
-                   [--grad] [--json FILE] [--junit FILE] [--xfail FILE]
+                   [--grad] [--timeout SECONDS] [--json FILE] [--junit FILE] [--xfail FILE]
     refattn export [--out DIR] [--mechanism M ...] [--large] [--check]
-    refattn mechanisms
+    refattn mechanisms [--names | --backends M]
     refattn dilution [--sigma S] [--margin D] [--lengths N ...] [--samples M] [--seed K]
                      [--ssmax-s S] [--lam L] [--plot FILE]
 
-Exit status: 0 when everything passed, 1 when a case failed (or, for
-``export --check``, the folder has drifted), 2 for usage errors, an
-implementation that cannot be imported, or a suite that cannot be loaded.
+Exit status: 0 when everything passed, 1 when a case failed, errored or
+timed out (or, for ``export --check``, the folder has drifted), 2 for usage
+errors, an implementation that cannot be imported, or a suite that cannot be
+loaded, is custom under ``--require-official``, or has no case selected. A
+status-2 error is one line on stderr.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import sys
 from pathlib import Path
 
+from .conformance.text import printable
 from .core.precision import PRECISIONS
 
 USAGE_ERROR = 2
@@ -45,7 +48,7 @@ def main(argv=None) -> int:
     try:
         return args.run(args)
     except UsageError as exc:
-        print(f"refattn {args.command}: {exc}", file=sys.stderr)
+        print(printable(f"refattn {args.command}: {' '.join(str(exc).split())}"), file=sys.stderr)
         return USAGE_ERROR
 
 
@@ -54,14 +57,18 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="command")
 
     verify = commands.add_parser("verify", help="check an implementation against the conformance vectors")
-    verify.add_argument("--impl", required=True, metavar="MODULE:FUNCTION", help="the implementation, impl(q, k, v, **kwargs)")
+    tested = verify.add_mutually_exclusive_group(required=True)
+    tested.add_argument("--impl", metavar="MODULE:FUNCTION", help="the implementation, impl(q, k, v, **kwargs)")
+    tested.add_argument("--backend", metavar="NAME", help="a bundled backend of --mechanism (see refattn mechanisms)")
     verify.add_argument("--vjp", metavar="MODULE:FUNCTION", help="its gradients, vjp(dout, q, k, v, dlse=..., **kwargs)")
-    verify.add_argument("--suite", metavar="DIR", help="suite folder (default: ./conformance, else the source checkout's)")
+    verify.add_argument("--suite", metavar="DIR", help="suite folder (default: the published one)")
+    verify.add_argument("--require-official", action="store_true", help="refuse a suite other than the published one")
     verify.add_argument("--mechanism", nargs="+", metavar="M", help="only these mechanisms")
     verify.add_argument("--case", nargs="+", metavar="ID", help="only these case ids (patterns like 'dense/causal*' too)")
     verify.add_argument("--dtype", choices=PRECISIONS, default="float64", help="precision of the inputs (default float64)")
     verify.add_argument("--layout", choices=("bhnd", "bnhd"), default="bhnd", help="layout of q, k, v, out (default bhnd)")
     verify.add_argument("--grad", action="store_true", help="also check gradients (needs --vjp or impl.vjp)")
+    verify.add_argument("--timeout", type=float, metavar="SECONDS", help="per case, in a worker process; a hang is a timeout")
     verify.add_argument("--json", metavar="FILE", help="write the report as JSON")
     verify.add_argument("--junit", metavar="FILE", help="write the report as JUnit XML")
     verify.add_argument("--xfail", metavar="FILE", help="ids of cases expected to fail, one per line, # comments")
@@ -74,7 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--check", action="store_true", help="compare DIR with a fresh export; exit 1 on drift")
     export.set_defaults(run=_export)
 
-    mechanisms = commands.add_parser("mechanisms", help="list the registered mechanisms and their backends")
+    mechanisms = commands.add_parser("mechanisms", help="list the registered mechanisms: backends, VJP, spec, cases")
+    query = mechanisms.add_mutually_exclusive_group()
+    query.add_argument("--names", action="store_true", help="only the names, one per line (for scripts)")
+    query.add_argument("--backends", metavar="M", help="only M's backends, one per line, reference first (for scripts)")
     mechanisms.set_defaults(run=_mechanisms)
 
     dilution = commands.add_parser(
@@ -97,20 +107,27 @@ def _parser() -> argparse.ArgumentParser:
 
 def _verify(args) -> int:
     from .conformance import verify as v
-    from .conformance.suite import SuiteError, load_suite
+    from .conformance.suite import SuiteError, load_suite, mechanisms_named
+    from .core.errors import SpecError
 
-    impl = _load("--impl", args.impl)
+    if args.backend is not None and (args.mechanism is None or len(args.mechanism) != 1):
+        raise UsageError("--backend needs --mechanism with one mechanism name")
+    if args.backend is not None and args.vjp:
+        raise UsageError("--vjp goes with --impl; --backend brings its own VJP")
+    impl = _load("--impl", args.impl) if args.impl else None
     vjp = _load("--vjp", args.vjp) if args.vjp else getattr(impl, "vjp", None)
-    if args.grad and vjp is None:
+    if args.grad and impl is not None and vjp is None:
         raise UsageError("--grad needs --vjp MODULE:FUNCTION (or an implementation with a .vjp attribute)")
     try:
-        suite = load_suite(args.suite or v.default_suite_folder())
+        suite = load_suite(args.suite or v.default_suite_folder(), args.mechanism or mechanisms_named(args.case))
         xfail = v.read_xfail(args.xfail) if args.xfail else frozenset()
+        mechanism = args.mechanism[0] if args.backend is not None else args.mechanism
         report = v.verify(
-            impl, suite=suite, mechanism=args.mechanism, ids=args.case, dtype=args.dtype, layout=args.layout,
-            grad=args.grad, vjp=vjp, xfail=xfail, name=args.impl,
+            impl, suite=suite, mechanism=mechanism, ids=args.case, dtype=args.dtype, layout=args.layout,
+            grad=args.grad, vjp=vjp, xfail=xfail, name=args.impl, backend=args.backend, timeout=args.timeout,
+            require_official=args.require_official,
         )  # fmt: skip
-    except (OSError, SuiteError) as exc:  # no suite, an unreadable file, a selection matching nothing
+    except (OSError, SuiteError, SpecError) as exc:  # no suite, an unreadable file, a selection matching nothing
         raise UsageError(str(exc)) from exc
     print(report.format())
     if args.json:
@@ -147,11 +164,27 @@ def _export(args) -> int:
 
 
 def _mechanisms(args) -> int:
+    """The contract's view of every mechanism, or bare names (``--names``) or backends (``--backends M``)."""
     from .core import registry
+    from .core.errors import SpecError
 
+    if args.names:
+        print("\n".join(registry.names()))
+        return 0
+    if args.backends is not None:
+        try:
+            print("\n".join(registry.get(args.backends).backends))
+        except SpecError as exc:
+            raise UsageError(str(exc)) from exc
+        return 0
+    rows = [("mechanism", "backends", "vjp", "cases", "spec")]
     for name in registry.names():
         mechanism = registry.get(name)
-        print(f"{name:<12} backends: {', '.join(mechanism.backends):<20} spec: {mechanism.spec}")
+        has_vjp = "yes" if mechanism.vjp is not None else "no"
+        rows.append((name, ", ".join(mechanism.backends), has_vjp, str(len(mechanism.cases())), mechanism.spec))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
     return 0
 
 

@@ -22,11 +22,21 @@ COMMITTED = Path(__file__).resolve().parents[1] / "conformance"
 VICTIM = "dense/causal"  # the case each corruption targets
 
 
+def copy_suite(folder: Path, mechanisms=("dense",)) -> Path:
+    """A copy of the committed suite's cases of ``mechanisms`` in ``folder`` (a custom suite)."""
+    manifest = _manifest(COMMITTED)
+    manifest["cases"] = [case for case in manifest["cases"] if case["mechanism"] in mechanisms]
+    used = {flag for case in manifest["cases"] for flag in case["flags"]}
+    manifest["flags"] = {name: text for name, text in manifest["flags"].items() if name in used}
+    for mechanism in mechanisms:
+        shutil.copytree(COMMITTED / mechanism, folder / mechanism)
+    _save_manifest(folder, manifest)
+    return folder
+
+
 @pytest.fixture
 def suite_copy(tmp_path) -> Path:
-    folder = tmp_path / "suite"
-    shutil.copytree(COMMITTED, folder)
-    return folder
+    return copy_suite(tmp_path / "suite")
 
 
 def _manifest(folder: Path) -> dict:
@@ -59,6 +69,7 @@ def _refused(folder: Path, *fragments: str) -> str:
 
 def test_committed_suite_loads_and_round_trips():
     suite = load_suite(COMMITTED)
+    assert suite.origin.official
     assert len(suite.cases) == len(suite.manifest["cases"]) >= 25
     case = suite.select(ids=VICTIM).cases[0]
     assert isinstance(case, LoadedCase)
@@ -72,13 +83,14 @@ def test_committed_suite_loads_and_round_trips():
 
 
 def test_loaded_masks_are_bool_params():
-    case = load_suite(COMMITTED).select(ids="dense/padding_mask_keys").cases[0]
+    dense = load_suite(COMMITTED, mechanisms="dense")
+    case = dense.select(ids="dense/padding_mask_keys").cases[0]
     assert case.array_params["mask"].dtype == np.bool_ and case.array_params["mask"].shape == (2, 1, 1, 13)
-    assert np.isneginf(load_suite(COMMITTED).select(ids="dense/fully_masked_everything").cases[0].expected["lse"]).all()
+    assert np.isneginf(dense.select(ids="dense/fully_masked_everything").cases[0].expected["lse"]).all()
 
 
 def test_select_filters_and_refuses_what_matches_nothing():
-    suite = load_suite(COMMITTED)
+    suite = load_suite(COMMITTED, mechanisms=["dense", "alibi"])
     assert [c.id for c in suite.select(ids=["dense/causal_top_left*"]).cases] == [
         "dense/causal_top_left_short_queries",
         "dense/causal_top_left_long_queries",
@@ -90,6 +102,8 @@ def test_select_filters_and_refuses_what_matches_nothing():
     for kwargs in (dict(ids="dense/no_such_case"), dict(flags="NO_SUCH_FLAG"), dict(mechanisms="no_such")):
         with pytest.raises(SuiteError, match="no case"):
             suite.select(**kwargs)
+    with pytest.raises(SuiteError, match="no case with mechanism 'no_such'"):
+        load_suite(COMMITTED, mechanisms="no_such")
 
 
 # --- corrupted files --------------------------------------------------------------
@@ -243,6 +257,13 @@ def test_extra_precision_in_tolerances(suite_copy):
     _entry(manifest)["tolerances"]["out"]["float8"] = 0.5
     _save_manifest(suite_copy, manifest)
     _refused(suite_copy, "schema violation", "tolerances.out", VICTIM)
+
+
+def test_tolerances_missing_a_precision(suite_copy):
+    manifest = _manifest(suite_copy)
+    del _entry(manifest)["tolerances"]["grad.q"]["float32"]
+    _save_manifest(suite_copy, manifest)
+    _refused(suite_copy, VICTIM, "output grad.q has no budget for float32")
 
 
 def test_negative_budget(suite_copy):

@@ -7,6 +7,7 @@ budgets, and the conformance cases (exported to a temporary folder) against a
 PyTorch transcription of the authors' code and its wrong variants, one per flag."""
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -27,7 +28,6 @@ from refattn.dilution.differential import (
     lambda_init_from_depth,
     properties,
 )
-from refattn.dilution.differential import numba as differential_numba
 from refattn.dilution.differential.cases import cases
 from tests import agreement
 from tests.finite_differences import finite_differences
@@ -452,7 +452,7 @@ def test_the_reference_passes_every_case(suite, dtype):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
 def test_numba_backend_passes_the_cases(suite, dtype):
-    report = verify(differential_numba.differential_attention, vjp=differential_numba.differential_attention_vjp,
+    report = verify(partial(differential_attention, backend="numba"), vjp=partial(differential_attention_vjp, backend="numba"),
                     suite=suite, grad=True, dtype=dtype)  # fmt: skip
     assert report.ok, report.format()
 

@@ -7,6 +7,7 @@ against implementations that make the flagged mistake."""
 
 import itertools
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -22,7 +23,6 @@ from refattn.conformance.verify import verify
 from refattn.core import registry
 from refattn.core.results import Result
 from refattn.dilution.logn import logn_attention, logn_attention_vjp, properties
-from refattn.dilution.logn import numba as logn_numba
 from refattn.dilution.logn.cases import cases
 from refattn.dilution.ssmax import ssmax_attention
 from refattn.strategies import dense_problems
@@ -403,5 +403,6 @@ def test_a_wrong_implementation_fails_a_flagged_case(flag, bug, suite):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
 def test_numba_backend_passes_the_cases(suite, dtype):
-    report = verify(logn_numba.logn_attention, vjp=logn_numba.logn_attention_vjp, suite=suite, grad=True, dtype=dtype)
+    report = verify(partial(logn_attention, backend="numba"), vjp=partial(logn_attention_vjp, backend="numba"), suite=suite,
+                    grad=True, dtype=dtype)  # fmt: skip
     assert report.ok, report.format()

@@ -1,13 +1,14 @@
 """SSMax (refattn/dilution/ssmax): closed forms worked by hand, the attended counts
 against loops, the mechanism against a second formulation written with loops
 over rows (and against PyTorch autograd for the gradients), the hand-derived
-VJP against finite differences for every differentiable input (s and b
+VJP against finite differences for every differentiable input (s and s_bias
 included), bad input, the invariants under Hypothesis, the numba backend
 against the reference within the conformance budgets, and every flag's cases
 against an implementation that makes the flagged mistake."""
 
 import itertools
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from refattn.conformance.tolerance import error
 from refattn.conformance.verify import verify
 from refattn.core import registry
 from refattn.core.results import Result
+from refattn.dense.inputs import check_dense_inputs
 from refattn.dilution.ssmax import (
     attended_counts,
     properties,
@@ -58,16 +60,16 @@ def _allowed_keys(mask, causal, causal_alignment, window, b, h, i, nq, nk):
     return keys
 
 
-def naive_ssmax(q, k, v, *, s, b=0.0, mask=None, bias=None, causal=False, causal_alignment="bottom_right",
+def naive_ssmax(q, k, v, *, s, s_bias=0.0, mask=None, bias=None, causal=False, causal_alignment="bottom_right",
                 window=None, scale=None, softcap=0.0, dropout_keep=None, dropout_p=0.0, bug=None):  # fmt: skip
     """SSMax written from the paper, one query row at a time: count the row's keys n,
-    multiply its scaled scores by s_h log n + b_h, cap, add the bias, softmax, drop out, sum
+    multiply its scaled scores by s_h log n + s_bias_h, cap, add the bias, softmax, drop out, sum
     the values. ``bug`` makes one flag's mistake (see ``BUGS``)."""
     batch, hq, nq, d = q.shape
     nk, group = k.shape[2], hq // k.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     s = np.broadcast_to(np.asarray(s, np.float64), (hq,))
-    b = np.broadcast_to(np.asarray(b, np.float64), (hq,))
+    s_bias = np.broadcast_to(np.asarray(s_bias, np.float64), (hq,))
     full = (batch, hq, nq, nk)
     mask = None if mask is None else np.broadcast_to(mask, full)
     bias = np.zeros(full) if bias is None else np.broadcast_to(bias, full)
@@ -79,7 +81,7 @@ def naive_ssmax(q, k, v, *, s, b=0.0, mask=None, bias=None, causal=False, causal
             continue
         n = nk if bug == "padded_n" else max(len(keys), 2) if bug == "clamp_n" else len(keys)
         head = h // group if bug == "kv_head_s" else h
-        factor = s[head] * math.log(n) + (0.0 if bug == "b_in_logits" else b[head])
+        factor = s[head] * math.log(n) + (0.0 if bug == "b_in_logits" else s_bias[head])
         logits = {}
         for j in keys:
             score = scale * float(np.dot(q[bb, h, i], k[bb, h // group, j]))
@@ -88,7 +90,7 @@ def naive_ssmax(q, k, v, *, s, b=0.0, mask=None, bias=None, causal=False, causal
                 score = softcap * math.tanh(score / softcap)
             logit = score + bias[bb, h, i, j]
             logits[j] = (
-                factor * logit if bug == "factor_after_cap" else logit + (b[head] if bug == "b_in_logits" else 0)
+                factor * logit if bug == "factor_after_cap" else logit + (s_bias[head] if bug == "b_in_logits" else 0)
             )
         top = max(logits.values())
         total = sum(math.exp(z - top) for z in logits.values())
@@ -108,7 +110,7 @@ def test_one_key_has_factor_b_because_log_1_is_0():
         np.array([3.0, -1.0]).reshape(1, 1, 1, 2),
         np.full((1, 1, 1, 2), 5.0),
     )
-    result = ssmax_attention(q, k, v, s=np.array([0.7]), b=np.array([0.4]), scale=1.0)  # q·k = 1
+    result = ssmax_attention(q, k, v, s=np.array([0.7]), s_bias=np.array([0.4]), scale=1.0)  # q·k = 1
     np.testing.assert_array_equal(result.out, v)
     np.testing.assert_allclose(result.lse, [[[0.4]]], rtol=1e-15)
     without_b = ssmax_attention(q, k, v, s=0.7, scale=1.0)
@@ -124,7 +126,7 @@ def test_two_keys_is_the_base_n_exponential_of_the_paper():
     np.testing.assert_allclose(result.lse, [[[math.log(3.0)]]], rtol=1e-15)
     # With b = 1/4 the factor is ln(2)/2 + 1/4 and the logits are 2f and 0.
     f = math.log(2.0) / 2 + 0.25
-    with_b = ssmax_attention(q, k, v, s=np.array([0.5]), b=np.array([0.25]), scale=1.0)
+    with_b = ssmax_attention(q, k, v, s=np.array([0.5]), s_bias=np.array([0.25]), scale=1.0)
     np.testing.assert_allclose(with_b.out[0, 0, 0], [1 / (1 + math.exp(-2 * f)), 1 / (1 + math.exp(2 * f))], rtol=1e-14)
     np.testing.assert_allclose(with_b.lse, [[[math.log(math.exp(2 * f) + 1)]]], rtol=1e-15)
 
@@ -166,11 +168,11 @@ def test_fully_masked_rows_are_zero_with_lse_minus_infinity_and_no_gradient():
     rng = np.random.default_rng(2)
     q, k, v = rng.standard_normal((1, 2, 5, 3)), rng.standard_normal((1, 1, 2, 3)), rng.standard_normal((1, 1, 2, 3))
     s, b = np.array([0.5, 0.9]), np.array([0.1, -0.2])
-    result = ssmax_attention(q, k, v, s=s, b=b, causal=True)  # rows 0-2 see nothing
+    result = ssmax_attention(q, k, v, s=s, s_bias=b, causal=True)  # rows 0-2 see nothing
     assert np.all(result.out[:, :, :3] == 0) and np.all(result.lse[:, :, :3] == -np.inf)
     assert result.aux["counts"].tolist() == [[[0, 0, 0, 1, 2]] * 2]
     dout = rng.standard_normal(result.out.shape)
-    grads = ssmax_attention_vjp(dout, q, k, v, s=s, b=b, causal=True, dlse=np.where(np.isfinite(result.lse), 1.0, 0.0))
+    grads = ssmax_attention_vjp(dout, q, k, v, s=s, s_bias=b, causal=True, dlse=np.where(np.isfinite(result.lse), 1.0, 0.0))
     assert np.all(grads["q"][:, :, :3] == 0)
     assert all(np.all(np.isfinite(g)) for g in grads.values())
 
@@ -188,19 +190,19 @@ OPTION_SETS = {
     "softcap_bias": dict(softcap=1.5, bias="broadcast"),
     "mask_full_bias_scale": dict(mask="full", bias="full", scale=0.4),
     "dropout": dict(dropout=True, causal=True),
-    "shared_numbers": dict(s=0.8, b=-0.3),
+    "shared_numbers": dict(s=0.8, s_bias=-0.3),
     "more_queries_than_keys": dict(causal=True, nq=12),
 }
 
 
-def _problem(seed, mask=None, bias=None, dropout=False, s=None, b=None, nq=NQ, **params):
+def _problem(seed, mask=None, bias=None, dropout=False, s=None, s_bias=None, nq=NQ, **params):
     rng = np.random.default_rng(seed)
     arrays = dict(
         q=1.3 * rng.standard_normal((B, HQ, nq, D)),
         k=1.3 * rng.standard_normal((B, HKV, NK, D)),
         v=rng.standard_normal((B, HKV, NK, DV)),
         s=rng.uniform(0.2, 1.2, HQ) if s is None else s,
-        b=rng.uniform(-0.5, 0.5, HQ) if b is None else b,
+        s_bias=rng.uniform(-0.5, 0.5, HQ) if s_bias is None else s_bias,
     )
     if bias == "full":
         arrays["bias"] = rng.standard_normal((B, HQ, nq, NK))
@@ -227,8 +229,8 @@ def test_matches_the_loop_formulation(option):
 
 
 def test_matches_torch_with_autograd_gradients():
-    """SSMax in PyTorch float64 as the paper writes it (q scaled by s log n + b, n counted per row
-    from the mask), autograd giving the gradients of q, k, v, s and b."""
+    """SSMax in PyTorch float64 as the paper writes it (q scaled by s log n + s_bias, n counted per
+    row from the mask), autograd giving the gradients of q, k, v, s and s_bias."""
     torch = pytest.importorskip("torch")
     arrays, params = _problem(4, mask="padding", causal=True)
     dout = np.random.default_rng(5).standard_normal((B, HQ, NQ, DV))
@@ -236,14 +238,14 @@ def test_matches_torch_with_autograd_gradients():
     aligned = torch.arange(NQ)[:, None] + NK - NQ
     allowed = torch.tensor(params["mask"]) & (torch.arange(NK)[None, :] <= aligned)  # (B, 1, Nq, Nk)
     n = allowed.sum(-1).expand(B, HQ, NQ).double()
-    factor = t["s"][:, None] * torch.log(n) + t["b"][:, None]
+    factor = t["s"][:, None] * torch.log(n) + t["s_bias"][:, None]
     k, v = (t[name].repeat_interleave(HQ // HKV, dim=1) for name in ("k", "v"))
     scores = (factor[..., None] * t["q"]) @ k.transpose(-1, -2) / math.sqrt(D)
     out = torch.softmax(scores.masked_fill(~allowed, -math.inf), dim=-1) @ v
     out.backward(torch.tensor(dout))
     np.testing.assert_allclose(ssmax_attention(**arrays, **params).out, out.detach().numpy(), rtol=1e-12, atol=1e-13)
     grads = ssmax_attention_vjp(dout, **arrays, **params)
-    for name in ("q", "k", "v", "s", "b"):
+    for name in ("q", "k", "v", "s", "s_bias"):
         np.testing.assert_allclose(grads[name], t[name].grad.numpy(), rtol=1e-11, atol=1e-12, err_msg=name)
 
 
@@ -280,7 +282,7 @@ def test_vjp_matches_finite_differences(causal, user_bias, masking, with_dlse):
         k=rng.standard_normal((size["b"], size["hkv"], size["nk"], size["d"])),
         v=rng.standard_normal((size["b"], size["hkv"], size["nk"], size["dv"])),
         s=rng.uniform(0.3, 1.0, size["hq"]),
-        b=rng.uniform(-0.5, 0.5, size["hq"]),
+        s_bias=rng.uniform(-0.5, 0.5, size["hq"]),
     )
     params = dict(softcap=2.0)
     if causal:
@@ -302,12 +304,12 @@ def test_vjp_matches_finite_differences(causal, user_bias, masking, with_dlse):
         assert np.max(np.abs(grads[name] - numeric)) <= 1e-7 * max(np.max(np.abs(numeric)), 1e-3), name
 
 
-def test_numbers_for_s_and_b_are_constants():
+def test_numbers_for_s_and_s_bias_are_constants():
     arrays, params = _problem(7)
-    numbers = dict(arrays, s=0.6, b=0.1)
+    numbers = dict(arrays, s=0.6, s_bias=0.1)
     dout = np.ones((B, HQ, NQ, DV))
     assert set(ssmax_attention_vjp(dout, **numbers, **params)) == {"q", "k", "v"}
-    as_arrays = ssmax_attention_vjp(dout, **dict(arrays, s=np.full(HQ, 0.6), b=np.full(HQ, 0.1)), **params)
+    as_arrays = ssmax_attention_vjp(dout, **dict(arrays, s=np.full(HQ, 0.6), s_bias=np.full(HQ, 0.1)), **params)
     np.testing.assert_array_equal(ssmax_attention_vjp(dout, **numbers, **params)["q"], as_arrays["q"])
 
 
@@ -328,9 +330,9 @@ BAD = {
     "s infinite number": (dict(s=math.inf), "s", "finite"),
     "s a list": (dict(s=[0.5, 0.5, 0.5, 0.5]), "s", "number"),
     "s bool": (dict(s=True), "s", "number"),
-    "b wrong length": (dict(b=np.zeros(3)), "b", "(Hq,) = (4,)"),
-    "b infinite": (dict(b=np.array([0.0, np.inf, 0.0, 0.0])), "b", "finite"),
-    "b a string": (dict(b="0"), "b", "number"),
+    "s_bias wrong length": (dict(s_bias=np.zeros(3)), "s_bias", "(Hq,) = (4,)"),
+    "s_bias infinite": (dict(s_bias=np.array([0.0, np.inf, 0.0, 0.0])), "s_bias", "finite"),
+    "s_bias a string": (dict(s_bias="0"), "s_bias", "number"),
     "bias wrong shape": (dict(bias=np.zeros((3, 5))), "bias", "broadcastable"),
     "mask not bool": (dict(mask=np.ones((3, 6))), "mask", "bool"),
     "window": (dict(window=(-1, 0)), "window", "non-negative"),
@@ -357,7 +359,7 @@ def test_forward_rejects(case, backend):
     assert expected in str(info.value)
 
 
-@pytest.mark.parametrize("case", ["s zero", "s wrong length", "b infinite", "bias wrong shape"])
+@pytest.mark.parametrize("case", ["s zero", "s wrong length", "s_bias infinite", "bias wrong shape"])
 @pytest.mark.parametrize("backend", ["reference", "numba"])
 def test_vjp_rejects_the_same(case, backend):
     overrides, argument, _ = BAD[case]
@@ -373,7 +375,14 @@ def test_vjp_rejects_a_wrong_cotangent_before_computing(backend):
     assert info.value.argument == "dout"
 
 
-@pytest.mark.parametrize("module", [attended_counts, ssmax_numba.attended_counts])
+def numba_counts(q, k, *, mask=None, causal=False, causal_alignment="bottom_right", window=None):
+    """The numba backend's step (S1), ``n_i`` in O(N) memory beyond the mask."""
+    x = check_dense_inputs(q, k, k, mask=mask, bias=None, causal=causal, causal_alignment=causal_alignment,
+                           window=window, scale=None, softcap=0.0, dropout_keep=None, dropout_p=0.0)  # fmt: skip
+    return ssmax_numba.counts_of(x)
+
+
+@pytest.mark.parametrize("module", [attended_counts, numba_counts])
 def test_counts_reject_bad_masks(module):
     with pytest.raises(SpecError) as info:
         module(Q, K, mask=np.ones((2, 3, 6), bool))
@@ -394,7 +403,7 @@ def _loop_counts(q, k, params):
 
 @st.composite
 def ssmax_problems(draw, options=("mask", "bias", "causal", "window", "softcap", "scale", "dropout"), max_len=17):
-    """A dense problem with SSMax's s (per head or a number) and sometimes b (per head or a number)."""
+    """A dense problem with SSMax's s (per head or a number) and sometimes s_bias (per head or a number)."""
     problem = draw(dense_problems(max_len=max_len, options=options))
     hq = problem.q.shape[1]
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
@@ -402,7 +411,7 @@ def ssmax_problems(draw, options=("mask", "bias", "causal", "window", "softcap",
     params["s"] = rng.uniform(0.05, 1.5, hq) if draw(st.booleans()) else float(rng.uniform(0.05, 1.5))
     b_form = draw(st.sampled_from(["absent", "number", "array"]))
     if b_form != "absent":
-        params["b"] = float(rng.uniform(-1.0, 1.0)) if b_form == "number" else rng.uniform(-1.0, 1.0, hq)
+        params["s_bias"] = float(rng.uniform(-1.0, 1.0)) if b_form == "number" else rng.uniform(-1.0, 1.0, hq)
     return problem.q, problem.k, problem.v, params
 
 
@@ -417,7 +426,7 @@ def test_counts_agree_with_loops_in_every_backend(problem, block):
     np.testing.assert_array_equal(attended_counts(q, k, **_masking(params)), want)
     original, ssmax_numba.MASK_BLOCK = ssmax_numba.MASK_BLOCK, block  # blocks of rows as small as one entry
     try:
-        np.testing.assert_array_equal(ssmax_numba.attended_counts(q, k, **_masking(params)), want)
+        np.testing.assert_array_equal(numba_counts(q, k, **_masking(params)), want)
     finally:
         ssmax_numba.MASK_BLOCK = original
 
@@ -426,13 +435,13 @@ def test_one_column_mask_counts_whole_intervals():
     q, k = np.zeros((2, 1, 4, 3)), np.zeros((2, 1, 6, 3))
     rows = np.array([True, False, True, True])[None, None, :, None]  # (1, 1, Nq, 1): queries 1 is padding
     want = np.where(rows[..., 0], np.array([3, 4, 5, 6]), 0)
-    for counts in (attended_counts, ssmax_numba.attended_counts):
+    for counts in (attended_counts, numba_counts):
         np.testing.assert_array_equal(counts(q, k, mask=rows, causal=True), np.broadcast_to(want, (2, 1, 4)))
 
 
 def test_numba_counts_long_causal_rows_in_closed_form():
     q, k = np.zeros((1, 1, 50_000, 1), np.float32), np.zeros((1, 1, 60_000, 1), np.float32)
-    counts = ssmax_numba.attended_counts(q, k, causal=True, causal_alignment="top_left", window=(999, None))
+    counts = numba_counts(q, k, causal=True, causal_alignment="top_left", window=(999, None))
     np.testing.assert_array_equal(counts[0, 0], np.minimum(np.arange(50_000) + 1, 1000))  # no (Nq, Nk) mask made
 
 
@@ -459,7 +468,7 @@ def test_properties_catch_a_padded_n():
     padded = lambda q, k, v, **p: _as_result(naive_ssmax(q, k, v, **p, bug="padded_n"))  # noqa: E731
     with pytest.raises(AssertionError, match="lse"):
         properties.identical_keys_give_weights_one_over_n(padded, arrays["q"], arrays["k"], arrays["v"],
-                                                           dict(params, s=arrays["s"], b=arrays["b"]))  # fmt: skip
+                                                           dict(params, s=arrays["s"], s_bias=arrays["s_bias"]))  # fmt: skip
 
 
 def test_properties_reject_problems_they_are_not_stated_for():
@@ -543,10 +552,10 @@ def _scale_gradient_from_dq(dout, q, k, v, *, dlse=None, **params):
 #: What each wrong variant gets wrong, in the words of a bug report.
 BUGS = {
     "SSMAX_MASKED_N": "uses the padded key length Nk as n on every row",
-    "SSMAX_PER_HEAD_S": "reads s and b by kv head, h // G",
-    "SSMAX_SINGLE_KEY": "clamps n to at least 2 (max(n, 2)), so a one-key row gets s log 2 + b",
+    "SSMAX_PER_HEAD_S": "reads s and s_bias by kv head, h // G",
+    "SSMAX_SINGLE_KEY": "clamps n to at least 2 (max(n, 2)), so a one-key row gets s log 2 + s_bias",
     "SSMAX_FACTOR_SCOPE": "multiplies the final logits (after the soft-cap, bias included) by the factor",
-    "SSMAX_BIAS": "adds b to the logits instead of to s log n",
+    "SSMAX_BIAS": "adds s_bias to the logits instead of to s log n",
     "SSMAX_SCALE_GRADIENT": "computes ds from dq = f dq' instead of dq'",
 }
 WRONG_FORWARD = {
@@ -586,6 +595,7 @@ def test_a_wrong_implementation_fails_a_flagged_case(flag, suite):
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
 def test_numba_backend_passes_the_cases(suite, dtype):
     report = verify(
-        ssmax_numba.ssmax_attention, vjp=ssmax_numba.ssmax_attention_vjp, suite=suite, grad=True, dtype=dtype
-    )
+        partial(ssmax_attention, backend="numba"), vjp=partial(ssmax_attention_vjp, backend="numba"),
+        suite=suite, grad=True, dtype=dtype,
+    )  # fmt: skip
     assert report.ok, report.format()

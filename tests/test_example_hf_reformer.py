@@ -2,8 +2,9 @@
 (every "hf" preset case, and the canonical cases whose behaviours HF shares), buckets
 exactly, outputs and gradients within budget, in float64 and float32.
 
-The committed LSH cases have one shared ``qk`` input, so verify() calls
-``hf_lsh(qk, v, ...)`` and ``hf_lsh_vjp(dout, qk, v, ...)`` directly.
+The LSH cases (a fresh export, which ``refattn export --check`` holds the committed
+suite to) have one shared ``qk`` input, so verify() calls ``hf_lsh(qk, v, ...)`` and
+``hf_lsh_vjp(dout, qk, v, ...)`` directly.
 """
 
 import importlib.util
@@ -12,13 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from refattn.conformance.export import export
 from refattn.conformance.suite import load_suite
-from refattn.conformance.verify import (
-    IMPLIED_OUT,
-    default_suite_folder,
-    read_xfail,
-    verify,
-)
+from refattn.conformance.verify import IMPLIED_OUT, read_xfail, verify
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -37,8 +34,10 @@ def example():
 
 
 @pytest.fixture(scope="module")
-def suite():
-    return load_suite(default_suite_folder()).select(mechanisms="lsh")
+def suite(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lsh_suite")
+    export(folder, mechanisms=["lsh"])
+    return load_suite(folder)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -68,7 +67,7 @@ def test_wrong_rotations_fail_at_the_buckets_first(example, suite):
 
 
 def test_rotation_layout_is_hf_s(example):
-    """HF asks torch.randn for (H, D, R, n_buckets / 2); the adapter hands it the case's (H, R, D, P) transposed."""
+    """HF asks torch.randn for (H, D, R, num_buckets / 2); the adapter hands it the case's (H, R, D, P) transposed."""
     rotations = np.arange(2 * 3 * 4 * 5, dtype=np.float64).reshape(2, 3, 4, 5)  # (H, R, D, P)
     randn = example._fixed_randn(example.torch.from_numpy(rotations.transpose(0, 2, 1, 3).copy()))
     drawn = randn((2, 4, 3, 5), dtype=example.torch.float64)

@@ -26,17 +26,18 @@ from refattn.lsh import (
     window_multiplicity,
 )
 from refattn.lsh.cases import MIN_MARGIN, cases, draw_qk
+from refattn.lsh.inputs import check_lsh_inputs
 from refattn.lsh.presets import preset_values
 
 
-def problem(seed, *, b=1, h=2, n=16, d=6, dv=5, n_buckets=4, n_hashes=2, padded=(), per_example=False):
+def problem(seed, *, b=1, h=2, n=16, d=6, dv=5, num_buckets=4, num_hashes=2, padded=(), per_example=False):
     """qk with bucket margins >= MIN_MARGIN, v, rotations and (optionally) a padding mask."""
     rng = np.random.default_rng(seed)
-    half = sum(n_buckets if isinstance(n_buckets, list) else [n_buckets]) // 2
-    rotations = rng.standard_normal(((b,) if per_example else ()) + (h, n_hashes, d, half))
-    qk = draw_qk(rng, rotations, n_buckets, (b, h, n, d))
+    half = sum(num_buckets if isinstance(num_buckets, list) else [num_buckets]) // 2
+    rotations = rng.standard_normal(((b,) if per_example else ()) + (h, num_hashes, d, half))
+    qk = draw_qk(rng, rotations, num_buckets, (b, h, n, d))
     v = rng.standard_normal((b, h, n, dv))
-    params = dict(rotations=rotations, n_buckets=n_buckets, n_hashes=n_hashes)
+    params = dict(rotations=rotations, num_buckets=num_buckets, num_hashes=num_hashes)
     if padded:
         valid = np.ones((b, n), dtype=bool)
         for i, count in enumerate(padded):
@@ -123,15 +124,15 @@ def test_two_tokens_see_each_other_exactly():
     qk = np.array([[[[1.0, 2.0], [3.0, -1.0]]]])
     v = np.array([[[[10.0], [20.0]]]])
     rotations = np.ones((1, 1, 2, 1))
-    result = lsh_attention(qk, v, rotations=rotations, n_buckets=2, n_hashes=1, chunk_len=2, n_chunks_before=0)
+    result = lsh_attention(qk, v, rotations=rotations, num_buckets=2, num_hashes=1, chunk_len=2, num_chunks_before=0)
     assert result.out[0, 0, :, 0].tolist() == [20.0, 10.0]
     unit = qk[0, 0] / np.sqrt(np.sum(qk[0, 0] ** 2, axis=-1, keepdims=True) + 2e-6)
     assert result.lse[0, 0] == pytest.approx([qk[0, 0, 0] @ unit[1], qk[0, 0, 1] @ unit[0]], rel=1e-15)
 
 
 def test_one_round_one_chunk_is_full_attention_with_the_self_value():
-    qk, v, params = problem(1, n=8, n_hashes=1)
-    result = lsh_attention(qk, v, **params, chunk_len=8, n_chunks_before=0, causal=True)
+    qk, v, params = problem(1, n=8, num_hashes=1)
+    result = lsh_attention(qk, v, **params, chunk_len=8, num_chunks_before=0, causal=True)
     keys = normalised_keys(qk)
     logits = np.einsum("bhid,bhjd->bhij", qk, keys)
     logits = np.where(np.tril(np.ones((8, 8), bool), -1), logits, -np.inf)
@@ -145,7 +146,7 @@ def test_one_round_one_chunk_is_full_attention_with_the_self_value():
 
 def test_self_only_token_under_several_rounds():
     """Causal token 0 has only itself, n_00 times over its windows: lse = -1e5 + log n_00 (replace), s_00 - 1e5 + log n_00 (add)."""
-    qk, v, params = problem(2, n=16, n_hashes=3)
+    qk, v, params = problem(2, n=16, num_hashes=3)
     for mode in ("replace", "add"):
         result = lsh_attention(qk, v, **params, chunk_len=4, causal=True, mask_mode=mode, mask_value=-1e9)
         n00 = properties.window_counts(result.aux["buckets"], 4, 1, 0)[..., 0, 0]
@@ -156,7 +157,7 @@ def test_self_only_token_under_several_rounds():
 
 
 def test_rounds_combine_by_their_lse():
-    qk, v, params = problem(3, n=16, n_hashes=3)
+    qk, v, params = problem(3, n=16, num_hashes=3)
     result = lsh_attention(qk, v, **params, chunk_len=4, return_rounds=True)
     weights = np.exp(result.aux["round_lse"] - result.lse[:, :, None])
     assert np.allclose(np.sum(weights, axis=2), 1.0, rtol=0, atol=1e-14)
@@ -164,17 +165,17 @@ def test_rounds_combine_by_their_lse():
 
 
 def test_short_sequence_is_one_dense_round():
-    qk, v, params = problem(4, n=12, n_hashes=3)
+    qk, v, params = problem(4, n=12, num_hashes=3)
     short = lsh_attention(qk, v, **params, chunk_len=16, preset="hf")
     assert short.aux == {}
-    single = lsh_attention(qk, v, **{**params, "rotations": params["rotations"][:, :1], "n_hashes": 1}, chunk_len=12,
-                           n_chunks_before=0)  # fmt: skip
+    single = lsh_attention(qk, v, **{**params, "rotations": params["rotations"][:, :1], "num_hashes": 1}, chunk_len=12,
+                           num_chunks_before=0)  # fmt: skip
     assert np.allclose(short.out, single.out, rtol=0, atol=1e-14) and np.allclose(short.lse, single.lse, rtol=0, atol=1e-14)
 
 
 def test_duplicate_correction_counts_every_visible_key_once():
     """With the correction, the output is plain attention over the union of the windows."""
-    qk, v, params = problem(5, n=16, n_hashes=4, n_buckets=2)
+    qk, v, params = problem(5, n=16, num_hashes=4, num_buckets=2)
     result = lsh_attention(qk, v, **params, chunk_len=4, dup_correction=True)
     counts = properties.window_counts(result.aux["buckets"], 4, 1, 0)
     logits = np.einsum("bhid,bhjd->bhij", qk, normalised_keys(qk))
@@ -188,7 +189,7 @@ def test_duplicate_correction_counts_every_visible_key_once():
 def test_lucidrains_same_round_count_misses_cross_round_windows():
     """The count reformer-pytorch computes (same-round locations) is below the true one for keys
     that a round's first chunk sees in the previous round (or, for round 0, by wrapping)."""
-    qk, v, params = problem(6, n=16, n_hashes=2)
+    qk, v, params = problem(6, n=16, num_hashes=2)
     buckets = lsh_attention(qk, v, **params, chunk_len=4).aux["buckets"]
     _, inverse = sort_items(buckets)
     chunk = (inverse // 4).reshape(buckets.shape)  # (B, H, R, N)
@@ -212,15 +213,15 @@ def test_causal_outputs_ignore_later_values():
 def lsh_problems(draw):
     """Random sizes and options (no margins needed: the identity holds for whatever buckets come out)."""
     b, h, n, d = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 20)), draw(st.integers(1, 6))
-    n_hashes = draw(st.integers(1, 4))
-    n_buckets = draw(st.sampled_from([2, 4, 6, [2, 2], [4, 2]]))
-    half = sum(n_buckets if isinstance(n_buckets, list) else [n_buckets]) // 2
+    num_hashes = draw(st.integers(1, 4))
+    num_buckets = draw(st.sampled_from([2, 4, 6, [2, 2], [4, 2]]))
+    half = sum(num_buckets if isinstance(num_buckets, list) else [num_buckets]) // 2
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     params = preset_values(PRESETS[draw(st.sampled_from(list(PRESETS)))])  # spelled out: no preset length rules
     params.update(
-        rotations=rng.standard_normal(((b,) if draw(st.booleans()) else ()) + (h, n_hashes, d, half)),
-        n_buckets=n_buckets, n_hashes=n_hashes, chunk_len=draw(st.integers(1, 12)),
-        n_chunks_before=draw(st.integers(0, 2)), n_chunks_after=draw(st.integers(0, 2)), causal=draw(st.booleans()),
+        rotations=rng.standard_normal(((b,) if draw(st.booleans()) else ()) + (h, num_hashes, d, half)),
+        num_buckets=num_buckets, num_hashes=num_hashes, chunk_len=draw(st.integers(1, 12)),
+        num_chunks_before=draw(st.integers(0, 2)), num_chunks_after=draw(st.integers(0, 2)), causal=draw(st.booleans()),
         dup_correction=draw(st.booleans()),
     )  # fmt: skip
     for name, options in (("mask_mode", ["replace", "add"]), ("mask_value", [None, -1e9]), ("short_sequence", ["lsh", "full"])):
@@ -247,7 +248,7 @@ def test_chunk_offset_counts_equal_enumerated_counts(problem_):
     buckets = lsh_attention(qk, v, **params).aux["buckets"]
     b, h, r, n = buckets.shape
     _, inverse = sort_items(buckets)
-    chunk_len, before, after = params["chunk_len"], params["n_chunks_before"], params["n_chunks_after"]
+    chunk_len, before, after = params["chunk_len"], params["num_chunks_before"], params["num_chunks_after"]
     multiplicity = window_multiplicity(-(-(r * n) // chunk_len), before, after)
     positions = np.broadcast_to(np.arange(n), (b, h, n))
     counts = pair_counts((inverse // chunk_len).reshape(b, h, r, n), positions, positions, multiplicity)
@@ -259,18 +260,18 @@ def test_chunk_offset_counts_equal_enumerated_counts(problem_):
 GRADIENT_SETTINGS = {
     "canonical": dict(chunk_len=4),
     "causal_padded": dict(chunk_len=4, causal=True, padded=(0, 5)),
-    "dup_correction_look_ahead": dict(chunk_len=4, dup_correction=True, n_chunks_after=1),
+    "dup_correction_look_ahead": dict(chunk_len=4, dup_correction=True, num_chunks_after=1),
     "trax_add_mode": dict(chunk_len=8, preset="trax", padded=(0, 6)),
     "lucidrains_l2": dict(chunk_len=8, preset="lucidrains", padded=(4, 0)),
     "short_sequence": dict(chunk_len=16, preset="hf", causal=True),
-    "factorised_partial_chunk": dict(chunk_len=5, n_buckets=[2, 4]),
+    "factorised_partial_chunk": dict(chunk_len=5, num_buckets=[2, 4]),
 }
 
 
 @pytest.mark.parametrize("name", sorted(GRADIENT_SETTINGS))
 def test_vjp_matches_central_differences(name):
     setting = dict(GRADIENT_SETTINGS[name])
-    qk, v, params = problem(8, b=2, n=16, n_buckets=setting.pop("n_buckets", 4), padded=setting.pop("padded", ()))
+    qk, v, params = problem(8, b=2, n=16, num_buckets=setting.pop("num_buckets", 4), padded=setting.pop("padded", ()))
     params.update(setting)
     rng = np.random.default_rng(9)
     result = lsh_attention(qk, v, **params)
@@ -293,8 +294,8 @@ def test_vjp_matches_central_differences(name):
 def test_gradient_includes_the_key_normalisation():
     """Scaling a token's vector moves its key only through eps, so along that direction the key path of
     the gradient is (almost) 0: a VJP that treats the norm ρ as a constant fails here."""
-    qk, v, params = problem(10, n=8, n_hashes=1)
-    params.update(chunk_len=8, n_chunks_before=0)
+    qk, v, params = problem(10, n=8, num_hashes=1)
+    params.update(chunk_len=8, num_chunks_before=0)
     grads = lsh_attention_vjp(np.ones((1, 2, 8, 5)), qk, v, **params)
     radial = np.zeros_like(qk)
     radial[:, :, 3] = qk[:, :, 3]
@@ -307,7 +308,7 @@ def test_gradient_includes_the_key_normalisation():
 def test_lower_precision_keeps_the_buckets():
     for case in cases():
         arrays = case.arrays(np.random.default_rng(case.seed))
-        assert np.min(bucket_margins(arrays["qk"], arrays["rotations"], case.params["n_buckets"])) >= MIN_MARGIN
+        assert np.min(bucket_margins(arrays["qk"], arrays["rotations"], case.params["num_buckets"])) >= MIN_MARGIN
     qk, v, params = problem(11, n=16)
     base = lsh_attention(qk, v, **params, chunk_len=4)
     for precision in ("float32", "float16", "bfloat16"):
@@ -329,7 +330,7 @@ def test_presets_state_each_implementation_s_constants():
     assert (lucidrains.key_norm, lucidrains.key_norm_eps, lucidrains.scale) == ("l2", 1e-12, None)
     assert (lucidrains.mask_padded_queries, lucidrains.padding_bucket, lucidrains.length_rule) == (True, "none", "double_chunk")
     assert (canonical.mask_value, canonical.scale, canonical.key_norm, canonical.key_norm_eps) == (None, 1.0, "rms", 1e-6)
-    assert all(p.n_chunks_before == 1 and p.n_chunks_after == 0 and not p.dup_correction for p in PRESETS.values())
+    assert all(p.num_chunks_before == 1 and p.num_chunks_after == 0 and not p.dup_correction for p in PRESETS.values())
 
 
 def test_a_preset_equals_its_values_spelled_out_and_explicit_arguments_win():
@@ -357,24 +358,25 @@ def test_masked_value_matters_only_without_the_self_entry():
 def test_registered():
     mechanism = registry.get("lsh")
     assert mechanism.forward is lsh_attention and mechanism.vjp is lsh_attention_vjp
+    assert mechanism.check_inputs is check_lsh_inputs and mechanism.positional == ("qk", "v")
     assert mechanism.backends == ("reference", "numba") and mechanism.spec == "spec/lsh.md"
 
 
 # --- bad input --------------------------------------------------------------------------
 
 BAD_INPUT = {
-    "odd bucket count": (dict(n_buckets=5), "n_buckets"),
-    "odd factor": (dict(n_buckets=[4, 3]), "n_buckets"),
-    "empty factors": (dict(n_buckets=[]), "n_buckets"),
+    "odd bucket count": (dict(num_buckets=5), "num_buckets"),
+    "odd factor": (dict(num_buckets=[4, 3]), "num_buckets"),
+    "empty factors": (dict(num_buckets=[]), "num_buckets"),
     "chunk_len 0": (dict(chunk_len=0), "chunk_len"),
     "chunk_len float": (dict(chunk_len=4.0), "chunk_len"),
-    "n_hashes 0": (dict(n_hashes=0), "n_hashes"),
-    "rotations of 3 rounds for n_hashes 2": (dict(rotations=np.zeros((2, 3, 6, 2))), "rotations"),
+    "num_hashes 0": (dict(num_hashes=0), "num_hashes"),
+    "rotations of 3 rounds for num_hashes 2": (dict(rotations=np.zeros((2, 3, 6, 2))), "rotations"),
     "rotations in HF's layout": (dict(rotations=np.zeros((2, 6, 2, 2))), "rotations"),
-    "rotations for 4 buckets, 8 asked": (dict(n_buckets=8), "rotations"),
+    "rotations for 4 buckets, 8 asked": (dict(num_buckets=8), "rotations"),
     "rotations with NaN": (dict(rotations=np.full((2, 2, 6, 2), np.nan)), "rotations"),
-    "hf: n_hashes·N not a multiple of chunk_len": (dict(preset="hf", chunk_len=12), "chunk_len"),
-    "trax: n_hashes·N not a multiple of chunk_len": (dict(preset="trax", chunk_len=5), "chunk_len"),
+    "hf: num_hashes·N not a multiple of chunk_len": (dict(preset="hf", chunk_len=12), "chunk_len"),
+    "trax: num_hashes·N not a multiple of chunk_len": (dict(preset="trax", chunk_len=5), "chunk_len"),
     "lucidrains: N not a multiple of 2·chunk_len": (dict(preset="lucidrains", chunk_len=12), "chunk_len"),
     "unknown preset": (dict(preset="fairseq"), "preset"),
     "mask of ints": (dict(key_padding_mask=np.ones((1, 16), dtype=int)), "key_padding_mask"),
@@ -384,9 +386,10 @@ BAD_INPUT = {
     "unknown mask mode": (dict(mask_mode="subtract"), "mask_mode"),
     "unknown key norm": (dict(key_norm="l1"), "key_norm"),
     "eps 0": (dict(key_norm_eps=0.0), "key_norm_eps"),
-    "negative look-back": (dict(n_chunks_before=-1), "n_chunks_before"),
+    "negative look-back": (dict(num_chunks_before=-1), "num_chunks_before"),
     "unknown padding rule": (dict(padding_bucket="always"), "padding_bucket"),
     "causal 1": (dict(causal=1), "causal"),
+    "return_rounds 1": (dict(return_rounds=1), "return_rounds"),
     "scale 0": (dict(scale=0.0), "scale"),
 }
 

@@ -1,6 +1,7 @@
 """The LSH conformance cases catch the mistakes their flags name.
 
-The cases are the committed suite's. ``SmallLSH`` is LSH attention
+The cases are a fresh export of refattn/lsh/cases.py (what ``refattn export --check``
+holds the committed suite to). ``SmallLSH`` is LSH attention
 written here in PyTorch from spec/lsh.md, window by window and independently of
 refattn's reference (autograd gives its gradients); ``SmallLSH(bug=FLAG)``
 makes the one mistake that the flag ``FLAG`` names, each marked ``# bug FLAG``
@@ -15,11 +16,11 @@ import numpy as np
 import pytest
 
 import refattn.lsh  # noqa: F401  (registers "lsh")
-from refattn.conformance import flags as catalogue
+from refattn.conformance.export import export
 from refattn.conformance.suite import load_suite
-from refattn.conformance.verify import default_suite_folder, verify
+from refattn.conformance.verify import verify
 from refattn.core.results import Result
-from refattn.lsh.cases import cases
+from refattn.lsh.cases import FLAGS, cases
 
 torch = pytest.importorskip("torch")
 
@@ -40,9 +41,6 @@ BUGS = {
     "LSH_MASK_MODE": "adds the mask constants where the preset replaces, and replaces where it adds",
     "LSH_PADDED_QUERIES": "masks padded keys only, whatever mask_padded_queries says",
 }
-
-#: The LSH flags, from the catalogue.
-FLAGS = {name: catalogue.FLAGS[name] for name in BUGS}
 
 
 class SmallLSH:
@@ -66,11 +64,11 @@ class SmallLSH:
         loss.backward()
         return {"qk": qk.grad.numpy(), "v": values.grad.numpy()}
 
-    def _forward(self, qk, v, *, rotations, n_buckets, n_hashes, chunk_len, causal=False, key_padding_mask=None,
+    def _forward(self, qk, v, *, rotations, num_buckets, num_hashes, chunk_len, causal=False, key_padding_mask=None,
                  **behaviours):  # fmt: skip
         batch, heads, n, _ = qk.shape
         rotations = np.broadcast_to(rotations, (batch,) + rotations.shape[-4:])
-        factors = list(n_buckets) if isinstance(n_buckets, (list, tuple)) else [n_buckets]
+        factors = list(num_buckets) if isinstance(num_buckets, (list, tuple)) else [num_buckets]
         valid = None if key_padding_mask is None else np.broadcast_to(key_padding_mask, (batch, n))
         short = behaviours["short_sequence"] == "full" and n <= chunk_len
         if self.bug == "SHORT_SEQUENCE_FALLBACK":
@@ -82,14 +80,14 @@ class SmallLSH:
                     bucket, windows, rounds = None, [(list(range(n)), list(range(n)))], 1
                 else:
                     bucket = self._buckets(qk[b, h].detach().numpy(), rotations[b, h], factors, valid, b, behaviours)
-                    windows, rounds = self._windows(bucket, chunk_len, behaviours), n_hashes
+                    windows, rounds = self._windows(bucket, chunk_len, behaviours), num_hashes
                     buckets.append(bucket)
                 o, l = self._attend(qk[b, h], v[b, h], windows, rounds, causal, None if valid is None else valid[b], behaviours)
                 outs.append(o)
                 lses.append(l)
         out = torch.stack(outs).reshape(batch, heads, n, -1)
         lse = torch.stack(lses).reshape(batch, heads, n)
-        return out, lse, None if short else np.stack(buckets).reshape(batch, heads, n_hashes, n)
+        return out, lse, None if short else np.stack(buckets).reshape(batch, heads, num_hashes, n)
 
     def _buckets(self, x, rotations, factors, valid, b, behaviours):
         """(R, N) buckets with offsets: per-factor argmax of [xR, -xR], padding bucket, round offsets."""
@@ -128,7 +126,7 @@ class SmallLSH:
         for items in sequences:
             chunks = [items[c : c + chunk_len] for c in range(0, len(items), chunk_len)]
             for c, chunk in enumerate(chunks):
-                neighbours = [c + d for d in range(-behaviours["n_chunks_before"], behaviours["n_chunks_after"] + 1)]
+                neighbours = [c + d for d in range(-behaviours["num_chunks_before"], behaviours["num_chunks_after"] + 1)]
                 if self.bug == "WRAPPED_LOOKBACK":
                     neighbours = [m for m in neighbours if 0 <= m < len(chunks)]  # bug WRAPPED_LOOKBACK
                 windows.append((chunk, [t for m in neighbours for t in chunks[m % len(chunks)]]))
@@ -214,13 +212,15 @@ class SmallLSH:
 
 
 @pytest.fixture(scope="module")
-def suite():
-    return load_suite(default_suite_folder()).select(mechanisms="lsh")
+def suite(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lsh_suite")
+    export(folder, mechanisms=["lsh"])
+    return load_suite(folder)
 
 
 def test_every_lsh_flag_is_used_and_has_a_wrong_implementation():
     used = {flag for case in cases() for flag in case.flags}
-    assert used == set(FLAGS)
+    assert used == set(FLAGS) == set(BUGS)
     assert all(len(text) > 80 for text in FLAGS.values())
 
 

@@ -14,6 +14,7 @@ sizes.
 
 import contextlib
 import dataclasses
+import functools
 
 import ml_dtypes
 import numpy as np
@@ -92,7 +93,7 @@ def check_numba_agreement(qk, v, params, precision, seed):
 def lsh_problems(draw, preset):
     """A problem the preset accepts (its length rule), with random overrides of the preset's values."""
     b, h, d, dv = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(4, 8)), draw(st.integers(1, 5))
-    n_hashes, chunk_len = draw(st.integers(1, 4)), draw(st.integers(1, 8))
+    num_hashes, chunk_len = draw(st.integers(1, 4)), draw(st.integers(1, 8))
     short_allowed = PRESETS[preset].short_sequence == "full"
     if short_allowed and draw(st.booleans()):
         n = draw(st.integers(1, chunk_len))  # the short-sequence path: no length rule
@@ -102,17 +103,17 @@ def lsh_problems(draw, preset):
         n = chunk_len * draw(st.integers(1, 5))
     else:
         n = draw(st.integers(1, 40))
-    n_buckets = draw(st.sampled_from([2, 4, 6, [2, 2], [4, 2]]))
-    half = sum(n_buckets if isinstance(n_buckets, list) else [n_buckets]) // 2
+    num_buckets = draw(st.sampled_from([2, 4, 6, [2, 2], [4, 2]]))
+    half = sum(num_buckets if isinstance(num_buckets, list) else [num_buckets]) // 2
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    rotations = rng.standard_normal(((b,) if draw(st.booleans()) else ()) + (h, n_hashes, d, half))
-    params = dict(rotations=rotations, n_buckets=n_buckets, n_hashes=n_hashes, chunk_len=chunk_len, preset=preset,
+    rotations = rng.standard_normal(((b,) if draw(st.booleans()) else ()) + (h, num_hashes, d, half))
+    params = dict(rotations=rotations, num_buckets=num_buckets, num_hashes=num_hashes, chunk_len=chunk_len, preset=preset,
                   causal=draw(st.booleans()))  # fmt: skip
     if draw(st.booleans()):
         params["key_padding_mask"] = rng.random((b, n)) < 0.7
     overrides = {
-        "n_chunks_before": st.integers(0, 2),
-        "n_chunks_after": st.integers(0, 2),
+        "num_chunks_before": st.integers(0, 2),
+        "num_chunks_after": st.integers(0, 2),
         "dup_correction": st.booleans(),
         "mask_mode": st.sampled_from(["replace", "add"]),
         "mask_value": st.sampled_from([None, -1e9]),
@@ -121,7 +122,7 @@ def lsh_problems(draw, preset):
         params[name] = draw(overrides[name])
     if params.get("mask_mode") == "add" and "mask_value" not in params and preset == "lucidrains":
         params["mask_value"] = -1e9  # -finfo(float32).max added to a score leaves float32's range
-    qk = draw_qk(rng, rotations, n_buckets, (b, h, n, d), std=draw(st.sampled_from([0.5, 1.0, 3.0])))
+    qk = draw_qk(rng, rotations, num_buckets, (b, h, n, d), std=draw(st.sampled_from([0.5, 1.0, 3.0])))
     return qk, rng.standard_normal((b, h, n, dv)), params
 
 
@@ -141,7 +142,7 @@ def test_long_sequence_with_many_runs(precision):
     rng = np.random.default_rng(3)
     rotations = rng.standard_normal((2, 3, 16, 8))
     qk = draw_qk(rng, rotations, [4, 12], (1, 2, 700, 16))
-    params = dict(rotations=rotations, n_buckets=[4, 12], n_hashes=3, chunk_len=16, n_chunks_after=1, causal=True,
+    params = dict(rotations=rotations, num_buckets=[4, 12], num_hashes=3, chunk_len=16, num_chunks_after=1, causal=True,
                   key_padding_mask=rng.random((1, 700)) < 0.9)  # fmt: skip
     with run_rows(128):
         check_numba_agreement(qk, rng.standard_normal((1, 2, 700, 8)), params, precision, 4)
@@ -152,7 +153,7 @@ def test_bucket_ids_beyond_the_counting_sort_use_the_merge_sort():
     rng = np.random.default_rng(5)
     rotations = rng.standard_normal((2, 2, 6, 32))
     assert 2 * 32 * 32 > kernels.COUNTING_SORT_RATIO * 2 * 10
-    params = dict(rotations=rotations, n_buckets=[32, 32], n_hashes=2, chunk_len=4)
+    params = dict(rotations=rotations, num_buckets=[32, 32], num_hashes=2, chunk_len=4)
     qk = np.repeat(draw_qk(rng, rotations, [32, 32], (1, 2, 5, 6)), 2, axis=2)  # equal tokens: equal buckets
     check_numba_agreement(qk, rng.standard_normal((1, 2, 10, 3)), params, "float64", 6)
 
@@ -175,12 +176,16 @@ def shared_qk(suite):
     return dataclasses.replace(suite, cases=cases_)
 
 
-def numba_lsh(q, k, v, **params):
-    return lsh_attention(q, v, **params, backend="numba")
+numba_lsh = functools.partial(lsh_attention, backend="numba")
+numba_lsh_vjp = functools.partial(lsh_attention_vjp, backend="numba")
 
 
-def numba_lsh_vjp(dout, q, k, v, *, dlse=None, **params):
-    return lsh_attention_vjp(dout, q, v, dlse=dlse, **params, backend="numba")  # grads of qk and v, as stored
+def numba_lsh_q_k(q, k, v, **params):
+    return numba_lsh(q, v, **params)
+
+
+def numba_lsh_q_k_vjp(dout, q, k, v, *, dlse=None, **params):
+    return numba_lsh_vjp(dout, q, v, dlse=dlse, **params)  # grads of qk and v, as stored
 
 
 def _check_report(report):
@@ -191,13 +196,13 @@ def _check_report(report):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
 def test_every_conformance_case_passes(suite, dtype):
-    """As ``refattn verify --mechanism lsh --impl refattn.lsh.numba:lsh_attention --vjp ...`` runs it: impl(qk, v)."""
-    _check_report(verify(kernels.lsh_attention, vjp=kernels.lsh_attention_vjp, suite=suite, dtype=dtype, grad=True))
+    """As ``refattn verify --mechanism lsh`` runs the public function with ``backend="numba"``: impl(qk, v)."""
+    _check_report(verify(numba_lsh, vjp=numba_lsh_vjp, suite=suite, dtype=dtype, grad=True))
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_every_conformance_case_passes_with_q_and_k_given_as_qk(suite, dtype):
-    _check_report(verify(numba_lsh, vjp=numba_lsh_vjp, suite=shared_qk(suite), dtype=dtype, grad=True))
+    _check_report(verify(numba_lsh_q_k, vjp=numba_lsh_q_k_vjp, suite=shared_qk(suite), dtype=dtype, grad=True))
 
 
 # --------------------------------------------------------------------------
@@ -205,17 +210,17 @@ def test_every_conformance_case_passes_with_q_and_k_given_as_qk(suite, dtype):
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n_chunks", range(1, 40))
+@pytest.mark.parametrize("num_chunks", range(1, 40))
 @pytest.mark.parametrize("before, after", [(0, 0), (1, 0), (0, 1), (1, 1), (2, 1), (3, 2)])
-def test_runs_of_one_colour_share_no_chunk(n_chunks, before, after):
+def test_runs_of_one_colour_share_no_chunk(num_chunks, before, after):
     """The race-freedom of the backward: within a colour, no chunk is touched by two runs."""
     for run_len in {max(s, before + after, 1) for s in (1, 2, 3, 8)}:
-        n_runs = -(-n_chunks // run_len)
-        colours = kernels._run_colours(n_runs)
-        assert sorted(np.concatenate(colours).tolist()) == list(range(n_runs))
+        num_runs = -(-num_chunks // run_len)
+        colours = kernels._run_colours(num_runs)
+        assert sorted(np.concatenate(colours).tolist()) == list(range(num_runs))
         for colour in colours:
             touched = [
-                {c % n_chunks for c in range(run * run_len - before, min((run + 1) * run_len, n_chunks) + after)}
+                {c % num_chunks for c in range(run * run_len - before, min((run + 1) * run_len, num_chunks) + after)}
                 for run in colour
             ]
             assert sum(len(t) for t in touched) == len(set().union(*touched)), (run_len, colour.tolist())
@@ -225,7 +230,7 @@ def test_rounds_and_dtypes():
     rng = np.random.default_rng(7)
     rotations = rng.standard_normal((2, 3, 5, 2))
     qk, v = draw_qk(rng, rotations, 4, (2, 2, 18, 5)), rng.standard_normal((2, 2, 18, 3))
-    params = dict(rotations=rotations, n_buckets=4, n_hashes=3, chunk_len=4, causal=True, dup_correction=True)
+    params = dict(rotations=rotations, num_buckets=4, num_hashes=3, chunk_len=4, causal=True, dup_correction=True)
     want = lsh_attention(qk, v, **params, return_rounds=True)
     got = lsh_attention(qk, v, **params, return_rounds=True, backend="numba")
     for name in ("round_out", "round_lse"):
@@ -239,7 +244,7 @@ def test_short_sequence_has_no_buckets():
     rng = np.random.default_rng(8)
     rotations = rng.standard_normal((1, 4, 6, 2))
     qk, v = rng.standard_normal((1, 1, 12, 6)), rng.standard_normal((1, 1, 12, 6))
-    params = dict(rotations=rotations, n_buckets=4, n_hashes=4, chunk_len=16, preset="hf")
+    params = dict(rotations=rotations, num_buckets=4, num_hashes=4, chunk_len=16, preset="hf")
     got = lsh_attention(qk, v, **params, backend="numba")
     assert got.aux == {}
     assert error("out", got.out, lsh_attention(qk, v, **params).out) < 1e-13
@@ -249,14 +254,28 @@ def test_dispatch_and_bad_input():
     assert registry.get("lsh").backends == ("reference", "numba")
     rng = np.random.default_rng(9)
     qk, v, rotations = rng.standard_normal((1, 2, 8, 4)), rng.standard_normal((1, 2, 8, 4)), rng.standard_normal((2, 1, 4, 2))
-    params = dict(rotations=rotations, n_buckets=4, n_hashes=1, chunk_len=4)
+    params = dict(rotations=rotations, num_buckets=4, num_hashes=1, chunk_len=4)
     with pytest.raises(SpecError, match="precision"):
         lsh_attention(qk, v, **params, precision="float32", backend="numba")
-    for bad, name in ((dict(n_buckets=3), "n_buckets"), (dict(preset="hf", chunk_len=3), "chunk_len"),
+    for bad, name in ((dict(num_buckets=3), "num_buckets"), (dict(preset="hf", chunk_len=3), "chunk_len"),
                       (dict(rotations=rotations[:, :, :3]), "rotations")):  # fmt: skip
         with pytest.raises(SpecError, match=name):
-            kernels.lsh_attention(qk, v, **params | bad)
+            numba_lsh(qk, v, **params | bad)
         with pytest.raises(SpecError, match=name):
-            kernels.lsh_attention_vjp(v, qk, v, **params | bad)
+            numba_lsh_vjp(v, qk, v, **params | bad)
     with pytest.raises(SpecError, match="dout"):
-        kernels.lsh_attention_vjp(v[:, :, :4], qk, v, **params)
+        numba_lsh_vjp(v[:, :, :4], qk, v, **params)
+
+
+def test_vjp_reuses_the_saved_forward():
+    """Given the forward it returned (``saved``), the kernel's VJP skips recomputing out and lse: same gradients."""
+    rng = np.random.default_rng(10)
+    rotations = rng.standard_normal((2, 2, 6, 3))
+    qk, v = draw_qk(rng, rotations, 6, (1, 2, 20, 6)), rng.standard_normal((1, 2, 20, 4))
+    params = dict(rotations=rotations, num_buckets=6, num_hashes=2, chunk_len=4, causal=True, dup_correction=True)
+    dout, dlse = rng.standard_normal((1, 2, 20, 4)), rng.standard_normal((1, 2, 20))
+    saved = numba_lsh(qk, v, **params)
+    recomputed = numba_lsh_vjp(dout, qk, v, dlse=dlse, **params)
+    reused = numba_lsh_vjp(dout, qk, v, dlse=dlse, saved=saved, **params)
+    for name in ("qk", "v"):
+        np.testing.assert_array_equal(reused[name], recomputed[name], err_msg=name)

@@ -7,7 +7,7 @@ makes the flagged mistake."""
 
 import itertools
 import math
-from pathlib import Path
+from functools import partial
 
 import numpy as np
 import pytest
@@ -27,18 +27,14 @@ from refattn.position.alibi import (
     alibi_slopes,
     properties,
 )
-from refattn.position.alibi.cases import cases
+from refattn.position.alibi.cases import FLAGS, cases
+from refattn.position.alibi.reference import check_alibi_inputs
 from refattn.strategies import dense_problems
 from tests.agreement import check_numba_agreement
 from tests.finite_differences import finite_differences
 
 from .naive_dense import naive_dense
 
-HAS_NUMBA_BACKEND = (Path(__file__).parents[1] / "refattn/position/alibi/numba.py").is_file()
-needs_numba_backend = pytest.mark.skipif(not HAS_NUMBA_BACKEND, reason="refattn/position/alibi/numba.py not written yet")
-
-#: This encoding's flags, from the catalogue.
-FLAGS = {name: text for name, text in flag_catalogue.FLAGS.items() if name.startswith("ALIBI_")}
 
 
 # --- slopes -------------------------------------------------------------------
@@ -415,7 +411,9 @@ def test_registered_with_its_cases_and_properties():
     mechanism = registry.get("alibi")
     assert mechanism.forward is alibi_attention and mechanism.vjp is alibi_attention_vjp
     assert mechanism.backends == ("reference", "numba")
+    assert mechanism.check_inputs is check_alibi_inputs
     assert [case.id for case in mechanism.cases()] == [case.id for case in cases()]
+    assert mechanism.flags() == FLAGS
 
 
 def test_cases_are_small_and_well_formed():
@@ -483,16 +481,13 @@ def test_a_wrong_implementation_fails_a_flagged_case(flag, suite):
 # --- the numba backend ----------------------------------------------------------
 
 
-@needs_numba_backend
 @given(problem=alibi_problems(), precision=st.sampled_from(["float64", "float32"]), seed=st.integers(0, 2**16))
 def test_numba_matches_reference(problem, precision, seed):
     check_numba_agreement(alibi_attention, alibi_attention_vjp, *problem, precision, seed)
 
 
-@needs_numba_backend
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_numba_backend_passes_the_cases(suite, dtype):
-    from refattn.position.alibi import numba as alibi_numba
-
-    report = verify(alibi_numba.alibi_attention, vjp=alibi_numba.alibi_attention_vjp, suite=suite, grad=True, dtype=dtype)
+    report = verify(partial(alibi_attention, backend="numba"), vjp=partial(alibi_attention_vjp, backend="numba"),
+                    suite=suite, grad=True, dtype=dtype)
     assert report.ok, report.format()

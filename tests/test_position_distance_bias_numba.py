@@ -18,7 +18,9 @@ cached decoding, one query, positions scattered with gaps and repeats.
 
 from __future__ import annotations
 
+import inspect
 import tracemalloc
+from functools import partial
 
 import numba
 import numpy as np
@@ -29,7 +31,9 @@ from hypothesis import strategies as st
 from refattn import SpecError, dense_attention, dense_attention_vjp
 from refattn.conformance.tolerance import ROUNDING_TRIALS, budgets, error, sensitivities
 from refattn.core.precision import jittered
+from refattn.core.results import Cotangents
 from refattn.dense import numba as kernels
+from refattn.dense.inputs import check_dense_inputs
 from refattn.position.alibi import numba as alibi_numba
 from refattn.position.alibi import reference as alibi_reference
 from refattn.position.t5 import numba as t5_numba
@@ -37,6 +41,35 @@ from refattn.position.t5 import reference as t5_reference
 from refattn.strategies import Problem, dense_problems
 
 FLOAT64_TOL = 1e-10
+
+#: dense_attention's keyword arguments and their defaults.
+DENSE_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(dense_attention).parameters.items()
+    if parameter.kind == parameter.KEYWORD_ONLY and name not in ("precision", "backend")
+}
+
+
+# --------------------------------------------------------------------------
+# The hook takes checked dense inputs and cotangents.
+# --------------------------------------------------------------------------
+
+
+def hooked(q, k, v, *, distance_table, d_min, q_positions, k_positions, **params):
+    """The hook's forward on the dense problem (q, k, v, params)."""
+    x = check_dense_inputs(q, k, v, **(DENSE_DEFAULTS | params))
+    return kernels.attention_with_distance_bias(
+        x, distance_table=distance_table, d_min=d_min, q_positions=q_positions, k_positions=k_positions
+    )
+
+
+def hooked_vjp(dout, q, k, v, *, dlse=None, distance_table, d_min, q_positions, k_positions, **params):
+    """The hook's VJP on the dense problem (q, k, v, params): (grads, d_distance_table)."""
+    x = check_dense_inputs(q, k, v, **(DENSE_DEFAULTS | params))
+    return kernels.attention_with_distance_bias_vjp(
+        x, Cotangents(dout=dout, dlse=dlse), distance_table=distance_table, d_min=d_min, q_positions=q_positions,
+        k_positions=k_positions,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------
@@ -147,7 +180,7 @@ def expected_grads(dout, q, k, v, *, dlse=None, hook, params, precision=None):
 
 def hook_grads(dout, q, k, v, *, dlse=None, hook, params):
     """The hook's gradients as one dict, the table's under ``distance_table``."""
-    grads, d_table = kernels.attention_with_distance_bias_vjp(dout, q, k, v, dlse=dlse, **hook, **params)
+    grads, d_table = hooked_vjp(dout, q, k, v, dlse=dlse, **hook, **params)
     return {**grads, "distance_table": d_table}
 
 
@@ -161,7 +194,7 @@ def both(qkv, dout, dlse, hook, params):
     pairs = {}
     for cotangent in (None, dlse):
         fast = named(
-            kernels.attention_with_distance_bias(*qkv, **hook, **params),
+            hooked(*qkv, **hook, **params),
             hook_grads(dout, *qkv, dlse=cotangent, hook=hook, params=params),
             cotangent is not None,
         )
@@ -198,7 +231,7 @@ def test_float32_within_the_conformance_budgets(name):
     want = named(exact, exact_grads, False)  # the VJP with dlse, under plain names
 
     cast = tuple(x.astype(np.float32) for x in qkv)
-    fast = kernels.attention_with_distance_bias(*cast, **hook, **params)
+    fast = hooked(*cast, **hook, **params)
     fast_grads = hook_grads(dout.astype(np.float32), *cast, dlse=dlse.astype(np.float32), hook=hook, params=params)
     got = named(fast, fast_grads, False)
     assert fast.out.dtype == np.float32 and set(got) == set(want)
@@ -235,7 +268,7 @@ def test_table_gradient_matches_central_differences():
     params = dict(d_min=d_min, q_positions=q_positions, k_positions=k_positions, causal=True, softcap=3.0)
 
     def objective(table):
-        result = kernels.attention_with_distance_bias(q, k, v, distance_table=table, **params)
+        result = hooked(q, k, v, distance_table=table, **params)
         return np.sum(dout * result.out) + np.sum(dlse * result.lse)
 
     step = 1e-6
@@ -244,7 +277,7 @@ def test_table_gradient_matches_central_differences():
         shift = np.zeros_like(table)
         shift[index] = step
         numeric[index] = (objective(table + shift) - objective(table - shift)) / (2 * step)
-    _, analytic = kernels.attention_with_distance_bias_vjp(dout, q, k, v, dlse=dlse, distance_table=table, **params)
+    _, analytic = hooked_vjp(dout, q, k, v, dlse=dlse, distance_table=table, **params)
     assert np.max(np.abs(analytic - numeric)) <= 1e-7 * np.max(np.abs(numeric))
     # Causal: key j is seen by query i iff j <= i + 4, i.e. at distances (3 + j) - (11 + i) <= -4, the
     # columns up to -4 - d_min = 8; the later distances never reach a logit and get exactly 0.
@@ -255,12 +288,12 @@ def test_table_gradient_is_deterministic_and_independent_of_the_thread_count():
     """One private slice per thread, summed in a fixed order: bit-identical on repeated calls, and the
     same sums in another grouping with one thread."""
     qkv, dout, dlse, hook, params = make_case("causal_cached_decoding", seed=3)
-    first = kernels.attention_with_distance_bias_vjp(dout, *qkv, dlse=dlse, **hook, **params)[1]
-    again = kernels.attention_with_distance_bias_vjp(dout, *qkv, dlse=dlse, **hook, **params)[1]
+    first = hooked_vjp(dout, *qkv, dlse=dlse, **hook, **params)[1]
+    again = hooked_vjp(dout, *qkv, dlse=dlse, **hook, **params)[1]
     threads = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
-        serial = kernels.attention_with_distance_bias_vjp(dout, *qkv, dlse=dlse, **hook, **params)[1]
+        serial = hooked_vjp(dout, *qkv, dlse=dlse, **hook, **params)[1]
     finally:
         numba.set_num_threads(threads)
     assert np.array_equal(first, again)
@@ -271,11 +304,11 @@ def test_a_zero_table_gives_dense_attention_exactly():
     """The position bias 0 is added to the user bias exactly: the results are dense_attention's, bit for bit."""
     qkv, dout, dlse, hook, params = make_case("packed_user_bias", seed=4)
     hook = {**hook, "distance_table": np.zeros_like(hook["distance_table"])}
-    hooked = kernels.attention_with_distance_bias(*qkv, **hook, **params)
-    plain = kernels.dense_attention(*qkv, **params)
-    assert np.array_equal(hooked.out, plain.out) and np.array_equal(hooked.lse, plain.lse)
-    grads, _ = kernels.attention_with_distance_bias_vjp(dout, *qkv, dlse=dlse, **hook, **params)
-    plain_grads = kernels.dense_attention_vjp(dout, *qkv, dlse=dlse, **params)
+    with_zero_table = hooked(*qkv, **hook, **params)
+    plain = dense_attention(*qkv, **params, backend="numba")
+    assert np.array_equal(with_zero_table.out, plain.out) and np.array_equal(with_zero_table.lse, plain.lse)
+    grads, _ = hooked_vjp(dout, *qkv, dlse=dlse, **hook, **params)
+    plain_grads = dense_attention_vjp(dout, *qkv, dlse=dlse, **params, backend="numba")
     assert set(grads) == set(plain_grads) == {"q", "k", "v", "bias"}
     for name in grads:
         assert np.array_equal(grads[name], plain_grads[name]), name
@@ -322,8 +355,8 @@ def test_bad_hook_input_raises_spec_error(change, argument):
     qkv, dout, _, hook, params = make_case("causal_cached_decoding")
     assert (hook["d_min"], hook["distance_table"].shape) == (-132, (2, 196))  # distances -132 .. 63
     for call in (
-        lambda: kernels.attention_with_distance_bias(*qkv, **{**hook, **change}, **params),
-        lambda: kernels.attention_with_distance_bias_vjp(dout, *qkv, **{**hook, **change}, **params),
+        lambda: hooked(*qkv, **{**hook, **change}, **params),
+        lambda: hooked_vjp(dout, *qkv, **{**hook, **change}, **params),
     ):
         with pytest.raises(SpecError) as raised:
             call()
@@ -338,7 +371,8 @@ def test_bad_hook_input_raises_spec_error(change, argument):
 def test_long_sequences_never_hold_an_nq_by_nk_array(monkeypatch):
     """At N = 4096 (an (N, N) float32 array is 64 MiB per head) the forward and VJP through the hook
     allocate under 8 MiB on the NumPy side in all (outputs included), and each kernel is given only
-    arrays of at most Hq * N * D elements: q, k, v, their gradients, the (Hq, 2N - 1) table."""
+    arrays of at most threads * Hq * N * D elements, far below N * N: q, k, v, their gradients, the
+    per-thread (Hq, 2N - 1) tables."""
     n, heads, dim = 4096, 2, 16
     rng = np.random.default_rng(8)
     q, k, v, dout = (rng.standard_normal((1, heads, n, dim), dtype=np.float32) for _ in range(4))
@@ -346,7 +380,8 @@ def test_long_sequences_never_hold_an_nq_by_nk_array(monkeypatch):
     d_min, n_distances = kernels.distance_range(positions, positions)
     hook = dict(distance_table=rng.standard_normal((heads, n_distances)), d_min=d_min, q_positions=positions, k_positions=positions)
     largest = {}
-    for name in ("_forward_kernel", "_dq_kernel", "_dkv_kernel"):
+    kernel_names = {name for name in vars(kernels) if name.endswith("_kernel")}
+    for name in kernel_names:
 
         def recording(*args, kernel=getattr(kernels, name), name=name):
             largest[name] = max(x.size for x in args if isinstance(x, np.ndarray))
@@ -354,18 +389,19 @@ def test_long_sequences_never_hold_an_nq_by_nk_array(monkeypatch):
 
         monkeypatch.setattr(kernels, name, recording)
     small = {**hook, "distance_table": hook["distance_table"][:, :3], "d_min": -1, "q_positions": positions[:2], "k_positions": positions[:2]}
-    kernels.attention_with_distance_bias_vjp(dout[:, :, :2], q[:, :, :2], k[:, :, :2], v[:, :, :2], **small)  # compiled
+    hooked_vjp(dout[:, :, :2], q[:, :, :2], k[:, :, :2], v[:, :, :2], **small)  # compiled
 
     tracemalloc.start()
     try:
-        result = kernels.attention_with_distance_bias(q, k, v, **hook, causal=True)
-        grads, d_table = kernels.attention_with_distance_bias_vjp(dout, q, k, v, **hook, causal=True)
+        result = hooked(q, k, v, **hook, causal=True)
+        grads, d_table = hooked_vjp(dout, q, k, v, **hook, causal=True)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MiB"
-    assert set(largest) == {"_forward_kernel", "_dq_kernel", "_dkv_kernel"}
-    assert max(largest.values()) <= heads * n * dim
+    assert kernel_names and set(largest) == kernel_names
+    # q, k, v and their gradients (dq in at most one slice per thread), the (lanes, Hq, 2N - 1) table:
+    assert max(largest.values()) <= numba.get_num_threads() * heads * n * dim < n * n
     assert result.out.shape == (1, heads, n, dim) and d_table.shape == (heads, 2 * n - 1)
     assert np.all(np.isfinite(grads.q)) and np.all(d_table[:, n:] == 0)  # causal: no key after its query
 
@@ -376,13 +412,11 @@ def test_long_sequences_never_hold_an_nq_by_nk_array(monkeypatch):
 
 #: mechanism: (reference forward, reference vjp, numba forward, numba vjp)
 MECHANISMS = {
-    "alibi": (
-        alibi_reference.alibi_attention,
-        alibi_reference.alibi_attention_vjp,
-        alibi_numba.alibi_attention,
-        alibi_numba.alibi_attention_vjp,
-    ),
-    "t5": (t5_reference.t5_attention, t5_reference.t5_attention_vjp, t5_numba.t5_attention, t5_numba.t5_attention_vjp),
+    name: (forward, vjp, partial(forward, backend="numba"), partial(vjp, backend="numba"))
+    for name, forward, vjp in [
+        ("alibi", alibi_reference.alibi_attention, alibi_reference.alibi_attention_vjp),
+        ("t5", t5_reference.t5_attention, t5_reference.t5_attention_vjp),
+    ]
 }
 
 
@@ -499,9 +533,11 @@ def test_backend_numba_dispatches_here_and_rejects_bad_input_as_the_reference_do
     alibi = dict(q_positions=q_positions, k_positions=k_positions, causal=True)
     t5 = dict(table=rng.standard_normal((8, 2)), q_positions=q_positions, k_positions=k_positions, num_buckets=8, max_distance=20)
     via_registry = alibi_reference.alibi_attention(q, k, v, **alibi, backend="numba")
-    assert np.array_equal(via_registry.out, alibi_numba.alibi_attention(q, k, v, **alibi).out)
+    alibi_inputs = alibi_reference.check_alibi_inputs(q, k, v, **(DENSE_DEFAULTS | {"slopes": None, "form": "causal"} | alibi))
+    assert np.array_equal(via_registry.out, alibi_numba.forward(alibi_inputs).out)
     via_registry = t5_reference.t5_attention_vjp(dout, q, k, v, **t5, backend="numba")
-    assert np.array_equal(via_registry["table"], t5_numba.t5_attention_vjp(dout, q, k, v, **t5)["table"])
+    t5_inputs = t5_reference.check_t5_inputs(q, k, v, **(DENSE_DEFAULTS | {"bidirectional": True} | t5))
+    assert np.array_equal(via_registry["table"], t5_numba.vjp(t5_inputs, Cotangents(dout=dout, dlse=None))["table"])
 
     bad_calls = [
         ("alibi", {**alibi, "q_positions": q_positions[:2]}),

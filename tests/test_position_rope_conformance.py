@@ -5,7 +5,7 @@ A wrong implementation of each flag fails a flagged case.
 :class:`SmallRotary` is RoPE and xPos written from the papers in vectorised
 NumPy, independently of refattn's rotary code (attention itself is refattn's
 dense reference, verified on its own). ``SmallRotary(bug=FLAG)`` makes the
-mistake that ``FLAG`` names (refattn/conformance/flags.py); each mistake
+mistake that ``FLAG`` names (``FLAGS`` in refattn/position/{rope,xpos}/cases.py); each mistake
 is the line marked ``# bug FLAG``. The committed cases are checked with the
 verifier, as a user's kernel would be. HF Llama's RoPE, written in torch from its code, passes the
 RoPE cases in float32 and (its angles being float32) fails them in float64.
@@ -17,10 +17,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-import refattn.conformance.flags as catalogue
 from refattn import dense_attention, dense_attention_vjp
 from refattn.conformance.suite import load_suite
 from refattn.conformance.verify import default_suite_folder, verify
+from refattn.position.rope.cases import FLAGS as ROPE_FLAGS
+from refattn.position.xpos.cases import FLAGS as XPOS_FLAGS
 
 #: What each wrong variant gets wrong, in the words of a bug report.
 BUGS = {
@@ -102,8 +103,7 @@ class SmallRotary:
         return out * factor_of_dim
 
     def _split(self, kwargs):
-        p = dict(rotary_dim=None, base=10000.0, position_scale=1.0, scale_base=512.0, gamma=0.4,
-                 layout="interleaved" if self.xpos else "half")  # fmt: skip
+        p = dict(rotary_dim=None, base=10000.0, position_scale=1.0, scale_base=512.0, gamma=0.4, layout="half")
         p.update({name: kwargs.pop(name) for name in list(kwargs) if name in p})
         q_positions, k_positions = kwargs.pop("q_positions"), kwargs.pop("k_positions")
         if self.bug == "ROPE_POSITION_OFFSET":
@@ -144,7 +144,7 @@ def test_the_correct_small_implementation_passes_every_case(suite, mechanism):
 
 
 def test_every_flag_has_a_wrong_implementation():
-    assert set(BUGS) == {name for name in catalogue.FLAGS if name.startswith(("ROPE_", "XPOS_"))}
+    assert set(BUGS) == set(ROPE_FLAGS) | set(XPOS_FLAGS)
 
 
 @pytest.mark.parametrize("flag", sorted(BUGS))

@@ -10,7 +10,6 @@ makes the flagged mistake."""
 import itertools
 import math
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,18 +29,14 @@ from refattn.position.t5 import (
     t5_attention_vjp,
     t5_bias,
 )
-from refattn.position.t5.cases import cases
+from refattn.position.t5.cases import FLAGS, cases
+from refattn.position.t5.reference import check_t5_inputs
 from refattn.strategies import dense_problems
 from tests.agreement import check_numba_agreement
 from tests.finite_differences import finite_differences
 
 from .naive_dense import naive_dense
 
-HAS_NUMBA_BACKEND = (Path(__file__).parents[1] / "refattn/position/t5/numba.py").is_file()
-needs_numba_backend = pytest.mark.skipif(not HAS_NUMBA_BACKEND, reason="refattn/position/t5/numba.py not written yet")
-
-#: This encoding's flags, from the catalogue.
-FLAGS = {name: text for name, text in flag_catalogue.FLAGS.items() if name.startswith("T5_")}
 
 
 # --- the bucket function --------------------------------------------------------
@@ -508,7 +503,9 @@ def test_registered_with_its_cases_and_properties():
     mechanism = registry.get("t5")
     assert mechanism.forward is t5_attention and mechanism.vjp is t5_attention_vjp
     assert mechanism.backends == ("reference", "numba")
+    assert mechanism.check_inputs is check_t5_inputs
     assert [case.id for case in mechanism.cases()] == [case.id for case in cases()]
+    assert mechanism.flags() == FLAGS
 
 
 def test_cases_are_small_and_well_formed():
@@ -637,16 +634,13 @@ def test_hf_formulation_in_torch_float32_passes_every_case(suite):
 # --- the numba backend ----------------------------------------------------------
 
 
-@needs_numba_backend
 @given(problem=t5_problems(), precision=st.sampled_from(["float64", "float32"]), seed=st.integers(0, 2**16))
 def test_numba_matches_reference(problem, precision, seed):
     check_numba_agreement(t5_attention, t5_attention_vjp, *problem, precision, seed)
 
 
-@needs_numba_backend
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_numba_backend_passes_the_cases(suite, dtype):
-    from refattn.position.t5 import numba as t5_numba
-
-    report = verify(t5_numba.t5_attention, vjp=t5_numba.t5_attention_vjp, suite=suite, grad=True, dtype=dtype)
+    report = verify(partial(t5_attention, backend="numba"), vjp=partial(t5_attention_vjp, backend="numba"),
+                    suite=suite, grad=True, dtype=dtype)
     assert report.ok, report.format()

@@ -9,6 +9,7 @@ one line of each mistake is marked ``# bug FLAG``.
 """
 
 import zlib
+from functools import partial
 
 import numpy as np
 import pytest
@@ -16,8 +17,7 @@ import pytest
 import refattn.conformance.flags as catalogue
 from refattn.conformance.suite import load_suite
 from refattn.conformance.verify import default_suite_folder, verify
-from refattn.position.transformer_xl import MECHANISM, cases
-from refattn.position.transformer_xl import numba as xl_numba
+from refattn.position.transformer_xl import MECHANISM, cases, transformer_xl_attention, transformer_xl_attention_vjp
 
 #: The Transformer-XL flags, from the catalogue.
 FLAGS = {name: text for name, text in catalogue.FLAGS.items() if name.startswith("XL_")}
@@ -176,6 +176,6 @@ def test_wrong_implementation_fails_a_flagged_case(flag, suite):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_numba_backend_passes_every_case(suite, dtype):
-    report = verify(xl_numba.transformer_xl_attention, suite=suite, dtype=dtype, grad=True,
-                    vjp=xl_numba.transformer_xl_attention_vjp)  # fmt: skip
+    report = verify(partial(transformer_xl_attention, backend="numba"), suite=suite, dtype=dtype, grad=True,
+                    vjp=partial(transformer_xl_attention_vjp, backend="numba"))  # fmt: skip
     assert report.ok, report.format()

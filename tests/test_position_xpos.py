@@ -3,6 +3,7 @@ the hand-derived VJP against finite differences, bad input, the numba backend ag
 reference, and the invariants."""
 
 import functools
+import inspect
 import itertools
 
 import numpy as np
@@ -11,7 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from refattn import SpecError
-from refattn.position.rope import apply_rope
+from refattn.conformance.flags import FLAGS as SHARED_FLAGS
+from refattn.core import registry
+from refattn.position.rope import apply_rope, rope_attention
 from refattn.position.rope import properties as rope_properties
 from refattn.position.xpos import (
     apply_xpos,
@@ -20,7 +23,7 @@ from refattn.position.xpos import (
     xpos_attention_vjp,
     xpos_scales,
 )
-from refattn.position.xpos.cases import cases
+from refattn.position.xpos.cases import FLAGS, cases
 from tests.agreement import check_numba_agreement
 from tests.finite_differences import finite_differences
 from tests.naive_dense import naive_dense
@@ -100,7 +103,7 @@ def test_torchscale_transform_is_ours_at_uncentred_rotation_and_centred_scale():
     min_pos = -length // 2
     for downscale in (False, True):
         theirs = _torchscale_xpos(torch, torch.from_numpy(X), downscale=downscale).numpy()
-        ours = apply_xpos(X, np.arange(length), downscale=downscale)
+        ours = apply_xpos(X, np.arange(length), downscale=downscale, layout="interleaved")
         shift = xpos_scales(np.array([min_pos]), X.shape[-1], downscale=downscale)[0]  # (r/2,)
         np.testing.assert_allclose(theirs, ours * np.repeat(shift, 2), rtol=1e-12, atol=1e-13)
 
@@ -112,7 +115,7 @@ def test_torchscale_attention_output(centred):
     q, k, v = RNG.standard_normal((3, 1, 2, 9, 8))
     expected = _torchscale_attention(torch, *map(torch.from_numpy, (q, k, v))).numpy()
     positions = np.arange(9) - (9 // 2 + 1 if centred else 0)
-    got = xpos_attention(q, k, v, q_positions=positions, k_positions=positions)
+    got = xpos_attention(q, k, v, q_positions=positions, k_positions=positions, layout="interleaved")
     np.testing.assert_allclose(got.out, expected, atol=1e-13)
 
 
@@ -121,7 +124,7 @@ def test_torchscale_incremental_decoding():
     torch = pytest.importorskip("torch")
     q, k, v = RNG.standard_normal((1, 2, 1, 8)), RNG.standard_normal((1, 2, 11, 8)), RNG.standard_normal((1, 2, 11, 8))
     expected = _torchscale_attention(torch, *map(torch.from_numpy, (q, k, v)), incremental=True).numpy()
-    got = xpos_attention(q, k, v, q_positions=np.array([10]), k_positions=np.arange(11))
+    got = xpos_attention(q, k, v, q_positions=np.array([10]), k_positions=np.arange(11), layout="interleaved")
     np.testing.assert_allclose(got.out, expected, atol=1e-13)
 
 
@@ -150,11 +153,11 @@ def test_lucidrains_xpos_partial_rotary():
     q_theirs, k_theirs = _lucidrains_rotate_queries_and_keys(torch, torch.from_numpy(q), torch.from_numpy(k), dim=8)
     expected = torch.softmax(q_theirs @ k_theirs.transpose(-1, -2) / np.sqrt(12), dim=-1) @ torch.from_numpy(v)
     positions = np.arange(10)
-    got = xpos_attention(q, k, v, q_positions=positions, k_positions=positions, rotary_dim=8)
+    got = xpos_attention(q, k, v, q_positions=positions, k_positions=positions, rotary_dim=8, layout="interleaved")
     np.testing.assert_allclose(got.out, expected.numpy(), atol=1e-13)
     # Per vector: its scale is centred at len // 2, its rotation is not.
     shift = np.repeat(xpos_scales(np.array([-(10 // 2)]), 8)[0], 2)
-    np.testing.assert_allclose(q_theirs.numpy()[..., :8], apply_xpos(q, positions, rotary_dim=8)[..., :8] * shift, atol=1e-13)
+    np.testing.assert_allclose(q_theirs.numpy()[..., :8], apply_xpos(q, positions, rotary_dim=8, layout="interleaved")[..., :8] * shift, atol=1e-13)
 
 
 # --------------------------------------------------------------------------
@@ -326,3 +329,12 @@ def test_cases_are_small_and_well_formed():
         assert case.id.startswith("xpos/") and case.mechanism == "xpos"
         assert sum(a.nbytes for a in arrays.values()) < 64_000, case.id
         xpos_attention(**arrays, **case.params)
+    assert registry.get("xpos").flags() == FLAGS
+    assert {flag for case in cases() for flag in case.flags} <= set(FLAGS) | set(SHARED_FLAGS)
+
+
+def test_layout_defaults_agree_with_rope_and_torchscale_cases_name_theirs():
+    # The layout default is RoPE's ("half", HF); torchscale's interleaved layout is always explicit in the cases.
+    for function in (xpos_attention, apply_xpos, rope_attention, apply_rope):
+        assert inspect.signature(function).parameters["layout"].default == "half", function.__name__
+    assert all(case.params["layout"] in ("half", "interleaved") for case in cases())

@@ -28,7 +28,10 @@ from refattn.routing import (  # importing registers the mechanisms
     routing_attention,
     routing_attention_vjp,
 )
-from refattn.routing.cases import cases
+from refattn.routing.cases import cases as routing_cases
+from refattn.routing.centroids.cases import cases as centroid_cases
+from refattn.routing.hybrid.cases import cases as hybrid_cases
+from refattn.routing.soft.cases import cases as soft_cases
 
 torch = pytest.importorskip("torch")
 
@@ -123,33 +126,31 @@ class SmallRouting:
         self.bug = bug
 
     def __call__(self, q, k, v, **params):
-        out, lse, aux = self._forward(*(torch.tensor(x) for x in (q, k, v)), **_tensors(params))
-        return types.SimpleNamespace(out=out.detach().numpy(), lse=None if lse is None else lse.detach().numpy(), aux=aux)
+        out, aux = self._forward(*(torch.tensor(x) for x in (q, k, v)), **_tensors(params))
+        return types.SimpleNamespace(out=out.detach().numpy(), lse=None, aux=aux)
 
     def vjp(self, dout, q, k, v, *, dlse=None, **params):
+        assert dlse is None  # none of the four mechanisms has an lse (the verifier passes dlse=None)
         inputs = {name: torch.tensor(x, requires_grad=True) for name, x in dict(q=q, k=k, v=v).items()}
         tensors = _tensors(params)
         for name in self.GRAD_PARAMS:
             if tensors.get(name) is not None:
                 inputs[name] = tensors[name] = tensors[name].requires_grad_()
-        out, lse, _ = self._forward(inputs["q"], inputs["k"], inputs["v"], **tensors)
-        loss = (out * torch.tensor(dout)).sum()
-        if dlse is not None:
-            loss = loss + torch.where(torch.isfinite(lse), lse * torch.tensor(dlse), 0.0).sum()
-        loss.backward()
+        out, _ = self._forward(inputs["q"], inputs["k"], inputs["v"], **tensors)
+        (out * torch.tensor(dout)).sum().backward()
         return {name: (torch.zeros_like(x) if x.grad is None else x.grad).numpy() for name, x in inputs.items()}
 
-    def _select(self, similarity, window, order):
-        """Each centroid's top-`window` tokens (B, H, K, W), in `order`."""
+    def _select(self, similarity, cluster_size, order):
+        """Each centroid's top-`cluster_size` tokens (B, H, K, W), in `order`."""
         scores = similarity.detach().transpose(-1, -2)  # (B, H, K, N)
         if self.bug == "ROUTING_BALANCED_TOPK":
             nearest = torch.nn.functional.one_hot(similarity.detach().argmax(-1), scores.shape[2])  # (B, H, N, K)
             scores = scores + 1e3 * nearest.transpose(-1, -2)  # bug ROUTING_BALANCED_TOPK
-        index = scores.topk(window, dim=-1).indices  # descending similarity
+        index = scores.topk(cluster_size, dim=-1).indices  # descending similarity
         return index.sort(-1).values if order == "position" else index
 
-    def _forward(self, q, k, v, *, centroids, window, shared_qk=False, causal=False, padding_mask=None, mem_k=None,
-                 mem_v=None, **params):  # fmt: skip
+    def _forward(self, q, k, v, *, centroids, cluster_size, shared_qk=False, causal=False, key_padding_mask=None,
+                 mem_k=None, mem_v=None, **params):  # fmt: skip
         o = _options(params)
         b, h, n, d = q.shape
         prescale = 1 / math.sqrt(d) if o["query_prescale"] is None else o["query_prescale"]
@@ -164,8 +165,8 @@ class SmallRouting:
         r_q, r_k = normalize(q * prescale), normalize(k * (prescale if shared_qk else 1.0))
         similarity = torch.einsum("bhnd,hcd->bhnc", r_q, centroids)
         key_similarity = similarity if shared_qk else torch.einsum("bhnd,hcd->bhnc", r_k, centroids)
-        index = self._select(similarity, window, o["order"])
-        kv_index = index if shared_qk else self._select(key_similarity, window, o["order"])
+        index = self._select(similarity, cluster_size, o["order"])
+        kv_index = index if shared_qk else self._select(key_similarity, cluster_size, o["order"])
         attend_q = r_q if o["attend_on"] == "normalized" else q
         attend_k = r_k if o["attend_on"] == "normalized" or (shared_qk and o["normalize_shared_keys"]) else k
         queries, keys, values = _gather(attend_q, index), _gather(attend_k, kv_index), _gather(v, kv_index)
@@ -176,7 +177,7 @@ class SmallRouting:
         dots = torch.einsum("bhcsd,bhctd->bhcst", queries, keys) * scale
 
         query_position, key_position = index[..., :, None], kv_index[..., None, :]
-        window_ok = torch.ones(dots.shape[:-1] + (window,), dtype=torch.bool)
+        members_ok = torch.ones(dots.shape[:-1] + (cluster_size,), dtype=torch.bool)
         memory_ok = torch.ones(dots.shape[:-1] + (memory,), dtype=torch.bool)
         if causal:
             by_slot = o["causal_by"] == "slot"
@@ -184,16 +185,16 @@ class SmallRouting:
                 by_slot = True  # bug ROUTING_CAUSAL_BY_POSITION
             if self.bug == "ROUTING_SLOT_CAUSAL":
                 by_slot = False  # bug ROUTING_SLOT_CAUSAL
-            window_ok &= torch.ones(window, window).tril().bool() if by_slot else key_position <= query_position
-        if padding_mask is not None:
-            real = padding_mask[:, None, :].expand(b, h, n)
-            window_ok &= _gather(real, kv_index)[..., None, :]
+            members_ok &= torch.ones(cluster_size, cluster_size).tril().bool() if by_slot else key_position <= query_position
+        if key_padding_mask is not None:
+            real = key_padding_mask[:, None, :].expand(b, h, n)
+            members_ok &= _gather(real, kv_index)[..., None, :]
             query_real = _gather(real, index)[..., :, None]
             if o["query_padding"] != "none":
-                window_ok &= query_real
+                members_ok &= query_real
             if o["query_padding"] == "mask_row":
                 memory_ok &= query_real
-        allowed = torch.cat([memory_ok, window_ok], dim=-1)
+        allowed = torch.cat([memory_ok, members_ok], dim=-1)
         is_self = torch.zeros_like(allowed)
         if shared_qk and o["self_mask"] and self.bug != "SHARED_QK_SELF_MASK":  # bug SHARED_QK_SELF_MASK
             is_self[..., memory:] = key_position == query_position
@@ -219,14 +220,15 @@ class SmallRouting:
             out = sums / denominator  # bug ROUTING_UNROUTED_TOKEN
         aux = dict(membership=index.numpy(), key_membership=kv_index.numpy(),
                    assignment=similarity.detach().argmax(-1).numpy(), key_assignment=key_similarity.detach().argmax(-1).numpy(),
-                   counts=counts[..., 0].numpy(), unrouted=(counts[..., 0] == 0).numpy())  # fmt: skip
-        return out, lse, aux
+                   counts=counts[..., 0].numpy(), unrouted=(counts[..., 0] == 0).numpy(),
+                   slot_lse=lse.detach().numpy())  # fmt: skip
+        return out, aux
 
 
 class SmallHybrid(SmallRouting):
     """Local heads (dense, windowed) and routing heads side by side; ``bug`` may be HYBRID_HEAD_ORDER."""
 
-    def _forward(self, q, k, v, *, num_local_heads, local_window=None, causal=False, padding_mask=None, **params):
+    def _forward(self, q, k, v, *, num_local_heads, local_window=None, causal=False, key_padding_mask=None, **params):
         o = _options(params)
         heads = q.shape[1]
         routing_first = o["head_order"] == "routing_first"
@@ -234,13 +236,14 @@ class SmallHybrid(SmallRouting):
             routing_first = True  # bug HYBRID_HEAD_ORDER
         routed = slice(0, heads - num_local_heads) if routing_first else slice(num_local_heads, heads)
         local = slice(heads - num_local_heads, heads) if routing_first else slice(0, num_local_heads)
-        routing_out, _, aux = super()._forward(q[:, routed], k[:, routed], v[:, routed], causal=causal,
-                                               padding_mask=padding_mask, **params)  # fmt: skip
+        routing_out, aux = super()._forward(q[:, routed], k[:, routed], v[:, routed], causal=causal,
+                                            key_padding_mask=key_padding_mask, **params)  # fmt: skip
+        del aux["slot_lse"]  # the layer's aux holds the routing heads' decisions only
         local_causal = causal if o["local_causal"] is None else o["local_causal"]
         local_out = _dense(q[:, local], k[:, local], v[:, local], causal=local_causal, window=local_window,
-                           key_real=padding_mask)  # fmt: skip
+                           key_real=key_padding_mask)  # fmt: skip
         parts = [routing_out, local_out] if routing_first else [local_out, routing_out]
-        return torch.cat(parts, dim=1), None, aux
+        return torch.cat(parts, dim=1), aux
 
 
 class SmallSoftRouting(SmallRouting):
@@ -253,13 +256,13 @@ class SmallSoftRouting(SmallRouting):
         probabilities = torch.softmax(x @ routing_weights, dim=-1)  # (B, N, P)
         if self.bug == "SOFT_ROUTING":
             probabilities = torch.softmax(x @ routing_weights, dim=1)  # bug SOFT_ROUTING
-        return torch.einsum("bnp,pbhne->bhne", probabilities, paths), None, {}
+        return torch.einsum("bnp,pbhne->bhne", probabilities, paths), {}
 
 
 class SmallCentroidEMA(SmallRouting):
     """One centroid update (google-research VQ EMA or lucidrains' normalised-mean EMA); ``bug`` may be CENTROID_EMA."""
 
-    def _forward(self, q, k, v, *, centroids, shared_qk=False, padding_mask=None, ema_counts=None, ema_sums=None,
+    def _forward(self, q, k, v, *, centroids, shared_qk=False, key_padding_mask=None, ema_counts=None, ema_sums=None,
                  **params):  # fmt: skip
         o = _options(params)
         prescale = 1 / math.sqrt(q.shape[-1]) if o["query_prescale"] is None else o["query_prescale"]
@@ -272,8 +275,8 @@ class SmallCentroidEMA(SmallRouting):
 
         vectors = normalize(q * prescale) if shared_qk else torch.cat([normalize(q * prescale), normalize(k)], dim=2)
         real = torch.ones(vectors.shape[0], vectors.shape[2], dtype=q.dtype)
-        if padding_mask is not None:
-            real = padding_mask.to(q.dtype).repeat(1, 1 if shared_qk else 2)
+        if key_padding_mask is not None:
+            real = key_padding_mask.to(q.dtype).repeat(1, 1 if shared_qk else 2)
         if self.bug == "CENTROID_EMA":
             real = torch.ones_like(real)  # bug CENTROID_EMA
         clusters = centroids.shape[1]
@@ -290,7 +293,7 @@ class SmallCentroidEMA(SmallRouting):
         else:
             means = total / total.norm(dim=-1, keepdim=True).clamp_min(eps)
             new = decay * centroids + (1 - decay) * torch.where(count[..., None] > 0, means, centroids)
-        return new, None, {"assignment": assignment.numpy()}
+        return new, {"assignment": assignment.numpy()}
 
 
 SMALL = {"routing": SmallRouting, "routing_hybrid": SmallHybrid, "soft_routing": SmallSoftRouting,
@@ -310,9 +313,9 @@ def _verify(impl, suite, mechanism, **options):
 
 
 def test_every_routing_flag_is_used_described_and_has_a_wrong_implementation():
-    used = {flag for case in cases() for flag in case.flags}
+    used = {flag for case in routing_cases() + hybrid_cases() + soft_cases() + centroid_cases() for flag in case.flags}
     assert set(BUGS) <= used
-    assert used <= set(catalogue.FLAGS)
+    assert used <= set(catalogue.catalogue())
     readme = (Path(__file__).resolve().parents[1] / "conformance" / "README.md").read_text()
     assert [flag for flag in BUGS if f"| `{flag}` |" not in readme] == []
 

@@ -2,9 +2,9 @@
 
 Within the conformance tolerance policy (refattn/conformance/tolerance.py):
 float64 to 1e-10 normwise; float32 within c x the reference's own float32
-error (plain and jittered) plus the rounding floor. Routing's ``lse`` is one
-value per cluster slot (B, H, K, W), not per output row, so
-``tolerance.sensitivities`` gives it no logit sensitivity and every output
+error (plain and jittered) plus the rounding floor. Routing has no per-token
+``lse`` (its log-sum-exps are per cluster slot, ``aux.slot_lse`` (B, H, K, W)),
+so ``tolerance.sensitivities`` gives it no logit sensitivity and every output
 gets the plain floor, as the conformance export does for routing. The
 integer outputs (memberships, assignments, counts, unrouted) must be equal.
 
@@ -20,10 +20,10 @@ of the reference itself in float64 with randomised rounding
 
 Then: clusters taken in groups, the committed conformance cases through
 ``verify``, the exact tie-break on duplicated tokens, and the dispatch
-through the reference's ``backend=``.
+through the registry.
 """
 
-import inspect
+import functools
 import math
 
 import numpy as np
@@ -43,12 +43,7 @@ from refattn.conformance.tolerance import (
 from refattn.conformance.verify import default_suite_folder, verify
 from refattn.core import registry
 from refattn.core.precision import jittered
-from refattn.routing import (
-    get_preset,
-    reference,
-    routing_attention,
-    routing_attention_vjp,
-)
+from refattn.routing import get_preset, routing_attention, routing_attention_vjp
 from refattn.routing import numba as kernels
 from refattn.routing.problems import routed_problem
 
@@ -69,17 +64,17 @@ def _problem(seed, preset, *, b, h=2, n, d=8, dv=None, clusters, shared_qk=False
         arrays["mem_v"] = rng.standard_normal((h, clusters, memory, p["v"].shape[-1]))
     params = dict(centroids=p["centroids"], preset=preset, shared_qk=shared_qk)
     if padding:
-        params["padding_mask"] = rng.random((b, n)) > 0.3
+        params["key_padding_mask"] = rng.random((b, n)) > 0.3
     return arrays, params
 
 
 def _outputs(result, grads):
-    return {"out": result.out, "lse": result.lse, **{f"grad.{name}": value for name, value in grads.items()}}
+    return {"out": result.out, "aux.slot_lse": result.aux["slot_lse"], **{f"grad.{name}": value for name, value in grads.items()}}
 
 
-def _reference_outputs(arrays, params, dout, dlse, precision):
+def _reference_outputs(arrays, params, dout, precision):
     result = routing_attention(**arrays, **params, precision=precision)
-    return _outputs(result, routing_attention_vjp(dout, **arrays, dlse=dlse, **params, precision=precision))
+    return _outputs(result, routing_attention_vjp(dout, **arrays, **params, precision=precision))
 
 
 def _assert_agrees(arrays, params, precision, seed):
@@ -87,17 +82,15 @@ def _assert_agrees(arrays, params, precision, seed):
     rng = np.random.default_rng(seed)
     exact = routing_attention(**arrays, **params)
     dout = rng.standard_normal(exact.out.shape)
-    dlse = np.where(np.isfinite(exact.lse), rng.standard_normal(exact.lse.shape), 0.0)
-    exact_grads = routing_attention_vjp(dout, **arrays, dlse=dlse, **params)
+    exact_grads = routing_attention_vjp(dout, **arrays, **params)
     want = _outputs(exact, exact_grads)
 
     cast = {name: x.astype(precision) for name, x in arrays.items()}
     cast_params = dict(params, centroids=params["centroids"].astype(precision))
     fast = routing_attention(**cast, **cast_params, backend="numba")
-    fast_grads = routing_attention_vjp(dout.astype(precision), **cast, dlse=dlse.astype(precision), **cast_params,
-                                       backend="numba")  # fmt: skip
-    assert fast.out.dtype == np.dtype(precision) and fast.lse.dtype == np.dtype(precision)
-    assert set(fast.aux) == set(INTEGER_AUX)
+    fast_grads = routing_attention_vjp(dout.astype(precision), **cast, **cast_params, backend="numba")
+    assert fast.out.dtype == fast.aux["slot_lse"].dtype == np.dtype(precision) and fast.lse is None
+    assert set(fast.aux) == {*INTEGER_AUX, "slot_lse"}
     for name in INTEGER_AUX:
         assert fast.aux[name].dtype == exact.aux[name].dtype, name
         np.testing.assert_array_equal(fast.aux[name], exact.aux[name], err_msg=name)
@@ -106,9 +99,9 @@ def _assert_agrees(arrays, params, precision, seed):
 
     plain = [] if precision == "float64" else [precision]
     trials = plain + [jittered(precision, seed + trial) for trial in range(ROUNDING_TRIALS)]
-    emulated = [_reference_outputs(arrays, params, dout, dlse, p) for p in trials]
+    emulated = [_reference_outputs(arrays, params, dout, p) for p in trials]
     sensitivity = sensitivities(routing_attention_vjp, {**arrays, **params}, dout, exact, exact_grads)
-    assert sensitivity == {}  # lse per cluster slot: the plain floor (module docstring)
+    assert sensitivity == {}  # no per-token lse: the plain floor (module docstring)
     for name in want:
         evaluations = [e[name] for e in emulated]
         if precision == "float64":  # 1e-10, or the reference's own float64 rounding sensitivity (module docstring)
@@ -138,7 +131,7 @@ def routing_problems(draw):
         clusters=draw(st.integers(1, 4)), shared_qk=draw(st.booleans()), memory=draw(st.sampled_from([0, 0, 1, 2])),
         padding=draw(st.booleans()),
     )  # fmt: skip
-    params.update(window=draw(st.integers(1, n)), causal=draw(st.booleans()))
+    params.update(cluster_size=draw(st.integers(1, n)), causal=draw(st.booleans()))
     # Attention-side overrides of the preset (the routing side is what the problem's margins are built for).
     params.update(draw(st.fixed_dictionaries({}, optional={
         "causal_by": st.sampled_from(["position", "slot"]),
@@ -163,7 +156,7 @@ def test_numba_matches_reference(problem, precision, seed):
     if precision != "float64":
         # A row without a key, filled with lucidrains' -finfo(float32).max, has its lse at the edge of float32,
         # where the randomised-rounding emulation behind the float32 budget overflows (spec/routing.md, Edge cases).
-        assume(np.all(np.abs(routing_attention(**arrays, **params).lse) < 1e38))
+        assume(np.all(np.abs(routing_attention(**arrays, **params).aux["slot_lse"]) < 1e38))
     _assert_agrees(arrays, params, precision, seed)
 
 
@@ -182,7 +175,7 @@ def test_numba_matches_reference_on_larger_problems(name, precision):
     """N = 192, K = 6 clusters of 40 (some tokens in several clusters, some in none), D = 16, B = 2."""
     preset, options, shape = LARGER[name]
     arrays, params = _problem(7, preset, b=2, h=3, n=192, d=16, dv=12, clusters=6, **shape)
-    _assert_agrees(arrays, dict(params, window=40, **options), precision, seed=3)
+    _assert_agrees(arrays, dict(params, cluster_size=40, **options), precision, seed=3)
 
 
 @pytest.mark.parametrize("group", [1, 4])
@@ -190,15 +183,15 @@ def test_clusters_in_groups_give_the_same_bits(group, monkeypatch):
     """The kernels take the clusters a group at a time; any grouping (here 6 clusters as 6 x 1 or 4 + 2)
     adds every token's slots in the same order, so outputs and gradients are bitwise those of one group."""
     arrays, params = _problem(7, "google_research", b=2, h=3, n=192, d=16, dv=12, clusters=6, memory=2, padding=True)
-    params = dict(params, window=40, causal=True)
+    params = dict(params, cluster_size=40, causal=True, backend="numba")
     dout = np.random.default_rng(2).standard_normal(arrays["v"].shape)
-    whole = kernels.routing_attention(**arrays, **params), kernels.routing_attention_vjp(dout, **arrays, **params)
+    whole = routing_attention(**arrays, **params), routing_attention_vjp(dout, **arrays, **params)
     monkeypatch.setattr(kernels, "SLOT_BUFFER_BYTES", 0)
     monkeypatch.setattr(kernels, "GROUP_ITEMS", group * 2 * 3)
     assert kernels._group(2 * 3, 6, 1) == group
-    grouped = kernels.routing_attention(**arrays, **params), kernels.routing_attention_vjp(dout, **arrays, **params)
-    for name in ("out", "lse"):
-        np.testing.assert_array_equal(getattr(grouped[0], name), getattr(whole[0], name), err_msg=name)
+    grouped = routing_attention(**arrays, **params), routing_attention_vjp(dout, **arrays, **params)
+    np.testing.assert_array_equal(grouped[0].out, whole[0].out, err_msg="out")
+    np.testing.assert_array_equal(grouped[0].aux["slot_lse"], whole[0].aux["slot_lse"], err_msg="slot_lse")
     assert set(grouped[1]) == set(whole[1]) == {"q", "k", "v", "mem_k", "mem_v"}
     for name in whole[1]:
         np.testing.assert_array_equal(grouped[1][name], whole[1][name], err_msg=name)
@@ -209,7 +202,8 @@ def test_clusters_in_groups_give_the_same_bits(group, monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
 def test_numba_backend_passes_the_conformance_cases(dtype):
-    report = verify(kernels.routing_attention, vjp=kernels.routing_attention_vjp, suite=default_suite_folder(),
+    report = verify(functools.partial(routing_attention, backend="numba"),
+                    vjp=functools.partial(routing_attention_vjp, backend="numba"), suite=default_suite_folder(),
                     mechanism="routing", grad=True, dtype=dtype)  # fmt: skip
     assert report.ok, report.format()
 
@@ -224,37 +218,32 @@ def test_exact_ties_go_to_the_lower_position(order):
     for x in (arrays["q"], arrays["k"]):
         x[:, :, 9:12] = x[:, :, 2:5]  # tokens 9-11 copy tokens 2-4
     params = dict(params, order=order)
-    for window in (2, 5, 8, 16):
-        exact = routing_attention(**arrays, **params, window=window)
-        fast = routing_attention(**arrays, **params, window=window, backend="numba")
+    for cluster_size in (2, 5, 8, 16):
+        exact = routing_attention(**arrays, **params, cluster_size=cluster_size)
+        fast = routing_attention(**arrays, **params, cluster_size=cluster_size, backend="numba")
         for name in INTEGER_AUX:
-            np.testing.assert_array_equal(fast.aux[name], exact.aux[name], err_msg=f"{name}, window {window}")
+            np.testing.assert_array_equal(fast.aux[name], exact.aux[name], err_msg=f"{name}, cluster size {cluster_size}")
         np.testing.assert_allclose(fast.out, exact.out, rtol=0, atol=1e-12)
 
 
 # --- the backend's place in the package ------------------------------------------------------
 
 
-def test_signatures_are_the_reference_s_less_precision_and_backend():
-    for name in ("routing_attention", "routing_attention_vjp"):
-        wanted = inspect.signature(getattr(reference, name)).parameters
-        got = inspect.signature(getattr(kernels, name)).parameters
-        assert [(p.name, p.kind, p.default) for p in got.values()] == [
-            (p.name, p.kind, p.default) for p in wanted.values() if p.name not in ("precision", "backend")
-        ]
-
-
-def test_reference_dispatches_to_numba_and_checks_input_alike():
+def test_backend_module_is_forward_and_vjp_over_checked_inputs():
+    """No public signature restated: the registry checks the inputs once and calls ``forward``/``vjp``."""
     assert registry.get("routing").backends == ("reference", "numba")
+    public = sorted(name for name in vars(kernels) if callable(vars(kernels)[name]) and not name.startswith("_")
+                    and vars(kernels)[name].__module__ == kernels.__name__)  # fmt: skip
+    assert public == ["forward", "vjp"]
+
+
+def test_numba_backend_checks_input_as_the_reference():
     arrays, params = _problem(9, "lucidrains", b=1, n=12, clusters=2, memory=1)
-    params["window"] = 5
+    params["cluster_size"] = 5
     dout = np.random.default_rng(1).standard_normal(arrays["v"].shape)
-    direct = kernels.routing_attention_vjp(dout, **arrays, **params)
-    dispatched = routing_attention_vjp(dout, **arrays, **params, backend="numba")
-    assert set(direct) == set(dispatched) == {"q", "k", "v", "mem_k", "mem_v"}
-    for name in direct:
-        np.testing.assert_array_equal(direct[name], dispatched[name])
+    grads = routing_attention_vjp(dout, **arrays, **params, backend="numba")
+    assert set(grads) == {"q", "k", "v", "mem_k", "mem_v"}
     with pytest.raises(SpecError, match="precision"):
         routing_attention(**arrays, **params, backend="numba", precision="float32")
-    with pytest.raises(SpecError, match="window"):
-        routing_attention(**arrays, **dict(params, window=13), backend="numba")
+    with pytest.raises(SpecError, match="cluster_size"):
+        routing_attention(**arrays, **dict(params, cluster_size=13), backend="numba")

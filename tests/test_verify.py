@@ -3,13 +3,16 @@
 import dataclasses
 import importlib.metadata
 import json
+import os
 import sys
+import time
 import xml.etree.ElementTree as ET
 
 import ml_dtypes
 import numpy as np
 import pytest
 
+import refattn
 from refattn import cli
 from refattn.conformance import export
 from refattn.conformance.suite import SuiteError, load_suite
@@ -22,6 +25,7 @@ from refattn.conformance.verify import (
     read_xfail,
     verify,
 )
+from refattn.core.errors import SpecError
 from refattn.core.results import Result
 from refattn.dense.reference import dense_attention, dense_attention_vjp
 from tests.wrong_impls import CORRECT, WRONG
@@ -29,7 +33,7 @@ from tests.wrong_impls import CORRECT, WRONG
 pytest_plugins = ["pytester"]
 
 REFERENCE = ["--impl", "refattn.dense.reference:dense_attention", "--vjp", "refattn.dense.reference:dense_attention_vjp"]
-NUMBA = ["--impl", "refattn.dense.numba:dense_attention", "--vjp", "refattn.dense.numba:dense_attention_vjp"]
+NUMBA = ["--backend", "numba"]
 
 # Implementations named by "tests.test_verify:<name>" in the CLI and plugin tests.
 top_left = WRONG["CAUSAL_ALIGNMENT"]
@@ -42,7 +46,7 @@ def raising(q, k, v, **params):
 @pytest.fixture(scope="module")
 def suite():
     """The committed dense cases (the implementations here are dense attention)."""
-    return load_suite(default_suite_folder()).select(mechanisms="dense")
+    return load_suite(default_suite_folder(), mechanisms="dense")
 
 
 def case_of(suite, case_id):
@@ -73,6 +77,35 @@ def test_numba_backend_verifies_from_the_command_line(suite, dtype, capsys):
 
 def test_independent_small_implementation_passes(suite):
     assert verify(CORRECT, suite=suite, grad=True).ok
+
+
+def test_a_bundled_backend_is_verified_through_the_registry(suite):
+    report = verify(suite=suite, mechanism="dense", backend="numba", grad=True, dtype="float32")
+    assert report.ok and report.impl == "dense --backend numba", report.format()
+    assert report.counts()["pass"] == len(suite.cases)
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        (dict(dtype="float8"), "dtype"),
+        (dict(layout="nbhd"), "layout"),
+        (dict(timeout=0), "timeout"),
+        (dict(timeout=float("inf")), "timeout"),
+        (dict(backend="numba"), "impl"),  # an impl and a backend
+        (dict(impl=None, backend="cuda", mechanism="dense"), "backend"),
+        (dict(impl=None, backend="numba", mechanism=["dense", "alibi"]), "mechanism"),
+        (dict(impl=None, backend="numba", mechanism="no_such"), "mechanism"),
+        (dict(impl=None), "impl"),
+        (dict(impl="not callable"), "impl"),
+        (dict(grad=True), "vjp"),
+    ],
+)
+def test_bad_arguments_raise_spec_error(suite, kwargs, argument):
+    kwargs = {"impl": dense_attention, **kwargs}
+    with pytest.raises(SpecError) as info:
+        verify(suite=suite, **kwargs)
+    assert info.value.argument == argument
 
 
 # --- what an implementation receives and may return ---------------------------
@@ -140,7 +173,7 @@ def test_a_missing_gradient_fails(suite):
 
 
 def test_grad_without_a_vjp_is_refused(suite):
-    with pytest.raises(ValueError, match="needs a vjp"):
+    with pytest.raises(SpecError, match="a callable when grad=True"):
         verify(dense_attention, suite=suite, grad=True)
 
 
@@ -149,6 +182,99 @@ def test_an_exception_in_the_implementation_is_an_error_not_a_crash(suite):
     assert [c.status for c in report.cases] == ["error", "error"] and not report.ok
     assert "RuntimeError: kernel not built for this shape" in report.cases[0].message
     assert "kernel not built" in report.format()
+
+
+# --- the implementation under test is contained ---------------------------------
+
+
+def exits(q, k, v, **params):
+    sys.exit(0)
+
+
+def hangs(q, k, v, **params):
+    if q.shape[2] == 16:  # dense/baseline; the other cases answer
+        time.sleep(600)
+    return CORRECT(q, k, v, **params)
+
+
+def test_sys_exit_is_an_error_of_its_case_not_the_end_of_the_run(suite, capsys):
+    report = verify(exits, suite=suite, ids=["dense/baseline", "dense/causal"])
+    assert [c.status for c in report.cases] == ["error", "error"] and not report.ok
+    assert report.cases[0].message.startswith("SystemExit: 0")
+    assert cli.main(["verify", "--impl", "tests.test_verify:exits", "--suite", str(suite.folder), "--mechanism", "dense"]) == 1
+    assert capsys.readouterr().out.splitlines()[-1] == f"{len(suite.cases)} errors  (FAILED)"
+
+
+def test_a_complex_result_fails_with_the_reason(suite):
+    report = verify(lambda q, k, v, **p: dense_attention(q, k, v, **p).out + 0j, suite=suite, ids=["dense/baseline"])
+    check = report.cases[0].checks[0]
+    assert report.cases[0].status == "fail" and check.name == "out"
+    assert check.detail == "dtype complex128 (complex, not real); expected a real float array"
+
+
+def test_an_integer_result_fails_with_the_reason(suite):
+    report = verify(lambda q, k, v, **p: np.zeros(q.shape, np.int64), suite=suite, ids=["dense/baseline"])
+    assert "dtype int64 (not floating point)" in report.cases[0].checks[0].detail
+
+
+def test_writing_into_an_input_is_reported(suite):
+    def scribbles(q, k, v, **params):
+        result = dense_attention(q, k, v, **params)
+        q *= 2.0  # after computing: the result is right, the caller's q is not
+        return result
+
+    case = verify(scribbles, suite=suite, ids=["dense/baseline"]).cases[0]
+    assert case.status == "fail" and case.first_stage == "input.q"
+    assert [c.name for c in case.failed_checks] == ["input.q"]
+    assert "wrote into this input" in case.format()
+
+
+def test_parameters_cannot_be_edited_for_later_cases(suite):
+    seen = []
+
+    def edits_window(q, k, v, *, window=None, **params):
+        seen.append(window)
+        if isinstance(window, list):
+            window.append(99)
+        return dense_attention(q, k, v, window=window, **params)
+
+    ids = ["dense/sliding_window"]
+    first = verify(edits_window, suite=suite, ids=ids)
+    second = verify(edits_window, suite=suite, ids=ids)
+    assert first.ok and second.ok and seen[0] == seen[1] and isinstance(seen[0], tuple)
+    assert isinstance(case_of(suite, ids[0]).params["window"], list)  # the loaded suite is as the manifest says
+
+
+def test_a_hang_is_a_timeout_and_the_run_goes_on(suite):
+    start = time.perf_counter()
+    report = verify(hangs, suite=suite, ids=["dense/baseline", "dense/causal"], timeout=3)
+    assert time.perf_counter() - start < 60
+    assert [c.status for c in report.cases] == ["timeout", "pass"] and not report.ok
+    assert "no result within 3 s" in report.cases[0].message
+    assert report.summary() == "1 passed, 1 timed out" and "TIMEOUT" in report.format()
+    assert json.loads(report.to_json())["counts"]["timeout"] == 1
+
+
+def test_timeout_from_the_command_line(suite, capsys):
+    args = ["verify", "--impl", "tests.test_verify:hangs", "--suite", str(suite.folder), "--case", "dense/baseline", "dense/causal"]
+    assert cli.main([*args, "--timeout", "2"]) == 1
+    assert "1 passed, 1 timed out  (FAILED)" in capsys.readouterr().out
+
+
+def test_a_worker_that_dies_is_an_error(suite):
+    def crashes(q, k, v, **params):
+        os._exit(3)
+
+    case = verify(crashes, suite=suite, ids=["dense/baseline"], timeout=30).cases[0]
+    assert case.status == "error" and "died (exit code 3)" in case.message
+
+
+def test_control_characters_from_an_implementation_are_escaped(suite):
+    def shouts(q, k, v, **params):
+        raise ValueError("\x1b[2J\x1b[32mall passed\rOK")
+
+    text = verify(shouts, suite=suite, ids=["dense/baseline"]).format()
+    assert "\x1b" not in text and "\r" not in text and "\\x1b[2J" in text
 
 
 # --- failures: the first differing element and stage --------------------------
@@ -229,7 +355,7 @@ def mixed_report(suite):
 def test_json_report_is_strict_json_with_counts(mixed_report):
     document = json.loads(mixed_report.to_json())
     assert document["ok"] is False and document["impl"] == "mixed"
-    assert document["counts"] == {"pass": 1, "fail": 1, "error": 1, "xfail": 1, "xpass": 0}
+    assert document["counts"] == {"pass": 1, "fail": 1, "error": 1, "timeout": 0, "xfail": 1, "xpass": 0}
     by_id = {c["id"]: c for c in document["cases"]}
     lse = next(c for c in by_id["dense/fully_masked_everything"]["checks"] if c["name"] == "lse")
     assert lse["error"] == "inf" and lse["first_difference"]["expected"] == "-inf"
@@ -251,7 +377,8 @@ def test_junit_report_parses_with_the_right_counts(mixed_report):
 def test_text_report_has_a_table_and_details(mixed_report):
     text = mixed_report.format()
     lines = text.splitlines()
-    assert lines[0].startswith("refattn verify: mixed  dtype=float64  layout=bhnd")
+    assert lines[0] == f"official suite (refattn {refattn.__version__})"
+    assert lines[1].startswith("refattn verify: mixed  dtype=float64  layout=bhnd")
     row = next(line for line in lines if line.startswith("dense/fully_masked_everything "))
     assert row.split()[1:3] == ["FAIL", "inf"]
     assert "Details" in text and lines[-1] == "1 passed, 1 failed, 1 error, 1 xfailed  (FAILED)"
@@ -324,9 +451,37 @@ def test_cli_export_check_reports_drift(monkeypatch, capsys):
     assert "dense/causal: file differs" in capsys.readouterr().out
 
 
-def test_cli_mechanisms_lists_backends(capsys):
+def test_cli_mechanisms_shows_the_contract(capsys):
     assert cli.main(["mechanisms"]) == 0
-    assert "dense" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["mechanism", "backends", "vjp", "cases", "spec"]
+    dense = next(line for line in lines if line.startswith("dense "))
+    assert dense.split() == ["dense", "reference,", "numba", "yes", str(len(refattn.get_mechanism("dense").cases())), "spec/dense.md"]
+    assert len(lines) == 1 + len(refattn.mechanisms())
+
+
+def test_cli_mechanisms_names_and_backends_for_scripts(capsys):
+    assert cli.main(["mechanisms", "--names"]) == 0
+    assert capsys.readouterr().out.split("\n")[:-1] == refattn.mechanisms()
+    assert cli.main(["mechanisms", "--backends", "dense"]) == 0
+    assert capsys.readouterr().out == "reference\nnumba\n"
+    assert cli.main(["mechanisms", "--backends", "nope"]) == 2
+    assert "argument `mechanism`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--backend", "numba"], "--backend needs --mechanism with one mechanism name"),
+        (["--backend", "numba", "--mechanism", "dense", "alibi"], "--backend needs --mechanism with one"),
+        (["--backend", "cuda", "--mechanism", "dense"], "argument `backend`: expected one of ['reference', 'numba']"),
+        (["--backend", "numba", "--mechanism", "dense", "--vjp", "m:f"], "--vjp goes with --impl"),
+    ],
+)
+def test_cli_backend_usage_errors(args, message, capsys):
+    assert cli.main(["verify", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
 
 
 def test_load_callable_reads_module_colon_attribute():
@@ -481,11 +636,11 @@ def test_plugin_failure_shows_the_case_report_and_honours_xfail(pytester, suite)
 
 
 def test_a_selection_of_several_mechanisms_must_be_named(suite, pytester, capsys):
-    whole = load_suite(suite.folder)
+    whole = load_suite(suite.folder, mechanisms=["dense", "alibi"])
     assert len({case.mechanism for case in whole.cases}) > 1
     with pytest.raises(SuiteError, match="mechanisms .*name it with mechanism="):
         verify(dense_attention, suite=whole)
-    assert cli.main(["verify", *REFERENCE, "--suite", str(suite.folder)]) == 2
+    assert cli.main(["verify", *REFERENCE, "--suite", str(suite.folder), "--case", "dense/*", "alibi/*"]) == 2
     assert "--mechanism" in capsys.readouterr().err
     result = pytester.runpytest(*[a for a in plugin_args(suite) if a != "--refattn-mechanism=dense"],
                                 "--refattn-impl=refattn.dense.reference:dense_attention")  # fmt: skip
@@ -498,6 +653,12 @@ def test_plugin_usage_error_for_a_bad_impl(pytester, suite):
     result = pytester.runpytest(*plugin_args(suite, "--refattn-impl=no_such_module:f"))
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*refattn: No module named 'no_such_module'*"])
+
+
+def test_plugin_verifies_a_bundled_backend(pytester, suite):
+    result = pytester.runpytest(*plugin_args(suite, "--refattn-backend=numba"))
+    result.assert_outcomes(passed=len(suite.cases))
+    result.stdout.fnmatch_lines(["refattn: official suite (refattn *)*"])
 
 
 def test_plugin_does_nothing_without_its_option(pytester, suite):

@@ -21,18 +21,29 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
 import jsonschema
 
 from .flags import describe
+from .text import printable
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SCHEMA_PATH = Path(__file__).with_name("schema.json")
 #: A manifest larger than this is refused before parsing (the default suite's is about 100 kB).
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+#: Deepest nesting of JSON arrays and objects a manifest may have (it needs 6).
+MAX_JSON_DEPTH = 32
+#: Integers in a manifest (sizes, shapes, parameters) fit in a signed 64-bit integer.
+MAX_JSON_INTEGER = 2**63 - 1
+#: Largest case file (schema ``size_bytes``) and largest suite (sum of sizes) a loader reads.
+MAX_CASE_BYTES = 2**30
+MAX_SUITE_BYTES = 2**32
+#: A SuiteError message is cut to this many characters.
+MAX_MESSAGE_CHARS = 600
 
 EXPECTED_PREFIX = "expected."
 AUX_PREFIX = "aux."
@@ -41,8 +52,13 @@ AUX_PREFIX = "aux."
 class SuiteError(ValueError):
     """A conformance suite that cannot be trusted: unreadable, altered, or not of this format.
 
-    The message names the file or case and the problem.
+    The message names the file or case and the problem, on one line, with
+    control characters escaped and at most :data:`MAX_MESSAGE_CHARS` long
+    (it may quote text from the suite).
     """
+
+    def __init__(self, message: str):
+        super().__init__(printable(" ".join(str(message).split()), limit=MAX_MESSAGE_CHARS))
 
 
 # --- building -----------------------------------------------------------------
@@ -97,6 +113,19 @@ def _reject_constant(name: str):
     raise SuiteError(f"{MANIFEST_NAME}: {name} is not JSON")
 
 
+def _bounded_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise SuiteError(f"{MANIFEST_NAME}: number {text[:40]} is beyond the float64 range")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > 20 or abs(int(text)) > MAX_JSON_INTEGER:
+        raise SuiteError(f"{MANIFEST_NAME}: integer {text[:40]}{'...' if len(text) > 40 else ''} does not fit in 64 bits")
+    return int(text)
+
+
 def _unique_keys(pairs: list) -> dict:
     keys = Counter(key for key, _ in pairs)
     repeated = sorted(key for key, count in keys.items() if count > 1)
@@ -105,10 +134,32 @@ def _unique_keys(pairs: list) -> dict:
     return dict(pairs)
 
 
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _check_depth(text: str) -> None:
+    """Refuse nesting deeper than :data:`MAX_JSON_DEPTH` before parsing (a parser recurses per level)."""
+    depth = 0
+    for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            raise SuiteError(f"{MANIFEST_NAME}: nested deeper than {MAX_JSON_DEPTH} levels")
+
+
 def loads(data: bytes) -> dict:
-    """Parse manifest bytes strictly: UTF-8 JSON, no NaN/Infinity, no repeated keys, an object at the top."""
+    """Parse manifest bytes strictly: UTF-8 JSON, no NaN/Infinity, no repeated keys, an object at the top.
+
+    Nesting is bounded by :data:`MAX_JSON_DEPTH`, integers by 64 bits and
+    floats by the float64 range (``1e999`` is refused, not read as infinity).
+    """
     try:
-        manifest = json.loads(data.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+        text = data.decode("utf-8")
+        _check_depth(text)
+        manifest = json.loads(
+            text, parse_constant=_reject_constant, parse_float=_bounded_float, parse_int=_bounded_int,
+            object_pairs_hook=_unique_keys,
+        )  # fmt: skip
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise SuiteError(f"{MANIFEST_NAME} is not valid JSON: {error}") from None
     if not isinstance(manifest, dict):
@@ -116,14 +167,23 @@ def loads(data: bytes) -> dict:
     return manifest
 
 
-def read(folder: Path) -> dict:
-    """Read and validate ``folder/manifest.json``; raise :class:`SuiteError` on any problem."""
+def read_bytes(folder: Path) -> bytes:
+    """The bytes of ``folder/manifest.json``, after checking that it is a file of bounded size."""
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
         raise SuiteError(f"{folder}: no {MANIFEST_NAME} (is it a conformance suite folder?)")
     if path.stat().st_size > MAX_MANIFEST_BYTES:
         raise SuiteError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes; refusing to parse it")
-    manifest = loads(path.read_bytes())
+    with path.open("rb") as file:
+        data = file.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise SuiteError(f"{path}: grew beyond {MAX_MANIFEST_BYTES} bytes while being read")
+    return data
+
+
+def read(folder: Path) -> dict:
+    """Read and validate ``folder/manifest.json``; raise :class:`SuiteError` on any problem."""
+    manifest = loads(read_bytes(folder))
     validate(manifest)
     return manifest
 
@@ -168,13 +228,18 @@ def validate(manifest: dict) -> None:
 
 
 def _check_consistency(manifest: dict) -> None:
-    """Cross-field rules: unique ids and files, ids under their mechanism, flags described,
-    tensor names and tolerances agreeing."""
+    """Cross-field rules: some cases, unique ids and files, a bounded total size, and per case
+    :func:`_case_problem`."""
+    if not manifest["cases"]:
+        raise SuiteError(f"{MANIFEST_NAME} lists no cases: an empty suite checks nothing")
     for field in ("id", "file"):
         counts = Counter(case[field] for case in manifest["cases"])
         repeated = sorted(value for value, count in counts.items() if count > 1)
         if repeated:
             raise SuiteError(f"{MANIFEST_NAME}: {field} {repeated[0]!r} is listed more than once")
+    total = sum(case["size_bytes"] for case in manifest["cases"])
+    if total > MAX_SUITE_BYTES:
+        raise SuiteError(f"{MANIFEST_NAME}: its files add up to {total} bytes, more than a suite may ({MAX_SUITE_BYTES})")
     for case in manifest["cases"]:
         problem = _case_problem(case, manifest["flags"])
         if problem:
@@ -192,6 +257,36 @@ def _case_problem(case: dict, flags: dict) -> str | None:
     outputs = sorted(output_names(case["tensors"]))
     if outputs != sorted(case["tolerances"]):
         return f"tolerances are given for {sorted(case['tolerances'])} but the outputs are {outputs}"
+    return _comparison_problem(case) or _precision_problem(case)
+
+
+def _comparison_problem(case: dict) -> str | None:
+    """A case must compare ``out``, and gradients and cotangents must come together, shaped alike."""
+    shapes = case["shapes"]
+    if "expected.out" not in shapes:
+        return "has no expected.out: a case must compare the output"
+    pairs = [("cotangent.dout", "expected.out"), ("cotangent.dlse", "expected.lse")]
+    inputs = [name[len("input."):] for name in shapes if name.startswith("input.")]
+    grads = [name[len("expected.grad."):] for name in shapes if name.startswith("expected.grad.")]
+    if "cotangent.dout" in shapes or grads:
+        pairs += [(f"input.{name}", f"expected.grad.{name}") for name in sorted(set(inputs) | set(grads))]
+        pairs.append(("expected.out", "cotangent.dout"))
+    for have, need in pairs:
+        if have in shapes and need not in shapes:
+            return f"has {have} but no {need}"
+        if have in shapes and shapes[have] != shapes[need]:
+            return f"{have} has shape {shapes[have]} but {need} has {shapes[need]}"
+    return None
+
+
+def _precision_problem(case: dict) -> str | None:
+    """Every output has a budget at the same precisions (those the case offers)."""
+    offered = {output: sorted(row) for output, row in case["tolerances"].items()}
+    widest = max(offered.values(), key=len)
+    for output, precisions in sorted(offered.items()):
+        if precisions != widest:
+            missing = sorted(set(widest) - set(precisions))
+            return f"output {output} has no budget for {', '.join(missing)} (the case offers {', '.join(widest)})"
     return None
 
 
@@ -199,3 +294,8 @@ def output_names(tensors) -> list[str]:
     """Names of the checked outputs among tensor names: ``expected.out`` -> ``out``; ``aux.*`` as they are."""
     names = [name[len(EXPECTED_PREFIX):] for name in tensors if name.startswith(EXPECTED_PREFIX)]
     return names + [name for name in tensors if name.startswith(AUX_PREFIX)]
+
+
+def precisions(case: dict) -> list[str]:
+    """The precisions a (validated) case offers budgets for."""
+    return sorted(next(iter(case["tolerances"].values())))

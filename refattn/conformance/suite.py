@@ -2,24 +2,35 @@
 
 :func:`load_suite` trusts nothing it reads. Before any tensor is parsed it
 
-1. parses ``manifest.json`` strictly (JSON only, no repeated keys), checks
-   its ``format_version`` and validates it against ``schema.json`` and the
-   cross-field rules of :mod:`refattn.conformance.manifest`;
+1. parses ``manifest.json`` strictly (JSON only, no repeated keys, bounded
+   size, nesting and numbers), checks its ``format_version`` and validates it
+   against ``schema.json`` and the cross-field rules of
+   :mod:`refattn.conformance.manifest` (some cases; each compares ``out``;
+   gradients with their cotangents; a budget for every precision offered);
 2. confines every case's file to the suite folder: relative POSIX paths
    only, no ``..`` component, and the resolved path (symlinks followed) must
    lie inside the folder;
-3. checks the file's size, then its SHA-256, against the manifest.
+3. checks the file's size (at most 1 GiB), then its SHA-256, read in chunks,
+   against the manifest.
 
 Only then are the bytes parsed, by ``safetensors`` (a JSON header and raw
-little-endian data: no pickle, no code), and the tensors' names, shapes and
-dtypes checked against the manifest. Every problem raises
-:class:`SuiteError` naming the case and what is wrong.
+little-endian data: no pickle, no code), and the tensors checked: names,
+shapes and dtypes as the manifest says, masks stored as bool, inputs and
+expected values finite (``-inf`` only in a log-sum-exp), the inputs accepted
+by the mechanism's ``check_inputs`` with ``out`` and ``lse`` of the shapes
+its contract gives, and every budget within what the tolerance policy can
+produce (:func:`refattn.conformance.tolerance.ceiling`). Every problem
+raises :class:`SuiteError`, one line naming the case and what is wrong.
+
+The suite's :class:`~refattn.conformance.trust.Origin` (official or custom)
+comes from the hash of its manifest (:mod:`refattn.conformance.trust`).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -27,13 +38,22 @@ import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError
 
+from ..core import registry
+from ..core.errors import SpecError
 from . import manifest as manifest_module
+from . import tolerance, trust
 from .manifest import SuiteError
 
-__all__ = ["SuiteError", "LoadedCase", "Suite", "load_suite", "require_one_mechanism"]
+__all__ = ["SuiteError", "LoadedCase", "Suite", "load_suite", "mechanisms_named", "require_one_mechanism"]
 
 #: Tensor name prefixes whose tensors must be float64.
 FLOAT64_PREFIXES = ("input.", "cotangent.", "expected.")
+#: Tensors whose values must all be finite (expected values may hold -inf in ``lse`` only).
+FINITE_PREFIXES = ("input.", "param.", "cotangent.")
+#: Array parameters whose names contain one of these are masks: stored as bool.
+MASK_WORDS = ("mask", "keep")
+#: Files are hashed in pieces of this many bytes.
+HASH_CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -79,14 +99,20 @@ class LoadedCase:
         """Every argument of the forward call: inputs, array parameters and JSON parameters."""
         return {**self.inputs, **self.array_params, **self.params}
 
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """The precisions this case has budgets for (every output has the same ones)."""
+        return tuple(sorted(next(iter(self.tolerances.values()))))
+
 
 @dataclass(frozen=True)
 class Suite:
-    """A loaded suite: its folder, its (validated) manifest and its cases."""
+    """A loaded suite: its folder, its (validated) manifest, its cases and its origin (official or custom)."""
 
     folder: Path
     manifest: dict = field(repr=False)
     cases: list[LoadedCase] = field(repr=False)
+    origin: trust.Origin
 
     def select(self, mechanisms=None, ids=None, flags=None) -> Suite:
         """The cases matching every filter given (the manifest is kept whole).
@@ -122,7 +148,7 @@ class Suite:
             flags = _names(flags)
             _require_known("flag", flags, {flag for case in chosen for flag in case.flags})
             chosen = [case for case in chosen if set(case.flags) & set(flags)]
-        return Suite(self.folder, self.manifest, chosen)
+        return Suite(self.folder, self.manifest, chosen, self.origin)
 
 
 def require_one_mechanism(cases, mechanisms) -> None:
@@ -145,6 +171,20 @@ def require_one_mechanism(cases, mechanisms) -> None:
         )
 
 
+def mechanisms_named(ids) -> tuple[str, ...] | None:
+    """The mechanisms that case ids (or patterns) name by their literal prefix, or None if one has none.
+
+    ``["dense/causal*", "alibi/basic"]`` -> ``("alibi", "dense")``: enough to
+    load only those mechanisms' cases (:func:`load_suite`).
+    """
+    if ids is None:
+        return None
+    prefixes = {pattern.split("/", 1)[0] for pattern in _names(ids)}
+    if any("/" not in pattern for pattern in _names(ids)) or any(set(p) & set("*?[") for p in prefixes):
+        return None
+    return tuple(sorted(prefixes))
+
+
 def _names(value) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
@@ -155,14 +195,17 @@ def _require_known(kind: str, given, known: set) -> None:
         raise SuiteError(f"no case with {kind} {unknown[0]!r}; the selection has {sorted(known)}")
 
 
-def load_suite(folder) -> Suite:
-    """Load and verify every case of the suite in ``folder``.
+def load_suite(folder, mechanisms=None) -> Suite:
+    """Load and verify every case of the suite in ``folder`` (or of the mechanisms named).
 
     Parameters
     ----------
     folder : str or path
         A folder with ``manifest.json`` and the files it lists
         (``conformance/`` in the repository, or ``refattn export --out``).
+    mechanisms : str or iterable of str, optional
+        Load only these mechanisms' cases (the manifest is validated whole;
+        other cases' files are not read). A name with no case is an error.
 
     Returns
     -------
@@ -173,15 +216,24 @@ def load_suite(folder) -> Suite:
     SuiteError
         On the first problem: missing or invalid manifest, wrong format
         version, schema violation, a file path outside the folder, a missing,
-        truncated or altered file, or tensors other than the manifest lists.
+        truncated or altered file, tensors other than the manifest lists or
+        than the mechanism's contract allows, non-finite values, a budget
+        the tolerance policy cannot produce.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise SuiteError(f"{folder}: not a folder")
     root = folder.resolve(strict=True)
-    manifest = manifest_module.read(root)
-    cases = [_load_case(root, entry) for entry in manifest["cases"]]
-    return Suite(folder, manifest, cases)
+    data = manifest_module.read_bytes(root)
+    manifest = manifest_module.loads(data)
+    manifest_module.validate(manifest)
+    entries = manifest["cases"]
+    if mechanisms is not None:
+        mechanisms = _names(mechanisms)
+        _require_known("mechanism", mechanisms, {entry["mechanism"] for entry in entries})
+        entries = [entry for entry in entries if entry["mechanism"] in mechanisms]
+    cases = [_load_case(root, entry) for entry in entries]
+    return Suite(folder, manifest, cases, trust.origin(data))
 
 
 def _load_case(root: Path, entry: dict) -> LoadedCase:
@@ -193,7 +245,7 @@ def _load_case(root: Path, entry: dict) -> LoadedCase:
     for name in entry["tensors"]:  # the manifest's order (sorted), not the file's: stage reports are deterministic
         prefix, rest = name.split(".", 1)
         parts[prefix][rest] = tensors[name]
-    return LoadedCase(
+    case = LoadedCase(
         id=entry["id"],
         mechanism=entry["mechanism"],
         preset=entry["preset"],
@@ -207,6 +259,9 @@ def _load_case(root: Path, entry: dict) -> LoadedCase:
         aux=parts["aux"],
         tolerances=entry["tolerances"],
     )
+    _check_contract(case, where)
+    _check_budgets(case, where)
+    return case
 
 
 def _confined_path(root: Path, file: str, where: str) -> Path:
@@ -230,26 +285,36 @@ def _confined_path(root: Path, file: str, where: str) -> Path:
 
 
 def _checked_bytes(path: Path, entry: dict, where: str) -> bytes:
-    """The file's bytes, after checking its size and SHA-256 against the manifest."""
+    """The file's bytes, after checking its size and SHA-256 (hashed in chunks) against the manifest.
+
+    The manifest's size is at most ``MAX_CASE_BYTES`` (the schema says so), and
+    no more than that size is ever read.
+    """
     expected_size = entry["size_bytes"]
     size = path.stat().st_size
     if size != expected_size:
         raise SuiteError(
             f"{where}: file {entry['file']} has {size} bytes, the manifest says {expected_size} (truncated or altered)"
         )
-    data = path.read_bytes()
+    digest = hashlib.sha256()
+    data = bytearray()
+    with path.open("rb") as file:
+        while chunk := file.read(min(HASH_CHUNK_BYTES, expected_size + 1 - len(data))):
+            digest.update(chunk)
+            data += chunk
+            if len(data) > expected_size:
+                break
     if len(data) != expected_size:
         raise SuiteError(f"{where}: file {entry['file']} changed size while being read")
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != entry["sha256"]:
+    if digest.hexdigest() != entry["sha256"]:
         raise SuiteError(
-            f"{where}: file {entry['file']} has SHA-256 {digest}, the manifest says {entry['sha256']} (altered)"
+            f"{where}: file {entry['file']} has SHA-256 {digest.hexdigest()}, the manifest says {entry['sha256']} (altered)"
         )
-    return data
+    return bytes(data)
 
 
 def _parse(data: bytes, entry: dict, where: str) -> dict[str, np.ndarray]:
-    """Parse verified safetensors bytes; check names, shapes and dtypes against the manifest."""
+    """Parse verified safetensors bytes; check every tensor against the manifest (:func:`_tensor_problem`)."""
     try:
         tensors = safetensors.numpy.load(data)
     except (SafetensorError, ValueError, TypeError) as error:
@@ -261,13 +326,80 @@ def _parse(data: bytes, entry: dict, where: str) -> dict[str, np.ndarray]:
         problems += [f"has unlisted tensors {extra}"] if extra else []
         raise SuiteError(f"{where}: file {entry['file']} {' and '.join(problems)}")
     for name, array in tensors.items():
-        shape = entry["shapes"][name]
-        if list(array.shape) != shape:
-            raise SuiteError(f"{where}: tensor {name} has shape {list(array.shape)}, the manifest says {shape}")
-        if name.startswith(FLOAT64_PREFIXES) and array.dtype != np.float64:
-            kind = name.split(".")[0]
-            raise SuiteError(f"{where}: tensor {name} has dtype {array.dtype}; {kind} tensors are float64")
-        if array.dtype.kind not in "biuf":
-            raise SuiteError(f"{where}: tensor {name} has dtype {array.dtype}; expected bool, integer or float")
+        problem = _tensor_problem(name, array, entry["shapes"][name])
+        if problem:
+            raise SuiteError(f"{where}: tensor {name} {problem}")
         array.setflags(write=False)
     return tensors
+
+
+def _tensor_problem(name: str, array: np.ndarray, shape: list) -> str | None:
+    """What is wrong with one tensor: shape, dtype (float64, bool masks), non-finite values."""
+    kind = name.split(".")[0]
+    if list(array.shape) != shape:
+        return f"has shape {list(array.shape)}, the manifest says {shape}"
+    if name.startswith(FLOAT64_PREFIXES) and array.dtype != np.float64:
+        return f"has dtype {array.dtype}; {kind} tensors are float64"
+    if array.dtype.kind not in "biuf":
+        return f"has dtype {array.dtype}; expected bool, integer or float"
+    if kind == "param" and any(word in name for word in MASK_WORDS) and array.dtype != np.bool_:
+        return f"has dtype {array.dtype}; masks are stored as bool (True = may attend, or kept)"
+    if array.dtype.kind != "f":
+        return None
+    if name.startswith(FINITE_PREFIXES) and not np.all(np.isfinite(array)):
+        return f"has {_non_finite(array)}; {kind} values must be finite"
+    checked = np.where(np.isneginf(array), 0.0, array) if name == "expected.lse" else array  # a fully masked row
+    if not np.all(np.isfinite(checked)):
+        return f"has {_non_finite(checked)}; expected values are finite (-inf only in lse)"
+    return None
+
+
+def _non_finite(array: np.ndarray) -> str:
+    """``"nan at index (0, 1, 2, 3)"``: the first non-finite value and where it is."""
+    index = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
+    return f"{array[index]} at index {index}"
+
+
+def _json_argument(value):
+    """A JSON parameter as the public functions take it: lists become tuples, all the way down."""
+    return tuple(_json_argument(item) for item in value) if isinstance(value, list) else value
+
+
+def _check_contract(case: LoadedCase, where: str) -> None:
+    """The case's arguments pass its mechanism's ``check_inputs``, and ``out``/``lse`` have the shapes it gives."""
+    if case.mechanism not in registry.names():
+        raise SuiteError(f"{where}: mechanism {case.mechanism!r} is not one this refattn knows ({registry.names()})")
+    mechanism = registry.get(case.mechanism)
+    if mechanism.check_inputs is None:  # TRANSITIONAL: every mechanism has check_inputs once migrated
+        return
+    arguments = {**case.inputs, **case.array_params, **{n: _json_argument(x) for n, x in case.params.items()}}
+    try:
+        bound = inspect.signature(mechanism.forward).bind(**arguments)
+        bound.apply_defaults()
+        own = {name: value for name, value in bound.arguments.items() if name not in registry.DISPATCH_ARGUMENTS}
+        shapes = mechanism.check_inputs(**own).cotangent_shapes()
+    except (SpecError, TypeError) as error:
+        raise SuiteError(f"{where}: its arguments are not valid {case.mechanism} arguments: {error}") from None
+    want = {"out": shapes["dout"], "lse": shapes.get("dlse")}
+    for output, shape in want.items():
+        got = case.expected.get(output)
+        if shape is None and got is not None:
+            raise SuiteError(f"{where}: has expected.{output}, which {case.mechanism} does not define")
+        if shape is not None and got is None:
+            raise SuiteError(f"{where}: has no expected.{output}; {case.mechanism} defines it (shape {list(shape)})")
+        if shape is not None and got.shape != tuple(shape):
+            raise SuiteError(f"{where}: expected.{output} has shape {list(got.shape)}; {case.mechanism} gives {list(shape)}")
+
+
+def _check_budgets(case: LoadedCase, where: str) -> None:
+    """Every budget is at most what the tolerance policy can produce for it (:func:`tolerance.ceiling`)."""
+    lse = case.expected.get("lse")
+    scale = tolerance.logit_scale(lse) if lse is not None else 0.0
+    for output, row in case.tolerances.items():
+        for precision, budget in row.items():
+            most = tolerance.ceiling(output, precision, scale)
+            if not budget <= most:
+                raise SuiteError(
+                    f"{where}: budget {budget!r} for {output} in {precision} is above {most:.3g}, the most the "
+                    "tolerance policy gives this case (raised budgets let wrong results pass)"
+                )

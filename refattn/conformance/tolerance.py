@@ -85,6 +85,17 @@ LOWER_PRECISIONS = tuple(p for p in PRECISIONS if p != "float64")
 #: Smallest denominator of the normwise error (an all-zero reference).
 TINY = float(np.finfo(np.float64).tiny)
 
+#: The ceiling on budgets (:func:`ceiling`) allows a reference error ``e_p`` of
+#: this many unit roundoffs ``u + u_c``: the committed suite reaches a quarter of
+#: it (rope/large_positions' gradients in float32, whose large positions the
+#: logit scale does not show), and a budget may move by a factor of 4 between
+#: machines (refattn.conformance.export.REEXPORT_BUDGET_RTOL).
+CEILING_ROUNDOFFS = 8192.0
+#: ... and a sensitivity of this many times ``1 + 2L``: the policy's ``R`` is
+#: ``L`` for outputs and ``2L`` plus a small response term for gradients, and
+#: the reference's own error grows like ``u_c L`` where logits are large.
+CEILING_SENSITIVITY = 8.0
+
 
 def unit_roundoff(precision: str) -> float:
     """Unit roundoff ``u = eps / 2`` of a precision: 2⁻⁵³, 2⁻²⁴, 2⁻¹¹ (float16), 2⁻⁸ (bfloat16)."""
@@ -250,6 +261,31 @@ def budget(output: str, precision: str, reference_error: float, sensitivity: flo
     if not np.isfinite(reference_error):
         raise ValueError(f"{output}: the reference itself is not finite in {precision}; the case needs smaller values")
     return C_REFERENCE * reference_error + floor(output, precision, sensitivity)
+
+
+def ceiling(output: str, precision: str, logit_scale_of_case: float) -> float:
+    """The largest budget this policy can give ``output`` at ``precision`` in a case whose ``lse`` reaches ``L``.
+
+    Every budget :func:`budget` makes is ``c e_p + 4u + 4u_c R`` (float64:
+    ``max(1e-10, 4u(1 + R))``), with ``R`` about ``2L`` at most and ``e_p``
+    some unit roundoffs, more where logits are large. So it is bounded by
+
+        CEILING_ROUNDOFFS × 4(u + u_c) + CEILING_SENSITIVITY × 4u_c(1 + 2L)
+
+    (and by 1e-10 in float64, whichever is larger). A loader refuses a larger
+    budget: a suite whose budgets were raised to let a wrong implementation
+    pass is not one this policy wrote. For float64 and float32 this ceiling
+    is far below 1 unless ``L`` is in the thousands, so an implementation
+    returning zeros cannot pass; in float16 and bfloat16 the reference's own
+    error can legitimately be tens of percent (cancellation in
+    differential attention's λ gradients), and so can the ceiling. Integer
+    outputs, which must match exactly, have a ceiling of 0.
+    """
+    if output.startswith("aux."):
+        return 0.0
+    sensitivity = FLOOR_ROUNDOFFS * compute_roundoff(precision) * (1.0 + 2.0 * logit_scale_of_case)
+    bound = CEILING_ROUNDOFFS * floor(output, precision) + CEILING_SENSITIVITY * sensitivity
+    return max(FLOAT64_BUDGET, bound) if precision == "float64" else bound
 
 
 def budgets(output: str, expected: np.ndarray, at_precision: dict[str, list], sensitivity: float = 0.0) -> dict:

@@ -36,13 +36,29 @@ Cases listed in ``xfail`` are expected to fail: a failure or error there is
 reported as ``xfail`` and a pass as ``xpass``. Neither fails the run
 (non-strict, as pytest's ``xfail(strict=False)`` and array-api-tests' xfail
 files): an ``xpass`` is a hint to remove the id from the list.
+
+The implementation under test is contained: any exception it raises,
+``SystemExit`` included, is that case's error (only ``KeyboardInterrupt``
+stops the run); results that are not real floating-point arrays fail with
+the reason; it gets fresh copies of the arrays (parameters as tuples, which
+it cannot edit for later cases), and writing into them is reported as a
+failed ``input.<name>`` check. With ``timeout=`` each case runs in a worker
+process and one that does not finish in time is a ``timeout``.
+
+A bundled backend is verified through the registry with ``backend=NAME``
+(``refattn verify --mechanism dense --backend numba``): the implementation
+is then the mechanism's public function and VJP with that backend.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import math
+import multiprocessing
+import numbers
+import os
 import textwrap
 import time
 import traceback
@@ -54,12 +70,19 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 
 from ..core import registry
+from ..core.errors import SpecError
 from ..core.precision import PRECISIONS, STORAGE_DTYPES
-from .suite import LoadedCase, Suite, load_suite, require_one_mechanism
+from .suite import LoadedCase, Suite, SuiteError, load_suite, mechanisms_named, require_one_mechanism
+from .text import printable
 from .tolerance import TINY, error as output_error
+from .trust import Origin
 
 LAYOUTS = ("bhnd", "bnhd")
-STATUSES = ("pass", "fail", "error", "xfail", "xpass")
+STATUSES = ("pass", "fail", "error", "timeout", "xfail", "xpass")
+#: Statuses that fail a run.
+FAILING = ("fail", "error", "timeout")
+#: Result dtypes accepted as floating point besides NumPy's own (``kind == "f"``).
+EXTRA_FLOAT_DTYPES = tuple(np.dtype(STORAGE_DTYPES[p]) for p in PRECISIONS if np.dtype(STORAGE_DTYPES[p]).kind != "f")
 # Arrays whose axes 1 and 2 (heads, sequence) are swapped in the "bnhd" layout.
 SEQUENCE_MAJOR = ("q", "k", "v", "qk", "out", "lse")
 #: Name of the check of ``out`` against what the implementation's own
@@ -141,11 +164,13 @@ class CaseReport:
     id, mechanism : str
     flags : tuple of str
         Bug classes the case is built to catch.
-    status : {"pass", "fail", "error", "xfail", "xpass"}
+    status : {"pass", "fail", "error", "timeout", "xfail", "xpass"}
     checks : list of OutputCheck
-        In stage order: intermediates (in the case's order), then outputs, then gradients.
+        In stage order: intermediates (in the case's order), then outputs, then
+        gradients; ``input.<name>`` checks fail when the implementation wrote into that input.
     message : str
-        For an error: the exception the implementation raised.
+        For an error: the exception the implementation raised (control characters
+        escaped); for a timeout: how long it ran.
     seconds : float
         Time spent in the implementation and the comparison.
     """
@@ -184,7 +209,7 @@ class CaseReport:
             head += f"  flags: {', '.join(self.flags)}"
         lines = [head]
         if self.message:
-            lines.append(f"  implementation raised {self.message}")
+            lines.append(f"  {'implementation raised ' if self.status != 'timeout' else ''}{self.message}")
         if self.first_stage:
             lines.append(f"  first differing stage: {self.first_stage}")
         if self.checks:
@@ -216,9 +241,11 @@ class CaseReport:
 class Report:
     """The verdict on a whole run of :func:`verify`.
 
-    ``ok`` is True when no case failed or errored (``xfail`` and ``xpass`` are
-    fine). ``flag_descriptions`` are the manifest's descriptions of the flags,
-    quoted under each failing case.
+    ``ok`` is True when the run has cases and none failed, errored or timed
+    out (``xfail`` and ``xpass`` are fine). ``origin`` says whether the suite
+    is the official one (:mod:`refattn.conformance.trust`); every format
+    states it first. ``flag_descriptions`` are the manifest's descriptions
+    of the flags, quoted under each failing case.
     """
 
     impl: str
@@ -227,12 +254,13 @@ class Report:
     layout: str
     grad: bool
     cases: list[CaseReport]
+    origin: Origin
     unknown_xfail: tuple[str, ...] = ()
     flag_descriptions: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return all(c.status not in ("fail", "error") for c in self.cases)
+        return bool(self.cases) and all(c.status not in FAILING for c in self.cases)
 
     def counts(self) -> dict[str, int]:
         """Number of cases in each status (every status present, zeros included)."""
@@ -240,7 +268,8 @@ class Report:
 
     def summary(self) -> str:
         """``"12 passed, 2 failed, 1 xfailed"``."""
-        words = {"pass": "passed", "fail": "failed", "error": "error", "xfail": "xfailed", "xpass": "xpassed"}
+        words = {"pass": "passed", "fail": "failed", "error": "error", "timeout": "timed out", "xfail": "xfailed",
+                 "xpass": "xpassed"}  # fmt: skip
         counts = self.counts()
         parts = [f"{n} {words[s]}{'s' if s == 'error' and n > 1 else ''}" for s, n in counts.items() if n]
         return ", ".join(parts) or "no cases"
@@ -248,6 +277,7 @@ class Report:
     def to_json(self, indent: int | None = 2) -> str:
         """The report as strict JSON (non-finite numbers as the strings "inf", "-inf", "nan")."""
         document = {
+            "suite_origin": self.origin.to_dict(),
             "impl": self.impl,
             "suite": self.suite,
             "dtype": self.dtype,
@@ -273,15 +303,18 @@ class Report:
             name=f"refattn conformance ({self.dtype}, {self.layout}{', grad' if self.grad else ''})",
             tests=str(len(self.cases)),
             failures=str(counts["fail"]),
-            errors=str(counts["error"]),
+            errors=str(counts["error"] + counts["timeout"]),
             skipped=str(counts["xfail"]),
             time=f"{sum(c.seconds for c in self.cases):.3f}",
         )
+        properties = ET.SubElement(suite, "properties")
+        ET.SubElement(properties, "property", name="suite_origin", value=self.origin.describe())
+        ET.SubElement(properties, "property", name="manifest_sha256", value=self.origin.manifest_sha256)
         for case in self.cases:
             element = ET.SubElement(
                 suite, "testcase", classname=f"refattn.{case.mechanism}", name=case.id, time=f"{case.seconds:.3f}"
             )
-            tag = {"fail": "failure", "error": "error", "xfail": "skipped"}.get(case.status)
+            tag = {"fail": "failure", "error": "error", "timeout": "error", "xfail": "skipped"}.get(case.status)
             if tag:
                 first = case.message or (case.failed_checks[0].describe() if case.failed_checks else case.status)
                 child = ET.SubElement(element, tag, message=f"{case.status}: {first}")
@@ -295,6 +328,7 @@ class Report:
         """A readable table (case, status, worst ratio, flags) with failure details below it."""
         grad = "yes" if self.grad else "no"
         lines = [
+            self.origin.describe(),
             f"refattn verify: {self.impl}  dtype={self.dtype}  layout={self.layout}  grad={grad}",
             f"suite: {self.suite} ({len(self.cases)} case{'' if len(self.cases) == 1 else 's'})",
             "",
@@ -302,15 +336,15 @@ class Report:
         width = max([len("case")] + [len(c.id) for c in self.cases])
         lines.append(f"{'case':<{width}}  {'status':<6}  {'worst ratio':>11}  flags")
         for c in self.cases:
-            status = c.status.upper() if c.status in ("fail", "error") else c.status
+            status = c.status.upper() if c.status in FAILING else c.status
             lines.append(f"{c.id:<{width}}  {status:<6}  {_num(c.worst_ratio):>11}  {' '.join(c.flags)}")
-        details = [c for c in self.cases if c.status in ("fail", "error", "xfail")]
+        details = [c for c in self.cases if c.status in (*FAILING, "xfail")]
         if details:
             lines += ["", "Details", "-------"]
             for c in details:
                 lines += [c.format(self.flag_descriptions), ""]
         if self.unknown_xfail:
-            lines.append(f"note: xfail ids not in the suite: {', '.join(self.unknown_xfail)}")
+            lines.append(f"note: xfail ids not in the suite: {printable(', '.join(self.unknown_xfail))}")
         lines.append(f"{self.summary()}  ({'OK' if self.ok else 'FAILED'})")
         return "\n".join(lines)
 
@@ -351,7 +385,7 @@ def _check_dict(c: OutputCheck) -> dict:
 
 @dataclass(frozen=True)
 class _Returned:
-    """What an implementation returned, as float64 arrays in the manifest's layout."""
+    """What an implementation returned, as arrays (in whatever dtype it chose) in the manifest's layout."""
 
     out: np.ndarray
     lse: np.ndarray | None
@@ -363,22 +397,28 @@ def check_case(
 ) -> CaseReport:
     """Run ``impl`` (and ``vjp`` when ``grad``) on one case and compare every output.
 
-    Parameters are those of :func:`verify`; ``xfail`` is applied by the caller.
+    Parameters are those of :func:`verify`; ``xfail`` and ``timeout`` are
+    applied by the caller. Whatever the implementation raises (``SystemExit``
+    included, ``KeyboardInterrupt`` excepted) is the case's error.
     """
     _check_choice(dtype, "dtype", PRECISIONS)
     _check_choice(layout, "layout", LAYOUTS)
     start = time.perf_counter()
-    positional, keywords = _call_arguments(case, dtype, layout)
     checks: list[OutputCheck] = []
     try:
+        positional, keywords = _call_arguments(case, dtype, layout)
         returned = _read_returned(impl(*positional, **keywords), layout)
+        checks += _check_unmodified(case, positional, keywords, dtype, layout)
         checks += _check_forward(case, returned, dtype)
         if grad and any(name.startswith("grad.") for name in case.expected):
             cotangents = _cotangents(case, dtype, layout)
-            positional, keywords = _call_arguments(case, dtype, layout)  # fresh copies: impl may have written to its own
+            positional, keywords = _call_arguments(case, dtype, layout)
             grads = vjp(cotangents["dout"], *positional, dlse=cotangents.get("dlse"), **keywords)
+            checks += _check_unmodified(case, positional, keywords, dtype, layout)
             checks += _check_grads(case, grads, dtype, layout)
-    except Exception as exc:  # an implementation may raise anything: it is reported, not raised
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 -- an implementation may raise anything, sys.exit() too: reported, not raised
         return CaseReport(case.id, case.mechanism, tuple(case.flags), "error", checks, _exception(exc), time.perf_counter() - start)
     if any(c.name.startswith("aux.") and c.status == "fail" for c in checks):  # refattn's own check, outside the try
         checks += _check_implied(case, returned, dtype)
@@ -387,15 +427,15 @@ def check_case(
 
 
 def _exception(exc: BaseException) -> str:
-    """``"ValueError: message (at file.py:12 in fn)"``: the exception and where it was raised."""
+    """``"ValueError: message (at file.py:12 in fn)"``: the exception and where it was raised, printable."""
     frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
     where = f" (at {Path(frame.filename).name}:{frame.lineno} in {frame.name})" if frame else ""
-    return f"{type(exc).__name__}: {exc}{where}"
+    return printable(f"{type(exc).__name__}: {exc}", limit=2000) + printable(where)
 
 
 def _check_choice(value, name: str, options) -> None:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {list(options)}, not {value!r}")
+    if not isinstance(value, str) or value not in options:
+        raise SpecError(name, f"one of {list(options)}", repr(value)[:80])
 
 
 def _cast(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -411,12 +451,12 @@ def _swap_layout(name: str, x: np.ndarray, layout: str) -> np.ndarray:
 
 
 def _json_param(value):
-    """JSON lists become tuples (``window=[2, None]`` -> ``(2, None)``)."""
-    return tuple(value) if isinstance(value, list) else value
+    """JSON lists become tuples, all the way down (``window=[2, None]`` -> ``(2, None)``): nothing to edit in place."""
+    return tuple(_json_param(item) for item in value) if isinstance(value, list) else value
 
 
 def _call_arguments(case: LoadedCase, dtype: str, layout: str) -> tuple[tuple, dict]:
-    """``(q, k, v)`` (or ``(qk, v)``) and the keyword arguments of one call, cast and laid out."""
+    """``(q, k, v)`` (or ``(qk, v)``) and the keyword arguments of one call: fresh copies, cast and laid out."""
     arrays = {**case.inputs, **case.array_params}
     arrays = {name: _swap_layout(name, _cast(x, dtype), layout) for name, x in arrays.items()}
     positional = tuple(arrays.pop(name) for name in POSITIONAL if name in case.inputs)
@@ -424,17 +464,24 @@ def _call_arguments(case: LoadedCase, dtype: str, layout: str) -> tuple[tuple, d
     return positional, keywords
 
 
+def _check_unmodified(case: LoadedCase, positional: tuple, keywords: dict, dtype: str, layout: str) -> list[OutputCheck]:
+    """A failed ``input.<name>`` check for every array the implementation wrote into."""
+    handed = {**dict(zip((n for n in POSITIONAL if n in case.inputs), positional)), **keywords}
+    fresh_positional, fresh_keywords = _call_arguments(case, dtype, layout)
+    fresh = {**dict(zip((n for n in POSITIONAL if n in case.inputs), fresh_positional)), **fresh_keywords}
+    written = [name for name, x in fresh.items() if isinstance(x, np.ndarray) and not _same_array(handed[name], x)]
+    detail = "the implementation wrote into this input (it must not modify its arguments)"
+    return [OutputCheck(f"input.{name}", "fail", detail=detail) for name in written]
+
+
+def _same_array(got, want: np.ndarray) -> bool:
+    return isinstance(got, np.ndarray) and got.shape == want.shape and bool(np.all((got == want) | (got != got)))
+
+
 def _cotangents(case: LoadedCase, dtype: str, layout: str) -> dict:
     """``dout`` and ``dlse`` cast and laid out like ``out`` and ``lse``."""
     named = {"dout": "out", "dlse": "lse"}
     return {name: _swap_layout(named.get(name, name), _cast(x, dtype), layout) for name, x in case.cotangents.items()}
-
-
-def _as_float64(x, name: str) -> np.ndarray:
-    try:
-        return np.asarray(x).astype(np.float64)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"the implementation's `{name}` is not a real array: {type(x).__name__}") from exc
 
 
 def _read_returned(value, layout: str) -> _Returned:
@@ -447,8 +494,8 @@ def _read_returned(value, layout: str) -> _Returned:
         (out, lse), aux = value, {}
     else:
         out, lse, aux = value, None, {}
-    out = _swap_layout("out", _as_float64(out, "out"), layout)
-    lse = None if lse is None else _swap_layout("lse", _as_float64(lse, "lse"), layout)
+    out = _swap_layout("out", np.asarray(out), layout)
+    lse = None if lse is None else _swap_layout("lse", np.asarray(lse), layout)
     return _Returned(out, lse, {name: np.asarray(x) for name, x in aux.items()})
 
 
@@ -471,7 +518,7 @@ def _check_grads(case: LoadedCase, grads: Mapping, dtype: str, layout: str) -> l
         if got is None:
             checks.append(OutputCheck(name, "fail", detail=f"no gradient returned for `{input_name}`"))
             continue
-        got = _swap_layout(input_name, _as_float64(got, name), layout)
+        got = _swap_layout(input_name, np.asarray(got), layout)
         checks.append(_check_float(name, got, case.expected[name], case.tolerances[name][dtype]))
     return checks
 
@@ -503,8 +550,12 @@ def _check_implied(case: LoadedCase, returned: _Returned, dtype: str) -> list[Ou
 def _check_float(name: str, got: np.ndarray | None, want: np.ndarray, budget: float) -> OutputCheck:
     if got is None:
         return OutputCheck(name, "not provided", budget=budget)
+    if got.dtype.kind != "f" and got.dtype not in EXTRA_FLOAT_DTYPES:
+        kind = "complex, not real" if got.dtype.kind == "c" else "not floating point"
+        return OutputCheck(name, "fail", budget=budget, detail=f"dtype {got.dtype} ({kind}); expected a real float array")
     if got.shape != want.shape:
         return OutputCheck(name, "fail", budget=budget, detail=f"shape {got.shape}, expected {want.shape}")
+    got = got.astype(np.float64)
     error = output_error(name, got, want)
     if error <= budget:
         return OutputCheck(name, "pass", error, budget)
@@ -552,7 +603,7 @@ def first_difference(got: np.ndarray, want: np.ndarray, budget: float) -> Differ
 
 
 def verify(
-    impl: Callable,
+    impl: Callable | None = None,
     *,
     suite: str | Path | Suite | None = None,
     mechanism: str | Iterable[str] | None = None,
@@ -563,17 +614,21 @@ def verify(
     vjp: Callable | None = None,
     xfail: Iterable[str] = (),
     name: str | None = None,
+    backend: str | None = None,
+    timeout: float | None = None,
+    require_official: bool = False,
 ) -> Report:
     """Check an implementation against every selected conformance case.
 
     Parameters
     ----------
-    impl : callable
+    impl : callable, optional
         ``impl(q, k, v, **kwargs)`` returning ``out``, ``(out, lse)`` or an
-        object with ``.out`` (and optionally ``.lse``, ``.aux``).
+        object with ``.out`` (and optionally ``.lse``, ``.aux``). Give it, or
+        ``backend``.
     suite : path, Suite or None
         A suite folder (with ``manifest.json``) or a loaded :class:`Suite`;
-        None finds the default one (:func:`default_suite_folder`).
+        None is the suite refattn publishes (:func:`default_suite_folder`).
     mechanism : str or iterable of str, optional
         Only cases of these mechanisms.
     ids : iterable of str, optional
@@ -593,6 +648,14 @@ def verify(
         reads them from a file).
     name : str, optional
         How the report names the implementation (default: its qualified name).
+    backend : str, optional
+        Verify a bundled backend of ``mechanism`` (one name) instead of
+        ``impl``: its public function and public VJP with ``backend=``.
+    timeout : float, optional
+        Seconds each case may take; each case then runs in a worker process,
+        and one that takes longer is reported as ``timeout`` (the run goes on).
+    require_official : bool
+        Refuse a suite that is not the one refattn published.
 
     Returns
     -------
@@ -600,32 +663,131 @@ def verify(
 
     Raises
     ------
-    ValueError
-        For a bad ``dtype`` or ``layout``, ``grad=True`` without a vjp, or a
-        selection that matches no case or, with ``mechanism`` None, cases of
-        several mechanisms (:class:`SuiteError`).
+    SpecError
+        For a bad argument: ``dtype``, ``layout``, ``impl`` and ``backend``
+        both or neither given, an unknown backend, ``grad=True`` without a
+        vjp, a bad ``timeout``.
+    SuiteError
+        For a suite that does not load, a custom suite with
+        ``require_official``, a selection that matches no case, mixes
+        mechanisms with ``mechanism`` None, or has no budget for ``dtype``.
     """
     _check_choice(dtype, "dtype", PRECISIONS)
     _check_choice(layout, "layout", LAYOUTS)
+    check_timeout(timeout)
+    if backend is not None:
+        impl, vjp, name = bundled_backend(impl, mechanism, backend, name)
+    if not callable(impl):
+        raise SpecError("impl", "a callable impl(q, k, v, **kwargs), or backend=NAME", _summary(impl))
     vjp = vjp if vjp is not None else getattr(impl, "vjp", None)
-    if grad and vjp is None:
-        raise ValueError("grad=True needs a vjp: pass vjp=... or an implementation with a .vjp attribute")
-    loaded = suite if isinstance(suite, Suite) else load_suite(default_suite_folder() if suite is None else suite)
+    if grad and not callable(vjp):
+        raise SpecError("vjp", "a callable when grad=True (pass vjp=... or an implementation with a .vjp)", _summary(vjp))
+    loaded = suite if isinstance(suite, Suite) else load_suite(
+        default_suite_folder() if suite is None else suite, mechanism if mechanism is not None else mechanisms_named(ids)
+    )
+    if require_official and not loaded.origin.official:
+        raise SuiteError(f"{loaded.folder}: {loaded.origin.describe()}; refusing it (require_official)")
     cases = loaded.select(mechanisms=mechanism, ids=ids).cases
     require_one_mechanism(cases, mechanism)
+    require_precision(cases, dtype)
     xfail = frozenset(xfail)
-    reports = [_apply_xfail(check_case(impl, case, dtype=dtype, layout=layout, grad=grad, vjp=vjp), xfail) for case in cases]
+    settings = dict(dtype=dtype, layout=layout, grad=grad, vjp=vjp)
+    reports = [_apply_xfail(run_case(impl, case, timeout=timeout, **settings), xfail) for case in cases]
     known = {case.id for case in loaded.cases}
     return Report(
-        impl=name or _qualified_name(impl),
-        suite=str(loaded.folder),
+        impl=printable(name or _qualified_name(impl)),
+        suite=printable(str(loaded.folder)),
         dtype=dtype,
         layout=layout,
         grad=grad,
         cases=reports,
+        origin=loaded.origin,
         unknown_xfail=tuple(sorted(xfail - known)),
-        flag_descriptions=loaded.manifest["flags"],
+        flag_descriptions={flag: printable(text) for flag, text in loaded.manifest["flags"].items()},
     )
+
+
+def _summary(value) -> str:
+    return printable(f"{type(value).__name__} {value!r}", limit=80)
+
+
+def check_timeout(timeout) -> None:
+    """Raise :class:`SpecError` unless ``timeout`` is None or a finite number of seconds > 0."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 0 < timeout < math.inf:
+        raise SpecError("timeout", "None or a finite number of seconds > 0", _summary(timeout))
+
+
+def bundled_backend(impl, mechanism, backend: str, name: str | None) -> tuple[Callable, Callable | None, str]:
+    """The public function and VJP of ``mechanism`` (one name) with ``backend=``, and how to name them.
+
+    ``impl`` must be None (the backend is the implementation); raises :class:`SpecError` otherwise,
+    or for an unknown mechanism or backend.
+    """
+    if impl is not None:
+        raise SpecError("impl", "None with backend=NAME (the backend is the implementation)", _summary(impl))
+    if not isinstance(mechanism, str):
+        raise SpecError("mechanism", "one mechanism name with backend=NAME", _summary(mechanism))
+    registered = registry.get(mechanism)
+    if not isinstance(backend, str) or backend not in registered.backends:
+        raise SpecError("backend", f"one of {list(registered.backends)} for {mechanism}", _summary(backend))
+    forward = functools.partial(registered.forward, backend=backend)
+    vjp = None if registered.vjp is None else functools.partial(registered.vjp, backend=backend)
+    return forward, vjp, name or f"{mechanism} --backend {backend}"
+
+
+def require_precision(cases: list[LoadedCase], dtype: str) -> None:
+    """Raise :class:`SuiteError` for an empty selection or a case without budgets at ``dtype``."""
+    if not cases:
+        raise SuiteError("the selection has no cases: nothing would be compared")
+    lacking = [case for case in cases if dtype not in case.precisions]
+    if lacking:
+        raise SuiteError(
+            f"case {lacking[0].id} has no {dtype} budgets (it offers {', '.join(lacking[0].precisions)}); "
+            f"leave it out (--case) or choose one of those"
+        )
+
+
+def run_case(impl: Callable, case: LoadedCase, *, timeout: float | None = None, **settings) -> CaseReport:
+    """:func:`check_case`, in a worker process with a time limit when ``timeout`` is given.
+
+    The worker is forked, so ``impl`` need not be importable or picklable; it
+    is stopped when ``timeout`` seconds pass, and the case is a ``timeout``.
+    A worker that dies (a crash in native code) makes the case an error.
+    """
+    if timeout is None:
+        return check_case(impl, case, **settings)
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    worker = context.Process(target=_worker, args=(sender, impl, case, settings), daemon=True)
+    start = time.perf_counter()
+    worker.start()
+    sender.close()
+    try:
+        if receiver.poll(timeout):
+            try:
+                return receiver.recv()
+            except (EOFError, OSError):
+                worker.join()
+                message = f"the worker process running the implementation died (exit code {worker.exitcode})"
+                return CaseReport(case.id, case.mechanism, case.flags, "error", [], message, time.perf_counter() - start)
+        message = f"no result within {timeout:g} s; the worker process was stopped"
+        return CaseReport(case.id, case.mechanism, case.flags, "timeout", [], message, time.perf_counter() - start)
+    finally:
+        if worker.is_alive():
+            worker.kill()
+        worker.join()
+        receiver.close()
+
+
+def _worker(sender, impl: Callable, case: LoadedCase, settings: dict) -> None:
+    """In the forked worker: check the case, send the report, and leave without running any exit handler."""
+    try:
+        sender.send(check_case(impl, case, **settings))
+        sender.close()
+    finally:
+        os._exit(0)
 
 
 def _apply_xfail(report: CaseReport, xfail: frozenset) -> CaseReport:
@@ -668,16 +830,17 @@ def load_callable(spec: str) -> Callable:
 
 
 def default_suite_folder() -> Path:
-    """The suite to verify against when none is named.
+    """The suite to verify against when none is named: the one refattn publishes.
 
-    ``./conformance`` when it has a ``manifest.json``; otherwise the
-    ``conformance/`` folder of a source checkout (beside the ``refattn``
-    package). Raises ``FileNotFoundError`` when neither exists.
+    That is the ``conformance/`` folder beside the ``refattn`` package (a
+    source checkout), else ``./conformance``. Raises ``FileNotFoundError``
+    when neither has a ``manifest.json``. Whichever is found, the report's
+    first line says whether it is the official suite.
     """
-    candidates = [Path.cwd() / "conformance", Path(__file__).resolve().parents[2] / "conformance"]
+    candidates = [Path(__file__).resolve().parents[2] / "conformance", Path.cwd() / "conformance"]
     for folder in candidates:
         if (folder / "manifest.json").is_file():
             return folder
     raise FileNotFoundError(
-        "no conformance suite found in ./conformance or beside the refattn package; pass the suite folder (--suite DIR)"
+        "no conformance suite found beside the refattn package or in ./conformance; pass the suite folder (--suite DIR)"
     )

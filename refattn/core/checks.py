@@ -19,12 +19,27 @@ CAUSAL_ALIGNMENTS = ("bottom_right", "top_left")
 #: Token positions are bounded so that every distance p_j - p_i is an exact
 #: float64 (|p_j - p_i| <= 2**53) and an int64 that cannot overflow.
 MAX_ABS_POSITION = 2**52
+#: A window side larger than this reaches past any sequence (and any position,
+#: :data:`MAX_ABS_POSITION`), so it is clamped to it: the same result as
+#: unbounded, with no integer overflow in any backend.
+MAX_WINDOW = 2**53
+#: Scores may reach at most this fraction of the largest finite number of the
+#: precision a backend computes in, so that ``s - max`` and the running sums
+#: of an online softmax stay finite.
+SCORE_HEADROOM = 1.0 / 16.0
+#: An error message quotes at most this many characters of a bad value.
+MAX_QUOTED_CHARS = 120
 
 
-def _describe(x) -> str:
+def summary(x) -> str:
+    """A short description of a value for an error message: an array's shape and dtype, or a cut ``repr``."""
     if isinstance(x, np.ndarray):
         return f"array of shape {x.shape} and dtype {x.dtype}"
-    return f"{type(x).__name__} {x!r}"
+    text = f"{type(x).__name__} {x!r}" if not isinstance(x, str) else repr(x)
+    return text if len(text) <= MAX_QUOTED_CHARS else text[: MAX_QUOTED_CHARS - 3] + "..."
+
+
+_describe = summary  # TRANSITIONAL: the old private name, still imported by refattn/lowrank
 
 
 def float_array(x, name: str) -> np.ndarray:
@@ -140,15 +155,53 @@ def window(x) -> tuple[int | None, int | None] | None:
         raise SpecError("window", "a pair (left, right) of non-negative ints or None", _describe(x))
     for side in x:
         if side is not None and (isinstance(side, bool) or not isinstance(side, numbers.Integral) or side < 0):
-            raise SpecError("window", "a pair (left, right) of non-negative ints or None", repr(tuple(x)))
-    return (None if x[0] is None else int(x[0]), None if x[1] is None else int(x[1]))
+            raise SpecError("window", "a pair (left, right) of non-negative ints or None", summary(tuple(x)))
+    return tuple(None if side is None else min(int(side), MAX_WINDOW) for side in x)
 
 
 def choice(x, name: str, options) -> str:
     """One of a fixed set of string options."""
-    if x not in options:
-        raise SpecError(name, f"one of {list(options)}", repr(x))
+    if not isinstance(x, str) or x not in options:
+        raise SpecError(name, f"one of {list(options)}", summary(x))
     return x
+
+
+def compute_dtype(*arrays: np.ndarray) -> np.dtype:
+    """The precision kernels compute in for these inputs: float32 if any is float32 or narrower, else float64."""
+    narrow = any(x.dtype.kind not in "iu" and x.dtype.itemsize <= 4 for x in arrays)
+    return np.dtype(np.float32 if narrow else np.float64)
+
+
+def scores_within_range(q: np.ndarray, k: np.ndarray, scale: float, names: str = "q, k") -> None:
+    """Raise :class:`SpecError` if ``scale · q·k`` could overflow the precision kernels compute in.
+
+    The largest score is bounded by ``|scale| · max_i ‖q_i‖ · max_j ‖k_j‖``
+    (Cauchy-Schwarz over the last axis, the head dim); it must stay below
+    :data:`SCORE_HEADROOM` of the largest finite number of
+    :func:`compute_dtype` (float64 for float64 inputs, float32 for float32,
+    float16 and bfloat16). Beyond that a backend would produce ``inf`` scores
+    and then NaN, or a silent fully masked row; every backend raises here
+    instead, before computing. Call it from ``check_inputs`` once the scale is
+    known, with the arrays whose product forms the scores (after any
+    transform that changes their norms).
+    """
+    limit = float(np.finfo(compute_dtype(q, k)).max) * SCORE_HEADROOM
+    largest = abs(scale) * _largest_row_norm(q) * _largest_row_norm(k)
+    if not largest <= limit:
+        raise SpecError(
+            names,
+            f"scores |scale * q.k| below {limit:.3g} (the {compute_dtype(q, k)} range a kernel computes in)",
+            f"values whose scores may reach {largest:.3g} (scale {scale:.3g})",
+        )
+
+
+def _largest_row_norm(x: np.ndarray) -> float:
+    """``max_i ‖x_i‖₂`` over the last axis, computed without overflow (inf only when it exceeds float64)."""
+    top = float(np.max(np.abs(x), initial=0.0))
+    if top == 0.0 or not np.isfinite(top):
+        return top
+    with np.errstate(over="ignore"):
+        return top * float(np.sqrt(np.max(np.sum(np.square(x / top, dtype=np.float64), axis=-1))))
 
 
 def flag(x, name: str) -> bool:

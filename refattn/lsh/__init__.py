@@ -1,6 +1,7 @@
 """LSH attention, Reformer (spec/lsh.md)."""
 
 from ..core import registry
+from .inputs import check_lsh_inputs
 from .presets import PRESETS, Preset
 from .reference import (
     bucket_margins,
@@ -30,22 +31,16 @@ def _implied_by_buckets(arguments: dict, aux: dict):
     return lsh_as_dense(qk, v, buckets=buckets, **arguments)
 
 
-def _cases():
-    from .cases import cases
-
-    return cases()
-
-
 MECHANISM = registry.register(
     registry.Mechanism(
         name="lsh",
         package="refattn.lsh",
         forward=lsh_attention,
         vjp=lsh_attention_vjp,
+        check_inputs=check_lsh_inputs,
         backends=("reference", "numba"),
-        cases=_cases,
-        properties="refattn.lsh.properties",
         spec="spec/lsh.md",
+        positional=("qk", "v"),
         implied_output=_implied_by_buckets,
     )
 )

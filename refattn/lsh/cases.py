@@ -1,4 +1,4 @@
-"""Conformance cases for LSH attention.
+"""Conformance cases for LSH attention, and the flags only they use.
 
 Each case is small (N <= 64, files under 32 KB) and built so that the mistake
 its flags name changes the numbers: factorised buckets with unequal factors,
@@ -18,18 +18,16 @@ normal. ``qk`` is drawn token by token until every hashing decision has a
 margin of at least :data:`MIN_MARGIN` (:func:`refattn.lsh.bucket_margins`),
 so float32, float16 and bfloat16 implementations reproduce every bucket.
 
-Seeds are the CRC-32 of the case id.
+Cases are built with the shared helpers of refattn/conformance/case.py
+(seeded by the CRC-32 of the case id); the arrays are drawn in the order
+rotations, ``qk``, ``v``, which is part of each case's data.
 """
 
 from __future__ import annotations
 
-import zlib
-from collections.abc import Callable
-from typing import NamedTuple
-
 import numpy as np
 
-from ..conformance.case import Case
+from ..conformance.case import ArrayMaker, Case, Dims, make_case
 from .inputs import bucket_factors
 from .presets import PRESETS, preset_values
 from .reference import bucket_margins
@@ -37,70 +35,147 @@ from .reference import bucket_margins
 #: Smallest bucket margin of every token in every case (bucket_margins' units).
 MIN_MARGIN = 0.05
 
+#: The flags only LSH cases use (the shared catalogue is refattn/conformance/flags.py).
+FLAGS: dict[str, str] = {
+    "LSH_FACTORISED_BUCKETS": (
+        "With num_buckets a list of even factors, factor k reads the next f_k / 2 rotation columns, its bucket is "
+        "argmax([xR_k, -xR_k]), and the factors combine with the first least significant: b_0 + f_0 b_1 + f_0 f_1 "
+        "b_2 ... (HF, trax). Cases use unequal factors: fails the first factor made most significant, columns "
+        "interleaved between factors, or one argmax over all columns."
+    ),
+    "WRAPPED_LOOKBACK": (
+        "Each chunk of the sorted items also attends to num_chunks_before previous and num_chunks_after next chunks "
+        "modulo the number of chunks: chunk 0's previous chunk is the last one, the last chunk's next is chunk 0, "
+        "and with fewer chunks than the window a chunk occurs in it more than once (HF and trax concatenate rolled "
+        "copies). Fails windows that stop at the ends, or that drop repeated chunks."
+    ),
+    "SELF_ONLY_ROW": (
+        "A token's own key (its copy from any round) gets the finite self_mask_value (-1e5; trax subtracts 1e5 "
+        "from the score) instead of being excluded, so a query with no other visible key (token 0 under causal "
+        "masking, a padded token among padded ones) attends to itself with weight 1 and its lse is near -1e5. "
+        "Fails implementations that mask self pairs with -inf (output 0 or NaN) or not at all."
+    ),
+    "PADDING_BUCKET": (
+        "Padded tokens get an extra bucket, prod(num_buckets), and each round then has prod(num_buckets) + 1 bucket "
+        "ids (offsets r (n + 1)): trax whenever a mask is given, HF when some token of the batch is padded (one "
+        "padded sequence moves every sequence's offsets). Fails implementations without the extra bucket, with "
+        "offsets r n, or that decide per sequence."
+    ),
+    "MULTI_ROUND_COMBINE": (
+        "Hashing rounds are combined by their log-sum-exps: out = sum_r exp(lse_r - LSE) o_r, LSE = log sum_r "
+        "exp(lse_r), which is also the returned lse. Fails averaging the rounds, keeping one of them, or "
+        "returning one round's lse."
+    ),
+    "DUP_COUNT": (
+        "With dup_correction, each occurrence of key j in query i's windows has its logit lowered by log n_ij, "
+        "n_ij counted over the windows of all of i's rounds, so that every visible key counts once (trax v1, "
+        "reformer-pytorch allow_duplicate_attention=False); without it a key seen n times weighs n exp(z). Fails "
+        "applying or skipping the correction against the parameter."
+    ),
+    "DUP_COUNT_CROSS_ROUND": (
+        "n_ij also counts occurrences through windows that reach another round: the look-back of a round's first "
+        "chunk is the previous round's last chunk (round 0's wraps to the last round's), and a straddling chunk "
+        "holds two rounds. trax v1 and reformer-pytorch compare same-round chunk locations only (locs1, "
+        "locs2 = locs1 + 1), so a key seen only that way gets count 0 and its logit raised by -log(1e-9) = 20.7. "
+        "Fails that count."
+    ),
+    "CHUNK_STRADDLES_ROUNDS": (
+        "Chunks are cut from the concatenation of all rounds' sorted items: with N not a multiple of chunk_len a "
+        "chunk holds the end of one round and the start of the next, and a round's first chunk looks back into "
+        "the previous round. Fails chunking each round on its own (padding or wrapping within a round)."
+    ),
+    "SHORT_SEQUENCE_FALLBACK": (
+        "HF and reformer-pytorch replace LSH by one dense round when N <= chunk_len: every key once, with the "
+        "same key normalisation, masks and self value, whatever num_hashes. Cases have N < chunk_len < num_hashes N, "
+        "where hashing anyway gives uneven windows and another lse. Fails implementations that hash anyway, or "
+        "fall back where the preset does not."
+    ),
+    "LSH_STABLE_SORT": (
+        "Items are sorted by bucket and, within a bucket, by position (HF's _stable_argsort, trax's key "
+        "N bucket + position); chunk boundaries cut buckets, so the order within a bucket decides which tokens "
+        "see each other. Fails unstable sorts and reversed order within a bucket."
+    ),
+    "LSH_KEY_NORMALISATION": (
+        "Keys are the shared vectors length-normalised, queries are not: HF and trax use x / sqrt(mean(x^2) + "
+        "1e-6) / sqrt(D) = x / sqrt(|x|^2 + 1e-6 D) and unscaled logits q.k; reformer-pytorch uses x / max(|x|, "
+        "1e-12) and scales the logits by 1/sqrt(D). Fails normalising queries too, the other normalisation or "
+        "epsilon, and a missing or extra 1/sqrt(D)."
+    ),
+    "LSH_CAUSAL_POSITIONS": (
+        "Causal masking compares the tokens' original positions (key position <= query position), not their "
+        "slots in the sorted order or in the chunk. Fails a triangular mask applied to the sorted window."
+    ),
+    "LSH_MASK_MODE": (
+        "How masked and self pairs enter the logits: HF and reformer-pytorch replace a masked logit by mask_value, "
+        "then a self pair's by self_mask_value; trax adds both (score - 1e9 - 1e5), so a padded token whose "
+        "windows hold only padded tokens attends to the others, not to itself, and token 0's lse under causal "
+        "masking is its score - 1e5. Fails using one rule for the other."
+    ),
+    "LSH_PADDED_QUERIES": (
+        "reformer-pytorch masks a padded query's whole row (the query and key padding masks multiplied), so a "
+        "padded token attends only to itself (the self value is written after the mask); HF and trax mask padded "
+        "keys only. Fails masking keys only under that preset, or rows under the others."
+    ),
+}
 
-class Dims(NamedTuple):
-    """Sizes of one case: qk (b, h, n, d), v (b, h, n, dv); dv = d when None."""
 
-    b: int
-    h: int
-    n: int
-    d: int
-    dv: int | None = None
+def qk_dims(b: int, h: int, n: int, d: int, dv: int | None = None) -> Dims:
+    """Sizes of a shared-QK problem: qk (b, h, n, d) (``dims.q_shape``), v (b, h, n, dv) (``dims.v_shape``)."""
+    return Dims(b, h, h, n, n, d, dv)
 
 
-def draw_qk(rng: np.random.Generator, rotations: np.ndarray, n_buckets, shape: tuple, *, std: float = 1.0,
+def draw_qk(rng: np.random.Generator, rotations: np.ndarray, num_buckets, shape: tuple, *, std: float = 1.0,
             min_margin: float = MIN_MARGIN, max_draws: int = 1000) -> np.ndarray:  # fmt: skip
     """Standard-normal ``qk`` (times ``std``), each token redrawn until all its decisions have ``min_margin``."""
     qk = std * rng.standard_normal(shape)
     for _ in range(max_draws):
-        low = bucket_margins(qk, rotations, n_buckets).min(axis=2) < min_margin  # (B, H, N)
+        low = bucket_margins(qk, rotations, num_buckets).min(axis=2) < min_margin  # (B, H, N)
         if not low.any():
             return qk
         qk[low] = std * rng.standard_normal((int(low.sum()), shape[-1]))
     raise RuntimeError(f"no qk with bucket margins >= {min_margin} after {max_draws} draws")
 
 
-def padded_tail(counts: tuple[int, ...]) -> Callable[[Dims], np.ndarray]:
+def padded_tail(counts: tuple[int, ...]) -> ArrayMaker:
     """Key padding mask (B, N): batch element ``b`` has its last ``counts[b]`` tokens padded."""
 
-    def make(dims: Dims) -> np.ndarray:
-        valid = np.ones((dims.b, dims.n), dtype=bool)
+    def make(rng: np.random.Generator, dims: Dims) -> np.ndarray:
+        valid = np.ones((dims.b, dims.nk), dtype=bool)
         for b, count in enumerate(counts):
-            valid[b, dims.n - count :] = False
+            valid[b, dims.nk - count :] = False
         return valid
 
     return make
 
 
-def _arrays(dims: Dims, n_buckets, n_hashes: int, std: float, per_example: bool, padding):
+def _arrays(dims: Dims, num_buckets, num_hashes: int, std: float, per_example: bool, padding: ArrayMaker | None):
     """``arrays(rng)``: rotations first, then qk (with margins), v and the padding mask."""
-    half = sum(bucket_factors(n_buckets)) // 2
+    half = sum(bucket_factors(num_buckets)) // 2
 
     def arrays(rng: np.random.Generator) -> dict:
         lead = (dims.b,) if per_example else ()
-        rotations = rng.standard_normal(lead + (dims.h, n_hashes, dims.d, half))
-        qk = draw_qk(rng, rotations, n_buckets, (dims.b, dims.h, dims.n, dims.d), std=std)
-        out = {"qk": qk, "v": rng.standard_normal((dims.b, dims.h, dims.n, dims.dv or dims.d)), "rotations": rotations}
+        rotations = rng.standard_normal(lead + (dims.hq, num_hashes, dims.d, half))
+        qk = draw_qk(rng, rotations, num_buckets, dims.q_shape, std=std)
+        out = {"qk": qk, "v": rng.standard_normal(dims.v_shape), "rotations": rotations}
         if padding is not None:
-            out["key_padding_mask"] = padding(dims)
+            out["key_padding_mask"] = padding(rng, dims)
         return out
 
     return arrays
 
 
-def _case(name: str, description: str, flags: tuple[str, ...], dims: Dims, *, n_buckets, n_hashes: int,
-          chunk_len: int, preset: str | None = None, causal: bool = False, padding=None, per_example: bool = False,
-          std: float = 1.0, **overrides) -> Case:  # fmt: skip
-    case_id = f"lsh/{name}"
-    params = dict(n_buckets=n_buckets, n_hashes=n_hashes, chunk_len=chunk_len, causal=causal)
+def _case(name: str, description: str, flags: tuple[str, ...], dims: Dims, *, num_buckets, num_hashes: int,
+          chunk_len: int, preset: str | None = None, causal: bool = False, padding: ArrayMaker | None = None,
+          per_example: bool = False, std: float = 1.0, **overrides) -> Case:  # fmt: skip
+    """One LSH case; ``overrides`` replace the preset's values of the behaviours (``presets.PARAMETERS``)."""
+    params = dict(num_buckets=num_buckets, num_hashes=num_hashes, chunk_len=chunk_len, causal=causal)
     params.update(preset_values(PRESETS[preset]), **overrides)
-    return Case(
-        id=case_id,
-        mechanism="lsh",
-        description=f"{description} Every bucket decision has margin >= {MIN_MARGIN}.",
-        flags=flags,
-        seed=zlib.crc32(case_id.encode()),
-        arrays=_arrays(dims, n_buckets, n_hashes, std, per_example, padding),
+    return make_case(
+        "lsh",
+        name,
+        f"{description} Every bucket decision has margin >= {MIN_MARGIN}.",
+        flags,
+        _arrays(dims, num_buckets, num_hashes, std, per_example, padding),
         params=params,
         differentiable=("qk", "v"),
         preset=preset,
@@ -108,71 +183,72 @@ def _case(name: str, description: str, flags: tuple[str, ...], dims: Dims, *, n_
 
 
 def cases() -> list[Case]:
+    """The LSH conformance cases, in reading order."""
     return [
         # --- canonical (preset None) ------------------------------------------------
         _case("two_rounds", "Two rounds of 4 buckets, N=32, chunks of 8: 8 chunks, the first wrapping to the last.",
               ("MULTI_ROUND_COMBINE", "WRAPPED_LOOKBACK", "LSH_STABLE_SORT", "LSH_KEY_NORMALISATION"),
-              Dims(1, 2, 32, 8), n_buckets=4, n_hashes=2, chunk_len=8),
+              qk_dims(1, 2, 32, 8), num_buckets=4, num_hashes=2, chunk_len=8),
         _case("partial_last_chunk", "N=20, 2 rounds, chunks of 16: chunk 1 holds the end of round 0 and the start of "
               "round 1, and the last chunk has 8 items.",
-              ("CHUNK_STRADDLES_ROUNDS", "WRAPPED_LOOKBACK"), Dims(1, 2, 20, 8), n_buckets=4, n_hashes=2, chunk_len=16),
+              ("CHUNK_STRADDLES_ROUNDS", "WRAPPED_LOOKBACK"), qk_dims(1, 2, 20, 8), num_buckets=4, num_hashes=2, chunk_len=16),
         _case("causal_padded", "Causal, batch element 1 has its last 7 tokens padded (padding bucket): token 0 sees "
               "only itself.",
-              ("SELF_ONLY_ROW", "PADDING_BUCKET", "LSH_CAUSAL_POSITIONS"), Dims(2, 1, 24, 8), n_buckets=4, n_hashes=2,
+              ("SELF_ONLY_ROW", "PADDING_BUCKET", "LSH_CAUSAL_POSITIONS"), qk_dims(2, 1, 24, 8), num_buckets=4, num_hashes=2,
               chunk_len=8, causal=True, padding=padded_tail((0, 7))),
         _case("dup_correction", "Count correction over 4 rounds of 2 buckets, N=16, chunks of 8: keys recur within "
               "and across rounds, through wrapped windows.",
-              ("DUP_COUNT", "DUP_COUNT_CROSS_ROUND"), Dims(1, 2, 16, 8), n_buckets=2, n_hashes=4, chunk_len=8,
+              ("DUP_COUNT", "DUP_COUNT_CROSS_ROUND"), qk_dims(1, 2, 16, 8), num_buckets=2, num_hashes=4, chunk_len=8,
               dup_correction=True),
         _case("look_ahead", "One chunk before and one after: the last chunk's next chunk is the first.",
-              ("WRAPPED_LOOKBACK",), Dims(1, 2, 24, 8), n_buckets=6, n_hashes=2, chunk_len=8, n_chunks_after=1),
+              ("WRAPPED_LOOKBACK",), qk_dims(1, 2, 24, 8), num_buckets=6, num_hashes=2, chunk_len=8, num_chunks_after=1),
         _case("factorised", "Buckets factorised as [4, 6] (24 per round): factor 0 is the least significant.",
-              ("LSH_FACTORISED_BUCKETS",), Dims(1, 2, 32, 8), n_buckets=[4, 6], n_hashes=2, chunk_len=8),
+              ("LSH_FACTORISED_BUCKETS",), qk_dims(1, 2, 32, 8), num_buckets=[4, 6], num_hashes=2, chunk_len=8),
         _case("window_repeats_chunk", "N=8 in one chunk of 8 with one chunk before: the window holds the chunk twice, "
               "every key counts twice.",
-              ("WRAPPED_LOOKBACK",), Dims(1, 2, 8, 8), n_buckets=2, n_hashes=1, chunk_len=8),
+              ("WRAPPED_LOOKBACK",), qk_dims(1, 2, 8, 8), num_buckets=2, num_hashes=1, chunk_len=8),
         # --- hf ------------------------------------------------------------------------
         _case("hf_two_rounds", "HF: two rounds of 4 buckets, N=32, chunks of 8.",
-              ("MULTI_ROUND_COMBINE", "WRAPPED_LOOKBACK"), Dims(1, 2, 32, 8), preset="hf", n_buckets=4, n_hashes=2,
+              ("MULTI_ROUND_COMBINE", "WRAPPED_LOOKBACK"), qk_dims(1, 2, 32, 8), preset="hf", num_buckets=4, num_hashes=2,
               chunk_len=8),
-        _case("hf_factorised", "HF: buckets [2, 4], N=64, two rounds.", ("LSH_FACTORISED_BUCKETS",), Dims(1, 1, 64, 8),
-              preset="hf", n_buckets=[2, 4], n_hashes=2, chunk_len=8),
+        _case("hf_factorised", "HF: buckets [2, 4], N=64, two rounds.", ("LSH_FACTORISED_BUCKETS",), qk_dims(1, 1, 64, 8),
+              preset="hf", num_buckets=[2, 4], num_hashes=2, chunk_len=8),
         _case("hf_causal_padded", "HF, causal; only batch element 1 is padded (last 10 tokens), yet both get the "
               "padding bucket (HF decides over the batch).",
-              ("PADDING_BUCKET", "SELF_ONLY_ROW", "LSH_CAUSAL_POSITIONS"), Dims(2, 1, 32, 8), preset="hf",
-              n_buckets=4, n_hashes=2, chunk_len=8, causal=True, padding=padded_tail((0, 10))),
-        _case("hf_straddle", "HF: N=24, 2 rounds, chunks of 16 (n_hashes·N = 48): chunk 1 straddles the rounds.",
-              ("CHUNK_STRADDLES_ROUNDS",), Dims(1, 2, 24, 8), preset="hf", n_buckets=4, n_hashes=2, chunk_len=16),
+              ("PADDING_BUCKET", "SELF_ONLY_ROW", "LSH_CAUSAL_POSITIONS"), qk_dims(2, 1, 32, 8), preset="hf",
+              num_buckets=4, num_hashes=2, chunk_len=8, causal=True, padding=padded_tail((0, 10))),
+        _case("hf_straddle", "HF: N=24, 2 rounds, chunks of 16 (num_hashes·N = 48): chunk 1 straddles the rounds.",
+              ("CHUNK_STRADDLES_ROUNDS",), qk_dims(1, 2, 24, 8), preset="hf", num_buckets=4, num_hashes=2, chunk_len=16),
         _case("hf_short_sequence", "HF: N=24 <= chunk_len=32 with 4 rounds: one dense round over all keys (the LSH "
               "path would give 3 chunks of uneven windows).",
-              ("SHORT_SEQUENCE_FALLBACK",), Dims(1, 2, 24, 8), preset="hf", n_buckets=4, n_hashes=4, chunk_len=32),
+              ("SHORT_SEQUENCE_FALLBACK",), qk_dims(1, 2, 24, 8), preset="hf", num_buckets=4, num_hashes=4, chunk_len=32),
         _case("hf_look_ahead", "HF: no chunk before, one after; the last chunk wraps to the first.",
-              ("WRAPPED_LOOKBACK",), Dims(1, 2, 32, 8), preset="hf", n_buckets=4, n_hashes=2, chunk_len=8,
-              n_chunks_before=0, n_chunks_after=1),
+              ("WRAPPED_LOOKBACK",), qk_dims(1, 2, 32, 8), preset="hf", num_buckets=4, num_hashes=2, chunk_len=8,
+              num_chunks_before=0, num_chunks_after=1),
         # --- trax ----------------------------------------------------------------------
         _case("trax_masked", "trax: a mask is given, so the padding bucket exists even for the unpadded element 0; "
               "element 1 has 20 padded tokens, some seeing only padded tokens (-1e9 added to all of them); rotations "
               "per example.",
-              ("PADDING_BUCKET", "LSH_MASK_MODE"), Dims(2, 1, 32, 8), preset="trax", n_buckets=4, n_hashes=2,
+              ("PADDING_BUCKET", "LSH_MASK_MODE"), qk_dims(2, 1, 32, 8), preset="trax", num_buckets=4, num_hashes=2,
               chunk_len=8, padding=padded_tail((0, 20)), per_example=True),
         _case("trax_causal", "trax, causal: token 0's logit with itself is its score minus 1e5.",
-              ("SELF_ONLY_ROW", "LSH_MASK_MODE", "MULTI_ROUND_COMBINE"), Dims(1, 2, 32, 8), preset="trax",
-              n_buckets=4, n_hashes=2, chunk_len=8, causal=True),
+              ("SELF_ONLY_ROW", "LSH_MASK_MODE", "MULTI_ROUND_COMBINE"), qk_dims(1, 2, 32, 8), preset="trax",
+              num_buckets=4, num_hashes=2, chunk_len=8, causal=True),
         # --- lucidrains -----------------------------------------------------------------
         _case("lucidrains_two_rounds", "lucidrains: l2-normalised keys, logits scaled by 1/sqrt(D), N=32, buckets "
               "N/chunk_len = 4, two rounds.",
-              ("LSH_KEY_NORMALISATION", "MULTI_ROUND_COMBINE"), Dims(1, 2, 32, 8), preset="lucidrains", n_buckets=4,
-              n_hashes=2, chunk_len=8),
+              ("LSH_KEY_NORMALISATION", "MULTI_ROUND_COMBINE"), qk_dims(1, 2, 32, 8), preset="lucidrains", num_buckets=4,
+              num_hashes=2, chunk_len=8),
         _case("lucidrains_padded_queries", "lucidrains: the last 10 tokens are padded and, as queries, see only "
               "themselves.",
-              ("LSH_PADDED_QUERIES",), Dims(1, 2, 32, 8), preset="lucidrains", n_buckets=4, n_hashes=2, chunk_len=8,
+              ("LSH_PADDED_QUERIES",), qk_dims(1, 2, 32, 8), preset="lucidrains", num_buckets=4, num_hashes=2, chunk_len=8,
               padding=padded_tail((10,))),
         _case("lucidrains_dup_correction", "allow_duplicate_attention=False: keys seen through the first chunk's "
               "wrapped window and across rounds count too (reformer-pytorch's own count misses them).",
-              ("DUP_COUNT", "DUP_COUNT_CROSS_ROUND"), Dims(1, 2, 32, 8), preset="lucidrains", n_buckets=4, n_hashes=2,
+              ("DUP_COUNT", "DUP_COUNT_CROSS_ROUND"), qk_dims(1, 2, 32, 8), preset="lucidrains", num_buckets=4, num_hashes=2,
               chunk_len=8, dup_correction=True),
         _case("lucidrains_short_sequence", "lucidrains: N=24 <= bucket_size=32 with 4 rounds: full attention (the "
               "LSH path would give 3 chunks of uneven windows).",
-              ("SHORT_SEQUENCE_FALLBACK",), Dims(1, 2, 24, 8), preset="lucidrains", n_buckets=2, n_hashes=4,
+              ("SHORT_SEQUENCE_FALLBACK",), qk_dims(1, 2, 24, 8), preset="lucidrains", num_buckets=2, num_hashes=4,
               chunk_len=32),
     ]  # fmt: skip

@@ -1,7 +1,7 @@
 """Checked inputs of one LSH-attention call, shared by every LSH backend.
 
-Every backend calls :func:`check_lsh_inputs` first, so bad input is rejected
-identically, and before anything is computed, whichever backend runs.
+The registry calls :func:`check_lsh_inputs` once, before any backend runs, so
+bad input is rejected identically whichever backend is asked for.
 """
 
 from __future__ import annotations
@@ -13,26 +13,17 @@ import numpy as np
 
 from ..core import checks
 from ..core.errors import SpecError
-from . import presets as presets_module
+from ..core.presets import FROM_PRESET
 from .presets import (
     KEY_NORMS,
     MASK_MODES,
     PADDING_BUCKETS,
+    PARAMETERS,
     PRESETS,
     SHORT_SEQUENCE,
     Preset,
+    preset_values,
 )
-
-
-class _FromPreset:
-    """Default of a preset-controlled parameter: take the preset's value."""
-
-    def __repr__(self) -> str:
-        return "<from preset>"
-
-
-#: Default of every preset-controlled argument of ``lsh_attention``.
-FROM_PRESET = _FromPreset()
 
 
 @dataclass(frozen=True)
@@ -40,19 +31,19 @@ class LSHInputs:
     """Checked arguments of one call; arrays in the caller's dtype.
 
     ``factors`` are the bucket counts of the hash factors (one for an int
-    ``n_buckets``); ``rotations`` is (B, H, R, D, P), broadcast along the batch
-    when it was given as (H, R, D, P); ``valid`` is the key padding mask
-    broadcast to (B, N), or None.
+    ``num_buckets``); ``rotations`` is (B, H, R, D, P) with ``R = num_hashes``,
+    broadcast along the batch when it was given as (H, R, D, P); ``valid`` is
+    ``key_padding_mask`` broadcast to (B, N), or None.
     """
 
     qk: np.ndarray  # (B, H, N, D)
     v: np.ndarray  # (B, H, N, Dv)
     rotations: np.ndarray  # (B, H, R, D, P), P = sum(factors) // 2
     factors: tuple[int, ...]
-    n_hashes: int
+    num_hashes: int
     chunk_len: int
-    n_chunks_before: int
-    n_chunks_after: int
+    num_chunks_before: int
+    num_chunks_after: int
     causal: bool
     valid: np.ndarray | None  # (B, N) bool, True = real token
     scale: float
@@ -65,13 +56,18 @@ class LSHInputs:
     padding_bucket: str
     dup_correction: bool
     short_sequence: str
+    return_rounds: bool
+
+    def cotangent_shapes(self) -> dict:
+        """Shapes of ``dout`` and ``dlse``: those of ``out`` (B, H, N, Dv) and ``lse`` (B, H, N)."""
+        return {"dout": self.v.shape, "dlse": self.v.shape[:3]}
 
     @property
     def length(self) -> int:
         return self.qk.shape[2]
 
     @property
-    def n_buckets(self) -> int:
+    def num_buckets(self) -> int:
         """Buckets of one round from hashing: the product of the factors."""
         return int(np.prod(self.factors))
 
@@ -104,29 +100,29 @@ def _integer(x, name: str, minimum: int) -> int:
     return int(x)
 
 
-def bucket_factors(n_buckets) -> tuple[int, ...]:
-    """``n_buckets`` as a tuple of even factors: ``8`` -> ``(8,)``, ``[4, 6]`` -> ``(4, 6)``."""
+def bucket_factors(num_buckets) -> tuple[int, ...]:
+    """``num_buckets`` as a tuple of even factors: ``8`` -> ``(8,)``, ``[4, 6]`` -> ``(4, 6)``."""
     expected = "an even int >= 2, or a non-empty list of them (factorised buckets)"
-    given = list(n_buckets) if isinstance(n_buckets, (list, tuple)) else [n_buckets]
+    given = list(num_buckets) if isinstance(num_buckets, (list, tuple)) else [num_buckets]
     if not given:
-        raise SpecError("n_buckets", expected, repr(n_buckets))
+        raise SpecError("num_buckets", expected, repr(num_buckets))
     for factor in given:
         if isinstance(factor, bool) or not isinstance(factor, numbers.Integral) or factor < 2 or factor % 2:
-            raise SpecError("n_buckets", expected, repr(n_buckets))
+            raise SpecError("num_buckets", expected, repr(num_buckets))
     return tuple(int(f) for f in given)
 
 
-def checked_rotations(rotations, batch: int, heads: int, n_hashes: int, head_dim: int, factors: tuple[int, ...]) -> np.ndarray:
+def checked_rotations(rotations, batch: int, heads: int, num_hashes: int, head_dim: int, factors: tuple[int, ...]) -> np.ndarray:
     """(H, R, D, P) or (B, H, R, D, P) -> (B, H, R, D, P), P = sum of factor / 2."""
     half = sum(factors) // 2
-    wanted = f"(H, R, D, P) = {(heads, n_hashes, head_dim, half)} or (B, H, R, D, P) = {(batch, heads, n_hashes, head_dim, half)}"
+    wanted = f"(H, R, D, P) = {(heads, num_hashes, head_dim, half)} or (B, H, R, D, P) = {(batch, heads, num_hashes, head_dim, half)}"
     if not isinstance(rotations, np.ndarray) or rotations.ndim not in (4, 5):
         given = f"shape {rotations.shape}" if isinstance(rotations, np.ndarray) else type(rotations).__name__
         raise SpecError("rotations", wanted, given)
-    if rotations.shape[-4:] != (heads, n_hashes, head_dim, half) or (rotations.ndim == 5 and rotations.shape[0] != batch):
+    if rotations.shape[-4:] != (heads, num_hashes, head_dim, half) or (rotations.ndim == 5 and rotations.shape[0] != batch):
         raise SpecError("rotations", wanted, f"shape {rotations.shape}")
     rotations = checks.float_array(rotations, "rotations")
-    return np.broadcast_to(rotations, (batch, heads, n_hashes, head_dim, half))
+    return np.broadcast_to(rotations, (batch, heads, num_hashes, head_dim, half))
 
 
 def checked_key_padding_mask(mask, batch: int, length: int) -> np.ndarray | None:
@@ -164,16 +160,16 @@ def resolve_preset(preset, overrides: dict) -> tuple[Preset, dict]:
     if not (preset is None or isinstance(preset, str)) or preset not in PRESETS:
         raise SpecError("preset", f"None or one of {[p for p in PRESETS if p]}", repr(preset))
     chosen = PRESETS[preset]
-    values = presets_module.preset_values(chosen)
+    values = preset_values(chosen)
     values.update({name: value for name, value in overrides.items() if value is not FROM_PRESET})
     return chosen, values
 
 
-def _check_length_rule(rule: str, preset: str | None, length: int, n_hashes: int, chunk_len: int) -> None:
-    if rule == "rounds_multiple" and (n_hashes * length) % chunk_len:
+def _check_length_rule(rule: str, preset: str | None, length: int, num_hashes: int, chunk_len: int) -> None:
+    if rule == "rounds_multiple" and (num_hashes * length) % chunk_len:
         raise SpecError(
             "chunk_len",
-            f"a divisor of n_hashes · N = {n_hashes * length} (the {preset} preset reshapes the sorted rounds into chunks)",
+            f"a divisor of num_hashes · N = {num_hashes * length} (the {preset} preset reshapes the sorted rounds into chunks)",
             repr(chunk_len),
         )
     if rule == "double_chunk" and length % (2 * chunk_len):
@@ -182,13 +178,17 @@ def _check_length_rule(rule: str, preset: str | None, length: int, n_hashes: int
         )
 
 
-def check_lsh_inputs(qk, v, *, rotations, n_buckets, n_hashes, chunk_len, causal, key_padding_mask, preset,
-                     **preset_controlled) -> LSHInputs:  # fmt: skip
+def check_lsh_inputs(
+    qk, v, *, rotations, num_buckets, num_hashes, chunk_len, causal, key_padding_mask, num_chunks_before,
+    num_chunks_after, key_norm, key_norm_eps, scale, self_mask_value, mask_value, mask_mode, mask_padded_queries,
+    padding_bucket, dup_correction, short_sequence, preset, return_rounds,
+) -> LSHInputs:  # fmt: skip
     """Check every argument of ``lsh_attention``; raise :class:`SpecError` on the first bad one.
 
-    ``preset_controlled`` holds the arguments a preset sets (names in
-    ``presets.PARAMETERS``), :data:`FROM_PRESET` where not given.
+    The preset-controlled arguments (``presets.PARAMETERS``) are
+    :data:`~refattn.core.presets.FROM_PRESET` where the caller gave none.
     """
+    arguments = locals()
     for name, x in (("qk", qk), ("v", v)):
         if isinstance(x, np.ndarray) and x.ndim != 4:
             raise SpecError(name, "4 dimensions (B, H, N, D)", f"shape {x.shape}")
@@ -198,20 +198,20 @@ def check_lsh_inputs(qk, v, *, rotations, n_buckets, n_hashes, chunk_len, causal
     if min(qk.shape) == 0 or v.shape[3] == 0:
         raise SpecError("qk, v", "non-empty dimensions", f"shapes {qk.shape}, {v.shape}")
     batch, heads, length, head_dim = qk.shape
-    factors = bucket_factors(n_buckets)
-    n_hashes = _integer(n_hashes, "n_hashes", 1)
+    factors = bucket_factors(num_buckets)
+    num_hashes = _integer(num_hashes, "num_hashes", 1)
     chunk_len = _integer(chunk_len, "chunk_len", 1)
-    rotations = checked_rotations(rotations, batch, heads, n_hashes, head_dim, factors)
-    chosen, p = resolve_preset(preset, preset_controlled)
+    rotations = checked_rotations(rotations, batch, heads, num_hashes, head_dim, factors)
+    chosen, p = resolve_preset(preset, {name: arguments[name] for name in PARAMETERS})
     inputs = LSHInputs(
         qk=qk,
         v=v,
         rotations=rotations,
         factors=factors,
-        n_hashes=n_hashes,
+        num_hashes=num_hashes,
         chunk_len=chunk_len,
-        n_chunks_before=_integer(p["n_chunks_before"], "n_chunks_before", 0),
-        n_chunks_after=_integer(p["n_chunks_after"], "n_chunks_after", 0),
+        num_chunks_before=_integer(p["num_chunks_before"], "num_chunks_before", 0),
+        num_chunks_after=_integer(p["num_chunks_after"], "num_chunks_after", 0),
         causal=checks.flag(causal, "causal"),
         valid=checked_key_padding_mask(key_padding_mask, batch, length),
         scale=checks.scale(p["scale"], head_dim),
@@ -224,7 +224,8 @@ def check_lsh_inputs(qk, v, *, rotations, n_buckets, n_hashes, chunk_len, causal
         padding_bucket=checks.choice(p["padding_bucket"], "padding_bucket", PADDING_BUCKETS),
         dup_correction=checks.flag(p["dup_correction"], "dup_correction"),
         short_sequence=checks.choice(p["short_sequence"], "short_sequence", SHORT_SEQUENCE),
+        return_rounds=checks.flag(return_rounds, "return_rounds"),
     )
     if not inputs.short:
-        _check_length_rule(chosen.length_rule, chosen.name, length, n_hashes, chunk_len)
+        _check_length_rule(chosen.length_rule, chosen.name, length, num_hashes, chunk_len)
     return inputs

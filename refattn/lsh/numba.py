@@ -1,10 +1,10 @@
 """LSH attention (Reformer) on CPU: Numba kernels.
 
-The same function as :mod:`refattn.lsh.reference`, with the same names and
-parameters (less ``precision`` and ``backend``) and the step numbers
-(1)-(12) of spec/lsh.md, computed in O(N·chunk_len) memory: no (N, N) and
-no (chunks, L, window) array ever exists. Inputs are checked by the
-reference's own :func:`refattn.lsh.inputs.check_lsh_inputs`, so bad input is
+The same function as :mod:`refattn.lsh.reference`, with its names and the
+step numbers (1)-(12) of spec/lsh.md, computed in O(N·chunk_len) memory: no
+(N, N) and no (chunks, L, window) array ever exists. The backend of
+``lsh_attention(..., backend="numba")``: :func:`forward` and :func:`vjp` take
+the inputs :func:`refattn.lsh.inputs.check_lsh_inputs` checked, so bad input is
 rejected identically whichever backend runs.
 
 Forward
@@ -44,8 +44,9 @@ exp(lse_{r,i} - LSE_i)`` (12') and ``P`` step (10)'s weights,
     dq_i += scale ds_ij u_j,   du_j += scale ds_ij x_i
 
 (the ``dout_i · o_r`` terms of ``dlse_r`` and of the softmax's row sum
-cancel), so the backward needs only the combined ``out`` and ``LSE``, which
-it recomputes with the forward kernels (the VJP takes no saved state).
+cancel), so the backward needs only the combined ``out`` and ``LSE``: those
+of ``saved`` (this backend's forward) when the caller passes it, otherwise
+recomputed with the forward kernels. Hashing and sorting run again either way.
 
 ``_backward_kernel`` works per run as the forward does, accumulating in its
 tiles each query's ``dq``, each key's ``dv`` and its key gradient through
@@ -67,8 +68,8 @@ have the margins the conformance inputs are drawn with
 dtype, the constants (self value, mask value) added to it in float64 and
 the sum rounded to the compute dtype, then ``-log n_ij`` likewise, as the
 reference's ``astype`` rounds them (its add mode rounds after each
-constant: an ulp of the constant apart). ``exp`` is the dense kernels' vectorisable
-``_exp_nonpositive``. Kernels compile on first call (``cache=True`` keeps
+constant: an ulp of the constant apart). ``exp`` is the shared tile library's
+vectorisable ``exp_nonpositive`` (refattn/core/tiles.py). Kernels compile on first call (``cache=True`` keeps
 them between sessions).
 
 Tiles are key-major (keys x queries) as in the dense kernels, so that each
@@ -84,10 +85,9 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from ..core.checks import cotangent
-from ..core.results import Grads, Result
-from ..dense.numba import _compute_dtype, _exp_nonpositive, _frozen
-from .inputs import FROM_PRESET, LSHInputs, check_lsh_inputs
+from ..core.results import Cotangents, Grads, Result
+from ..core.tiles import compute_dtype, exp_nonpositive, frozen
+from .inputs import LSHInputs
 from .reference import window_multiplicity
 
 TOKEN_BLOCK = 64  # tokens per work item of the hashing and combining kernels
@@ -95,36 +95,12 @@ COUNTING_SORT_RATIO = 4  # counting sort while the bucket ids are at most this m
 RUN_ROWS = 512  # a run holds about this many sorted items (S·chunk_len): its tiles stay in a core's L2 cache
 
 # --------------------------------------------------------------------------
-# Public functions: the same keyword parameters as reference.py.
+# The backend: forward and VJP over checked inputs.
 # --------------------------------------------------------------------------
 
 
-def lsh_attention(
-    qk,
-    v,
-    *,
-    rotations,
-    n_buckets,
-    n_hashes,
-    chunk_len,
-    causal=False,
-    key_padding_mask=None,
-    n_chunks_before=FROM_PRESET,
-    n_chunks_after=FROM_PRESET,
-    key_norm=FROM_PRESET,
-    key_norm_eps=FROM_PRESET,
-    scale=FROM_PRESET,
-    self_mask_value=FROM_PRESET,
-    mask_value=FROM_PRESET,
-    mask_mode=FROM_PRESET,
-    mask_padded_queries=FROM_PRESET,
-    padding_bucket=FROM_PRESET,
-    dup_correction=FROM_PRESET,
-    short_sequence=FROM_PRESET,
-    preset=None,
-    return_rounds=False,
-) -> Result:
-    """Reformer's LSH self-attention, chunked; see :func:`refattn.lsh.reference.lsh_attention`.
+def forward(x: LSHInputs) -> Result:
+    """Steps (1)-(12) in the compute dtype.
 
     Returns
     -------
@@ -135,45 +111,23 @@ def lsh_attention(
         int64 (none on the short-sequence path); with ``return_rounds``,
         ``round_out`` (B, H, R, N, Dv) and ``round_lse`` (B, H, R, N).
     """
-    x = check_lsh_inputs(qk, v, **_params(locals()))
     args = _Arrays.build(x)
     plan = _plan(x, args)
     round_out, round_lse = _attend(args, plan)
-    out, lse = _combine(round_out, round_lse, plan.n_rounds)
+    out, lse = _combine(round_out, round_lse, plan.num_rounds)
     b, h, n, dv = out.shape
     aux = {} if plan.buckets is None else {"buckets": plan.buckets, "permutation": plan.permutation}
-    if return_rounds:
-        aux.update(round_out=round_out.reshape(b, h, plan.n_rounds, n, dv), round_lse=round_lse.reshape(b, h, plan.n_rounds, n))
+    if x.return_rounds:
+        rounds = plan.num_rounds  # R'
+        aux.update(round_out=round_out.reshape(b, h, rounds, n, dv), round_lse=round_lse.reshape(b, h, rounds, n))
     return Result(out=out, lse=lse, aux=aux)
 
 
-def lsh_attention_vjp(
-    dout,
-    qk,
-    v,
-    *,
-    dlse=None,
-    rotations,
-    n_buckets,
-    n_hashes,
-    chunk_len,
-    causal=False,
-    key_padding_mask=None,
-    n_chunks_before=FROM_PRESET,
-    n_chunks_after=FROM_PRESET,
-    key_norm=FROM_PRESET,
-    key_norm_eps=FROM_PRESET,
-    scale=FROM_PRESET,
-    self_mask_value=FROM_PRESET,
-    mask_value=FROM_PRESET,
-    mask_mode=FROM_PRESET,
-    mask_padded_queries=FROM_PRESET,
-    padding_bucket=FROM_PRESET,
-    dup_correction=FROM_PRESET,
-    short_sequence=FROM_PRESET,
-    preset=None,
-) -> Grads:
-    """Gradients of :func:`lsh_attention`, buckets held fixed; see :func:`refattn.lsh.reference.lsh_attention_vjp`.
+def vjp(x: LSHInputs, cotangents: Cotangents, saved: Result | None = None) -> Grads:
+    """Steps (12')-(1'), buckets held fixed.
+
+    ``saved``, the Result :func:`forward` returned for ``x``, spares
+    recomputing ``out`` and ``lse``; hashing and sorting run again.
 
     Returns
     -------
@@ -181,41 +135,30 @@ def lsh_attention_vjp(
         ``qk`` (B, H, N, D), the query role plus the key role through the
         normalisation of step (6), and ``v`` (B, H, N, Dv), in the compute dtype.
     """
-    x = check_lsh_inputs(qk, v, **_params(locals()))
     b, h, n, dv = x.v.shape
-    dout = cotangent(dout, "dout", (b, h, n, dv))
-    dlse = None if dlse is None else cotangent(dlse, "dlse", (b, h, n))
     args = _Arrays.build(x)
     dtype = args.qk.dtype
     plan = _plan(x, args)
-    # The forward once more, for out and LSE.
-    out, lse = _combine(*_attend(args, plan), plan.n_rounds)
-    dout = _contiguous(dout, dtype)  # (B, H, N, Dv)
-    dlse = np.zeros(lse.shape, dtype) if dlse is None else np.ascontiguousarray(dlse, dtype=dtype)
+    if saved is None:  # the forward once more, for out and LSE
+        out, lse = _combine(*_attend(args, plan), plan.num_rounds)
+    else:
+        out, lse = _contiguous(saved.out, dtype), _contiguous(saved.lse, dtype)
+    dout = _contiguous(cotangents.dout, dtype)  # (B, H, N, Dv)
+    dlse = np.zeros(lse.shape, dtype) if cotangents.dlse is None else _contiguous(cotangents.dlse, dtype)
     # (12') folded into (10'): ds = P̃ (dout · v + dLSE - dout · out); a token without keys has P̃ = 0.
-    row_term = _frozen((dlse - np.einsum("bhne,bhne->bhn", dout, out)).astype(dtype))  # (B, H, N)
-    lse_for_p = _frozen(np.where(np.isneginf(lse), np.inf, lse).astype(dtype))  # (B, H, N)
-    d_items = np.zeros((b, h, plan.n_rounds * n, args.qk.shape[3]), dtype)  # (B, H, R'·N, D): dq and dx per item
-    dv_items = np.zeros((b, h, plan.n_rounds * n, dv), dtype)  # (B, H, R'·N, Dv)
-    for runs in _run_colours(plan.n_runs):
+    row_term = frozen((dlse - np.einsum("bhne,bhne->bhn", dout, out)).astype(dtype))  # (B, H, N)
+    lse_for_p = frozen(np.where(np.isneginf(lse), np.inf, lse).astype(dtype))  # (B, H, N)
+    d_items = np.zeros((b, h, plan.num_rounds * n, args.qk.shape[3]), dtype)  # (B, H, R'·N, D): dq and dx per item
+    dv_items = np.zeros((b, h, plan.num_rounds * n, dv), dtype)  # (B, H, R'·N, Dv)
+    for runs in _run_colours(plan.num_runs):
         _backward_kernel(
             args.qk, args.rho, args.projected, args.v, *plan.chunks(), runs, dout, lse_for_p, row_term,
             *args.logits(), *plan.counts(), d_items, dv_items,
         )  # fmt: skip
     # (11')-(12') Each token's rounds, summed; (5')-(1') nothing flows through the discrete steps.
-    d_qk = d_items.reshape(b, h, plan.n_rounds, n, -1).sum(axis=2)
-    d_v = dv_items.reshape(b, h, plan.n_rounds, n, dv).sum(axis=2)
+    d_qk = d_items.reshape(b, h, plan.num_rounds, n, -1).sum(axis=2)
+    d_v = dv_items.reshape(b, h, plan.num_rounds, n, dv).sum(axis=2)
     return Grads(qk=d_qk, v=d_v)
-
-
-def _params(arguments: dict) -> dict:
-    """The arguments ``check_lsh_inputs`` takes, from a public function's ``locals()``."""
-    names = (
-        "rotations", "n_buckets", "n_hashes", "chunk_len", "causal", "key_padding_mask", "scale",
-        "n_chunks_before", "n_chunks_after", "key_norm", "key_norm_eps", "self_mask_value", "mask_value",
-        "mask_mode", "mask_padded_queries", "padding_bucket", "dup_correction", "short_sequence", "preset",
-    )  # fmt: skip
-    return {name: arguments[name] for name in names}
 
 
 # --------------------------------------------------------------------------
@@ -249,7 +192,7 @@ class _Arrays:
 
     @staticmethod
     def build(x: LSHInputs) -> "_Arrays":
-        dtype = _compute_dtype(x.qk)
+        dtype = compute_dtype(x.qk)
         real = dtype.type
         qk = _contiguous(x.qk, dtype)
         # (6) Key norms.
@@ -260,8 +203,8 @@ class _Arrays:
         return _Arrays(
             qk=qk,
             v=_contiguous(x.v, dtype),
-            rho=_frozen(rho),
-            projected=_frozen(projected),
+            rho=frozen(rho),
+            projected=frozen(projected),
             rotations=_contiguous(rotations, dtype),
             scale=real(x.scale),
             causal=x.causal,
@@ -282,7 +225,7 @@ class _Arrays:
 
 def _contiguous(x: np.ndarray, dtype) -> np.ndarray:
     """``x`` as a read-only C-contiguous array of ``dtype`` (no copy when it already is one)."""
-    return _frozen(np.ascontiguousarray(x, dtype=dtype))
+    return frozen(np.ascontiguousarray(x, dtype=dtype))
 
 
 @dataclass(frozen=True)
@@ -295,9 +238,9 @@ class _Plan:
 
     buckets: np.ndarray | None  # (B, H, R, N) int64
     permutation: np.ndarray  # (B, H, R'·N) int64: slot -> item r·N + n
-    n_rounds: int  # R'
+    num_rounds: int  # R', the rounds combined in step (12): num_hashes, or 1 on the short path
     chunk_len: int
-    n_chunks: int  # C
+    num_chunks: int  # C
     before: int
     after: int
     run_len: int  # S chunks per run, at least before + after
@@ -306,8 +249,8 @@ class _Plan:
     multiplicity: np.ndarray  # (C,) int64: m[δ] of step (9)
 
     @property
-    def n_runs(self) -> int:
-        return -(-self.n_chunks // self.run_len)
+    def num_runs(self) -> int:
+        return -(-self.num_chunks // self.run_len)
 
     def chunks(self) -> tuple:
         """Arguments of step (5), in the kernels' order."""
@@ -320,59 +263,60 @@ class _Plan:
 
 def _plan(x: LSHInputs, args: _Arrays) -> _Plan:
     b, h, n, _ = args.qk.shape
-    no_counts = _frozen(np.zeros((1, 1, 1), np.int64))
+    no_counts = frozen(np.zeros((1, 1, 1), np.int64))
     if x.short:
         # (S) One dense round: every token attends to every token once.
-        identity = _frozen(np.ascontiguousarray(np.broadcast_to(np.arange(n, dtype=np.int64), (b, h, n))))
+        identity = frozen(np.ascontiguousarray(np.broadcast_to(np.arange(n, dtype=np.int64), (b, h, n))))
         return _Plan(None, identity, 1, x.chunk_len, 1, 0, 0, 1, False, no_counts, np.ones(1, np.int64))
     # (1)-(3) Buckets, round offsets included.
     padding = x.has_padding_bucket
-    n_round = x.n_buckets + 1 if padding else x.n_buckets
-    buckets = np.empty((b, h, x.n_hashes, n), np.int64)
+    buckets_per_round = x.num_buckets + 1 if padding else x.num_buckets  # F'
+    buckets = np.empty((b, h, x.num_hashes, n), np.int64)
     factors = np.array(x.factors, np.int64)
-    _hash_kernel(args.qk, args.rotations, factors, x.n_buckets, n_round, padding, args.valid, buckets)
+    _hash_kernel(args.qk, args.rotations, factors, x.num_buckets, buckets_per_round, padding, args.valid, buckets)
     # (4) Stable sort of the R·N items by bucket.
-    n_items = x.n_hashes * n
-    permutation = np.empty((b, h, n_items), np.int64)
-    inverse = np.empty((b, h, n_items), np.int64)
-    _sort_kernel(buckets, x.n_hashes * n_round, permutation, inverse)
+    num_items = x.num_hashes * n
+    permutation = np.empty((b, h, num_items), np.int64)
+    inverse = np.empty((b, h, num_items), np.int64)
+    _sort_kernel(buckets, x.num_hashes * buckets_per_round, permutation, inverse)
     # (5) Chunks over the concatenated rounds; windows wrap modulo C.
-    n_chunks = -(-n_items // x.chunk_len)
-    run_len = max(RUN_ROWS // x.chunk_len, x.n_chunks_before + x.n_chunks_after, 1)
-    multiplicity = window_multiplicity(n_chunks, x.n_chunks_before, x.n_chunks_after)
-    item_chunk = _frozen(inverse // x.chunk_len) if x.dup_correction else no_counts
-    return _Plan(buckets, _frozen(permutation), x.n_hashes, x.chunk_len, n_chunks, x.n_chunks_before,
-                 x.n_chunks_after, run_len, x.dup_correction, item_chunk, multiplicity)  # fmt: skip
+    num_chunks = -(-num_items // x.chunk_len)
+    run_len = max(RUN_ROWS // x.chunk_len, x.num_chunks_before + x.num_chunks_after, 1)
+    # (9) What the duplicate count needs: the chunk of every item and the window multiplicities.
+    multiplicity = window_multiplicity(num_chunks, x.num_chunks_before, x.num_chunks_after)
+    item_chunk = frozen(inverse // x.chunk_len) if x.dup_correction else no_counts
+    return _Plan(buckets, frozen(permutation), x.num_hashes, x.chunk_len, num_chunks, x.num_chunks_before,
+                 x.num_chunks_after, run_len, x.dup_correction, item_chunk, multiplicity)  # fmt: skip
 
 
 def _attend(args: _Arrays, plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
     """Steps (5), (7)-(11): each round's output and log-sum-exp per item, (B, H, R'·N, Dv) and (B, H, R'·N)."""
-    b, h, n_items = plan.permutation.shape
-    round_out = np.empty((b, h, n_items, args.v.shape[3]), args.qk.dtype)
-    round_lse = np.empty((b, h, n_items), args.qk.dtype)
+    b, h, num_items = plan.permutation.shape
+    round_out = np.empty((b, h, num_items, args.v.shape[3]), args.qk.dtype)
+    round_lse = np.empty((b, h, num_items), args.qk.dtype)
     _forward_kernel(args.qk, args.rho, args.v, *plan.chunks(), *args.logits(), *plan.counts(), round_out, round_lse)
     return round_out, round_lse
 
 
-def _combine(round_out: np.ndarray, round_lse: np.ndarray, n_rounds: int) -> tuple[np.ndarray, np.ndarray]:
+def _combine(round_out: np.ndarray, round_lse: np.ndarray, num_rounds: int) -> tuple[np.ndarray, np.ndarray]:
     """Step (12): ``out`` (B, H, N, Dv) and ``lse`` (B, H, N) from the rounds' results per item."""
-    b, h, n_items, dv = round_out.shape
-    out = np.empty((b, h, n_items // n_rounds, dv), round_out.dtype)
-    lse = np.empty((b, h, n_items // n_rounds), round_out.dtype)
-    _combine_kernel(round_out, round_lse, n_rounds, out, lse)
+    b, h, num_items, dv = round_out.shape
+    out = np.empty((b, h, num_items // num_rounds, dv), round_out.dtype)
+    lse = np.empty((b, h, num_items // num_rounds), round_out.dtype)
+    _combine_kernel(round_out, round_lse, num_rounds, out, lse)
     return out, lse
 
 
-def _run_colours(n_runs: int) -> list[np.ndarray]:
+def _run_colours(num_runs: int) -> list[np.ndarray]:
     """Groups of runs that share no chunk: even and odd runs but the last two, then each of those.
 
     Run ``i`` touches chunks ``i·S - before … (i+1)·S - 1 + after`` (mod C).
     With ``S ≥ before + after``, runs two apart are disjoint; only the first
     run wraps around, onto the last two.
     """
-    paired = max(n_runs - 2, 0)
+    paired = max(num_runs - 2, 0)
     colours = [np.arange(p, paired, 2, dtype=np.int64) for p in range(min(2, paired))]
-    return colours + [np.array([i], np.int64) for i in range(paired, n_runs)]
+    return colours + [np.array([i], np.int64) for i in range(paired, num_runs)]
 
 
 # --------------------------------------------------------------------------
@@ -381,14 +325,14 @@ def _run_colours(n_runs: int) -> list[np.ndarray]:
 
 
 @njit(parallel=True, cache=True)
-def _hash_kernel(qk, rotations, factors, n_buckets, n_round, padding_bucket, valid, buckets):
+def _hash_kernel(qk, rotations, factors, num_buckets, buckets_per_round, padding_bucket, valid, buckets):
     """Steps (1)-(3): ``buckets`` (B, H, R, N); parallel over (b, h, round, token block)."""
     batch, heads, length, _ = qk.shape
-    n_hashes, half = rotations.shape[2], rotations.shape[4]
+    num_hashes, half = rotations.shape[2], rotations.shape[4]
     n_blocks = (length + TOKEN_BLOCK - 1) // TOKEN_BLOCK
-    for work in prange(batch * heads * n_hashes * n_blocks):
+    for work in prange(batch * heads * num_hashes * n_blocks):
         bhr, block = work // n_blocks, work % n_blocks
-        b, h, r = bhr // (heads * n_hashes), (bhr // n_hashes) % heads, bhr % n_hashes
+        b, h, r = bhr // (heads * num_hashes), (bhr // num_hashes) % heads, bhr % num_hashes
         n0 = block * TOKEN_BLOCK
         count = min(TOKEN_BLOCK, length - n0)
         # (1) Rotate: y = x · Rot_r for the block's tokens.
@@ -396,7 +340,7 @@ def _hash_kernel(qk, rotations, factors, n_buckets, n_round, padding_bucket, val
         np.dot(qk[b, h, n0 : n0 + count], rotations[b if rotations.shape[0] > 1 else 0, h, r], rotated)
         for t in range(count):
             if padding_bucket and not valid[b, n0 + t]:
-                bucket = n_buckets  # (3) the padding bucket
+                bucket = num_buckets  # (3) the padding bucket
             else:
                 # (2) Per factor, the first argmax of [y, -y] over its columns; first factor least significant.
                 bucket, base, start = 0, 1, 0
@@ -409,31 +353,31 @@ def _hash_kernel(qk, rotations, factors, n_buckets, n_round, padding_bucket, val
                     bucket += base * best
                     base, start = base * factor, start + factor // 2
             # (3) Round offsets.
-            buckets[b, h, r, n0 + t] = r * n_round + bucket
+            buckets[b, h, r, n0 + t] = r * buckets_per_round + bucket
 
 
 @njit(parallel=True, cache=True)
 def _sort_kernel(buckets, n_ids, permutation, inverse):
     """Step (4): the stable order of the R·N items by bucket id; ``permutation`` slot -> item, ``inverse`` item -> slot."""
-    batch, heads, n_hashes, length = buckets.shape
-    n_items = n_hashes * length
+    batch, heads, num_hashes, length = buckets.shape
+    num_items = num_hashes * length
     for bh in prange(batch * heads):
         b, h = bh // heads, bh % heads
-        ids = buckets[b, h].reshape(n_items)  # item t = r·N + n
+        ids = buckets[b, h].reshape(num_items)  # item t = r·N + n
         order = permutation[b, h]
-        if n_ids <= COUNTING_SORT_RATIO * n_items:
+        if n_ids <= COUNTING_SORT_RATIO * num_items:
             # Counting sort: items scanned in order, so equal ids keep item order.
             start = np.zeros(n_ids + 1, np.int64)
-            for t in range(n_items):
+            for t in range(num_items):
                 start[ids[t] + 1] += 1
             for i in range(n_ids):
                 start[i + 1] += start[i]
-            for t in range(n_items):
+            for t in range(num_items):
                 order[start[ids[t]]] = t
                 start[ids[t]] += 1
         else:
             order[:] = np.argsort(ids, kind="mergesort")  # stable
-        for s in range(n_items):
+        for s in range(num_items):
             inverse[b, h, order[s]] = s
 
 
@@ -460,10 +404,10 @@ def _norm_kernel(qk, rms, eps, rho, projected):
 
 
 @njit(cache=True)
-def _run_range(run, run_len, n_chunks, before, after):
+def _run_range(run, run_len, num_chunks, before, after):
     """The run's query chunks ``c0 … c1 - 1``, the chunk of its first tile, ``c0 - before`` (unwrapped), and its tile count."""
     c0 = run * run_len
-    c1 = min(c0 + run_len, n_chunks)
+    c1 = min(c0 + run_len, num_chunks)
     return c0, c1, c0 - before, c1 - c0 + before + after
 
 
@@ -478,11 +422,11 @@ def _load_tiles(
     Rows past a chunk's count are 0 (so are the columns they give in a product).
     """
     length = qk.shape[2]
-    n_items = permutation.shape[2]
-    n_chunks = (n_items + chunk_len - 1) // chunk_len
+    num_items = permutation.shape[2]
+    num_chunks = (num_items + chunk_len - 1) // chunk_len
     for u in range(counts.shape[0]):
-        start = ((first + u) % n_chunks) * chunk_len
-        counts[u] = min(chunk_len, n_items - start)
+        start = ((first + u) % num_chunks) * chunk_len
+        counts[u] = min(chunk_len, num_items - start)
         x_rows[u] = 0
         key_rows[u] = 0
         v_rows[u] = 0
@@ -536,13 +480,13 @@ def _logits_tile(
                 flows[r, c] = allowed or has_mask_value
     # (9) Duplicate correction: z - log n_ij, n_ij = Σ_r Σ_r' m[(c_r'(j) - c_r(i)) mod C], rounded once more.
     if dup_correction:
-        n_chunks = multiplicity.shape[0]
+        num_chunks = multiplicity.shape[0]
         for r in range(n_k):
             for c in range(n_q):
                 count = 0
                 for ra in range(chunk_q.shape[0]):
                     for rb in range(chunk_k.shape[0]):
-                        count += multiplicity[(chunk_k[rb, r] - chunk_q[ra, c]) % n_chunks]
+                        count += multiplicity[(chunk_k[rb, r] - chunk_q[ra, c]) % num_chunks]
                 t[r, c] = np.float64(t[r, c]) - math.log(count)
 
 
@@ -560,23 +504,23 @@ def _forward_kernel(
 ):  # fmt: skip
     """Per slot's item: output (B, H, R'·N, Dv) and log-sum-exp (B, H, R'·N); parallel over (b, h, run)."""
     batch, heads, length, head_dim = qk.shape
-    value_dim, n_items = v.shape[3], permutation.shape[2]
-    n_chunks = (n_items + chunk_len - 1) // chunk_len
-    n_runs = (n_chunks + run_len - 1) // run_len
-    width = min(chunk_len, n_items)  # tile rows and columns
-    n_round_chunks = n_items // length if dup_correction else 0
+    value_dim, num_items = v.shape[3], permutation.shape[2]
+    num_chunks = (num_items + chunk_len - 1) // chunk_len
+    num_runs = (num_chunks + run_len - 1) // run_len
+    width = min(chunk_len, num_items)  # tile rows and columns
+    count_rounds = num_items // length if dup_correction else 0  # R' chunks c_r(n) per tile row, for step (9)
     dtype = qk.dtype
-    for work in prange(batch * heads * n_runs):
-        bh, run = work // n_runs, work % n_runs
+    for work in prange(batch * heads * num_runs):
+        bh, run = work // num_runs, work % num_runs
         b, h = bh // heads, bh % heads
-        c0, c1, first, n_tiles = _run_range(run, run_len, n_chunks, before, after)
+        c0, c1, first, n_tiles = _run_range(run, run_len, num_chunks, before, after)
         # (5) The tiles of every chunk the run's windows cover.
         counts = np.empty(n_tiles, np.int64)
         items, positions = np.empty((n_tiles, width), np.int64), np.empty((n_tiles, width), np.int64)
         x_rows = np.empty((n_tiles, width, head_dim), dtype)  # raw x: the queries (step (6))
         key_rows = np.empty((n_tiles, width, head_dim), dtype)  # u = x / ρ: the keys
         v_rows = np.empty((n_tiles, width, value_dim), dtype)
-        round_chunks = np.empty((n_tiles, n_round_chunks, width), np.int64)
+        round_chunks = np.empty((n_tiles, count_rounds, width), np.int64)
         _load_tiles(qk, rho, v, permutation, b, h, first, chunk_len, item_chunk, dup_correction,
                     counts, items, positions, x_rows, key_rows, v_rows, round_chunks)  # fmt: skip
 
@@ -611,12 +555,12 @@ def _forward_kernel(
                     m_new = shift[col]
                     if m_new == -np.inf:  # nothing allowed yet: shift by 0, never -inf - (-inf)
                         shift[col] = 0
-                    alpha[col] = _exp_nonpositive(m[col] - shift[col])
+                    alpha[col] = exp_nonpositive(m[col] - shift[col])
                     m[col] = m_new
                     l[col] *= alpha[col]
                 for r in range(n_k):
                     for col in range(n_q):
-                        p = _exp_nonpositive(s_t[r, col] - shift[col])
+                        p = exp_nonpositive(s_t[r, col] - shift[col])
                         s_t[r, col] = p
                         l[col] += p
                 # acc = alpha * acc + v^T p
@@ -638,7 +582,7 @@ def _forward_kernel(
 
 
 @njit(parallel=True, cache=True)
-def _combine_kernel(round_out, round_lse, n_rounds, out, lse):
+def _combine_kernel(round_out, round_lse, num_rounds, out, lse):
     """Step (12): ``LSE = log Σ_r exp(lse_r)``, ``out = Σ_r exp(lse_r - LSE) o_r``; parallel over (b, h, token block)."""
     batch, heads, length, value_dim = out.shape
     n_blocks = (length + TOKEN_BLOCK - 1) // TOKEN_BLOCK
@@ -647,7 +591,7 @@ def _combine_kernel(round_out, round_lse, n_rounds, out, lse):
         b, h = bh // heads, bh % heads
         for n in range(block * TOKEN_BLOCK, min((block + 1) * TOKEN_BLOCK, length)):
             top = -np.inf
-            for r in range(n_rounds):
+            for r in range(num_rounds):
                 top = max(top, round_lse[b, h, r * length + n])
             for e in range(value_dim):
                 out[b, h, n, e] = 0
@@ -655,10 +599,10 @@ def _combine_kernel(round_out, round_lse, n_rounds, out, lse):
                 lse[b, h, n] = -np.inf
                 continue
             total = 0.0
-            for r in range(n_rounds):
+            for r in range(num_rounds):
                 total += math.exp(round_lse[b, h, r * length + n] - top)
             lse[b, h, n] = top + math.log(total)
-            for r in range(n_rounds):
+            for r in range(num_rounds):
                 weight = math.exp(round_lse[b, h, r * length + n] - lse[b, h, n])
                 for e in range(value_dim):
                     out[b, h, n, e] += weight * round_out[b, h, r * length + n, e]
@@ -679,21 +623,21 @@ def _backward_kernel(
 ):  # fmt: skip
     """Adds dq + dx (B, H, R'·N, D) and dv (B, H, R'·N, Dv) per item; parallel over (b, h, run of ``runs``)."""
     batch, heads, length, head_dim = qk.shape
-    value_dim, n_items = v.shape[3], permutation.shape[2]
-    n_chunks = (n_items + chunk_len - 1) // chunk_len
-    width = min(chunk_len, n_items)
-    n_round_chunks = n_items // length if dup_correction else 0
+    value_dim, num_items = v.shape[3], permutation.shape[2]
+    num_chunks = (num_items + chunk_len - 1) // chunk_len
+    width = min(chunk_len, num_items)
+    count_rounds = num_items // length if dup_correction else 0  # R' chunks c_r(n) per tile row, for step (9)
     dtype = qk.dtype
     for work in prange(batch * heads * runs.shape[0]):
         bh, run = work // runs.shape[0], runs[work % runs.shape[0]]
         b, h = bh // heads, bh % heads
-        c0, c1, first, n_tiles = _run_range(run, run_len, n_chunks, before, after)
+        c0, c1, first, n_tiles = _run_range(run, run_len, num_chunks, before, after)
         counts = np.empty(n_tiles, np.int64)
         items, positions = np.empty((n_tiles, width), np.int64), np.empty((n_tiles, width), np.int64)
         x_rows = np.empty((n_tiles, width, head_dim), dtype)
         key_rows = np.empty((n_tiles, width, head_dim), dtype)
         v_rows = np.empty((n_tiles, width, value_dim), dtype)
-        round_chunks = np.empty((n_tiles, n_round_chunks, width), np.int64)
+        round_chunks = np.empty((n_tiles, count_rounds, width), np.int64)
         _load_tiles(qk, rho, v, permutation, b, h, first, chunk_len, item_chunk, dup_correction,
                     counts, items, positions, x_rows, key_rows, v_rows, round_chunks)  # fmt: skip
         dx_rows = np.zeros((n_tiles, width, head_dim), dtype)  # dq + dx of each tile row
@@ -727,7 +671,7 @@ def _backward_kernel(
                 )  # fmt: skip
                 for r in range(n_k):
                     for col in range(n_q):
-                        s_t[r, col] = _exp_nonpositive(s_t[r, col] - lse_q[col])
+                        s_t[r, col] = exp_nonpositive(s_t[r, col] - lse_q[col])
                 # (10') dv_j += P̃ dout_i; dP = v_j · dout_i; ds = P̃ (dP + dLSE_i - dout_i · out_i) where z is the score.
                 np.dot(s_t[:n_k], dout_rows, dv_tile[:n_k])  # (n_k, Dv)
                 np.dot(v_rows[kt, :n_k], dout_rows.T, ds_t[:n_k])  # (n_k, width)

@@ -40,7 +40,7 @@ class Preset:
     ----------
     name : str or None
         ``None`` for the canonical semantics.
-    n_chunks_before, n_chunks_after : int
+    num_chunks_before, num_chunks_after : int
         Neighbouring chunks (of the sorted, concatenated rounds) each query
         chunk also attends to, with wrap-around.
     key_norm : {"rms", "l2"}
@@ -68,8 +68,8 @@ class Preset:
         A padded query's row masks every key (lucidrains multiplies the query
         and key padding masks); otherwise padding masks keys only.
     padding_bucket : {"if_mask", "if_padded", "none"}
-        Padded tokens get the extra bucket ``Π n_buckets`` (and each round
-        ``Π n_buckets + 1`` bucket ids) whenever a mask is given (trax),
+        Padded tokens get the extra bucket ``Π num_buckets`` (and each round
+        ``Π num_buckets + 1`` bucket ids) whenever a mask is given (trax),
         only when some token of the batch is padded (HF), or never (lucidrains).
     dup_correction : bool
         Subtract ``log n_ij`` (how often key j appears in query i's windows).
@@ -77,7 +77,7 @@ class Preset:
         With ``"full"``, N <= chunk_len runs one dense round over all keys
         with the same logits (HF, lucidrains).
     length_rule : {"any", "rounds_multiple", "double_chunk"}
-        ``"rounds_multiple"``: ``n_hashes · N`` divisible by ``chunk_len``
+        ``"rounds_multiple"``: ``num_hashes · N`` divisible by ``chunk_len``
         (HF, trax reshape the sorted rounds into chunks); ``"double_chunk"``:
         ``N`` divisible by ``2 · chunk_len`` (lucidrains' assertion). Not
         checked on the short-sequence path.
@@ -87,8 +87,8 @@ class Preset:
     """
 
     name: str | None
-    n_chunks_before: int = 1
-    n_chunks_after: int = 0
+    num_chunks_before: int = 1
+    num_chunks_after: int = 0
     key_norm: str = "rms"
     key_norm_eps: float = 1e-6
     scale: float | None = 1.0
@@ -106,8 +106,8 @@ class Preset:
 
 #: Names of the parameters a preset sets (its fields less the documentation-only ones).
 PARAMETERS = (
-    "n_chunks_before",
-    "n_chunks_after",
+    "num_chunks_before",
+    "num_chunks_after",
     "key_norm",
     "key_norm_eps",
     "scale",

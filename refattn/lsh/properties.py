@@ -25,25 +25,16 @@ tolerance: 1e-10 suits float64 implementations.
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
+from ..core.invariants import close, require
+from ..core.registry import DISPATCH_ARGUMENTS
 from ..core.results import Result
 from ..core.softmax import masked_softmax
-from .inputs import FROM_PRESET, check_lsh_inputs
-from .presets import PARAMETERS
-from .reference import hash_buckets_of, normalised_keys, pair_logits
-
-
-def _close(name: str, got, want, rtol: float) -> None:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    same_inf = np.isinf(want) & (got == want)
-    finite = ~same_inf
-    if np.any(np.isnan(got)) or np.any(np.isinf(got[finite])) or np.any(np.isinf(want[finite])):
-        raise AssertionError(f"{name}: infinities or NaN differ")
-    err = np.max(np.abs(got[finite] - want[finite]), initial=0.0)
-    ref = max(np.max(np.abs(want[finite]), initial=0.0), 1.0)
-    if err > rtol * ref:
-        raise AssertionError(f"{name}: normwise error {err / ref:.3e} > {rtol:.1e}")
+from .inputs import LSHInputs, check_lsh_inputs
+from .reference import hash_buckets_of, lsh_attention, normalised_keys, pair_logits
 
 
 def sorted_slots(buckets: np.ndarray) -> np.ndarray:
@@ -59,7 +50,7 @@ def sorted_slots(buckets: np.ndarray) -> np.ndarray:
     return before.sum(axis=-1)
 
 
-def window_counts(buckets: np.ndarray, chunk_len: int, n_chunks_before: int, n_chunks_after: int) -> np.ndarray:
+def window_counts(buckets: np.ndarray, chunk_len: int, num_chunks_before: int, num_chunks_after: int) -> np.ndarray:
     """``n_ij``: how many times token ``j`` occurs in the windows of token ``i``'s copies, (B, H, N, N).
 
     Enumerates, for every chunk ``c`` and every offset ``d`` in
@@ -68,15 +59,15 @@ def window_counts(buckets: np.ndarray, chunk_len: int, n_chunks_before: int, n_c
     """
     b, h, r, n = buckets.shape
     chunk = sorted_slots(buckets) // chunk_len  # (B, H, R·N): chunk of each item
-    n_chunks = -(-(r * n) // chunk_len)
+    num_chunks = -(-(r * n) // chunk_len)
     position = np.arange(r * n) % n  # token of each item
     counts = np.zeros((b, h, n, n), dtype=np.int64)
     for bi in range(b):
         for hi in range(h):
-            for c in range(n_chunks):
+            for c in range(num_chunks):
                 queries = position[chunk[bi, hi] == c]
-                for d in range(-n_chunks_before, n_chunks_after + 1):
-                    keys = position[chunk[bi, hi] == (c + d) % n_chunks]
+                for d in range(-num_chunks_before, num_chunks_after + 1):
+                    keys = position[chunk[bi, hi] == (c + d) % num_chunks]
                     np.add.at(counts[bi, hi], (queries[:, None], keys[None, :]), 1)
     return counts
 
@@ -93,21 +84,21 @@ def lsh_as_dense(qk, v, *, buckets=None, **params) -> Result:
         on the short-sequence path, where every key counts once.
     **params
         The keyword arguments of :func:`refattn.lsh.lsh_attention`
-        (``rotations``, ``n_buckets``, ..., ``preset``).
+        (``rotations``, ``num_buckets``, ..., ``preset``).
 
     Returns
     -------
     Result
         ``out`` (B, H, N, Dv), ``lse`` (B, H, N); ``aux["counts"]`` is ``n``.
     """
-    x = check_lsh_inputs(qk, v, **_arguments(params))
+    x = _checked(qk, v, params)
     b, h, n, _ = qk.shape
     qk, v = qk.astype(np.float64), v.astype(np.float64)
     if x.short:
         counts = np.ones((b, h, n, n), dtype=np.int64)
     else:
         buckets = hash_buckets_of(x) if buckets is None else np.asarray(buckets)
-        counts = window_counts(buckets, x.chunk_len, x.n_chunks_before, x.n_chunks_after)
+        counts = window_counts(buckets, x.chunk_len, x.num_chunks_before, x.num_chunks_after)
     positions = np.broadcast_to(np.arange(n), (b, h, n))
     keys = normalised_keys(qk, x.key_norm, x.key_norm_eps)
     scores = x.scale * np.einsum("bhid,bhjd->bhij", qk, keys)  # (B, H, N, N)
@@ -123,26 +114,27 @@ def lsh_as_dense(qk, v, *, buckets=None, **params) -> Result:
     return Result(out=out, lse=lse, aux={"counts": counts})
 
 
-def _arguments(params: dict) -> dict:
-    """Every keyword argument of the checks, from a subset of ``lsh_attention``'s."""
-    defaults = dict(causal=False, key_padding_mask=None, preset=None)
-    return {**defaults, **{name: FROM_PRESET for name in PARAMETERS}, **params}
+def _checked(qk, v, params: dict) -> LSHInputs:
+    """The checked inputs of ``lsh_attention(qk, v, **params)``, its defaults filling what ``params`` leaves out."""
+    bound = inspect.signature(lsh_attention).bind(qk, v, **params)
+    bound.apply_defaults()
+    arguments = {name: value for name, value in bound.arguments.items() if name not in DISPATCH_ARGUMENTS}
+    return check_lsh_inputs(**arguments)
 
 
 def dense_identity(attend, qk, v, params, rtol=1e-10):
     """The implementation's output and log-sum-exp are the dense identity's for its own buckets."""
     result = attend(qk, v, **params)
     dense = lsh_as_dense(qk, v, buckets=result.aux.get("buckets"), **params)
-    _close("out", result.out, dense.out, rtol)
-    _close("lse", result.lse, dense.lse, rtol)
+    close("out", result.out, dense.out, rtol)
+    close("lse", result.lse, dense.lse, rtol)
 
 
 def causal_prefix(attend, qk, v, params, rtol=1e-10):
     """With ``causal=True``, the outputs of tokens before ``N // 2`` do not depend on the later values."""
-    if not params.get("causal"):
-        raise ValueError("this property needs causal=True")
+    require(bool(params.get("causal")), "causal=True")
     cut = qk.shape[2] // 2
     changed = v.copy()
     changed[:, :, cut:] += 1.0
     base, moved = attend(qk, v, **params), attend(qk, changed, **params)
-    _close("out[:N // 2]", moved.out[:, :, :cut], base.out[:, :, :cut], rtol)
+    close("out[:N // 2]", moved.out[:, :, :cut], base.out[:, :, :cut], rtol)

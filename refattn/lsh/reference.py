@@ -1,28 +1,36 @@
 """LSH attention (Reformer): the executable specification.
 
 Kitaev, Kaiser & Levskaya 2020, "Reformer: The Efficient Transformer" (ICLR),
-section 3. Queries and keys share one projection ``x`` (shared-QK). Each token
-is hashed into a bucket by an angular LSH (``argmax([xR; -xR])`` for a random
-rotation ``R``), once per hashing round; the rounds' tokens are sorted by
-bucket and cut into chunks, and each query attends only to the keys of its
-chunk and its neighbouring chunks. Queries are the raw ``x``; keys are ``x``
-length-normalised. A token does not attend to itself unless nothing else is
-available (its logit is a large negative constant). The rounds are combined
-by their log-sum-exps.
+section 2 and appendix A. Queries and keys share one projection ``x``
+(shared-QK). Each token is hashed into a bucket by an angular LSH
+(``argmax([x·Rot; -x·Rot])`` for a random rotation ``Rot``), once per hashing
+round; the rounds' tokens are sorted by bucket and cut into chunks, and each
+query attends only to the keys of its chunk and its neighbouring chunks.
+Queries are the raw ``x``; keys are ``x`` length-normalised. A token does not
+attend to itself unless nothing else is available (its logit is a large
+negative constant). The rounds are combined by their log-sum-exps.
+spec/lsh.md maps the paper's symbols and equations to the steps below and
+says where the canonical semantics departs from the paper.
 
-The stages are separate functions, in the order of spec/lsh.md, whose
-equation numbers the step comments carry:
+The stages are separate functions, in the order of spec/lsh.md, whose step
+numbers the comments carry:
 
 * hashing, steps (1)-(3): :func:`rotate`, :func:`hash_buckets` (and
   :func:`bucket_margins`, how far each decision is from a tie);
 * sorting, step (4): :func:`sort_items`;
-* chunking, step (5): :func:`chunk_windows`, :func:`window_multiplicity`,
-  :func:`pair_counts`;
+* chunking, step (5): :func:`chunk_windows`;
 * keys, step (6): :func:`normalised_keys`;
-* logits, steps (7)-(9): :func:`pair_logits` and the count correction;
+* logits, steps (7)-(8): :func:`pair_logits`;
+* duplicate correction, step (9): :func:`window_multiplicity`,
+  :func:`pair_counts`;
 * per-chunk softmax, step (10) (``core.masked_softmax``); unsorting,
   step (11): :func:`unsort`; combining the rounds, step (12):
   :func:`combine_rounds`.
+
+Symbols: ``R = num_hashes`` hashing rounds (``R'``: the rounds combined in
+step (12), 1 on the short-sequence path), ``Rot`` the rotations, ``F`` the
+buckets of one round, ``F'`` its bucket ids (``F`` plus the padding bucket),
+``C`` the number of chunks.
 
 Einsum letters: b batch, h head, r hashing round, n token position, q query
 slot, k key slot (of a chunk's window), d head dim of ``qk``, e value dim,
@@ -37,14 +45,13 @@ import numpy as np
 
 from ..core import checks, registry
 from ..core.errors import SpecError
-from ..core.precision import FLOAT64, Numerics, numerics
-from ..core.results import Grads, Result
+from ..core.precision import FLOAT64, Numerics
+from ..core.presets import FROM_PRESET
+from ..core.results import Cotangents, Grads, Result
 from ..core.softmax import masked_softmax, merge
 from .inputs import (
-    FROM_PRESET,
     LSHInputs,
     bucket_factors,
-    check_lsh_inputs,
     checked_key_padding_mask,
     checked_rotations,
     has_padding_bucket,
@@ -55,9 +62,9 @@ from .presets import PADDING_BUCKETS
 
 
 def rotate(qk: np.ndarray, rotations: np.ndarray) -> np.ndarray:
-    """Step (1): the rotated vectors ``y[r, n] = x_n · R_r``, (B, H, R, N, P).
+    """Step (1): the rotated vectors ``y[r, n] = x_n · Rot_r``, (B, H, R, N, P).
 
-    ``qk`` is (B, H, N, D) and ``rotations`` (B, H, R, D, P).
+    ``qk`` is (B, H, N, D) and ``rotations`` (B, H, R, D, P), ``R = num_hashes``.
     """
     return np.einsum("bhnd,bhrdp->bhrnp", qk, rotations, optimize=True)
 
@@ -78,12 +85,12 @@ def _factor_buckets(rotated: np.ndarray, factors: tuple[int, ...]) -> np.ndarray
     return bucket
 
 
-def _offset_buckets(bucket: np.ndarray, n_buckets: int, valid: np.ndarray | None, padding_bucket: bool) -> np.ndarray:
-    """Step (3): padded tokens to bucket ``n_buckets`` (when it exists), then round ``r`` offset by ``r · n_round``."""
-    n_round = n_buckets + 1 if padding_bucket else n_buckets
+def _offset_buckets(bucket: np.ndarray, num_buckets: int, valid: np.ndarray | None, padding_bucket: bool) -> np.ndarray:
+    """Step (3): padded tokens to bucket ``F = num_buckets`` (when it exists), then round ``r`` offset by ``r · F'``."""
+    buckets_per_round = num_buckets + 1 if padding_bucket else num_buckets  # F'
     if padding_bucket:
-        bucket = np.where(valid[:, None, None, :], bucket, n_buckets)  # (B, H, R, N)
-    offsets = np.arange(bucket.shape[2], dtype=np.int64)[:, None] * n_round  # (R, 1)
+        bucket = np.where(valid[:, None, None, :], bucket, num_buckets)  # (B, H, R, N)
+    offsets = np.arange(bucket.shape[2], dtype=np.int64)[:, None] * buckets_per_round  # (R, 1)
     return bucket + offsets
 
 
@@ -99,10 +106,10 @@ def _hash(x: LSHInputs, qk: np.ndarray, num: Numerics) -> np.ndarray:
     # (2) One bucket per factor, combined.
     bucket = _factor_buckets(rotated, x.factors)  # (B, H, R, N)
     # (3) Padding bucket and round offsets.
-    return _offset_buckets(bucket, x.n_buckets, x.valid, x.has_padding_bucket)
+    return _offset_buckets(bucket, x.num_buckets, x.valid, x.has_padding_bucket)
 
 
-def hash_buckets(qk, rotations, n_buckets, *, key_padding_mask=None, padding_bucket="if_mask") -> np.ndarray:
+def hash_buckets(qk, rotations, num_buckets, *, key_padding_mask=None, padding_bucket="if_mask") -> np.ndarray:
     """Steps (1)-(3): the bucket of every token in every round, round offsets included.
 
     Parameters
@@ -111,9 +118,9 @@ def hash_buckets(qk, rotations, n_buckets, *, key_padding_mask=None, padding_buc
         The shared query-key vectors (hashed unnormalised; the argmax does not
         depend on their length).
     rotations : ndarray (H, R, D, P) or (B, H, R, D, P)
-        ``P = Σ_k f_k / 2`` columns per round: the columns of factor ``k``
-        follow those of factor ``k - 1``.
-    n_buckets : int or list of int
+        ``Rot``, ``R`` rounds of ``P = Σ_k f_k / 2`` columns: the columns of
+        factor ``k`` follow those of factor ``k - 1``.
+    num_buckets : int or list of int
         Even bucket count, or even factors (factorised hashing).
     key_padding_mask : bool ndarray (B, N) or (1, N), optional
         True = real token.
@@ -123,34 +130,34 @@ def hash_buckets(qk, rotations, n_buckets, *, key_padding_mask=None, padding_buc
     Returns
     -------
     ndarray (B, H, R, N), int64
-        ``b[r, n] = r · n_round + bucket``, ``n_round = Π f_k`` (+ 1 with the
-        padding bucket). Returned as ``aux["buckets"]`` by :func:`lsh_attention`.
+        ``b[r, n] = r · F' + bucket``, ``F' = Π f_k`` (+ 1 with the padding
+        bucket). Returned as ``aux["buckets"]`` by :func:`lsh_attention`.
     """
-    qk, rotations, factors, valid = _hashing_arguments(qk, rotations, n_buckets, key_padding_mask)
+    qk, rotations, factors, valid = _hashing_arguments(qk, rotations, num_buckets, key_padding_mask)
     padding = has_padding_bucket(valid, checks.choice(padding_bucket, "padding_bucket", PADDING_BUCKETS))
     rotated = rotate(qk.astype(np.float64), rotations.astype(np.float64))  # (B, H, R, N, P)
     return _offset_buckets(_factor_buckets(rotated, factors), int(np.prod(factors)), valid, padding)
 
 
-def _hashing_arguments(qk, rotations, n_buckets, key_padding_mask):
+def _hashing_arguments(qk, rotations, num_buckets, key_padding_mask):
     """Checked ``qk`` (B, H, N, D), rotations (B, H, R, D, P), factors and key padding mask."""
     if isinstance(qk, np.ndarray) and qk.ndim != 4:
         raise SpecError("qk", "4 dimensions (B, H, N, D)", f"shape {qk.shape}")
     qk = checks.float_array(qk, "qk")
-    factors = bucket_factors(n_buckets)
-    n_hashes = rotations.shape[-3] if isinstance(rotations, np.ndarray) and rotations.ndim >= 4 else 1
+    factors = bucket_factors(num_buckets)
+    num_hashes = rotations.shape[-3] if isinstance(rotations, np.ndarray) and rotations.ndim >= 4 else 1
     batch, heads, length, head_dim = qk.shape
-    rotations = checked_rotations(rotations, batch, heads, n_hashes, head_dim, factors)
+    rotations = checked_rotations(rotations, batch, heads, num_hashes, head_dim, factors)
     return qk, rotations, factors, checked_key_padding_mask(key_padding_mask, batch, length)
 
 
-def bucket_margins(qk, rotations, n_buckets) -> np.ndarray:
+def bucket_margins(qk, rotations, num_buckets) -> np.ndarray:
     """How far each hashing decision is from a tie, relative to its rounding scale.
 
     For factor ``k`` the decision is the argmax of ``[y_k, -y_k]``; its margin
     is the gap between the largest and the second-largest entry divided by
-    ``max_p Σ_d |x_d R_dp|`` over the factor's columns, which bounds how far
-    rounding ``x`` and ``R`` can move any entry (by a few unit roundoffs of
+    ``max_p Σ_d |x_d Rot_dp|`` over the factor's columns, which bounds how far
+    rounding ``x`` and ``Rot`` can move any entry (by a few unit roundoffs of
     that scale). The returned margin is the smallest over the factors.
     A float32 implementation reproduces every bucket when the margins exceed
     a few times 2⁻²⁴; conformance cases have margins of at least 0.05, enough
@@ -160,7 +167,7 @@ def bucket_margins(qk, rotations, n_buckets) -> np.ndarray:
     -------
     ndarray (B, H, R, N), float64
     """
-    qk, rotations, factors, _ = _hashing_arguments(qk, rotations, n_buckets, None)
+    qk, rotations, factors, _ = _hashing_arguments(qk, rotations, num_buckets, None)
     qk, rotations = qk.astype(np.float64), rotations.astype(np.float64)
     rotated = rotate(qk, rotations)  # (B, H, R, N, P)
     scale = rotate(np.abs(qk), np.abs(rotations))  # (B, H, R, N, P)
@@ -221,57 +228,21 @@ class Chunk:
     key_slots: np.ndarray  # (Wc,) int64
 
 
-def chunk_windows(n_items: int, chunk_len: int, n_chunks_before: int, n_chunks_after: int) -> list[Chunk]:
-    """Step (5): cut ``n_items`` sorted slots into chunks of ``chunk_len`` and give each its window.
+def chunk_windows(num_items: int, chunk_len: int, num_chunks_before: int, num_chunks_after: int) -> list[Chunk]:
+    """Step (5): cut ``num_items`` sorted slots into chunks of ``chunk_len`` and give each its window.
 
     The chunks run over the concatenated rounds, so a chunk may hold the end
     of one round and the start of the next; the last chunk is shorter when
-    ``chunk_len`` does not divide ``n_items``. Windows wrap around: chunk 0's
+    ``chunk_len`` does not divide ``num_items``. Windows wrap around: chunk 0's
     previous chunk is the last one.
     """
-    n_chunks = -(-n_items // chunk_len)
-    slots = [np.arange(c * chunk_len, min((c + 1) * chunk_len, n_items)) for c in range(n_chunks)]
-    offsets = range(-n_chunks_before, n_chunks_after + 1)
-    return [Chunk(slots[c], np.concatenate([slots[(c + d) % n_chunks] for d in offsets])) for c in range(n_chunks)]
+    num_chunks = -(-num_items // chunk_len)
+    slots = [np.arange(c * chunk_len, min((c + 1) * chunk_len, num_items)) for c in range(num_chunks)]
+    offsets = range(-num_chunks_before, num_chunks_after + 1)
+    return [Chunk(slots[c], np.concatenate([slots[(c + d) % num_chunks] for d in offsets])) for c in range(num_chunks)]
 
 
-def window_multiplicity(n_chunks: int, n_chunks_before: int, n_chunks_after: int) -> np.ndarray:
-    """``m[δ]``, δ in [0, C): how many of the offsets ``d = -before .. after`` are ``≡ δ (mod C)``.
-
-    A window contains chunk ``(c + δ) mod C`` exactly ``m[δ]`` times.
-    """
-    multiplicity = np.zeros(n_chunks, dtype=np.int64)
-    np.add.at(multiplicity, np.arange(-n_chunks_before, n_chunks_after + 1) % n_chunks, 1)
-    return multiplicity
-
-
-def pair_counts(item_chunk: np.ndarray, pos_q: np.ndarray, pos_k: np.ndarray, multiplicity: np.ndarray) -> np.ndarray:
-    """Step (9)'s ``n_ij``: how many times token ``j`` occurs in the windows of all copies of token ``i``.
-
-    ``n_ij = Σ_r Σ_r' m[(c_r'(j) - c_r(i)) mod C]`` with ``c_r(n)`` the chunk of
-    token ``n``'s round-``r`` copy: wrapped windows, windows that cross into
-    another round and chunks repeated in small windows all count.
-
-    Parameters
-    ----------
-    item_chunk : int ndarray (B, H, R, N)
-        ``c_r(n)``.
-    pos_q : int ndarray (B, H, Lq)
-    pos_k : int ndarray (B, H, Lk)
-    multiplicity : int ndarray (C,)
-        :func:`window_multiplicity`.
-
-    Returns
-    -------
-    ndarray (B, H, Lq, Lk), int64
-    """
-    chunk_q = np.take_along_axis(item_chunk, pos_q[:, :, None, :], axis=3)  # (B, H, R, Lq)
-    chunk_k = np.take_along_axis(item_chunk, pos_k[:, :, None, :], axis=3)  # (B, H, R, Lk)
-    delta = (chunk_k[:, :, None, :, None, :] - chunk_q[:, :, :, None, :, None]) % len(multiplicity)  # (B, H, R, R, Lq, Lk)
-    return multiplicity[delta].sum(axis=(2, 3))
-
-
-# --- keys and logits: steps (6)-(9) --------------------------------------------
+# --- keys and logits: steps (6)-(8) --------------------------------------------
 
 
 def _key_norms(qk: np.ndarray, key_norm: str, eps: float) -> np.ndarray:
@@ -349,6 +320,45 @@ def pair_logits(scores, pos_q, pos_k, *, causal, valid, self_mask_value, mask_va
     return (logits + np.where(allowed, 0.0, mask_value)).astype(dtype), None, np.ones_like(allowed)
 
 
+# --- duplicate correction: step (9) ---------------------------------------------
+
+
+def window_multiplicity(num_chunks: int, num_chunks_before: int, num_chunks_after: int) -> np.ndarray:
+    """Step (9)'s ``m[δ]``, δ in [0, C): how many of the offsets ``d = -before .. after`` are ``≡ δ (mod C)``.
+
+    A window (step (5)) contains chunk ``(c + δ) mod C`` exactly ``m[δ]`` times.
+    """
+    multiplicity = np.zeros(num_chunks, dtype=np.int64)
+    np.add.at(multiplicity, np.arange(-num_chunks_before, num_chunks_after + 1) % num_chunks, 1)
+    return multiplicity
+
+
+def pair_counts(item_chunk: np.ndarray, pos_q: np.ndarray, pos_k: np.ndarray, multiplicity: np.ndarray) -> np.ndarray:
+    """Step (9)'s ``n_ij``: how many times token ``j`` occurs in the windows of all copies of token ``i``.
+
+    ``n_ij = Σ_r Σ_r' m[(c_r'(j) - c_r(i)) mod C]`` with ``c_r(n)`` the chunk of
+    token ``n``'s round-``r`` copy: wrapped windows, windows that cross into
+    another round and chunks repeated in small windows all count.
+
+    Parameters
+    ----------
+    item_chunk : int ndarray (B, H, R, N)
+        ``c_r(n)``.
+    pos_q : int ndarray (B, H, Lq)
+    pos_k : int ndarray (B, H, Lk)
+    multiplicity : int ndarray (C,)
+        :func:`window_multiplicity`.
+
+    Returns
+    -------
+    ndarray (B, H, Lq, Lk), int64
+    """
+    chunk_q = np.take_along_axis(item_chunk, pos_q[:, :, None, :], axis=3)  # (B, H, R, Lq)
+    chunk_k = np.take_along_axis(item_chunk, pos_k[:, :, None, :], axis=3)  # (B, H, R, Lk)
+    delta = (chunk_k[:, :, None, :, None, :] - chunk_q[:, :, :, None, :, None]) % len(multiplicity)  # (B, H, R, R, Lq, Lk)
+    return multiplicity[delta].sum(axis=(2, 3))
+
+
 # --- the plan: every discrete decision, held fixed by the VJP --------------------
 
 
@@ -363,10 +373,10 @@ class Plan:
     buckets: np.ndarray | None  # (B, H, R, N) int64
     permutation: np.ndarray  # (B, H, R'·N): slot -> item r·N + n
     inverse: np.ndarray  # (B, H, R'·N): item -> slot
-    item_chunk: np.ndarray  # (B, H, R', N): chunk of each item
+    item_chunk: np.ndarray  # (B, H, R', N): c_r(n) of step (9), the chunk of each item
     chunks: list[Chunk]
-    multiplicity: np.ndarray  # (C,)
-    n_rounds: int  # R', the rounds combined in step (12)
+    multiplicity: np.ndarray  # (C,): m[δ] of step (9)
+    num_rounds: int  # R', the rounds combined in step (12): num_hashes, or 1 on the short path
 
 
 def _plan(x: LSHInputs, qk: np.ndarray, num: Numerics) -> Plan:
@@ -381,11 +391,12 @@ def _plan(x: LSHInputs, qk: np.ndarray, num: Numerics) -> Plan:
     # (4) Stable sort of the R·N items by (bucket, position).
     permutation, inverse = sort_items(buckets)  # (B, H, R·N) each
     # (5) Chunks over the concatenated rounds, with wrapped windows.
-    n_items = x.n_hashes * n
-    chunks = chunk_windows(n_items, x.chunk_len, x.n_chunks_before, x.n_chunks_after)
-    multiplicity = window_multiplicity(len(chunks), x.n_chunks_before, x.n_chunks_after)
-    item_chunk = (inverse // x.chunk_len).reshape(b, h, x.n_hashes, n)
-    return Plan(buckets, permutation, inverse, item_chunk, chunks, multiplicity, x.n_hashes)
+    num_items = x.num_hashes * n
+    chunks = chunk_windows(num_items, x.chunk_len, x.num_chunks_before, x.num_chunks_after)
+    # (9) What the duplicate count needs: the chunk of every item and the window multiplicities.
+    multiplicity = window_multiplicity(len(chunks), x.num_chunks_before, x.num_chunks_after)
+    item_chunk = (inverse // x.chunk_len).reshape(b, h, x.num_hashes, n)
+    return Plan(buckets, permutation, inverse, item_chunk, chunks, multiplicity, x.num_hashes)
 
 
 # --- steps (7)-(10) for one chunk --------------------------------------------------
@@ -426,7 +437,7 @@ def _attend_chunk(chunk: Chunk, plan: Plan, qk: np.ndarray, keys: np.ndarray, v:
 # --- steps (11)-(12) ----------------------------------------------------------------
 
 
-def unsort(sorted_values: np.ndarray, inverse: np.ndarray, n_rounds: int) -> np.ndarray:
+def unsort(sorted_values: np.ndarray, inverse: np.ndarray, num_rounds: int) -> np.ndarray:
     """Step (11): slot order back to (round, token), (B, H, R·N, ...) -> (B, H, R, N, ...).
 
     ``inverse`` is :func:`sort_items`' second result: item ``r·N + n`` is at
@@ -435,7 +446,7 @@ def unsort(sorted_values: np.ndarray, inverse: np.ndarray, n_rounds: int) -> np.
     b, h, items = inverse.shape
     index = inverse.reshape(inverse.shape + (1,) * (sorted_values.ndim - 3))
     gathered = np.take_along_axis(sorted_values, index, axis=2)
-    return gathered.reshape((b, h, n_rounds, items // n_rounds) + sorted_values.shape[3:])
+    return gathered.reshape((b, h, num_rounds, items // num_rounds) + sorted_values.shape[3:])
 
 
 def combine_rounds(round_out: np.ndarray, round_lse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -467,8 +478,8 @@ def _forward_steps(x: LSHInputs, num: Numerics) -> dict:
     sorted_out = np.concatenate([c["out"] for c in chunks], axis=2)  # (B, H, R'·N, Dv)
     sorted_lse = np.concatenate([c["lse"] for c in chunks], axis=2)  # (B, H, R'·N)
     # (11) Unsort: each round's output and log-sum-exp at each token.
-    round_out = unsort(sorted_out, plan.inverse, plan.n_rounds)  # (B, H, R', N, Dv)
-    round_lse = unsort(sorted_lse, plan.inverse, plan.n_rounds)  # (B, H, R', N)
+    round_out = unsort(sorted_out, plan.inverse, plan.num_rounds)  # (B, H, R', N, Dv)
+    round_lse = unsort(sorted_lse, plan.inverse, plan.num_rounds)  # (B, H, R', N)
     # (12) Combine the rounds by their log-sum-exps.
     out, lse = combine_rounds(round_out, round_lse)
     return dict(
@@ -485,13 +496,13 @@ def lsh_attention(
     v,
     *,
     rotations,
-    n_buckets,
-    n_hashes,
+    num_buckets,
+    num_hashes,
     chunk_len,
     causal=False,
     key_padding_mask=None,
-    n_chunks_before=FROM_PRESET,
-    n_chunks_after=FROM_PRESET,
+    num_chunks_before=FROM_PRESET,
+    num_chunks_after=FROM_PRESET,
     key_norm=FROM_PRESET,
     key_norm_eps=FROM_PRESET,
     scale=FROM_PRESET,
@@ -520,9 +531,9 @@ def lsh_attention(
         optionally per batch element). HF draws (H, D, R, P): pass
         ``rotations.transpose(0, 2, 1, 3)``; spec/lsh.md maps trax's and
         lucidrains' layouts.
-    n_buckets : int or list of int
+    num_buckets : int or list of int
         Even bucket count per round, or even factors whose product it is.
-    n_hashes : int >= 1
+    num_hashes : int >= 1
         Hashing rounds ``R``; must match ``rotations``.
     chunk_len : int >= 1
         Items per chunk of the sorted, concatenated rounds.
@@ -531,7 +542,7 @@ def lsh_attention(
     key_padding_mask : bool ndarray (B, N) or (1, N), optional
         True = real token. Padded tokens are masked as keys (and as queries
         with ``mask_padded_queries``) and may get a bucket of their own.
-    n_chunks_before, n_chunks_after, key_norm, key_norm_eps, scale,
+    num_chunks_before, num_chunks_after, key_norm, key_norm_eps, scale,
     self_mask_value, mask_value, mask_mode, mask_padded_queries,
     padding_bucket, dup_correction, short_sequence
         The behaviours on which implementations differ
@@ -561,70 +572,35 @@ def lsh_attention(
         ``round_out`` (B, H, R, N, Dv) and ``round_lse`` (B, H, R, N). The
         short-sequence path has no buckets: ``aux`` holds only the rounds.
     """
-    params = _params(locals())
-    if backend != "reference":
-        return _other_backend(backend, precision).lsh_attention(qk, v, **params, return_rounds=return_rounds)
-    x = check_lsh_inputs(qk, v, **params)
-    f = _forward_steps(x, numerics(precision))
-    plan = f["plan"]
-    aux = {} if plan.buckets is None else {"buckets": plan.buckets, "permutation": plan.permutation}
-    if return_rounds:
-        aux.update(round_out=f["round_out"].astype(np.float64), round_lse=f["round_lse"].astype(np.float64))
-    return Result(out=f["out"].astype(np.float64), lse=f["lse"].astype(np.float64), aux=aux)
+    return registry.call_forward("lsh", locals())
 
 
-def lsh_attention_vjp(
-    dout,
-    qk,
-    v,
-    *,
-    dlse=None,
-    rotations,
-    n_buckets,
-    n_hashes,
-    chunk_len,
-    causal=False,
-    key_padding_mask=None,
-    n_chunks_before=FROM_PRESET,
-    n_chunks_after=FROM_PRESET,
-    key_norm=FROM_PRESET,
-    key_norm_eps=FROM_PRESET,
-    scale=FROM_PRESET,
-    self_mask_value=FROM_PRESET,
-    mask_value=FROM_PRESET,
-    mask_mode=FROM_PRESET,
-    mask_padded_queries=FROM_PRESET,
-    padding_bucket=FROM_PRESET,
-    dup_correction=FROM_PRESET,
-    short_sequence=FROM_PRESET,
-    preset=None,
-    precision=None,
-    backend="reference",
-) -> Grads:
-    """Gradients of :func:`lsh_attention` for cotangents ``dout`` (and ``dlse``), buckets held fixed.
-
-    Parameters are those of :func:`lsh_attention`, plus ``dout`` (B, H, N, Dv)
-    and ``dlse`` (B, H, N), optional (0 when omitted).
-
-    Returns
-    -------
-    Grads
-        ``qk`` (B, H, N, D): the query path plus the key path through the
-        normalisation of step (6); ``v`` (B, H, N, Dv). Hashing, sorting,
-        masks and counts are piecewise constant: no gradient flows through
-        them, and ``rotations`` gets none.
-    """
-    params = _params(locals())
-    if backend != "reference":
-        return _other_backend(backend, precision).lsh_attention_vjp(dout, qk, v, dlse=dlse, **params)
-    x = check_lsh_inputs(qk, v, **params)
-    b, h, n, dv = v.shape
-    dout = checks.cotangent(dout, "dout", (b, h, n, dv))
-    dlse = None if dlse is None else checks.cotangent(dlse, "dlse", (b, h, n))
-    num = numerics(precision)
+def forward(x: LSHInputs, num: Numerics) -> Result:
+    """The reference backend: steps (1)-(12) in precision ``num``."""
     f = _forward_steps(x, num)
     plan = f["plan"]
-    dout = num.load(dout)  # (B, H, N, Dv)
+    aux = {} if plan.buckets is None else {"buckets": plan.buckets, "permutation": plan.permutation}
+    if x.return_rounds:
+        aux.update(round_out=f["round_out"], round_lse=f["round_lse"])
+    return Result(out=f["out"], lse=f["lse"], aux=aux)
+
+
+lsh_attention_vjp = registry.vjp_function(
+    lsh_attention,
+    "lsh",
+    grads="""    ``qk`` (B, H, N, D): the query path plus the key path through the
+    normalisation of step (6); ``v`` (B, H, N, Dv). Buckets are held fixed:
+    hashing, sorting, masks and counts are piecewise constant, no gradient
+    flows through them, and ``rotations`` gets none.""",
+)
+
+
+def vjp(x: LSHInputs, cotangents: Cotangents, num: Numerics) -> Grads:
+    """The reference backend's VJP: steps (12')-(1') in precision ``num``, buckets held fixed."""
+    f = _forward_steps(x, num)
+    plan = f["plan"]
+    b, h, n, dv = x.v.shape
+    dout, dlse = num.load(cotangents.dout), cotangents.dlse  # (B, H, N, Dv), (B, H, N) or None
 
     # (12') out = Σ_r w_r o_r with w_r = exp(lse_r - LSE), LSE = log Σ_r exp(lse_r):
     #       do_r = w_r dout, dlse_r = w_r (dout · (o_r - out) + dLSE).
@@ -674,19 +650,3 @@ def _scatter_add(target: np.ndarray, positions: np.ndarray, values: np.ndarray) 
     """``target[b, h, positions[b, h, s]] += values[b, h, s]`` (repeated positions add up)."""
     b, h = np.indices(positions.shape[:2])
     np.add.at(target, (b[..., None], h[..., None], positions), values)
-
-
-def _params(arguments: dict) -> dict:
-    """The keyword arguments shared by every backend's forward and VJP."""
-    names = (
-        "rotations", "n_buckets", "n_hashes", "chunk_len", "causal", "key_padding_mask", "scale",
-        "n_chunks_before", "n_chunks_after", "key_norm", "key_norm_eps", "self_mask_value", "mask_value",
-        "mask_mode", "mask_padded_queries", "padding_bucket", "dup_correction", "short_sequence", "preset",
-    )  # fmt: skip
-    return {name: arguments[name] for name in names}
-
-
-def _other_backend(backend: str, precision):
-    if precision is not None:
-        raise SpecError("precision", "None with a non-reference backend (kernels compute in their input dtype)", repr(precision))
-    return registry.backend("lsh", backend)

@@ -1,66 +1,62 @@
 """Routing attention (the Routing Transformer) and soft routing over attention paths (spec/routing.md).
 
-Four registry entries share this folder, one spec page and one cases module:
-"routing" (routing attention), "routing_hybrid" (local and routing heads side
-by side), "soft_routing" (a learned mixture of attention paths) and
-"centroid_ema" (one centroid update; forward only). Presets:
-refattn/routing/presets.py.
+Four registry entries share one spec page and the presets
+(refattn/routing/presets.py); each has its own folder, as the registry's
+``<package>.<backend>`` rule wants one reference module per mechanism:
+
+* "routing": this folder (reference.py, inputs.py, numba.py, cases.py, properties.py);
+* "routing_hybrid": hybrid/ (local and routing heads side by side);
+* "soft_routing": soft/ (a learned mixture of attention paths);
+* "centroid_ema": centroids/ (one centroid update; forward only), with the
+  other centroid functions (k-means initialisation, commitment loss).
 """
 
 from ..core import registry
-from .centroids import (
+from .centroids.reference import (
     centroid_ema,
     centroid_ema_normalized_mean,
     centroid_ema_vjp,
     centroid_ema_vq,
-    commitment_loss,  # fmt: skip
+    check_centroid_ema_inputs,
+    commitment_loss,
     kmeans_init,
 )
-from .hybrid import hybrid_attention, hybrid_attention_vjp
+from .hybrid.reference import check_hybrid_inputs, hybrid_attention, hybrid_attention_vjp
+from .inputs import check_routing_inputs
 from .presets import CANONICAL, PRESETS, RoutingPreset, get_preset
-from .reference import (
-    decision_margins,
-    routing_attention,
-    routing_attention_vjp,
-    routing_vectors,
-)
-from .soft import (
+from .reference import decision_margins, routing_attention, routing_attention_vjp, routing_vectors
+from .soft.reference import (
+    check_soft_routing_inputs,
     routed_attention,
     routed_attention_vjp,
     routing_probabilities,
     soft_routing_attention,
-    soft_routing_attention_vjp,  # fmt: skip
+    soft_routing_attention_vjp,
 )
 
 
-def _cases_of(mechanism: str):
-    def cases():
-        from .cases import cases
-
-        return [case for case in cases() if case.mechanism == mechanism]
-
-    return cases
-
-
-def _register(name: str, forward, vjp, backends=("reference",)) -> registry.Mechanism:
+def _register(name: str, package: str, forward, vjp, check_inputs, backends=("reference",)) -> registry.Mechanism:
     return registry.register(
         registry.Mechanism(
             name=name,
-            package="refattn.routing",
+            package=package,
             forward=forward,
             vjp=vjp,
+            check_inputs=check_inputs,
             backends=backends,
-            cases=_cases_of(name),
-            properties="refattn.routing.properties",
             spec="spec/routing.md",
         )
     )
 
 
-MECHANISM = _register("routing", routing_attention, routing_attention_vjp, backends=("reference", "numba"))
-HYBRID_MECHANISM = _register("routing_hybrid", hybrid_attention, hybrid_attention_vjp)
-SOFT_ROUTING_MECHANISM = _register("soft_routing", soft_routing_attention, soft_routing_attention_vjp)
-CENTROID_EMA_MECHANISM = _register("centroid_ema", centroid_ema, centroid_ema_vjp)
+MECHANISM = _register("routing", "refattn.routing", routing_attention, routing_attention_vjp, check_routing_inputs,
+                      backends=("reference", "numba"))  # fmt: skip
+HYBRID_MECHANISM = _register("routing_hybrid", "refattn.routing.hybrid", hybrid_attention, hybrid_attention_vjp,
+                             check_hybrid_inputs)  # fmt: skip
+SOFT_ROUTING_MECHANISM = _register("soft_routing", "refattn.routing.soft", soft_routing_attention,
+                                   soft_routing_attention_vjp, check_soft_routing_inputs)  # fmt: skip
+CENTROID_EMA_MECHANISM = _register("centroid_ema", "refattn.routing.centroids", centroid_ema, centroid_ema_vjp,
+                                   check_centroid_ema_inputs)  # fmt: skip
 
 __all__ = [
     "CANONICAL",

@@ -1,12 +1,13 @@
 """Routing attention (the Routing Transformer) on CPU: Numba kernels.
 
-The same function as :mod:`refattn.routing.reference`, with the same names
-and parameters (less ``precision`` and ``backend``) and the step numbers
-(1)-(11), (11')-(1') of spec/routing.md, in O(N·window) memory: no (N, N)
-array and no (B, H, K, W, M + W) score array ever exists; a cluster's
-(W, M + W) tile is the largest thing a work item holds. Inputs are checked by
-the reference's own :func:`refattn.routing.reference.check_routing_inputs`,
-so bad input is rejected identically whichever backend runs.
+The "numba" backend of routing attention: ``forward(x)`` and ``vjp(x,
+cotangents)`` over the checked inputs of
+:func:`refattn.routing.inputs.check_routing_inputs` (the registry checks them
+once, whichever backend runs), computing the function of
+:mod:`refattn.routing.reference` with the step numbers (1)-(11), (11')-(1') of
+spec/routing.md, in O(N·W) memory (W = ``cluster_size``): no (N, N) array and
+no (B, H, K, W, M + W) score array ever exists; a cluster's (W, M + W) tile is
+the largest thing a work item holds.
 
 Forward
 -------
@@ -14,19 +15,19 @@ Forward
   of heads per thread, with its scratch): each token's prescaled, normalised
   routing vector (kept only where attention uses it); the similarities of a
   block of ``CENTROID_BLOCK`` centroids to every token (``np.dot``); each
-  token's first argmax centroid; and each centroid's ``window`` members.
-  The members are exactly the reference's stable ``argsort(-S)[:window]``:
-  with ``t`` the ``window``-th largest similarity, a centroid keeps every
+  token's first argmax centroid; and each centroid's ``cluster_size`` members.
+  The members are exactly the reference's stable ``argsort(-S)[:cluster_size]``:
+  with ``t`` the ``cluster_size``-th largest similarity, a centroid keeps every
   token above ``t`` and then the tokens equal to ``t`` in ascending position
-  until it has ``window``. ``t`` is found by ``np.partition`` among the
+  until it has ``cluster_size``. ``t`` is found by ``np.partition`` among the
   tokens at or above a threshold estimated from a strided sample (every
-  token when fewer than ``window`` reach it), so a centroid costs one pass
+  token when fewer than ``cluster_size`` reach it), so a centroid costs one pass
   over the row. Scanning the candidates in position order gives the members
   in position order; ``order="similarity"`` re-sorts them by descending
   similarity with a stable merge sort, so ties stay in position order, as
   in the reference.
 * ``_attend_kernel``, steps (6)-(10), parallel over (b, h, cluster): the
-  cluster's query slots, and its memory then window key/value slots, are
+  cluster's query slots, and its memory then member key/value slots, are
   gathered into tiles; the (W, M + W) scores are one ``np.dot``; step (8)
   sets excluded entries to -inf and replaced ones to their constant (marked,
   for the backward) by the reference's rules, self rule included; step (9)
@@ -51,7 +52,7 @@ The routing is recomputed (the VJP takes no saved state) and held fixed.
 ``_attend_vjp_kernel``, steps (11')-(7'), parallel over (b, h, cluster),
 recomputes the cluster's weights with the forward's own tile code, so its
 ``P`` is the forward's, and follows the reference's algebra: ``dP = dO Vᵀ``,
-``dZ = P (dP - Σ_t P dP) + P dlse``, zero on constant logits, ``dQ = scale
+``dZ = P (dP - Σ_t P dP)``, zero on constant logits, ``dQ = scale
 dZ K``, ``dK = scale dZᵀ Q``, ``dV = Pᵀ dO``, into per-slot buffers of one
 group of clusters. ``_scatter_add_kernel`` (6') adds them into the tokens'
 rows in (cluster, slot) order; the memory slots' gradients are summed over
@@ -65,7 +66,7 @@ accumulators), as the dense kernels. Routing in float32 makes the float64
 decisions whenever they have the margins the conformance inputs are drawn
 with (:mod:`refattn.routing.problems`). Replaced logits (``mask_value``,
 ``self_mask_value``) are rounded once to the compute dtype. ``exp`` is the
-dense kernels' vectorisable ``_exp_nonpositive``, which flushes weights
+shared tile library's vectorisable ``exp_nonpositive`` (refattn/core/tiles.py), which flushes weights
 below exp(-87) to 0 in float32. The tile products are ``np.dot`` (BLAS)
 called from Numba's threads: with tiles of 128 rows and more, set
 ``OPENBLAS_NUM_THREADS=1`` so that OpenBLAS does not start threads of its
@@ -82,19 +83,17 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ..core.checks import cotangent
-from ..core.results import Grads, Result
-from ..dense.numba import _compute_dtype, _exp_nonpositive, _frozen
-from .presets import FROM_PRESET
-from .reference import RoutingInputs, check_routing_inputs
+from ..core.results import Cotangents, Grads, Result
+from ..core.tiles import compute_dtype, exp_nonpositive, frozen
+from .inputs import RoutingInputs
 
 # ``query_padding`` as the kernels take it.
 QUERY_PADDING_CODES = {"mask_row": 0, "mask_window": 1, "none": 2}
 MASK_ROW, NO_QUERY_PADDING = QUERY_PADDING_CODES["mask_row"], QUERY_PADDING_CODES["none"]
 
 # Step (5): the sample that estimates a centroid's selection threshold has this many
-# entries per rank of the window's share of the row, and the threshold is taken
-# CANDIDATE_FACTOR times as far down it (about that many times `window` candidates).
+# entries per rank of the cluster's share of the row, and the threshold is taken
+# CANDIDATE_FACTOR times as far down it (about that many times `cluster_size` candidates).
 SAMPLE_PER_RANK = 16
 CANDIDATE_FACTOR = 2
 CENTROID_BLOCK = 32  # centroids whose similarities to every token are held at once
@@ -106,103 +105,73 @@ SLOT_BUFFER_BYTES = 16 << 20
 GROUP_ITEMS = 64
 
 # --------------------------------------------------------------------------
-# Public functions: the same keyword parameters as reference.py.
+# The backend: forward and VJP over checked inputs (refattn/core/registry.py).
 # --------------------------------------------------------------------------
 
 
-def routing_attention(
-    q, k, v, *, centroids, window, shared_qk=False, causal=False, padding_mask=None, mem_k=None, mem_v=None,
-    preset=None, routing_norm=FROM_PRESET, norm_eps=FROM_PRESET, query_prescale=FROM_PRESET,
-    attend_on=FROM_PRESET, normalize_shared_keys=FROM_PRESET, scale=FROM_PRESET, causal_by=FROM_PRESET,
-    order=FROM_PRESET, mask_value=FROM_PRESET, self_mask=FROM_PRESET, self_mask_value=FROM_PRESET,
-    query_padding=FROM_PRESET, scatter_eps=FROM_PRESET,
-) -> Result:  # fmt: skip
-    """Routing attention, per-cluster tiles; see :func:`refattn.routing.reference.routing_attention`.
-
-    Returns
-    -------
-    Result
-        ``out`` (B, H, N, Dv) and ``lse`` (B, H, K, W) in the compute dtype:
-        float32 for float32/float16/bfloat16 ``q``, float64 otherwise.
-        ``aux`` as the reference's: ``membership``, ``key_membership``
-        (B, H, K, W), ``assignment``, ``key_assignment``, ``counts`` (B, H, N)
-        int64 and ``unrouted`` (B, H, N) bool.
-    """
-    x = check_routing_inputs(q, k, v, **_params(locals()))
+def forward(x: RoutingInputs) -> Result:
+    """Steps (1)-(11), per-cluster tiles: ``out`` (B, H, N, Dv) in the compute dtype (float32 for
+    float32/float16/bfloat16 ``q``, float64 otherwise), ``lse`` None, and the reference's ``aux``:
+    ``slot_lse`` (B, H, K, W) in the compute dtype, ``membership``, ``key_membership`` (B, H, K, W),
+    ``assignment``, ``key_assignment``, ``counts`` (B, H, N) int64 and ``unrouted`` (B, H, N) bool."""
     a = _Arrays.build(x)
     # (1)-(5) Routing vectors, nearest centroids, balanced memberships.
     routed = _route(x, a)
     b, h, n, dv = a.v.shape
-    clusters, dtype = a.centroids.shape[1], a.q.dtype
+    clusters, dtype, size = a.centroids.shape[1], a.q.dtype, x.cluster_size
     out = np.zeros((b, h, n, dv), dtype)  # (B, H, N, Dv): sums of slot outputs, then their means
-    lse = np.empty((b, h, clusters, x.window), dtype)  # (B, H, K, W)
-    membership, key_membership = _frozen(routed.membership), _frozen(routed.key_membership)
-    group = _group(b * h, clusters, x.window * dv * dtype.itemsize)
-    slot_out = np.empty((b, h, group, x.window, dv), dtype)  # (B, H, group, W, Dv)
+    slot_lse = np.empty((b, h, clusters, size), dtype)  # (B, H, K, W)
+    membership, key_membership = frozen(routed.membership), frozen(routed.key_membership)
+    group = _group(b * h, clusters, size * dv * dtype.itemsize)
+    slot_out = np.empty((b, h, group, size, dv), dtype)  # (B, H, group, W, Dv)
     for first in range(0, clusters, group):
         count = min(group, clusters - first)
         # (6)-(10) Attention inside clusters first ... first + count.
         _attend_kernel(routed.attend_q, routed.attend_k, a.v, a.mem_k, a.mem_v, membership, key_membership,
-                       *a.logits(), first, count, slot_out, lse)  # fmt: skip
+                       *a.logits(), first, count, slot_out, slot_lse)  # fmt: skip
         # (11) Scatter back: each token's slots summed ...
-        _scatter_add_kernel(_frozen(slot_out), membership, first, count, 0, out)
+        _scatter_add_kernel(frozen(slot_out), membership, first, count, 0, out)
     # ... over count + scatter_eps; unrouted tokens stay 0.
     counts = _counts(routed.membership, n)
     np.divide(out, (counts + x.scatter_eps).astype(dtype)[..., None], out=out, where=counts[..., None] > 0)
     aux = dict(
         membership=routed.membership, key_membership=routed.key_membership, assignment=routed.assignment,
-        key_assignment=routed.key_assignment, counts=counts, unrouted=counts == 0,
+        key_assignment=routed.key_assignment, counts=counts, unrouted=counts == 0, slot_lse=slot_lse,
     )  # fmt: skip
-    return Result(out=out, lse=lse, aux=aux)
+    return Result(out=out, lse=None, aux=aux)
 
 
-def routing_attention_vjp(
-    dout, q, k, v, *, dlse=None, centroids, window, shared_qk=False, causal=False, padding_mask=None, mem_k=None,
-    mem_v=None, preset=None, routing_norm=FROM_PRESET, norm_eps=FROM_PRESET, query_prescale=FROM_PRESET,
-    attend_on=FROM_PRESET, normalize_shared_keys=FROM_PRESET, scale=FROM_PRESET, causal_by=FROM_PRESET,
-    order=FROM_PRESET, mask_value=FROM_PRESET, self_mask=FROM_PRESET, self_mask_value=FROM_PRESET,
-    query_padding=FROM_PRESET, scatter_eps=FROM_PRESET,
-) -> Grads:  # fmt: skip
-    """Gradients of :func:`routing_attention`, routing held fixed; see
-    :func:`refattn.routing.reference.routing_attention_vjp`.
-
-    Returns
-    -------
-    Grads
-        ``q``, ``k``, ``v``, and ``mem_k``, ``mem_v`` when given, in the
-        compute dtype.
-    """
-    x = check_routing_inputs(q, k, v, **_params(locals()))
-    b, h, n, dv = x.v.shape
-    clusters = x.centroids.shape[1]
-    dout = cotangent(dout, "dout", (b, h, n, dv))
-    dlse = None if dlse is None else cotangent(dlse, "dlse", (b, h, clusters, x.window))
+def vjp(x: RoutingInputs, cotangents: Cotangents, saved: Result | None = None) -> Grads:
+    """Steps (11')-(1'), routing recomputed and held fixed: ``q``, ``k``, ``v``, and ``mem_k``, ``mem_v``
+    when given, in the compute dtype. ``saved`` is not used: the backward recomputes each cluster's
+    weights with the forward's tile code, which is cheaper than keeping them."""
     a = _Arrays.build(x)
+    b, h, n, dv = a.v.shape
+    clusters, size = a.centroids.shape[1], x.cluster_size
     dtype, d, memory = a.q.dtype, a.q.shape[3], a.mem_k.shape[2]
     # (1)-(5) The routing, recomputed and held fixed.
     routed = _route(x, a)
-    membership, key_membership = _frozen(routed.membership), _frozen(routed.key_membership)
-    counts = _frozen(_counts(routed.membership, n))  # (B, H, N)
-    dout = _contiguous(dout, dtype)  # (B, H, N, Dv)
-    dlse = _contiguous(np.zeros((b, h, clusters, x.window)) if dlse is None else dlse, dtype)  # (B, H, K, W)
+    membership, key_membership = frozen(routed.membership), frozen(routed.key_membership)
+    counts = frozen(_counts(routed.membership, n))  # (B, H, N)
+    dout = _contiguous(cotangents.dout, dtype)  # (B, H, N, Dv)
     dq, dk, d_v = np.zeros((b, h, n, d), dtype), np.zeros((b, h, n, d), dtype), np.zeros((b, h, n, dv), dtype)
     d_mem_k = np.empty((h, clusters, memory, d), dtype)  # (H, K, M, D)
     d_mem_v = np.empty((h, clusters, memory, dv), dtype)
-    group = _group(b * h, clusters, (memory + x.window) * max(d, dv) * dtype.itemsize)
-    d_q_slots = np.empty((b, h, group, x.window, d), dtype)  # (B, H, group, W, D)
-    d_k_slots = np.empty((b, h, group, memory + x.window, d), dtype)  # (B, H, group, M + W, D)
-    d_v_slots = np.empty((b, h, group, memory + x.window, dv), dtype)  # (B, H, group, M + W, Dv)
+    group = _group(b * h, clusters, (memory + size) * max(d, dv) * dtype.itemsize)
+    d_q_slots = np.empty((b, h, group, size, d), dtype)  # (B, H, group, W, D)
+    d_k_slots = np.empty((b, h, group, memory + size, d), dtype)  # (B, H, group, M + W, D)
+    d_v_slots = np.empty((b, h, group, memory + size, dv), dtype)  # (B, H, group, M + W, Dv)
     for first in range(0, clusters, group):
         count = min(group, clusters - first)
         # (11')-(7') The slots' gradients in clusters first ... first + count.
         _attend_vjp_kernel(
             routed.attend_q, routed.attend_k, a.v, a.mem_k, a.mem_v, membership, key_membership,
-            *a.logits(), dout, dlse, counts, a.real(x.scatter_eps), first, count, d_q_slots, d_k_slots, d_v_slots,
+            *a.logits(), dout, counts, a.real(x.scatter_eps), first, count, d_q_slots, d_k_slots, d_v_slots,
         )  # fmt: skip
         # (6') The gathers' adjoints: scatter-adds into the tokens' rows; memory is shared by the batch.
-        _scatter_add_kernel(_frozen(d_q_slots), membership, first, count, 0, dq)
-        _scatter_add_kernel(_frozen(d_k_slots), key_membership, first, count, memory, dk)
-        _scatter_add_kernel(_frozen(d_v_slots), key_membership, first, count, memory, d_v)
+        _scatter_add_kernel(frozen(d_q_slots), membership, first, count, 0, dq)
+        _scatter_add_kernel(frozen(d_k_slots), key_membership, first, count, memory, dk)
+        _scatter_add_kernel(frozen(d_v_slots), key_membership, first, count, memory, d_v)
         d_mem_k[:, first : first + count] = d_k_slots[:, :, :count, :memory].sum(axis=0)
         d_mem_v[:, first : first + count] = d_v_slots[:, :, :count, :memory].sum(axis=0)
     # (2')-(1') Through the normalisation and the prescale, where attention used routing vectors.
@@ -215,16 +184,6 @@ def routing_attention_vjp(
     if x.mem_k is not None:
         grads.update(mem_k=d_mem_k, mem_v=d_mem_v)
     return grads
-
-
-def _params(arguments: dict) -> dict:
-    """The arguments ``check_routing_inputs`` takes, from a public function's ``locals()``."""
-    names = (
-        "centroids", "window", "shared_qk", "causal", "padding_mask", "mem_k", "mem_v", "preset", "routing_norm",
-        "norm_eps", "query_prescale", "attend_on", "normalize_shared_keys", "scale", "causal_by", "order",
-        "mask_value", "self_mask", "self_mask_value", "query_padding", "scatter_eps",
-    )  # fmt: skip
-    return {name: arguments[name] for name in names}
 
 
 def _group(heads: int, clusters: int, slot_bytes: int) -> int:
@@ -268,7 +227,7 @@ class _Arrays:
 
     @staticmethod
     def build(x: RoutingInputs) -> _Arrays:
-        dtype = _compute_dtype(x.q)
+        dtype = compute_dtype(x.q)
         real = dtype.type
         heads, clusters, head_dim = x.centroids.shape
         no_memory = x.mem_k is None
@@ -282,8 +241,8 @@ class _Arrays:
             scale=real(x.scale),
             causal=x.causal,
             by_slot=x.causal_by == "slot",
-            has_valid=x.padding_mask is not None,
-            valid=_contiguous(np.ones((1, 1), np.bool_) if x.padding_mask is None else x.padding_mask, np.bool_),
+            has_valid=x.key_padding_mask is not None,
+            valid=_contiguous(np.ones((1, 1), np.bool_) if x.key_padding_mask is None else x.key_padding_mask, np.bool_),
             query_padding=QUERY_PADDING_CODES[x.query_padding],
             self_mask=x.shared_qk and x.self_mask,
             has_mask_value=x.mask_value is not None,
@@ -304,7 +263,7 @@ class _Arrays:
 
 def _contiguous(x: np.ndarray, dtype) -> np.ndarray:
     """``x`` as a read-only C-contiguous array of ``dtype`` (no copy when it already is one)."""
-    return _frozen(np.ascontiguousarray(x, dtype=dtype))
+    return frozen(np.ascontiguousarray(x, dtype=dtype))
 
 
 @dataclass(frozen=True)
@@ -340,7 +299,7 @@ def _route(x: RoutingInputs, a: _Arrays) -> _Routing:
             (np.empty((1, 1, 1, 1), dtype), np.empty((1, 1, 1), dtype))  # fmt: skip
 
     (r_q, q_stat), (r_k, k_stat) = vectors(keep_q), vectors(keep_k)
-    membership = np.empty((b, h, clusters, x.window), np.int64)
+    membership = np.empty((b, h, clusters, x.cluster_size), np.int64)
     assignment = np.empty((b, h, n), np.int64)
     # Under shared-QK the keys are routed by the queries: one set of decisions.
     key_membership = membership if x.shared_qk else np.empty_like(membership)
@@ -348,12 +307,12 @@ def _route(x: RoutingInputs, a: _Arrays) -> _Routing:
     lanes = min(numba.get_num_threads(), b * h)
     _route_kernel(
         a.q, a.k, a.centroids, a.real(x.query_prescale), a.real(x.key_prescale), x.routing_norm == "layer",
-        a.real(x.norm_eps), x.shared_qk, x.window, x.order == "similarity", keep_q, keep_k, lanes,
+        a.real(x.norm_eps), x.shared_qk, x.cluster_size, x.order == "similarity", keep_q, keep_k, lanes,
         r_q, q_stat, r_k, k_stat, membership, assignment, key_membership, key_assignment,
     )  # fmt: skip
-    r_q, r_k = _frozen(r_q), _frozen(r_k)
+    r_q, r_k = frozen(r_q), frozen(r_k)
     return _Routing(
-        r_q=r_q, q_stat=_frozen(q_stat), r_k=r_k, k_stat=_frozen(k_stat), membership=membership,
+        r_q=r_q, q_stat=frozen(q_stat), r_k=r_k, k_stat=frozen(k_stat), membership=membership,
         key_membership=key_membership, assignment=assignment, key_assignment=key_assignment,
         attend_q=r_q if keep_q else a.q, attend_k=r_k if keep_k else a.k,
     )  # fmt: skip
@@ -373,7 +332,7 @@ def _counts(membership: np.ndarray, length: int) -> np.ndarray:
 
 @njit(parallel=True, cache=True)
 def _route_kernel(
-    q, k, centroids, q_prescale, k_prescale, layer, eps, shared_qk, window, by_similarity, keep_q, keep_k, lanes,
+    q, k, centroids, q_prescale, k_prescale, layer, eps, shared_qk, cluster_size, by_similarity, keep_q, keep_k, lanes,
     r_q, q_stat, r_k, k_stat, membership, assignment, key_membership, key_assignment,
 ):  # fmt: skip
     """Routing vectors and their statistics (written where ``keep_*``), nearest centroids and
@@ -392,13 +351,13 @@ def _route_kernel(
             # (1)-(5) for the queries, then the keys (routed by the queries under shared-QK).
             r, stat = (r_q[b, h], q_stat[b, h]) if keep_q else (vectors, vector_stat)
             _normalize_rows(q[b, h], q_prescale, layer, eps, r, stat)
-            _assign(r, centroids[h], window, by_similarity, membership[b, h], assignment[b, h],
+            _assign(r, centroids[h], cluster_size, by_similarity, membership[b, h], assignment[b, h],
                     similarity, best, values, positions)  # fmt: skip
             if keep_k or not shared_qk:
                 r, stat = (r_k[b, h], k_stat[b, h]) if keep_k else (vectors, vector_stat)
                 _normalize_rows(k[b, h], k_prescale, layer, eps, r, stat)
                 if not shared_qk:
-                    _assign(r, centroids[h], window, by_similarity, key_membership[b, h], key_assignment[b, h],
+                    _assign(r, centroids[h], cluster_size, by_similarity, key_membership[b, h], key_assignment[b, h],
                             similarity, best, values, positions)  # fmt: skip
 
 
@@ -438,7 +397,7 @@ def _normalize_rows(x, prescale, layer, eps, r, stat):
 
 
 @njit(cache=True)
-def _assign(r, centroids, window, by_similarity, members, nearest, similarity, best, values, positions):
+def _assign(r, centroids, cluster_size, by_similarity, members, nearest, similarity, best, values, positions):
     """Steps (3)-(5) for one head: ``r`` (N, D), ``centroids`` (K, D); writes ``members`` (K, W) and
     ``nearest`` (N,). Centroids are taken ``CENTROID_BLOCK`` at a time into ``similarity``
     (CENTROID_BLOCK, N); ``best``, ``values`` (N,) and ``positions`` (N,) int64 are scratch."""
@@ -456,29 +415,29 @@ def _assign(r, centroids, window, by_similarity, members, nearest, similarity, b
                 better = row[n] > best[n]
                 best[n] = row[n] if better else best[n]
                 nearest[n] = c0 + j if better else nearest[n]
-            # (5) The centroid's top-`window`, in `order`.
-            _top_window(row, window, by_similarity, members[c0 + j], values, positions)
+            # (5) The centroid's top-`cluster_size`, in `order`.
+            _top_members(row, cluster_size, by_similarity, members[c0 + j], values, positions)
 
 
 @njit(cache=True)
-def _top_window(row, window, by_similarity, out, values, positions):
-    """The ``window`` tokens of largest ``row`` (N,), ties to the lower position, into ``out`` (W,).
+def _top_members(row, cluster_size, by_similarity, out, values, positions):
+    """The ``cluster_size`` tokens of largest ``row`` (N,), ties to the lower position, into ``out`` (W,).
 
-    The reference's stable ``argsort(-row)[:window]``: with ``t`` the
-    ``window``-th largest value, every token above ``t`` and the first tokens
+    The reference's stable ``argsort(-row)[:cluster_size]``: with ``t`` the
+    ``cluster_size``-th largest value, every token above ``t`` and the first tokens
     equal to ``t``; in ascending position, or by descending similarity
     (stable: ties keep position order). ``t`` is found among candidates
     (:func:`_candidates`), every token at or above a threshold that at least
-    ``window`` tokens reach, so ``t`` and every token at or above it are among
+    ``cluster_size`` tokens reach, so ``t`` and every token at or above it are among
     them; ``values`` and ``positions`` (N,) are scratch.
     """
-    count = _candidates(row, window, values, positions)
-    threshold = np.partition(values[:count], count - window)[count - window]
+    count = _candidates(row, cluster_size, values, positions)
+    threshold = np.partition(values[:count], count - cluster_size)[count - cluster_size]
     above = 0
     for i in range(count):
         if values[i] > threshold:
             above += 1
-    ties_left = window - above
+    ties_left = cluster_size - above
     filled = 0
     for i in range(count):
         if values[i] > threshold or (values[i] == threshold and ties_left > 0):
@@ -487,25 +446,25 @@ def _top_window(row, window, by_similarity, out, values, positions):
             out[filled] = positions[i]
             filled += 1
     if by_similarity:
-        negated = np.empty(window, row.dtype)
-        for s in range(window):
+        negated = np.empty(cluster_size, row.dtype)
+        for s in range(cluster_size):
             negated[s] = -row[out[s]]
         ranked = out[np.argsort(negated, kind="mergesort")]
         out[:] = ranked
 
 
 @njit(cache=True)
-def _candidates(row, window, values, positions):
+def _candidates(row, cluster_size, values, positions):
     """The tokens of ``row`` (N,) at or above an estimated threshold, in position order, into
-    ``values``/``positions``; returns their count, at least ``window``.
+    ``values``/``positions``; returns their count, at least ``cluster_size``.
 
     The threshold is the value ``CANDIDATE_FACTOR`` times as far down a strided sample as
-    ``window`` is down the row, so about that many times ``window`` tokens reach it; one pass
-    then collects them. Where fewer than ``window`` do, or the window is a large part of
+    ``cluster_size`` is down the row, so about that many times ``cluster_size`` tokens reach it; one pass
+    then collects them. Where fewer than ``cluster_size`` do, or the cluster is a large part of
     the row, every token is a candidate: the result is exact either way.
     """
     length = row.shape[0]
-    sample_size = SAMPLE_PER_RANK * length // window
+    sample_size = SAMPLE_PER_RANK * length // cluster_size
     count = 0
     if sample_size * 2 <= length:
         stride = length // sample_size
@@ -517,7 +476,7 @@ def _candidates(row, window, values, positions):
                 values[count] = row[n]
                 positions[count] = n
                 count += 1
-    if count < window:
+    if count < cluster_size:
         for n in range(length):
             values[n] = row[n]
             positions[n] = n
@@ -557,13 +516,13 @@ def _mask_tile(
         return False
     neg_inf = logits.dtype.type(-np.inf)
     replaced = False
-    window = members.shape[0]
-    for s in range(window):
+    cluster_size = members.shape[0]
+    for s in range(cluster_size):
         query = members[s]
         query_real = valid[b, query] if has_valid else True
         self_slot = -1
         has_other = False
-        for t in range(n_memory + window):
+        for t in range(n_memory + cluster_size):
             if t < n_memory:
                 masked = has_valid and not query_real and query_padding == MASK_ROW
             else:
@@ -607,7 +566,7 @@ def _softmax_rows(logits, lse):
             lse[s] = -np.inf
             continue
         for t in range(row.shape[0]):
-            row[t] = _exp_nonpositive(row[t] - top)
+            row[t] = exp_nonpositive(row[t] - top)
         total = zero
         for t in range(row.shape[0]):
             total += row[t]
@@ -630,12 +589,12 @@ def _cluster_weights(
     and whether any entry is constant; ``lse`` (W,) is written.
     """
     members, key_members = membership[b, h, c], key_membership[b, h, c]
-    window, n_memory = members.shape[0], mem_k.shape[2]
+    cluster_size, n_memory = members.shape[0], mem_k.shape[2]
     dtype = attend_q.dtype
     # (6) Gather: memory slots first on the key axis.
-    queries = np.empty((window, attend_q.shape[3]), dtype)
-    keys = np.empty((n_memory + window, attend_k.shape[3]), dtype)
-    values = np.empty((n_memory + window, v.shape[3]), dtype)
+    queries = np.empty((cluster_size, attend_q.shape[3]), dtype)
+    keys = np.empty((n_memory + cluster_size, attend_k.shape[3]), dtype)
+    values = np.empty((n_memory + cluster_size, v.shape[3]), dtype)
     _gather(attend_q, b, h, members, queries, 0)
     keys[:n_memory] = mem_k[h, c]
     values[:n_memory] = mem_v[h, c]
@@ -643,11 +602,11 @@ def _cluster_weights(
     _gather(v, b, h, key_members, values, n_memory)
     # (7) Scores.
     weights = np.dot(queries, keys.T)  # (W, M + W)
-    for s in range(window):
-        for t in range(n_memory + window):
+    for s in range(cluster_size):
+        for t in range(n_memory + cluster_size):
             weights[s, t] = scale * weights[s, t]
     # (8) Masks; (9) softmax.
-    constant = np.empty((window, n_memory + window), np.bool_)
+    constant = np.empty((cluster_size, n_memory + cluster_size), np.bool_)
     replaced = _mask_tile(
         weights, constant, members, key_members, n_memory, b,
         causal, by_slot, has_valid, valid, query_padding, self_mask, has_mask_value, mask_value, has_self_value, self_value,
@@ -661,10 +620,10 @@ def _attend_kernel(
     attend_q, attend_k, v, mem_k, mem_v, membership, key_membership,
     scale, causal, by_slot, has_valid, valid, query_padding, self_mask, has_mask_value, mask_value,
     has_self_value, self_value,
-    first, count, slot_out, lse,
+    first, count, slot_out, slot_lse,
 ):  # fmt: skip
     """Steps (6)-(10) for clusters ``first ... first + count``: their slots' outputs into
-    ``slot_out[:, :, :count]`` (B, H, group, W, Dv) and their rows of ``lse`` (B, H, K, W);
+    ``slot_out[:, :, :count]`` (B, H, group, W, Dv) and their rows of ``slot_lse`` (B, H, K, W);
     parallel over (b, h, cluster)."""
     batch, heads = membership.shape[:2]
     for item in prange(batch * heads * count):
@@ -672,7 +631,7 @@ def _attend_kernel(
         _, _, values, weights, _, _ = _cluster_weights(
             attend_q, attend_k, v, mem_k, mem_v, membership, key_membership, b, h, first + j,
             scale, causal, by_slot, has_valid, valid, query_padding, self_mask, has_mask_value, mask_value,
-            has_self_value, self_value, lse[b, h, first + j],
+            has_self_value, self_value, slot_lse[b, h, first + j],
         )  # fmt: skip
         # (10) Weighted values.
         np.dot(weights, values, slot_out[b, h, j])
@@ -682,11 +641,11 @@ def _attend_kernel(
 def _scatter_add_kernel(slots, tokens, first, count, skip, target):
     """Steps (11) and (6'): ``target[b, h, tokens[b, h, first + j, s]] += slots[b, h, j, skip + s]`` for
     ``j < count``, in (cluster, slot) order; parallel over (b, h), which own their rows of ``target``."""
-    batch, heads, _, window = tokens.shape
+    batch, heads, _, cluster_size = tokens.shape
     for item in prange(batch * heads):
         b, h = item // heads, item % heads
         for j in range(count):
-            for s in range(window):
+            for s in range(cluster_size):
                 row, slot = target[b, h, tokens[b, h, first + j, s]], slots[b, h, j, skip + s]
                 for e in range(row.shape[0]):
                     row[e] += slot[e]
@@ -702,26 +661,26 @@ def _attend_vjp_kernel(
     attend_q, attend_k, v, mem_k, mem_v, membership, key_membership,
     scale, causal, by_slot, has_valid, valid, query_padding, self_mask, has_mask_value, mask_value,
     has_self_value, self_value,
-    dout, dlse, counts, eps, first, count, d_q_slots, d_k_slots, d_v_slots,
+    dout, counts, eps, first, count, d_q_slots, d_k_slots, d_v_slots,
 ):  # fmt: skip
     """Steps (11')-(7') for clusters ``first ... first + count``, parallel over (b, h, cluster):
     the gradients of their query slots into ``d_q_slots[:, :, :count]`` (B, H, group, W, D), and
-    of their memory and window key/value slots into ``d_k_slots``, ``d_v_slots`` (B, H, group, M + W, ·)."""
-    batch, heads, _, window = membership.shape
+    of their memory and member key/value slots into ``d_k_slots``, ``d_v_slots`` (B, H, group, M + W, ·)."""
+    batch, heads, _, cluster_size = membership.shape
     dtype = dout.dtype
     for item in prange(batch * heads * count):
         b, h, j = item // (heads * count), (item // count) % heads, item % count
         c = first + j
         members = membership[b, h, c]
-        row_lse = np.empty(window, dtype)
+        row_lse = np.empty(cluster_size, dtype)
         queries, keys, values, weights, constant, replaced = _cluster_weights(
             attend_q, attend_k, v, mem_k, mem_v, membership, key_membership, b, h, c,
             scale, causal, by_slot, has_valid, valid, query_padding, self_mask, has_mask_value, mask_value,
             has_self_value, self_value, row_lse,
         )  # fmt: skip
         # (11') Each slot receives its token's cotangent over count + eps (count >= 1).
-        d_slot_out = np.empty((window, dout.shape[3]), dtype)
-        for s in range(window):
+        d_slot_out = np.empty((cluster_size, dout.shape[3]), dtype)
+        for s in range(cluster_size):
             token = members[s]
             denominator = dtype.type(counts[b, h, token]) + eps
             for e in range(dout.shape[3]):
@@ -729,15 +688,13 @@ def _attend_vjp_kernel(
         # (10') dV = Pᵀ dO, dP = dO Vᵀ.
         np.dot(weights.T, d_slot_out, d_v_slots[b, h, j])
         d_scores = np.dot(d_slot_out, values.T)  # (W, M + W): dP, then dZ
-        # (9') dZ = P (dP - Σ_t P dP) + P dlse; (8') none through replaced logits.
-        for s in range(window):
+        # (9') dZ = P (dP - Σ_t P dP); (8') none through replaced logits.
+        for s in range(cluster_size):
             along = dtype.type(0.0)
             for t in range(d_scores.shape[1]):
                 along += weights[s, t] * d_scores[s, t]
-            row_dlse = dlse[b, h, c, s]
             for t in range(d_scores.shape[1]):
-                p = weights[s, t]
-                d_scores[s, t] = p * (d_scores[s, t] - along) + p * row_dlse
+                d_scores[s, t] = weights[s, t] * (d_scores[s, t] - along)
             if replaced:
                 for t in range(d_scores.shape[1]):
                     if constant[s, t]:

@@ -2,7 +2,8 @@
 semantics, google-research's code and lucidrains' code differ, in one dataclass.
 
 A parameter of :func:`~refattn.routing.reference.routing_attention` (and of the
-hybrid, soft-routing and centroid functions) that is left at :data:`FROM_PRESET`
+hybrid and centroid functions) that is left at
+:data:`~refattn.core.presets.FROM_PRESET`
 takes the preset's value; an explicit value overrides it. ``preset=None`` is the
 canonical semantics (spec/routing.md, "Presets"). The sources of each value:
 
@@ -23,17 +24,8 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 
 from ..core.errors import SpecError
+from ..core.presets import FROM_PRESET
 
-
-class _FromPreset:
-    """Sentinel default: "take this parameter from the preset"."""
-
-    def __repr__(self) -> str:
-        return "FROM_PRESET"
-
-
-#: Default of every preset-controlled parameter.
-FROM_PRESET = _FromPreset()
 
 #: lucidrains masks with ``-torch.finfo(dots.dtype).max``; the models run in float32.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -217,3 +209,14 @@ def resolve(preset, **given) -> dict:
     """The value of each named parameter: the given one, or the preset's where it is :data:`FROM_PRESET`."""
     chosen = get_preset(preset)
     return {name: getattr(chosen, name) if value is FROM_PRESET else value for name, value in given.items()}
+
+
+def preset_value(params: dict, name: str, head_dim: int):
+    """Parameter ``name`` as a call with keyword arguments ``params`` resolves it: given, or its preset's;
+    a ``scale`` or ``query_prescale`` of None means ``1/sqrt(head_dim)``."""
+    value = params.get(name, FROM_PRESET)
+    if value is FROM_PRESET:
+        value = getattr(get_preset(params.get("preset")), name)
+    if name in ("scale", "query_prescale") and value is None:
+        return 1.0 / np.sqrt(head_dim)
+    return value

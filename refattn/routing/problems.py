@@ -29,6 +29,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..conformance.case import Dims
+from .presets import get_preset
+
 #: Smallest decision margin, relative to |r| · |μ|, of every problem made here with N <= 32, K <= 4.
 MIN_RELATIVE_MARGIN = 0.01
 #: Largest norm of a token's designed similarities, leaving room for its own direction e_n.
@@ -119,3 +122,28 @@ def routed_problem(rng: np.random.Generator, *, batch: int, heads: int, length: 
                 rng, _similarities(rng, length, clusters, empty_cluster), directions, routing_norm, key_prescale)
     v = rng.standard_normal((batch, heads, length, value_dim or head_dim))
     return {"q": q, "k": k, "v": v, "centroids": centroids}
+
+
+# --- the routing mechanisms' conformance cases ------------------------------------
+
+
+def routing_dims(b: int, h: int, n: int, d: int, dv: int) -> Dims:
+    """The sizes of a routing case: self-attention, ``h`` heads for q, k and v, ``n`` tokens."""
+    return Dims(b, h, h, n, n, d, dv)
+
+
+def preset_problem(rng: np.random.Generator, dims: Dims, clusters: int, preset, *, shared_qk: bool = False,
+                   empty_cluster: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
+    """:func:`routed_problem` of sizes ``dims`` for ``preset``'s routing normalisation and query prescale."""
+    chosen = get_preset(preset)
+    prescale = 1.0 / np.sqrt(dims.d) if chosen.query_prescale is None else chosen.query_prescale
+    return routed_problem(rng, batch=dims.b, heads=dims.hq, length=dims.nq, head_dim=dims.d, value_dim=dims.dv,
+                          clusters=clusters, routing_norm=chosen.routing_norm, query_prescale=prescale,
+                          shared_qk=shared_qk, empty_cluster=empty_cluster)  # fmt: skip
+
+
+def random_key_padding(rng: np.random.Generator, dims: Dims) -> np.ndarray:
+    """A ``key_padding_mask`` (B, N), True = real token: about one token in four padded, never the first."""
+    mask = rng.random((dims.b, dims.nq)) >= 0.25
+    mask[:, 0] = True
+    return mask

@@ -1,14 +1,13 @@
 """Differential attention, Ye et al. 2024 (spec/dilution.md)."""
 
 from ...core import registry
-from .reference import differential_attention, differential_attention_vjp, key_heads, lambda_init_from_depth
-
-
-def _cases():
-    from .cases import cases
-
-    return cases()
-
+from .reference import (
+    check_differential_inputs,
+    differential_attention,
+    differential_attention_vjp,
+    key_heads,
+    lambda_init_from_depth,
+)
 
 MECHANISM = registry.register(
     registry.Mechanism(
@@ -16,9 +15,8 @@ MECHANISM = registry.register(
         package="refattn.dilution.differential",
         forward=differential_attention,
         vjp=differential_attention_vjp,
+        check_inputs=check_differential_inputs,
         backends=("reference", "numba"),
-        cases=_cases,
-        properties="refattn.dilution.differential.properties",
         spec="spec/dilution.md",
     )
 )

@@ -15,24 +15,26 @@ the four λ vectors (D,), and, where the case has them, ``norm_weight``
 (B, 2H, Nq, Nk)). λ_init comes from ``depth`` or is given as
 ``lambda_init`` (JSON parameters).
 
-Seeds are the CRC-32 of the case id.
+Seeds are the CRC-32 of the case id (refattn/conformance/case.py).
 """
 
 from __future__ import annotations
 
-import zlib
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
-from ...conformance.case import Case
+from ...conformance.case import ArrayMaker, Case, make_case
 
-ArrayMaker = Callable[[np.random.Generator, "Dims"], np.ndarray]
 LAMBDA_NAMES = ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
 
 
 class Dims(NamedTuple):
-    """Sizes of one case: q (b, 2h, nq, d), k (b, 2hkv, nk, d), v (b, hkv, nk, 2d)."""
+    """Sizes of one case: q (b, 2h, nq, d), k (b, 2hkv, nk, d), v (b, hkv, nk, 2d).
+
+    Not the shared :class:`refattn.conformance.case.Dims`: ``h`` counts output heads, and v has half
+    of k's heads and twice its width.
+    """
 
     b: int
     h: int
@@ -40,6 +42,51 @@ class Dims(NamedTuple):
     nq: int
     nk: int
     d: int
+
+
+#: The flags only these cases use (the shared ones are in refattn/conformance/flags.py).
+FLAGS: dict[str, str] = {
+    "DIFF_LAMBDA_REPARAM": (
+        "lambda = exp(lambda_q1 . lambda_k1) - exp(lambda_q2 . lambda_k2) + lambda_init: one scalar per layer, shared "
+        "by every head. Cases draw the lambda vectors with standard deviation 0.4 or more, so exp(lambda_q . "
+        "lambda_k) is far from 1 + lambda_q . lambda_k. Fails implementations that drop the exponentials, cross the "
+        "pairs (lambda_q1 . lambda_k2), leave lambda_init out, or keep one lambda per head."
+    ),
+    "DIFF_LAMBDA_INIT": (
+        "lambda_init = 0.8 - 0.6 exp(-0.3 depth) with depth the 0-based layer index (the authors' "
+        "lambda_init_fn(depth); the paper writes l - 1 for a 1-based l), and the same lambda_init in the factor "
+        "1 - lambda_init after the norm. Fails the paper's l - 1 applied to a 0-based index (exp(-0.3 (depth - 1))) "
+        "and a depth counted from 1."
+    ),
+    "DIFF_HEAD_PAIRING": (
+        "Query heads 2h and 2h + 1 (adjacent) are the two maps of output head h, as the authors' "
+        "attn_weights.view(B, H, 2, N, N) and q.reshape(B, N, H, 2, D) make them; lse (B, 2H, Nq) and a per-query-head "
+        "bias or mask follow the same order. Fails implementations that pair heads h and h + H (torch.chunk over the "
+        "heads, as Hugging Face's DiffLlama does)."
+    ),
+    "DIFF_GQA_KEYS": (
+        "With G = H / Hkv >= 2, map c of output head h reads key head 2 (h // G) + c under gqa_keys='paired' (the "
+        "authors' flash variants: kv head j holds the keys 2j and 2j + 1) and key head (2h + c) // G under "
+        "'repeat_kv' (multihead_diffattn.py's repeat_kv over all 2 Hkv key heads); both maps read value head h // G. "
+        "Fails an implementation that uses the other rule than the case's gqa_keys (they differ whenever G >= 2), "
+        "and a dk not summed into the key head each map read."
+    ),
+    "DIFF_SUBLN_SCALE": (
+        "After the per-head RMSNorm the output is multiplied by the fixed factor 1 - lambda_init. Fails "
+        "implementations that leave it out, use the learned 1 - lambda, or apply it before the norm, which cancels it."
+    ),
+    "DIFF_SUBLN_GROUP": (
+        "The RMSNorm (the authors' subln) normalises each output head's 2D features together: one statistic per "
+        "(batch, head, query). Fails implementations that normalise each D-half separately (as a flash kernel that "
+        "splits v in two halves might), all heads together, or subtract the mean (LayerNorm)."
+    ),
+    "DIFF_NORM_EPS": (
+        "The RMSNorm's eps (norm_eps, 1e-5 in the authors' subln) is added to the mean square inside the square "
+        "root. The case's values are small enough that eps is comparable to the mean square. Fails eps left out or "
+        "added outside the root, and another default such as 1e-6 (that of the authors' rms_norm.py, which subln "
+        "overrides)."
+    ),
+}
 
 
 def _draw(dims: Dims, std: float, v_std: float, lambda_std: float, extra: dict[str, ArrayMaker]):
@@ -70,17 +117,8 @@ def _case(name: str, description: str, flags: tuple[str, ...], dims: Dims, *, st
     extra = {key: make for key, make in {"norm_weight": _weight if norm_weight else None, "bias": bias, "mask": mask}.items()
              if make is not None}  # fmt: skip
     differentiable = ("q", "k", "v", *LAMBDA_NAMES) + tuple(name for name in ("norm_weight", "bias") if name in extra)
-    case_id = f"differential/{name}"
-    return Case(
-        id=case_id,
-        mechanism="differential",
-        description=description,
-        flags=flags,
-        seed=zlib.crc32(case_id.encode()),
-        arrays=_draw(dims, std, v_std, lambda_std, extra),
-        params=params,
-        differentiable=differentiable,
-    )
+    return make_case("differential", name, description, flags, _draw(dims, std, v_std, lambda_std, extra),
+                     params=params, differentiable=differentiable)  # fmt: skip
 
 
 def cases() -> list[Case]:

@@ -25,29 +25,13 @@ import math
 
 import numpy as np
 
+from ...core.invariants import close, require
 from ...dense.reference import dense_attention
 from .reference import key_heads, lambda_init_from_depth
 
 #: Parameters that belong to the differential step and not to the dense maps.
 _OWN = ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2", "lambda_init", "depth", "norm_weight", "norm_eps",
         "apply_norm", "gqa_keys")  # fmt: skip
-
-
-def _close(name: str, got, want, rtol: float) -> None:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    same_inf = np.isinf(want) & (got == want)
-    finite = ~same_inf
-    if np.any(np.isnan(got)) or np.any(np.isinf(got[finite])) or np.any(np.isinf(want[finite])):
-        raise AssertionError(f"{name}: infinities or NaN differ")
-    err = np.max(np.abs(got[finite] - want[finite]), initial=0.0)
-    ref = max(np.max(np.abs(want[finite]), initial=0.0), 1.0)
-    if err > rtol * ref:
-        raise AssertionError(f"{name}: normwise error {err / ref:.3e} > {rtol:.1e}")
-
-
-def _require(condition: bool, what: str) -> None:
-    if not condition:
-        raise ValueError(f"this property needs {what}")
 
 
 def _lambda(params: dict) -> float:
@@ -87,9 +71,9 @@ def zero_lambda_is_the_first_map(attend, q, k, v, params, rtol=1e-10):
     """
     zero = _unnormalised(params, lambda_q2=params["lambda_q1"], lambda_k2=params["lambda_k1"], lambda_init=0.0, depth=None)
     result, want = attend(q, k, v, **zero), first_map(q, k, v, params)
-    _close("out", result.out, want.out, rtol)
+    close("out", result.out, want.out, rtol)
     if result.lse is not None:
-        _close("lse of heads 2h", np.asarray(result.lse)[:, 0::2], want.lse, rtol)
+        close("lse of heads 2h", np.asarray(result.lse)[:, 0::2], want.lse, rtol)
 
 
 def identical_maps_give_one_minus_lambda(attend, q, k, v, params, rtol=1e-10):
@@ -111,7 +95,7 @@ def identical_maps_give_one_minus_lambda(attend, q, k, v, params, rtol=1e-10):
             paired[..., 1::2, :, :] = paired[..., 0::2, :, :]
             same[name] = paired
     result, want = attend(q, k, v, **same), first_map(q, k, v, same)
-    _close("out", result.out, (1.0 - _lambda(params)) * want.out, rtol)
+    close("out", result.out, (1.0 - _lambda(params)) * want.out, rtol)
 
 
 def value_scaling_is_eps_rescaling(attend, q, k, v, params, factor=8.0, rtol=1e-10):
@@ -119,14 +103,14 @@ def value_scaling_is_eps_rescaling(attend, q, k, v, params, factor=8.0, rtol=1e-
     ``out(c v; ε) = out(v; ε / c²)``, since RMSNorm(c x; ε) = RMSNorm(x; ε / c²).
     The log-sum-exp does not change. Needs the norm (``apply_norm``, the default).
     """
-    _require(params.get("apply_norm", True), "apply_norm=True")
-    _require(factor > 0, "factor > 0")
+    require(params.get("apply_norm", True), "apply_norm=True")
+    require(factor > 0, "factor > 0")
     eps = params.get("norm_eps", 1e-5)
     scaled = attend(q, k, factor * v, **params)
     rescaled = attend(q, k, v, **dict(params, norm_eps=eps / factor**2))
-    _close("out", scaled.out, rescaled.out, rtol)
+    close("out", scaled.out, rescaled.out, rtol)
     if scaled.lse is not None:
-        _close("lse", scaled.lse, rescaled.lse, rtol)
+        close("lse", scaled.lse, rescaled.lse, rtol)
 
 
 def value_scaling_invariance(attend, q, k, v, params, factor=8.0, rtol=1e-10):
@@ -136,8 +120,8 @@ def value_scaling_invariance(attend, q, k, v, params, factor=8.0, rtol=1e-10):
     (exactly invariant when ε = 0). Rows with ``m = 0`` (fully masked) stay 0.
     Needs the norm (``apply_norm``, the default).
     """
-    _require(params.get("apply_norm", True), "apply_norm=True")
-    _require(factor > 0, "factor > 0")
+    require(params.get("apply_norm", True), "apply_norm=True")
+    require(factor > 0, "factor > 0")
     eps = params.get("norm_eps", 1e-5)
     base, scaled = attend(q, k, v, **params).out, attend(q, k, factor * v, **params).out
     diff = np.asarray(attend(q, k, v, **_unnormalised(params)).out, np.float64)  # (B, H, Nq, 2D)

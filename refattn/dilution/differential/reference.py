@@ -45,20 +45,21 @@ steps (1)-(7) of spec/dense.md inside (D3).
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from ...core import checks, registry
-from ...core.checks import cotangent, float_array
+from ...core.checks import float_array
 from ...core.errors import SpecError
-from ...core.precision import Numerics, numerics
-from ...core.results import Grads, Result
+from ...core.precision import Numerics
+from ...core.results import Cotangents, Grads, Result
 from ...core.shapes import sum_kv_heads
-from ...dense.reference import dense_attention, dense_attention_vjp
+from ...dense import reference as dense_reference
+from ...dense.inputs import DenseInputs, check_dense_inputs
 
 GQA_KEYS = ("paired", "repeat_kv")
 LAMBDA_NAMES = ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
@@ -140,26 +141,15 @@ class DifferentialInputs:
     gqa_keys: str
     mask: np.ndarray | None  # bool, broadcastable to (B, 2H, Nq, Nk)
     bias: np.ndarray | None  # real, broadcastable to (B, 2H, Nq, Nk)
-    dense_params: dict  # causal, causal_alignment, window, scale, softcap: checked
+    maps: tuple[DenseInputs, DenseInputs]  # the two maps' dense attention, :func:`map_inputs`
 
-    def map_arrays(self, c: int) -> dict:
-        """The arguments of map ``c``'s dense attention: query heads ``c, c + 2, ...`` (B, H, Nq, D), the
-        keys and values they read, and mask and bias with their query-head axis (if any) cut the same way.
-
-        ``"paired"``: map ``c`` is ordinary GQA over the kv heads' ``c``-th keys, k[:, c::2] (B, Hkv, Nk, D),
-        and v (B, Hkv, Nk, 2D), so no key or value is copied. ``"repeat_kv"``: key head ``(2h + c) // G``
-        follows no group rule of map ``c``'s own, so keys and values are gathered per output head,
-        (B, H, Nk, D) and (B, H, Nk, 2D).
-        """
-        if self.gqa_keys == "paired":
-            keys, values = self.k[:, c::2], self.v
-        else:
-            keys = self.k[:, key_heads(self.shape.heads, self.shape.kv_heads, self.gqa_keys)[c]]
-            values = np.repeat(self.v, self.shape.group, axis=1)
-        return dict(q=self.q[:, c::2], k=keys, v=values, mask=_map_heads(self.mask, c), bias=_map_heads(self.bias, c))
+    def cotangent_shapes(self) -> dict:
+        """Shapes of ``dout`` (B, H, Nq, 2D) and ``dlse`` (B, 2H, Nq): one lse per query head's map."""
+        s = self.shape
+        return {"dout": (s.batch, s.heads, s.q_len, 2 * s.head_dim), "dlse": (s.batch, 2 * s.heads, s.q_len)}
 
     def add_map_kv_grads(self, c: int, dk: np.ndarray, dv: np.ndarray, map_dk: np.ndarray, map_dv: np.ndarray) -> None:
-        """Adjoint of :meth:`map_arrays`'s keys and values: add map ``c``'s gradients into
+        """Adjoint of :func:`map_inputs`'s keys and values: add map ``c``'s gradients into
         dk (B, 2Hkv, Nk, D) and dv (B, Hkv, Nk, 2D), summing over every head that read a key or value."""
         if self.gqa_keys == "paired":
             dk[:, c::2] += map_dk
@@ -179,6 +169,26 @@ def _map_heads(x: np.ndarray | None, c: int) -> np.ndarray | None:
     if x is None or not _has_head_axis(x):
         return x
     return x[..., c::2, :, :]
+
+
+def map_inputs(q, k, v, shape: DifferentialShape, gqa_keys: str, mask, bias, dense_params: dict, c: int) -> DenseInputs:
+    """The checked arguments of map ``c``'s dense attention: query heads ``c, c + 2, ...`` (B, H, Nq, D),
+    the keys and values they read, and mask and bias with their query-head axis (if any) cut the same way.
+
+    ``"paired"``: map ``c`` is ordinary GQA over the kv heads' ``c``-th keys, k[:, c::2] (B, Hkv, Nk, D),
+    and v (B, Hkv, Nk, 2D), so no key or value is copied. ``"repeat_kv"``: key head ``(2h + c) // G``
+    follows no group rule of map ``c``'s own, so keys and values are gathered per output head,
+    (B, H, Nk, D) and (B, H, Nk, 2D).
+    """
+    if gqa_keys == "paired":
+        keys, values = k[:, c::2], v
+    else:
+        keys = k[:, key_heads(shape.heads, shape.kv_heads, gqa_keys)[c]]
+        values = np.repeat(v, shape.group, axis=1)
+    return check_dense_inputs(
+        q[:, c::2], keys, values, mask=_map_heads(mask, c), bias=_map_heads(bias, c), **dense_params,
+        dropout_keep=None, dropout_p=0.0,
+    )  # fmt: skip
 
 
 def _check_qkv(q, k, v) -> DifferentialShape:
@@ -255,12 +265,13 @@ def check_differential_inputs(
         scale=checks.scale(scale, shape.head_dim),
         softcap=checks.real_number(softcap, "softcap", minimum=0.0),
     )
+    gqa_keys = checks.choice(gqa_keys, "gqa_keys", GQA_KEYS)
+    mask = None if mask is None else checks.broadcastable(mask, "mask", shape.scores, "bool")
+    bias = None if bias is None else checks.broadcastable(bias, "bias", shape.scores, "float")
+    maps = tuple(map_inputs(q, k, v, shape, gqa_keys, mask, bias, dense_params, c) for c in (0, 1))
     return DifferentialInputs(
         q=q, k=k, v=v, shape=shape, lambdas=lambdas, lambda_init=lambda_init, norm_weight=norm_weight,
-        norm_eps=norm_eps, apply_norm=apply_norm, gqa_keys=checks.choice(gqa_keys, "gqa_keys", GQA_KEYS),
-        mask=None if mask is None else checks.broadcastable(mask, "mask", shape.scores, "bool"),
-        bias=None if bias is None else checks.broadcastable(bias, "bias", shape.scores, "float"),
-        dense_params=dense_params,
+        norm_eps=norm_eps, apply_norm=apply_norm, gqa_keys=gqa_keys, mask=mask, bias=bias, maps=maps,
     )  # fmt: skip
 
 
@@ -283,12 +294,12 @@ def lambda_steps(x: DifferentialInputs, num: Numerics) -> dict:
     return dict(vectors=vectors, lambda_1=lambda_1, lambda_2=lambda_2, lambda_full=lambda_full)
 
 
-def forward_steps(x: DifferentialInputs, num: Numerics, attend) -> dict:
-    """Steps (D2)-(D7); ``attend(q, k, v, mask=, bias=, **dense_params)`` is dense attention
-    (the reference at ``num``'s precision, or a kernel). Returns every intermediate the VJP needs."""
+def forward_steps(x: DifferentialInputs, num: Numerics, attend: Callable[[DenseInputs], Result]) -> dict:
+    """Steps (D2)-(D7); ``attend(map_inputs)`` is dense attention's forward (the reference at ``num``'s
+    precision, or a kernel). Returns every intermediate the VJP needs."""
     steps = lambda_steps(x, num)
     # (D3) The two maps, each dense attention (1)-(7) over its query heads, keys and the shared values.
-    maps = [attend(**x.map_arrays(c), **x.dense_params) for c in (0, 1)]
+    maps = [attend(map_x) for map_x in x.maps]
     outs = [np.asarray(m.out, dtype=num.compute) for m in maps]  # 2 x (B, H, Nq, 2D)
     steps.update(maps=outs, lse=interleave(*(np.asarray(m.lse, dtype=num.compute) for m in maps)))  # (B, 2H, Nq)
     # (D4) The difference of the two maps' outputs.
@@ -307,9 +318,10 @@ def forward_steps(x: DifferentialInputs, num: Numerics, attend) -> dict:
     return steps
 
 
-def vjp_steps(x: DifferentialInputs, num: Numerics, f: dict, dout: np.ndarray, dlse, attend_vjp) -> Grads:
-    """Steps (D7')-(D1') for the forward intermediates ``f``; ``attend_vjp`` is dense attention's VJP.
-    Returns every gradient in the compute dtype."""
+def vjp_steps(x: DifferentialInputs, num: Numerics, f: dict, dout: np.ndarray, dlse,
+              attend_vjp: Callable[[DenseInputs, Cotangents], Grads]) -> Grads:  # fmt: skip
+    """Steps (D7')-(D1') for the forward intermediates ``f``; ``attend_vjp(map_inputs, cotangents)`` is
+    dense attention's VJP. Returns every gradient in the compute dtype."""
     d_diff, d_norm_weight = dout, None  # (B, H, Nq, 2D)
     if x.apply_norm:
         # (D7') out = (1 − λ_init) · weighted.
@@ -331,7 +343,7 @@ def vjp_steps(x: DifferentialInputs, num: Numerics, f: dict, dout: np.ndarray, d
     dbias = None if x.bias is None else np.zeros(x.bias.shape, num.compute)
     for c in (0, 1):
         map_dlse = None if dlse is None else dlse[:, c::2]
-        g = attend_vjp(d_maps[c], **x.map_arrays(c), dlse=map_dlse, **x.dense_params)
+        g = attend_vjp(x.maps[c], Cotangents(dout=d_maps[c], dlse=map_dlse))
         dq.append(np.asarray(g["q"], num.compute))
         x.add_map_kv_grads(c, dk, dv, np.asarray(g["k"], num.compute), np.asarray(g["v"], num.compute))
         if dbias is not None:
@@ -432,89 +444,34 @@ def differential_attention(
     Result
         ``out`` (B, H, Nq, 2D) and ``lse`` (B, 2H, Nq), float64: the log-sum-exp
         of each query head's map (``-inf`` on a fully masked row, whose
-        output is 0). ``aux`` is empty.
+        output is 0). ``aux`` is empty. The lse has 2H heads, not the H of
+        ``out``: output head ``h`` is a difference of two softmax maps, then
+        a norm, not one softmax average, so it has no log-sum-exp of its
+        own; each of its maps, query heads ``2h`` and ``2h + 1``, has one.
     """
-    params = dict(
-        lambda_q1=lambda_q1, lambda_k1=lambda_k1, lambda_q2=lambda_q2, lambda_k2=lambda_k2, lambda_init=lambda_init,
-        depth=depth, norm_weight=norm_weight, norm_eps=norm_eps, apply_norm=apply_norm, gqa_keys=gqa_keys, mask=mask,
-        bias=bias, causal=causal, causal_alignment=causal_alignment, window=window, scale=scale, softcap=softcap,
+    return registry.call_forward("differential", locals())
+
+
+def forward(x: DifferentialInputs, num: Numerics) -> Result:
+    """The reference backend: steps (D1)-(D7) in precision ``num``, each map by dense attention's reference."""
+    f = forward_steps(x, num, lambda map_x: dense_reference.forward(map_x, num))
+    return Result(out=f["out"], lse=f["lse"], aux={})
+
+
+differential_attention_vjp = registry.vjp_function(
+    differential_attention,
+    "differential",
+    grads="""    ``q``, ``k``, ``v``, ``lambda_q1``, ``lambda_k1``, ``lambda_q2``,
+    ``lambda_k2``, then ``norm_weight`` and ``bias`` (in the bias's own
+    shape) when given. ``lambda_init`` and ``depth`` are constants. ``dlse``
+    is (B, 2H, Nq), the shape of ``lse``.""",
+)
+
+
+def vjp(x: DifferentialInputs, cotangents: Cotangents, num: Numerics) -> Grads:
+    """The reference backend's VJP: steps (D7')-(D1') in precision ``num``."""
+    f = forward_steps(x, num, lambda map_x: dense_reference.forward(map_x, num))
+    return vjp_steps(
+        x, num, f, num.load(cotangents.dout), cotangents.dlse,
+        lambda map_x, map_cotangents: dense_reference.vjp(map_x, map_cotangents, num),
     )  # fmt: skip
-    if backend != "reference":
-        return _other_backend(backend, precision).differential_attention(q, k, v, **params)
-    x = check_differential_inputs(q, k, v, **params)
-    num = numerics(precision)
-    f = forward_steps(x, num, functools.partial(dense_attention, precision=num))
-    return Result(out=f["out"].astype(np.float64), lse=f["lse"].astype(np.float64), aux={})
-
-
-def differential_attention_vjp(
-    dout,
-    q,
-    k,
-    v,
-    *,
-    dlse=None,
-    lambda_q1,
-    lambda_k1,
-    lambda_q2,
-    lambda_k2,
-    lambda_init=None,
-    depth=None,
-    norm_weight=None,
-    norm_eps=1e-5,
-    apply_norm=True,
-    gqa_keys="paired",
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    precision=None,
-    backend="reference",
-) -> Grads:
-    """Gradients of :func:`differential_attention` for cotangents ``dout`` (and ``dlse``).
-
-    Parameters are those of :func:`differential_attention`, plus
-
-    dout : ndarray (B, H, Nq, 2D)
-        Cotangent of ``out``.
-    dlse : ndarray (B, 2H, Nq), optional
-        Cotangent of ``lse``; 0 when omitted.
-
-    Returns
-    -------
-    Grads
-        ``q``, ``k``, ``v``, ``lambda_q1``, ``lambda_k1``, ``lambda_q2``,
-        ``lambda_k2``, then ``norm_weight`` and ``bias`` (in the bias's own
-        shape) when given. ``lambda_init`` and ``depth`` are constants.
-    """
-    params = dict(
-        lambda_q1=lambda_q1, lambda_k1=lambda_k1, lambda_q2=lambda_q2, lambda_k2=lambda_k2, lambda_init=lambda_init,
-        depth=depth, norm_weight=norm_weight, norm_eps=norm_eps, apply_norm=apply_norm, gqa_keys=gqa_keys, mask=mask,
-        bias=bias, causal=causal, causal_alignment=causal_alignment, window=window, scale=scale, softcap=softcap,
-    )  # fmt: skip
-    if backend != "reference":
-        return _other_backend(backend, precision).differential_attention_vjp(dout, q, k, v, dlse=dlse, **params)
-    x = check_differential_inputs(q, k, v, **params)
-    dout, dlse = check_cotangents(x, dout, dlse)
-    num = numerics(precision)
-    f = forward_steps(x, num, functools.partial(dense_attention, precision=num))
-    grads = vjp_steps(x, num, f, num.load(dout), dlse, functools.partial(dense_attention_vjp, precision=num))
-    return Grads({name: value.astype(np.float64) for name, value in grads.items()})
-
-
-def check_cotangents(x: DifferentialInputs, dout, dlse) -> tuple[np.ndarray, np.ndarray | None]:
-    """``dout`` of shape (B, H, Nq, 2D) and ``dlse`` (B, 2H, Nq) or None."""
-    s = x.shape
-    dout = cotangent(dout, "dout", (s.batch, s.heads, s.q_len, 2 * s.head_dim))
-    dlse = None if dlse is None else cotangent(dlse, "dlse", (s.batch, 2 * s.heads, s.q_len))
-    return dout, dlse
-
-
-def _other_backend(backend: str, precision):
-    if precision is not None:
-        wanted = "None with a non-reference backend (kernels compute in their input dtype)"
-        raise SpecError("precision", wanted, repr(precision))
-    return registry.backend("differential", backend)

@@ -1,14 +1,7 @@
 """Log-n scaled attention, Chiang & Cholak 2022 (spec/dilution.md)."""
 
 from ...core import registry
-from .reference import logn_attention, logn_attention_vjp
-
-
-def _cases():
-    from .cases import cases
-
-    return cases()
-
+from .reference import check_logn_inputs, logn_attention, logn_attention_vjp
 
 MECHANISM = registry.register(
     registry.Mechanism(
@@ -16,9 +9,8 @@ MECHANISM = registry.register(
         package="refattn.dilution.logn",
         forward=logn_attention,
         vjp=logn_attention_vjp,
+        check_inputs=check_logn_inputs,
         backends=("reference", "numba"),
-        cases=_cases,
-        properties="refattn.dilution.logn.properties",
         spec="spec/dilution.md",
     )
 )

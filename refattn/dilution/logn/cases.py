@@ -7,69 +7,41 @@ the per-row attended count differs from ``Nk`` (log-n keeps ``log Nk``), the
 explicit-``n`` case has ``n`` far from ``Nk``, and the ``n = 1`` case has
 every score 0. ``n`` is a JSON parameter when given.
 
-Seeds are the CRC-32 of the case id.
+Arrays are drawn with the shared helpers of refattn/conformance/case.py
+(seeded by the CRC-32 of the case id).
 """
 
 from __future__ import annotations
 
-import zlib
-from typing import Callable, NamedTuple
-
-import numpy as np
-
-from ...conformance.case import Case
-
-ArrayMaker = Callable[[np.random.Generator, "Dims"], np.ndarray]
+from ...conformance.case import ArrayMaker, Case, Dims, draw, key_padding, make_case, normal
 
 
-class Dims(NamedTuple):
-    """Sizes of one case: q (b, hq, nq, d), k (b, hkv, nk, d), v (b, hkv, nk, dv); dv = d when None."""
-
-    b: int
-    hq: int
-    hkv: int
-    nq: int
-    nk: int
-    d: int
-    dv: int | None = None
-
-
-def _key_padding(lengths: tuple[int, ...]) -> ArrayMaker:
-    """A (B, 1, 1, Nk) mask keeping the first ``lengths[b]`` keys of batch element ``b``."""
-    return lambda rng, dims: (np.arange(dims.nk) < np.array(lengths)[:, None])[:, None, None, :]
-
-
-def _draw(dims: Dims, std: float, extra: dict[str, ArrayMaker]):
-    """``arrays(rng)``: q, k (standard deviation ``std``), v, then the ``extra`` arrays."""
-
-    def arrays(rng: np.random.Generator) -> dict:
-        out = {
-            "q": std * rng.standard_normal((dims.b, dims.hq, dims.nq, dims.d)),
-            "k": std * rng.standard_normal((dims.b, dims.hkv, dims.nk, dims.d)),
-            "v": rng.standard_normal((dims.b, dims.hkv, dims.nk, dims.dv or dims.d)),
-        }
-        for name, make in extra.items():
-            out[name] = make(rng, dims)
-        return out
-
-    return arrays
+#: The flags only these cases use (the shared ones are in refattn/conformance/flags.py).
+FLAGS: dict[str, str] = {
+    "LOGN_SCALE": (
+        "The scaled scores are multiplied by the natural log of n, before the soft-cap and the bias (the bias is "
+        "not multiplied); n = 1 gives log 1 = 0 and uniform scores. Fails implementations that use log2 n or "
+        "log10 n, divide by log n, or multiply the final logits (after the cap, bias included)."
+    ),
+    "LOGN_LENGTH": (
+        "By default n is Nk, the number of keys, the same for every row and unchanged by masks. Cases have Nq != "
+        "Nk, causal or padding masks. Fails implementations that use the query length Nq, the per-row attended "
+        "count (SSMax's n), the unpadded length, or the query position."
+    ),
+    "LOGN_EXPLICIT_N": (
+        "An explicit n (a training length) replaces Nk in log n, on every row. Fails implementations that ignore "
+        "it, use log(Nk) / log(n) (Qwen's log_n(i) with the training length as base) or clamp the factor at 1."
+    ),
+}
 
 
 def _case(name: str, description: str, flags: tuple[str, ...], dims: Dims, *, std: float = 1.0,
           bias: ArrayMaker | None = None, mask: ArrayMaker | None = None, **params) -> Case:  # fmt: skip
     """One log-n case; ``params`` are the JSON keyword arguments (n, causal, window, softcap, ...)."""
     extra = {key: make for key, make in {"bias": bias, "mask": mask}.items() if make is not None}
-    case_id = f"logn/{name}"
-    return Case(
-        id=case_id,
-        mechanism="logn",
-        description=description,
-        flags=flags,
-        seed=zlib.crc32(case_id.encode()),
-        arrays=_draw(dims, std, extra),
-        params=params,
-        differentiable=("q", "k", "v", "bias") if bias is not None else ("q", "k", "v"),
-    )
+    differentiable = ("q", "k", "v", "bias") if bias is not None else ("q", "k", "v")
+    return make_case("logn", name, description, flags, draw(dims, extra, std=std), params=params,
+                     differentiable=differentiable)  # fmt: skip
 
 
 def cases() -> list[Case]:
@@ -80,15 +52,15 @@ def cases() -> list[Case]:
         _case("causal_cross_default_n", "5 queries over 13 keys, causal bottom-right: n = 13 on every row, not 5 or i + 9.",
               ("LOGN_LENGTH", "UNEQUAL_LENGTHS", "CAUSAL_ALIGNMENT"), Dims(1, 4, 2, 5, 13, 8), causal=True),
         _case("padding_default_n", "Keys padded to 12, batch 1 has 5 real keys: n = 12 for both, not 5.",
-              ("LOGN_LENGTH", "PADDING_MASK", "MULTI_BATCH"), Dims(2, 4, 2, 7, 12, 8), mask=_key_padding((12, 5))),
+              ("LOGN_LENGTH", "PADDING_MASK", "MULTI_BATCH"), Dims(2, 4, 2, 7, 12, 8), mask=key_padding((12, 5))),
         _case("explicit_training_length", "n = 512 given (a training length) over 9 keys: ln 512 = 6.24, not ln 9.",
               ("LOGN_EXPLICIT_N", "LOGN_SCALE"), Dims(1, 4, 2, 9, 9, 8), std=0.6, n=512),
         _case("n_one_uniform", "n = 1: log 1 = 0, every score 0; the bias alone shapes the weights, causal N = 8.",
               ("LOGN_SCALE", "LOGN_EXPLICIT_N", "BIAS"), Dims(1, 4, 2, 8, 8, 8), n=1, causal=True,
-              bias=lambda rng, dims: rng.standard_normal((1, dims.hq, dims.nq, dims.nk))),
+              bias=normal(lambda d: (1, d.hq, d.nq, d.nk))),
         _case("scope_window_softcap_bias", "GQA 8:2, window (2, 1), soft-cap 2, (1, Hq, 1, Nk) bias: log n before both.",
               ("LOGN_SCALE", "SOFTCAP_BEFORE_BIAS", "SLIDING_WINDOW", "GQA_HEAD_MAP"), Dims(1, 8, 2, 11, 11, 8),
-              std=1.5, bias=lambda rng, dims: 1.5 * rng.standard_normal((1, dims.hq, 1, dims.nk)), window=[2, 1],
+              std=1.5, bias=normal(lambda d: (1, d.hq, 1, d.nk), 1.5), window=[2, 1],
               softcap=2.0),
         _case("fully_masked_rows", "6 queries over 3 keys, causal bottom-right: rows 0-2 see no key; n = 3.",
               ("FULLY_MASKED_ROW", "LOGN_LENGTH", "CAUSAL_ALIGNMENT"), Dims(1, 4, 2, 6, 3, 8), causal=True),

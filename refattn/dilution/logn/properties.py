@@ -17,25 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...core.invariants import close, require
 from ...core.masks import position_mask
 from ...dense.reference import dense_attention
-
-
-def _close(name: str, got, want, rtol: float) -> None:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    same_inf = np.isinf(want) & (got == want)
-    finite = ~same_inf
-    if np.any(np.isnan(got)) or np.any(np.isinf(got[finite])) or np.any(np.isinf(want[finite])):
-        raise AssertionError(f"{name}: infinities or NaN differ")
-    err = np.max(np.abs(got[finite] - want[finite]), initial=0.0)
-    ref = max(np.max(np.abs(want[finite]), initial=0.0), 1.0)
-    if err > rtol * ref:
-        raise AssertionError(f"{name}: normwise error {err / ref:.3e} > {rtol:.1e}")
-
-
-def _require(condition: bool, what: str) -> None:
-    if not condition:
-        raise ValueError(f"this property needs {what}")
 
 
 def _log_n(k, params) -> float:
@@ -53,12 +37,12 @@ def is_dense_attention_with_scale_times_log_n(attend, q, k, v, params, rtol=1e-1
     scale is positive).
     """
     log_n = _log_n(k, params)
-    _require(log_n > 0, "n >= 2")
+    require(log_n > 0, "n >= 2")
     dense_params = {name: value for name, value in params.items() if name != "n"}
     result = attend(q, k, v, **params)
     dense = dense_attention(q, k, v, **dict(dense_params, scale=_scale(q, params) * log_n))
-    _close("out", result.out, dense.out, rtol)
-    _close("lse", result.lse, dense.lse, rtol)
+    close("out", result.out, dense.out, rtol)
+    close("lse", result.lse, dense.lse, rtol)
 
 
 def n_one_gives_uniform_weights(attend, q, k, v, params, rtol=1e-10):
@@ -67,7 +51,7 @@ def n_one_gives_uniform_weights(attend, q, k, v, params, rtol=1e-10):
     the log-sum-exp is ``log`` of their number (-inf where there is none).
     ``params["n"]`` is replaced by 1. Needs no bias and no dropout.
     """
-    _require(params.get("bias") is None and params.get("dropout_keep") is None, "no bias and no dropout")
+    require(params.get("bias") is None and params.get("dropout_keep") is None, "no bias and no dropout")
     result = attend(q, k, v, **dict(params, n=1))
     nq, nk = q.shape[2], k.shape[2]
     allowed = np.ones((nq, nk), bool)
@@ -83,8 +67,8 @@ def n_one_gives_uniform_weights(attend, q, k, v, params, rtol=1e-10):
     mean = np.einsum("bhqk,bhke->bhqe", allowed, values) / np.maximum(counts, 1)[..., None]
     with np.errstate(divide="ignore"):
         lse = np.log(counts)
-    _close("out", result.out, mean, rtol)
-    _close("lse", result.lse, lse, rtol)
+    close("out", result.out, mean, rtol)
+    close("lse", result.lse, lse, rtol)
 
 
 def key_shift_changes_only_lse(attend, q, k, v, params, shift=None, rtol=1e-10):
@@ -93,11 +77,11 @@ def key_shift_changes_only_lse(attend, q, k, v, params, shift=None, rtol=1e-10):
     log-sum-exp moves by ``log n · scale · q_i · u``. Needs no soft-cap.
     ``shift`` is ``u`` (D,); default ``linspace(-1, 1, D)``.
     """
-    _require(params.get("softcap", 0.0) == 0.0, "no soft-cap")
+    require(params.get("softcap", 0.0) == 0.0, "no soft-cap")
     u = np.linspace(-1.0, 1.0, q.shape[3]) if shift is None else np.asarray(shift, np.float64)
     base, moved = attend(q, k, v, **params), attend(q, k + u, v, **params)
-    _close("out", moved.out, base.out, rtol)
-    _close("lse", moved.lse, base.lse + _log_n(k, params) * _scale(q, params) * (q @ u), rtol)
+    close("out", moved.out, base.out, rtol)
+    close("lse", moved.lse, base.lse + _log_n(k, params) * _scale(q, params) * (q @ u), rtol)
 
 
 ALL = (is_dense_attention_with_scale_times_log_n, n_one_gives_uniform_weights, key_shift_changes_only_lse)

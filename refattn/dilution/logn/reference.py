@@ -38,17 +38,16 @@ spec/dense.md.
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ...core import registry
-from ...core.checks import cotangent
 from ...core.errors import SpecError
-from ...core.precision import Numerics, numerics
-from ...core.results import Grads, Result
+from ...core.precision import Numerics
+from ...core.results import Cotangents, Grads, Result
+from ...dense import reference as dense_reference
 from ...dense.inputs import DenseInputs, check_dense_inputs
-from ...dense.reference import dense_attention, dense_attention_vjp
 
 # --- checked inputs -----------------------------------------------------------
 
@@ -60,6 +59,10 @@ class LognInputs:
     dense: DenseInputs
     n: int  # >= 1
 
+    def cotangent_shapes(self) -> dict:
+        """Shapes of ``dout`` and ``dlse``: dense attention's."""
+        return self.dense.cotangent_shapes()
+
 
 def length(n, kv_len: int) -> int:
     """``n``: ``kv_len`` when None, else checked to be an integer >= 1 (a bool or a float is refused)."""
@@ -70,9 +73,12 @@ def length(n, kv_len: int) -> int:
     return int(n)
 
 
-def check_logn_inputs(q, k, v, *, n, **dense_params) -> LognInputs:
-    """Check every argument of :func:`logn_attention`; raise :class:`SpecError` on the first bad one."""
-    dense = check_dense_inputs(q, k, v, **dense_params)
+def check_logn_inputs(q, k, v, *, n, **dense_arguments) -> LognInputs:
+    """Check every argument of :func:`logn_attention`; raise :class:`SpecError` on the first bad one.
+
+    ``dense_arguments`` are :func:`refattn.dense_attention`'s keywords, checked by its own check.
+    """
+    dense = check_dense_inputs(q, k, v, **dense_arguments)
     return LognInputs(dense=dense, n=length(n, dense.shape.kv_len))
 
 
@@ -134,77 +140,34 @@ def logn_attention(
         ``out`` (B, Hq, Nq, Dv) and ``lse`` (B, Hq, Nq), float64, the lse of
         the logits with the factor. ``aux`` is empty.
     """
-    dense_params = dict(
-        mask=mask, bias=bias, causal=causal, causal_alignment=causal_alignment, window=window,
-        scale=scale, softcap=softcap, dropout_keep=dropout_keep, dropout_p=dropout_p,
-    )  # fmt: skip
-    if backend != "reference":
-        return _other_backend(backend, precision).logn_attention(q, k, v, n=n, **dense_params)
-    x = check_logn_inputs(q, k, v, n=n, **dense_params)
-    num = numerics(precision)
+    return registry.call_forward("logn", locals())
+
+
+def forward(x: LognInputs, num: Numerics) -> Result:
+    """The reference backend: steps (L1)-(L2), then dense (1)-(7) on ``q'``, in precision ``num``."""
     # (L1) The factor log n.
     factor = factor_of(x, num)  # ()
     # (L2) Folded into the query: scale · q'_i · k_j = log n · scale · q_i · k_j.
     q_scaled = _scaled_query(factor, x.dense.q, num)  # (B, Hq, Nq, D)
     # Dense (1)-(7) on q'.
-    return dense_attention(q_scaled, k, v, precision=num, **dense_params)
+    return dense_reference.forward(replace(x.dense, q=q_scaled), num)
 
 
-def logn_attention_vjp(
-    dout,
-    q,
-    k,
-    v,
-    *,
-    dlse=None,
-    n=None,
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    dropout_keep=None,
-    dropout_p=0.0,
-    precision=None,
-    backend="reference",
-) -> Grads:
-    """Gradients of :func:`logn_attention` for cotangents ``dout`` (and ``dlse``).
+logn_attention_vjp = registry.vjp_function(
+    logn_attention,
+    "logn",
+    grads="""    ``q``, ``k``, ``v`` and ``bias`` (its own shape) when a bias was
+    given. ``n`` is an integer: no gradient.""",
+)
 
-    Parameters are those of :func:`logn_attention`, plus ``dout``
-    (B, Hq, Nq, Dv) and ``dlse`` (B, Hq, Nq), optional.
 
-    Returns
-    -------
-    Grads
-        ``q``, ``k``, ``v`` and ``bias`` (its own shape) when a bias was
-        given. ``n`` is an integer: no gradient.
-    """
-    dense_params = dict(
-        mask=mask, bias=bias, causal=causal, causal_alignment=causal_alignment, window=window,
-        scale=scale, softcap=softcap, dropout_keep=dropout_keep, dropout_p=dropout_p,
-    )  # fmt: skip
-    if backend != "reference":
-        return _other_backend(backend, precision).logn_attention_vjp(dout, q, k, v, dlse=dlse, n=n, **dense_params)
-    x = check_logn_inputs(q, k, v, n=n, **dense_params)
-    shape = x.dense.shape
-    cotangent(dout, "dout", (shape.batch, shape.q_heads, shape.q_len, shape.value_dim))
-    if dlse is not None:
-        cotangent(dlse, "dlse", (shape.batch, shape.q_heads, shape.q_len))
-    num = numerics(precision)
+def vjp(x: LognInputs, cotangents: Cotangents, num: Numerics) -> Grads:
+    """The reference backend's VJP: dense (7')-(1') on ``q'``, then (L2')-(L1'), in precision ``num``."""
     factor = factor_of(x, num)  # (L1)
     q_scaled = _scaled_query(factor, x.dense.q, num)  # (L2)
     # Dense (7')-(1') on q': dq', dk, dv and the bias's gradient.
-    grads = dense_attention_vjp(dout, q_scaled, k, v, dlse=dlse, precision=num, **dense_params)
+    grads = dense_reference.vjp(replace(x.dense, q=q_scaled), cotangents, num)
     # (L2') q' = log n · q: dq = log n · dq'.
     grads["q"] = num.store(factor * num.load(grads["q"])).astype(np.float64)
     # (L1') n is an integer.
     return grads
-
-
-def _other_backend(backend: str, precision):
-    if precision is not None:
-        wanted = "None with a non-reference backend (kernels compute in their input dtype)"
-        raise SpecError("precision", wanted, repr(precision))
-    return registry.backend("logn", backend)

@@ -1,14 +1,7 @@
 """Scalable-Softmax (SSMax) attention, Nakanishi 2025 (spec/dilution.md)."""
 
 from ...core import registry
-from .reference import attended_counts, ssmax_attention, ssmax_attention_vjp
-
-
-def _cases():
-    from .cases import cases
-
-    return cases()
-
+from .reference import attended_counts, check_ssmax_inputs, ssmax_attention, ssmax_attention_vjp
 
 MECHANISM = registry.register(
     registry.Mechanism(
@@ -16,9 +9,8 @@ MECHANISM = registry.register(
         package="refattn.dilution.ssmax",
         forward=ssmax_attention,
         vjp=ssmax_attention_vjp,
+        check_inputs=check_ssmax_inputs,
         backends=("reference", "numba"),
-        cases=_cases,
-        properties="refattn.dilution.ssmax.properties",
         spec="spec/dilution.md",
     )
 )

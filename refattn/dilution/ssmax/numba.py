@@ -1,10 +1,10 @@
 """Scalable-Softmax attention on CPU: the factor folded into q, then the Numba dense kernel.
 
-The same function as :mod:`refattn.dilution.ssmax.reference`, with the same
-names and parameters (less ``precision`` and ``backend``). Steps (S1)-(S3)
-are done here in O(N) memory, then :func:`refattn.dense.numba.dense_attention`
-runs dense steps (1)-(7) on ``q' = f q`` tile by tile; no (Nq, Nk) array is
-ever made by this module.
+The backend of :mod:`refattn.dilution.ssmax.reference` (refattn/core/registry.py):
+:func:`forward` and :func:`vjp` over its checked inputs. Steps (S1)-(S3) are
+done here in O(N) memory, then :func:`refattn.dense.numba.forward` runs dense
+steps (1)-(7) on ``q' = f q`` tile by tile; no (Nq, Nk) array is ever made
+by this module.
 
 (S1) without a score-sized mask: causality and a window keep, for query ``i``
 with aligned position ``i' = i + offset`` (refattn/core/masks.py), the keys
@@ -16,128 +16,68 @@ of one column (``(..., Nq, 1)``) counts the whole interval where it is True.
 
 Precision: the factor and ``q'`` are formed in the kernel's compute dtype
 (float32 for float32, float16 and bfloat16 inputs, float64 otherwise), the
-gradients of ``s`` and ``b`` are summed in float64 and returned in the
+gradients of ``s`` and ``s_bias`` are summed in float64 and returned in the
 compute dtype, like every other output.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from ...core.masks import query_offset
-from ...core.results import Grads, Result
+from ...core.results import Cotangents, Grads, Result
 from ...dense import numba as dense_numba
-from ...dense.inputs import DenseInputs, check_dense_inputs
-from .reference import SSMaxInputs, check_ssmax_inputs, log_counts
+from ...dense.inputs import DenseInputs
+from .reference import SSMaxInputs, log_counts
 
 #: Largest number of mask entries (rows x keys x broadcast batch and heads) reduced at once in (S1).
 MASK_BLOCK = 1 << 22
 
 
-def attended_counts(q, k, *, mask=None, causal=False, causal_alignment="bottom_right", window=None) -> np.ndarray:
-    """``n_i`` in O(N) memory; see :func:`refattn.dilution.ssmax.reference.attended_counts`."""
-    x = check_dense_inputs(
-        q, k, k, mask=mask, bias=None, causal=causal, causal_alignment=causal_alignment, window=window,
-        scale=None, softcap=0.0, dropout_keep=None, dropout_p=0.0,
-    )  # fmt: skip
-    return counts_of(x)
-
-
-def ssmax_attention(
-    q,
-    k,
-    v,
-    *,
-    s,
-    b=0.0,
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    dropout_keep=None,
-    dropout_p=0.0,
-) -> Result:
-    """SSMax attention, tiled; see :func:`refattn.dilution.ssmax.reference.ssmax_attention`.
-
-    Returns
-    -------
-    Result
-        ``out`` (B, Hq, Nq, Dv) and ``lse`` (B, Hq, Nq) in the compute dtype,
-        ``aux["counts"]`` (B, Hq, Nq) int64.
-    """
-    dense_params = dict(
-        mask=mask, bias=bias, causal=causal, causal_alignment=causal_alignment, window=window,
-        scale=scale, softcap=softcap, dropout_keep=dropout_keep, dropout_p=dropout_p,
-    )  # fmt: skip
-    x = check_ssmax_inputs(q, k, v, s=s, b=b, **dense_params)
-    counts, _, q_scaled = _folded(x, q)
-    result = dense_numba.dense_attention(q_scaled, k, v, **dense_params)
+def forward(x: SSMaxInputs) -> Result:
+    """``out`` (B, Hq, Nq, Dv) and ``lse`` (B, Hq, Nq) in the compute dtype, ``aux["counts"]`` (B, Hq, Nq) int64."""
+    counts, _, dense = _folded(x)
+    result = dense_numba.forward(dense)
     return Result(out=result.out, lse=result.lse, aux={"counts": counts})
 
 
-def ssmax_attention_vjp(
-    dout,
-    q,
-    k,
-    v,
-    *,
-    dlse=None,
-    s,
-    b=0.0,
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    dropout_keep=None,
-    dropout_p=0.0,
-) -> Grads:
-    """Gradients of :func:`ssmax_attention`; see :func:`refattn.dilution.ssmax.reference.ssmax_attention_vjp`.
+def vjp(x: SSMaxInputs, cotangents: Cotangents, saved: Result | None = None) -> Grads:
+    """``q``, ``k``, ``v``, ``s`` and ``s_bias`` (when given as arrays) and ``bias`` (when given), in the
+    compute dtype.
 
-    Returns
-    -------
-    Grads
-        ``q``, ``k``, ``v``, ``s`` and ``b`` (when given as arrays) and ``bias``
-        (when given), in the compute dtype.
+    ``saved``, this backend's forward of the same inputs, holds the dense kernel's ``out`` and ``lse`` on ``q'``.
     """
-    dense_params = dict(
-        mask=mask, bias=bias, causal=causal, causal_alignment=causal_alignment, window=window,
-        scale=scale, softcap=softcap, dropout_keep=dropout_keep, dropout_p=dropout_p,
-    )  # fmt: skip
-    x = check_ssmax_inputs(q, k, v, s=s, b=b, **dense_params)
-    counts, factor, q_scaled = _folded(x, q)
-    dense_grads = dense_numba.dense_attention_vjp(dout, q_scaled, k, v, dlse=dlse, **dense_params)
+    counts, factor, dense = _folded(x)
+    dense_grads = dense_numba.vjp(dense, cotangents, saved)
     d_q_scaled = dense_grads["q"]  # (B, Hq, Nq, D), compute dtype
     dtype = d_q_scaled.dtype
     grads = Grads(q=factor[..., None] * d_q_scaled, k=dense_grads["k"], v=dense_grads["v"])
-    # (S3') df_i = <q_i, dq'_i>; (S2') ds_h, db_h summed over the batch and the rows, in float64.
+    # (S3') df_i = <q_i, dq'_i>; (S2') ds_h, ds_bias_h summed over the batch and the rows, in float64.
     d_factor = np.einsum("bhqd,bhqd->bhq", np.asarray(x.dense.q, dtype=dtype), d_q_scaled).astype(np.float64)
     if isinstance(x.s, np.ndarray):
         grads["s"] = np.einsum("bhq,bhq->h", log_counts(counts, np.float64), d_factor).astype(dtype)
-    if isinstance(x.b, np.ndarray):
-        grads["b"] = d_factor.sum(axis=(0, 2)).astype(dtype)
+    if isinstance(x.s_bias, np.ndarray):
+        grads["s_bias"] = d_factor.sum(axis=(0, 2)).astype(dtype)
     if x.dense.bias is not None:
         grads["bias"] = dense_grads["bias"]
     return grads
 
 
-def _folded(x: SSMaxInputs, q) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Steps (S1)-(S3): counts (B, Hq, Nq), factor (B, Hq, Nq) and ``q'`` (B, Hq, Nq, D), in the compute dtype."""
-    dtype = dense_numba._compute_dtype(q)
+def _folded(x: SSMaxInputs) -> tuple[np.ndarray, np.ndarray, DenseInputs]:
+    """Steps (S1)-(S3): counts (B, Hq, Nq), factor (B, Hq, Nq) and the dense inputs with ``q'`` (B, Hq, Nq, D),
+    in the compute dtype."""
+    dtype = dense_numba._compute_dtype(x.dense.q)
     # (S1) Keys each row attends to, from intervals and the user's mask.
     counts = counts_of(x.dense)  # (B, Hq, Nq) int64
-    # (S2) f_i = s_h log n_i + b_h, 0 on fully masked rows.
-    s, b = (np.asarray(p, dtype=dtype) for p in (x.s, x.b))
-    s, b = (p[:, None] if p.ndim == 1 else p for p in (s, b))  # (Hq, 1) or ()
-    factor = np.where(counts > 0, s * log_counts(counts, dtype) + b, dtype.type(0))  # (B, Hq, Nq)
+    # (S2) f_i = s_h log n_i + s_bias_h, 0 on fully masked rows.
+    s, s_bias = (np.asarray(p, dtype=dtype) for p in (x.s, x.s_bias))
+    s, s_bias = (p[:, None] if p.ndim == 1 else p for p in (s, s_bias))  # (Hq, 1) or ()
+    factor = np.where(counts > 0, s * log_counts(counts, dtype) + s_bias, dtype.type(0))  # (B, Hq, Nq)
     # (S3) q'_i = f_i q_i.
     q_scaled = factor[..., None] * np.asarray(x.dense.q, dtype=dtype)  # (B, Hq, Nq, D)
-    return counts, factor, q_scaled
+    return counts, factor, replace(x.dense, q=q_scaled)
 
 
 def key_intervals(q_len: int, kv_len: int, *, causal: bool, window, alignment: str) -> tuple[np.ndarray, np.ndarray]:

@@ -18,33 +18,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...core.invariants import close, require
 from ...core.masks import position_mask
 from ...dense.reference import dense_attention
 from .reference import attended_counts
 
 #: Keyword arguments that are SSMax's own, not dense attention's.
-SSMAX_PARAMS = ("s", "b")
-
-
-def _close(name: str, got, want, rtol: float) -> None:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    same_inf = np.isinf(want) & (got == want)
-    finite = ~same_inf
-    if np.any(np.isnan(got)) or np.any(np.isinf(got[finite])) or np.any(np.isinf(want[finite])):
-        raise AssertionError(f"{name}: infinities or NaN differ")
-    err = np.max(np.abs(got[finite] - want[finite]), initial=0.0)
-    ref = max(np.max(np.abs(want[finite]), initial=0.0), 1.0)
-    if err > rtol * ref:
-        raise AssertionError(f"{name}: normwise error {err / ref:.3e} > {rtol:.1e}")
-
-
-def _require(condition: bool, what: str) -> None:
-    if not condition:
-        raise ValueError(f"this property needs {what}")
+SSMAX_PARAMS = ("s", "s_bias")
 
 
 def _per_head(value, num_heads: int) -> np.ndarray:
-    """``s`` or ``b`` as an (Hq,) float64 array."""
+    """``s`` or ``s_bias`` as an (Hq,) float64 array."""
     return np.broadcast_to(np.asarray(value, dtype=np.float64), (num_heads,))
 
 
@@ -53,11 +37,11 @@ def _masking(params) -> dict:
 
 
 def _factor(q, k, params) -> tuple[np.ndarray, np.ndarray]:
-    """``n_i`` and ``f_i = s_h log n_i + b_h`` (0 where ``n_i = 0``), each (B, Hq, Nq)."""
+    """``n_i`` and ``f_i = s_h log n_i + s_bias_h`` (0 where ``n_i = 0``), each (B, Hq, Nq)."""
     counts = attended_counts(q, k, **_masking(params))
     hq = q.shape[1]
-    s, b = _per_head(params["s"], hq)[:, None], _per_head(params.get("b", 0.0), hq)[:, None]
-    return counts, np.where(counts > 0, s * np.log(np.maximum(counts, 1)) + b, 0.0)
+    s, s_bias = _per_head(params["s"], hq)[:, None], _per_head(params.get("s_bias", 0.0), hq)[:, None]
+    return counts, np.where(counts > 0, s * np.log(np.maximum(counts, 1)) + s_bias, 0.0)
 
 
 def _allowed(q, k, params) -> np.ndarray:
@@ -74,18 +58,18 @@ def _allowed(q, k, params) -> np.ndarray:
 
 
 def unit_factor_is_dense_attention(attend, q, k, v, params, rtol=1e-10):
-    """Where ``s_h log n_i + b_h = 1`` on every row, SSMax is dense attention: the
-    same output and log-sum-exp. ``b`` is set to ``1 − s_h log Nk``.
+    """Where ``s_h log n_i + s_bias_h = 1`` on every row, SSMax is dense attention: the
+    same output and log-sum-exp. ``s_bias`` is set to ``1 − s_h log Nk``.
 
     Needs every row to attend to the same ``n_i = Nk`` keys: no mask, no
     causality, no window.
     """
-    _require(not any(params.get(name) for name in ("mask", "causal", "window")), "no mask, causality or window")
+    require(not any(params.get(name) for name in ("mask", "causal", "window")), "no mask, causality or window")
     s = _per_head(params["s"], q.shape[1])
-    ssmax = attend(q, k, v, **dict(params, s=s, b=1.0 - s * np.log(k.shape[2])))
+    ssmax = attend(q, k, v, **dict(params, s=s, s_bias=1.0 - s * np.log(k.shape[2])))
     dense = dense_attention(q, k, v, **{name: value for name, value in params.items() if name not in SSMAX_PARAMS})
-    _close("out", ssmax.out, dense.out, rtol)
-    _close("lse", ssmax.lse, dense.lse, rtol)
+    close("out", ssmax.out, dense.out, rtol)
+    close("lse", ssmax.lse, dense.lse, rtol)
 
 
 def identical_keys_give_weights_one_over_n(attend, q, k, v, params, rtol=1e-10):
@@ -98,7 +82,7 @@ def identical_keys_give_weights_one_over_n(attend, q, k, v, params, rtol=1e-10):
     Needs no bias and no dropout (a soft-cap is fine: equal scores stay
     equal). Uses key 0 of each head as the common key.
     """
-    _require(params.get("bias") is None and params.get("dropout_keep") is None, "no bias and no dropout")
+    require(params.get("bias") is None and params.get("dropout_keep") is None, "no bias and no dropout")
     same_k = np.broadcast_to(k[:, :, :1], k.shape).copy()
     result = attend(q, same_k, v, **params)
     counts, factor = _factor(q, k, params)
@@ -113,8 +97,8 @@ def identical_keys_give_weights_one_over_n(attend, q, k, v, params, rtol=1e-10):
         score = params["softcap"] * np.tanh(score / params["softcap"])
     with np.errstate(divide="ignore"):
         lse = np.where(counts > 0, score + np.log(counts), -np.inf)
-    _close("out", result.out, mean, rtol)
-    _close("lse", result.lse, lse, rtol)
+    close("out", result.out, mean, rtol)
+    close("lse", result.lse, lse, rtol)
 
 
 def key_shift_changes_only_lse(attend, q, k, v, params, shift=None, rtol=1e-10):
@@ -127,13 +111,13 @@ def key_shift_changes_only_lse(attend, q, k, v, params, shift=None, rtol=1e-10):
     Needs no soft-cap (``tanh`` of a shifted score is not shifted). ``shift``
     is ``u`` (D,); default ``linspace(-1, 1, D)``.
     """
-    _require(params.get("softcap", 0.0) == 0.0, "no soft-cap")
+    require(params.get("softcap", 0.0) == 0.0, "no soft-cap")
     u = np.linspace(-1.0, 1.0, q.shape[3]) if shift is None else np.asarray(shift, np.float64)
     base, moved = attend(q, k, v, **params), attend(q, k + u, v, **params)
     _, factor = _factor(q, k, params)
     scale = params.get("scale") or 1.0 / np.sqrt(q.shape[3])
-    _close("out", moved.out, base.out, rtol)
-    _close("lse", moved.lse, base.lse + factor * scale * (q @ u), rtol)
+    close("out", moved.out, base.out, rtol)
+    close("lse", moved.lse, base.lse + factor * scale * (q @ u), rtol)
 
 
 ALL = (unit_factor_is_dense_attention, identical_keys_give_weights_one_over_n, key_shift_changes_only_lse)

@@ -6,9 +6,11 @@ weight tends to 0), so SSMax replaces ``softmax(z)`` by
 
     SSMax(z)_j = n^(s z_j) / Σ_j' n^(s z_j') = softmax((s · log n) · z)_j
 
-with a learned scalar ``s`` per head (and, in the paper's variant with a bias,
-``s · log n + b``). In attention this is "multiply the query by
-``s · log n``" (the paper's section 3), which is how refattn computes it.
+with a learned scalar ``s`` per head (and, in the paper's variant with a bias
+``b``, the factor ``s · log n + b``; refattn calls that bias ``s_bias``, since
+``b`` is the batch letter of the einsum legend). In attention this is
+"multiply the query by ``s · log n``" (the paper's section 3), which is how
+refattn computes it.
 
 **Which n.** ``n`` is the size of the vector the softmax runs over: for query
 row ``i`` that is ``n_i``, the number of keys the row actually attends to
@@ -21,7 +23,7 @@ that is a different function whenever a causal, window or padding mask is
 present. A dropout keep-mask does not change ``n_i``: dropout acts after the
 softmax.
 
-**Where the factor enters.** The factor ``f_i = s_h · log n_i + b_h``
+**Where the factor enters.** The factor ``f_i = s_h · log n_i + s_bias_h``
 multiplies the *scaled scores* at dense step (1), before the soft-cap and
 before any bias:
 
@@ -35,14 +37,14 @@ user ``bias`` (position biases included) is added after the soft-cap and is
 **Edge cases.** A row with ``n_i = 0`` is fully masked: output 0, lse -inf,
 gradient 0, whatever ``f_i`` would be (``log 0`` is never formed; refattn
 sets ``f_i = 0`` there). A row with ``n_i = 1`` has ``log 1 = 0``, so its
-factor is ``b_h`` alone (0 without a bias): its output is the single value
+factor is ``s_bias_h`` alone (0 without it): its output is the single value
 it attends to, as for any softmax over one entry, and its lse is
-``cap(b_h · scale · q_i · k_j) + bias_ij``.
+``cap(s_bias_h · scale · q_i · k_j) + bias_ij``.
 
 **Parameters.** ``s`` must be positive: SSMax is the base-``n`` exponential
 ``n^(s z)``, whose point is that the factor grows with ``n``; ``s = 0``
-removes ``n`` altogether (a plain softmax at temperature ``1 / b``) and
-``s < 0`` flattens attention faster than softmax does. ``b`` may be any
+removes ``n`` altogether (a plain softmax at temperature ``1 / s_bias``) and
+``s < 0`` flattens attention faster than softmax does. ``s_bias`` may be any
 finite number, so the factor itself may be 0 or negative for small ``n``
 (the paper does not constrain it).
 
@@ -57,28 +59,31 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ...core import checks, registry
-from ...core.checks import cotangent
 from ...core.errors import SpecError
-from ...core.precision import Numerics, numerics
-from ...core.results import Grads, Result
+from ...core.precision import Numerics
+from ...core.results import Cotangents, Grads, Result
+from ...dense import reference as dense_reference
 from ...dense.inputs import DenseInputs, check_dense_inputs
-from ...dense.reference import dense_attention, dense_attention_vjp
 
 # --- checked inputs -----------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class SSMaxInputs:
-    """Checked SSMax arguments: the dense ones, and ``s``, ``b`` as given (a number or an (Hq,) array)."""
+    """Checked SSMax arguments: the dense ones, and ``s``, ``s_bias`` as given (a number or an (Hq,) array)."""
 
     dense: DenseInputs
     s: float | np.ndarray  # > 0
-    b: float | np.ndarray
+    s_bias: float | np.ndarray
+
+    def cotangent_shapes(self) -> dict:
+        """Shapes of ``dout`` and ``dlse``: dense attention's."""
+        return self.dense.cotangent_shapes()
 
 
 def per_head_parameter(x, name: str, num_heads: int, *, positive: bool) -> float | np.ndarray:
@@ -103,21 +108,24 @@ def per_head_parameter(x, name: str, num_heads: int, *, positive: bool) -> float
     bad = np.flatnonzero(values.ravel() <= 0) if positive else ()
     if len(bad):
         index = "" if values.ndim == 0 else f"[{bad[0]}]"
-        reason = "SSMax is n^(s z): its factor s log n + b must grow with n; s <= 0 is not scalable-softmax"
+        reason = "SSMax is n^(s z): its factor s log n + s_bias must grow with n; s <= 0 is not scalable-softmax"
         raise SpecError(
             name, f"{name} > 0 for every head ({reason})", f"{name}{index} = {float(values.ravel()[bad[0]])!r}"
         )
     return x
 
 
-def check_ssmax_inputs(q, k, v, *, s, b, **dense_params) -> SSMaxInputs:
-    """Check every argument of :func:`ssmax_attention`; raise :class:`SpecError` on the first bad one."""
-    dense = check_dense_inputs(q, k, v, **dense_params)
+def check_ssmax_inputs(q, k, v, *, s, s_bias, **dense_arguments) -> SSMaxInputs:
+    """Check every argument of :func:`ssmax_attention`; raise :class:`SpecError` on the first bad one.
+
+    ``dense_arguments`` are :func:`refattn.dense_attention`'s keywords, checked by its own check.
+    """
+    dense = check_dense_inputs(q, k, v, **dense_arguments)
     heads = dense.shape.q_heads
     return SSMaxInputs(
         dense=dense,
         s=per_head_parameter(s, "s", heads, positive=True),
-        b=per_head_parameter(b, "b", heads, positive=False),
+        s_bias=per_head_parameter(s_bias, "s_bias", heads, positive=False),
     )
 
 
@@ -148,8 +156,8 @@ def _as_heads(x, num: Numerics) -> np.ndarray:
 
 
 def factor_of(x: SSMaxInputs, counts: np.ndarray, num: Numerics) -> np.ndarray:
-    """Step (S2): ``f_i = s_h · log n_i + b_h`` (0 where ``n_i = 0``), (B, Hq, Nq), stored in ``num``'s precision."""
-    factor = _as_heads(x.s, num) * log_counts(counts, num.compute) + _as_heads(x.b, num)  # (B, Hq, Nq)
+    """Step (S2): ``f_i = s_h · log n_i + s_bias_h`` (0 where ``n_i = 0``), (B, Hq, Nq), stored in ``num``'s precision."""
+    factor = _as_heads(x.s, num) * log_counts(counts, num.compute) + _as_heads(x.s_bias, num)  # (B, Hq, Nq)
     return num.store(np.where(counts > 0, factor, 0.0))
 
 
@@ -189,7 +197,7 @@ def ssmax_attention(
     v,
     *,
     s,
-    b=0.0,
+    s_bias=0.0,
     mask=None,
     bias=None,
     causal=False,
@@ -203,7 +211,7 @@ def ssmax_attention(
     backend="reference",
 ) -> Result:
     """Scalable-Softmax attention: dense attention whose scaled scores of row ``i`` are multiplied by
-    ``s_h · log n_i + b_h``, ``n_i`` the number of keys the row attends to.
+    ``s_h · log n_i + s_bias_h``, ``n_i`` the number of keys the row attends to.
 
     Parameters
     ----------
@@ -213,9 +221,9 @@ def ssmax_attention(
     s : float > 0, or ndarray (Hq,) of them
         The learned slope of each query head. An array is differentiated; a
         number is a constant, the same for every head.
-    b : float or ndarray (Hq,)
-        The paper's optional bias inside the factor; default 0. Differentiated
-        when an array.
+    s_bias : float or ndarray (Hq,)
+        The paper's optional bias ``b`` inside the factor, added to
+        ``s_h · log n_i``; default 0. Differentiated when an array.
     mask, bias, causal, causal_alignment, window, scale, softcap, dropout_keep, dropout_p
         As :func:`refattn.dense_attention`. The masks and the window decide
         ``n_i``; ``bias`` is added after the soft-cap and is not multiplied
@@ -231,99 +239,54 @@ def ssmax_attention(
         ``out`` (B, Hq, Nq, Dv) and ``lse`` (B, Hq, Nq), float64 (lse of the
         logits with the factor); ``aux["counts"]``, ``n_i`` (B, Hq, Nq) int64.
     """
-    dense_params = dict(
-        mask=mask, bias=bias, causal=causal, causal_alignment=causal_alignment, window=window,
-        scale=scale, softcap=softcap, dropout_keep=dropout_keep, dropout_p=dropout_p,
-    )  # fmt: skip
-    if backend != "reference":
-        return _other_backend(backend, precision).ssmax_attention(q, k, v, s=s, b=b, **dense_params)
-    x = check_ssmax_inputs(q, k, v, s=s, b=b, **dense_params)
-    num = numerics(precision)
+    return registry.call_forward("ssmax", locals())
+
+
+def forward(x: SSMaxInputs, num: Numerics) -> Result:
+    """The reference backend: steps (S1)-(S3), then dense (1)-(7) on ``q'``, in precision ``num``."""
     # (S1) How many keys each row attends to.
     counts = counts_of(x.dense)  # (B, Hq, Nq)
-    # (S2) The row's factor s_h log n_i + b_h.
+    # (S2) The row's factor s_h log n_i + s_bias_h.
     factor = factor_of(x, counts, num)  # (B, Hq, Nq)
     # (S3) Folded into the query: scale · q'_i · k_j = f_i · scale · q_i · k_j.
     q_scaled = _scaled_query(factor, x.dense.q, num)  # (B, Hq, Nq, D)
     # Dense (1)-(7) on q'.
-    result = dense_attention(q_scaled, k, v, precision=num, **dense_params)
+    result = dense_reference.forward(replace(x.dense, q=q_scaled), num)
     return Result(out=result.out, lse=result.lse, aux={"counts": counts})
 
 
-def ssmax_attention_vjp(
-    dout,
-    q,
-    k,
-    v,
-    *,
-    dlse=None,
-    s,
-    b=0.0,
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    dropout_keep=None,
-    dropout_p=0.0,
-    precision=None,
-    backend="reference",
-) -> Grads:
-    """Gradients of :func:`ssmax_attention` for cotangents ``dout`` (and ``dlse``).
+ssmax_attention_vjp = registry.vjp_function(
+    ssmax_attention,
+    "ssmax",
+    grads="""    ``q``, ``k``, ``v``; ``s`` and ``s_bias`` (Hq,) when they were given as
+    arrays, and ``bias`` (its own shape) when a bias was given. A number
+    given for ``s`` or ``s_bias`` is a constant, as ``scale`` is (pass
+    ``np.full(Hq, value)`` and sum the gradient for a learned scalar
+    shared by every head). The counts are integers: no gradient.""",
+)
 
-    Parameters are those of :func:`ssmax_attention`, plus ``dout``
-    (B, Hq, Nq, Dv) and ``dlse`` (B, Hq, Nq), optional.
 
-    Returns
-    -------
-    Grads
-        ``q``, ``k``, ``v``; ``s`` and ``b`` (Hq,) when they were given as
-        arrays, and ``bias`` (its own shape) when a bias was given. A number
-        given for ``s`` or ``b`` is a constant, as ``scale`` is (pass
-        ``np.full(Hq, value)`` and sum the gradient for a learned scalar
-        shared by every head). The counts are integers: no gradient.
-    """
-    dense_params = dict(
-        mask=mask, bias=bias, causal=causal, causal_alignment=causal_alignment, window=window,
-        scale=scale, softcap=softcap, dropout_keep=dropout_keep, dropout_p=dropout_p,
-    )  # fmt: skip
-    if backend != "reference":
-        return _other_backend(backend, precision).ssmax_attention_vjp(
-            dout, q, k, v, dlse=dlse, s=s, b=b, **dense_params
-        )
-    x = check_ssmax_inputs(q, k, v, s=s, b=b, **dense_params)
-    shape = x.dense.shape
-    cotangent(dout, "dout", (shape.batch, shape.q_heads, shape.q_len, shape.value_dim))
-    if dlse is not None:
-        cotangent(dlse, "dlse", (shape.batch, shape.q_heads, shape.q_len))
-    num = numerics(precision)
+def vjp(x: SSMaxInputs, cotangents: Cotangents, num: Numerics) -> Grads:
+    """The reference backend's VJP: dense (7')-(1') on ``q'``, then (S3')-(S1'), in precision ``num``."""
     counts = counts_of(x.dense)  # (S1)
     factor = factor_of(x, counts, num)  # (S2)
     q_scaled = _scaled_query(factor, x.dense.q, num)  # (S3)
 
     # Dense (7')-(1') on q': dq', dk, dv and the bias's gradient.
-    dense_grads = dense_attention_vjp(dout, q_scaled, k, v, dlse=dlse, precision=num, **dense_params)
+    dense_grads = dense_reference.vjp(replace(x.dense, q=q_scaled), cotangents, num)
     d_q_scaled = num.load(dense_grads["q"])  # (B, Hq, Nq, D)
     grads = Grads(k=dense_grads["k"], v=dense_grads["v"])
     # (S3') q'_i = f_i q_i: dq_i = f_i dq'_i and df_i = <q_i, dq'_i> (0 on fully masked rows, where dq' = 0).
     grads["q"] = num.store(factor[..., None] * d_q_scaled).astype(np.float64)
     d_factor = num.store(np.einsum("bhqd,bhqd->bhq", num.load(x.dense.q), d_q_scaled, optimize=True))  # (B, Hq, Nq)
-    # (S2') f_i = s_h log n_i + b_h: ds_h sums log n_i df_i, db_h sums df_i, over the batch and the rows of head h.
+    # (S2') f_i = s_h log n_i + s_bias_h: ds_h sums log n_i df_i, ds_bias_h sums df_i, over the batch and the
+    #       rows of head h.
     log_n = log_counts(counts, num.compute)  # (B, Hq, Nq)
     if isinstance(x.s, np.ndarray):
         grads["s"] = num.store(np.einsum("bhq,bhq->h", log_n, d_factor)).astype(np.float64)
-    if isinstance(x.b, np.ndarray):
-        grads["b"] = num.store(d_factor.sum(axis=(0, 2))).astype(np.float64)
+    if isinstance(x.s_bias, np.ndarray):
+        grads["s_bias"] = num.store(d_factor.sum(axis=(0, 2))).astype(np.float64)
     if x.dense.bias is not None:
         grads["bias"] = dense_grads["bias"]
     # (S1') The counts are integers.
     return grads
-
-
-def _other_backend(backend: str, precision):
-    if precision is not None:
-        wanted = "None with a non-reference backend (kernels compute in their input dtype)"
-        raise SpecError("precision", wanted, repr(precision))
-    return registry.backend("ssmax", backend)

@@ -1,14 +1,7 @@
 """ALiBi, attention with linear biases (spec/position.md)."""
 
 from ...core import registry
-from .reference import alibi_attention, alibi_attention_vjp, alibi_bias, alibi_slopes
-
-
-def _cases():
-    from .cases import cases
-
-    return cases()
-
+from .reference import alibi_attention, alibi_attention_vjp, alibi_bias, alibi_slopes, check_alibi_inputs
 
 MECHANISM = registry.register(
     registry.Mechanism(
@@ -16,9 +9,8 @@ MECHANISM = registry.register(
         package="refattn.position.alibi",
         forward=alibi_attention,
         vjp=alibi_attention_vjp,
+        check_inputs=check_alibi_inputs,
         backends=("reference", "numba"),
-        cases=_cases,
-        properties="refattn.position.alibi.properties",
         spec="spec/position.md",
     )
 )

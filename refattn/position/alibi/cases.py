@@ -11,32 +11,54 @@ Positions are arrays of the case (``param.q_positions``, ``param.k_positions``,
 int64). Slopes are the defaults (``alibi_slopes(Hq)``), which an
 implementation must compute itself, except in the explicit-slopes case.
 
-Seeds are the CRC-32 of the case id.
+Seeds are the CRC-32 of the case id (refattn.conformance.case); the flags
+only ALiBi uses are described in :data:`FLAGS`.
 """
 
 from __future__ import annotations
 
-import zlib
-from typing import Callable, NamedTuple
+from ...conformance.case import ArrayMaker, Case, Dims, make_case
+from ..rope.cases import cached_positions, draw_with_positions, spread_positions
 
-import numpy as np
-
-from ...conformance.case import Case
-
-
-ArrayMaker = Callable[[np.random.Generator, "Dims"], np.ndarray]
-
-
-class Dims(NamedTuple):
-    """Sizes of one case: q (b, hq, nq, d), k (b, hkv, nk, d), v (b, hkv, nk, dv); dv = d when None."""
-
-    b: int
-    hq: int
-    hkv: int
-    nq: int
-    nk: int
-    d: int
-    dv: int | None = None
+FLAGS: dict[str, str] = {
+    "ALIBI_SLOPES": (
+        "The default ALiBi slopes are the authors' get_slopes(Hq): for Hq a power of two, m_h = 2^(-8(h+1)/Hq) "
+        "(1/2 ... 1/256 for 8 heads, 1/4 ... 1/256 for 4, 2^(-(h+1)/2) for 16). Cases use 4 or 16 heads, where "
+        "2^-(h+1), 2^(-8h/Hq) or a float32 pow of a rounded base give other slopes."
+    ),
+    "ALIBI_NON_POW2_HEADS": (
+        "For Hq not a power of two, the slopes of the largest power of two c below Hq come first, then every "
+        "other slope of 2c heads (the 1st, 3rd, ...), Hq - c of them: 6 heads give 1/4, 1/16, 1/64, 1/256, 1/2, "
+        "1/8. Fails implementations that use the geometric 2^(-8(h+1)/Hq) for every head count, or round up."
+    ),
+    "ALIBI_SLOPE_ORDER": (
+        "Query head h uses slope m_h, in the order get_slopes returns them, also with grouped-query heads (the "
+        "slope follows the query head, not the kv head h // G). Fails reversed slopes and slopes indexed by kv head."
+    ),
+    "ALIBI_SIGN": (
+        "The ALiBi term is a penalty: m_h (p_j - p_i) for keys before the query, i.e. -m_h (p_i - p_j), or "
+        "-m_h |p_i - p_j| in the symmetric form. Fails an implementation that adds +m_h |p_i - p_j|."
+    ),
+    "ALIBI_SYMMETRIC_FORM": (
+        "form = 'causal' is m_h (p_j - p_i) for every key, so without a causal mask keys after the query get a "
+        "positive term; form = 'symmetric' is -m_h |p_j - p_i| (FlashAttention's non-causal ALiBi). Cases have "
+        "keys on both sides of each query: using one form for the other fails."
+    ),
+    "ALIBI_POSITION_OFFSET": (
+        "The distance is between the given positions p_i = q_positions[i] and p_j = k_positions[j], not array "
+        "indices: decoding with a cache has q_positions = Nk - Nq + arange(Nq), packed sequences have gaps. Fails "
+        "implementations that use i and j, or align queries top-left, in the bias."
+    ),
+    "ALIBI_SHORTCUT_LSE": (
+        "Adding m_h p_j alone (BLOOM, MPT, the authors' fairseq code, FlashAttention's causal path) differs from "
+        "the causal form by m_h p_i, a constant per query row: outputs and gradients are the same, the "
+        "log-sum-exp is larger by m_h p_i. Cases have queries far from position 0; the lse must be the causal form's."
+    ),
+    "ALIBI_EXPLICIT_SLOPES": (
+        "Slopes given as an argument replace the default ones, one per query head, in the given order. Fails "
+        "implementations that ignore them or recompute get_slopes(Hq)."
+    ),
+}
 
 
 # --- positions: (rng, dims) -> (q_positions, k_positions) ----------------------
@@ -45,36 +67,7 @@ class Dims(NamedTuple):
 def _aligned(offset: int = 0):
     """Keys at ``offset + arange(Nk)``, queries at ``offset + Nk − Nq + arange(Nq)``: aligned bottom-right,
     as in cached decoding (with Nq > Nk the first queries sit before key 0)."""
-    return lambda rng, dims: (offset + dims.nk - dims.nq + np.arange(dims.nq), offset + np.arange(dims.nk))
-
-
-def _gapped(span: int):
-    """Sorted distinct key positions in [0, span) and query positions among them (packed or sparse tokens)."""
-
-    def make(rng, dims):
-        keys = np.sort(rng.choice(span, size=dims.nk, replace=False))
-        return np.sort(rng.choice(keys, size=dims.nq, replace=False)), keys
-
-    return make
-
-
-def _draw(dims: Dims, std: float, positions, extra: dict[str, ArrayMaker]):
-    """``arrays(rng)``: q, k (standard deviation ``std``), v, the positions, then the ``extra`` arrays."""
-
-    def arrays(rng: np.random.Generator) -> dict:
-        out = {
-            "q": std * rng.standard_normal((dims.b, dims.hq, dims.nq, dims.d)),
-            "k": std * rng.standard_normal((dims.b, dims.hkv, dims.nk, dims.d)),
-            "v": rng.standard_normal((dims.b, dims.hkv, dims.nk, dims.dv or dims.d)),
-        }
-        q_positions, k_positions = positions(rng, dims)
-        out["q_positions"] = np.asarray(q_positions, dtype=np.int64)
-        out["k_positions"] = np.asarray(k_positions, dtype=np.int64)
-        for name, make in extra.items():
-            out[name] = make(rng, dims)
-        return out
-
-    return arrays
+    return lambda rng, dims: cached_positions(dims, offset)
 
 
 def _case(name: str, description: str, flags: tuple[str, ...], dims: Dims, *, positions=None, std: float = 1.0,
@@ -82,17 +75,10 @@ def _case(name: str, description: str, flags: tuple[str, ...], dims: Dims, *, po
           **params) -> Case:  # fmt: skip
     """One ALiBi case; ``params`` are the JSON keyword arguments (form, causal, window, scale, ...)."""
     extra = {key: make for key, make in {"slopes": slopes, "bias": bias, "mask": mask}.items() if make is not None}
-    case_id = f"alibi/{name}"
-    return Case(
-        id=case_id,
-        mechanism="alibi",
-        description=description,
-        flags=flags,
-        seed=zlib.crc32(case_id.encode()),
-        arrays=_draw(dims, std, positions or _aligned(), extra),
-        params=params,
-        differentiable=("q", "k", "v", "bias") if bias is not None else ("q", "k", "v"),
-    )
+    return make_case(
+        "alibi", name, description, flags, draw_with_positions(dims, positions or _aligned(), extra, std=std),
+        params=params, differentiable=("q", "k", "v", "bias") if bias is not None else ("q", "k", "v"),
+    )  # fmt: skip
 
 
 def cases() -> list[Case]:
@@ -126,7 +112,7 @@ def cases() -> list[Case]:
         _case("cross_symmetric_offset", "5 queries at positions 8-12 over 13 keys, symmetric, not causal.",
               ("ALIBI_POSITION_OFFSET", "UNEQUAL_LENGTHS"), Dims(1, 4, 2, 5, 13, 8), form="symmetric"),
         _case("gapped_positions", "Keys at 14 sorted distinct positions in [0, 60), queries at 6 of them, symmetric.",
-              ("ALIBI_POSITION_OFFSET",), Dims(1, 4, 2, 6, 14, 8), positions=_gapped(60), form="symmetric"),
+              ("ALIBI_POSITION_OFFSET",), Dims(1, 4, 2, 6, 14, 8), positions=spread_positions(60), form="symmetric"),
         _case("shortcut_lse", "Causal, positions 300-315: the key-only shortcut's lse is off by m_h p_i >= 1.17.",
               ("ALIBI_SHORTCUT_LSE", "ALIBI_POSITION_OFFSET"), Dims(1, 4, 1, 16, 16, 8), positions=_aligned(300),
               form="causal", causal=True),

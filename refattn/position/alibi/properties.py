@@ -18,25 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...core.invariants import close, require
 from ...core.masks import position_mask
 from .reference import alibi_slopes
-
-
-def _close(name: str, got, want, rtol: float) -> None:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    same_inf = np.isinf(want) & (got == want)
-    finite = ~same_inf
-    if np.any(np.isnan(got)) or np.any(np.isinf(got[finite])) or np.any(np.isinf(want[finite])):
-        raise AssertionError(f"{name}: infinities or NaN differ")
-    err = np.max(np.abs(got[finite] - want[finite]), initial=0.0)
-    ref = max(np.max(np.abs(want[finite]), initial=0.0), 1.0)
-    if err > rtol * ref:
-        raise AssertionError(f"{name}: normwise error {err / ref:.3e} > {rtol:.1e}")
-
-
-def _require(condition: bool, what: str) -> None:
-    if not condition:
-        raise ValueError(f"this property needs {what}")
 
 
 def _slopes(q, params) -> np.ndarray:
@@ -48,8 +32,8 @@ def position_shift_invariance(attend, q, k, v, params, shift=1000, rtol=1e-10):
     bias depends on the positions only through ``p_j − p_i``."""
     shifted = dict(params, q_positions=params["q_positions"] + shift, k_positions=params["k_positions"] + shift)
     base, moved = attend(q, k, v, **params), attend(q, k, v, **shifted)
-    _close("out", moved.out, base.out, rtol)
-    _close("lse", moved.lse, base.lse, rtol)
+    close("out", moved.out, base.out, rtol)
+    close("lse", moved.lse, base.lse, rtol)
 
 
 def key_only_shortcut(attend, q, k, v, params, rtol=1e-10):
@@ -60,15 +44,15 @@ def key_only_shortcut(attend, q, k, v, params, rtol=1e-10):
     The shortcut is run through ``attend`` itself: all slopes 0 and the
     shortcut added to the user bias. Needs ``form="causal"`` (the default).
     """
-    _require(params.get("form", "causal") == "causal", 'form="causal"')
+    require(params.get("form", "causal") == "causal", 'form="causal"')
     slopes = _slopes(q, params)
     key_only = slopes[:, None, None] * params["k_positions"][None, None, :]  # (Hq, 1, Nk)
     user_bias = params.get("bias")
     shortcut = dict(params, slopes=np.zeros_like(slopes), bias=key_only if user_bias is None else user_bias + key_only)
     base, moved = attend(q, k, v, **params), attend(q, k, v, **shortcut)
     row_shift = slopes[:, None] * params["q_positions"][None, :]  # (Hq, Nq)
-    _close("out", moved.out, base.out, rtol)
-    _close("lse - m_h p_i", moved.lse - row_shift, base.lse, rtol)
+    close("out", moved.out, base.out, rtol)
+    close("lse - m_h p_i", moved.lse - row_shift, base.lse, rtol)
 
 
 def identical_keys_give_distance_weights(attend, q, k, v, params, rtol=1e-10):
@@ -79,7 +63,7 @@ def identical_keys_give_distance_weights(attend, q, k, v, params, rtol=1e-10):
     Needs no user bias and no dropout (a soft-cap is fine: equal scores stay
     equal). Uses key 0 of each head as the common key.
     """
-    _require(params.get("bias") is None and params.get("dropout_keep") is None, "no bias and no dropout")
+    require(params.get("bias") is None and params.get("dropout_keep") is None, "no bias and no dropout")
     nq, nk = q.shape[2], k.shape[2]
     same_k = np.broadcast_to(k[:, :, :1], k.shape).copy()
     result = attend(q, same_k, v, **params)
@@ -100,7 +84,7 @@ def identical_keys_give_distance_weights(attend, q, k, v, params, rtol=1e-10):
     weights = np.where(allowed, np.exp(masked - np.where(np.isfinite(top), top, 0.0)), 0.0)
     weights = weights / np.maximum(weights.sum(-1, keepdims=True), np.finfo(float).tiny)
     values = np.repeat(v, q.shape[1] // k.shape[1], axis=1)  # (B, Hq, Nk, Dv)
-    _close("out", result.out, np.einsum("bhqk,bhke->bhqe", weights, values), rtol)
+    close("out", result.out, np.einsum("bhqk,bhke->bhqe", weights, values), rtol)
 
 
 ALL = (position_shift_invariance, key_only_shortcut, identical_keys_give_distance_weights)

@@ -36,16 +36,17 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ...core import checks, registry
 from ...core.errors import SpecError
 from ...core.precision import Numerics, numerics
-from ...core.results import Grads, Result
+from ...core.results import Cotangents, Grads, Result
 from ...core.shapes import sum_to_shape
-from ...dense.reference import dense_attention, dense_attention_vjp
+from ...dense import reference as dense_reference
+from ...dense.inputs import DenseInputs, check_dense_inputs
 
 FORMS = ("causal", "symmetric")
 
@@ -121,15 +122,17 @@ def _position_bias(slopes: np.ndarray, distance: np.ndarray, num: Numerics) -> n
 
 @dataclass(frozen=True)
 class AlibiInputs:
-    """Checked ALiBi arguments (the dense ones are checked by dense attention itself)."""
+    """Checked arguments of one ``alibi_attention`` call."""
 
-    shape: checks.AttentionShape
+    dense: DenseInputs  # q (B, Hq, Nq, D), k, v and the dense parameters; ``bias`` is the user's
     q_positions: np.ndarray  # (Nq,) int64
     k_positions: np.ndarray  # (Nk,) int64
     slopes: np.ndarray  # (Hq,), the caller's dtype
     form: str
-    bias: np.ndarray | None  # user bias, broadcastable to (B, Hq, Nq, Nk)
 
+    def cotangent_shapes(self) -> dict:
+        """Shapes of ``dout`` and ``dlse``: those of dense attention's ``out`` and ``lse``."""
+        return self.dense.cotangent_shapes()
 
 
 def _checked_slopes(slopes, num_heads: int | None) -> np.ndarray:
@@ -141,32 +144,24 @@ def _checked_slopes(slopes, num_heads: int | None) -> np.ndarray:
     return slopes
 
 
-def check_alibi_inputs(q, k, v, *, q_positions, k_positions, slopes, form, bias) -> AlibiInputs:
-    """Check the arguments ALiBi adds to dense attention; raise :class:`SpecError` on the first bad one."""
-    _, _, _, shape = checks.qkv(q, k, v)
+def check_alibi_inputs(q, k, v, *, q_positions, k_positions, slopes, form, **dense_arguments) -> AlibiInputs:
+    """Check every argument of ``alibi_attention``; raise :class:`SpecError` on the first bad one.
+
+    ``dense_arguments`` are dense attention's (``mask``, ``bias``, ``causal``, ...), checked by
+    :func:`refattn.dense.inputs.check_dense_inputs`.
+    """
+    dense = check_dense_inputs(q, k, v, **dense_arguments)
+    shape = dense.shape
     return AlibiInputs(
-        shape=shape,
+        dense=dense,
         q_positions=checks.positions(q_positions, "q_positions", shape.q_len),
         k_positions=checks.positions(k_positions, "k_positions", shape.kv_len),
         slopes=alibi_slopes(shape.q_heads) if slopes is None else _checked_slopes(slopes, shape.q_heads),
         form=checks.choice(form, "form", FORMS),
-        bias=None if bias is None else checks.broadcastable(bias, "bias", shape.scores, "float"),
     )
 
 
 # --- the mechanism ------------------------------------------------------------
-
-
-def _logits_bias(x: AlibiInputs, num: Numerics) -> np.ndarray:
-    """Steps (A1)-(A3): the ALiBi bias plus the user's bias, (Hq, Nq, Nk) or broadcast to (B, Hq, Nq, Nk)."""
-    # (A1) Signed distance of every key position from every query position.
-    distance = signed_distance(x.q_positions, x.k_positions, x.form)  # (Nq, Nk)
-    # (A2) Per-head linear bias m_h · δ_ij.
-    position_bias = _position_bias(x.slopes, distance, num)  # (Hq, Nq, Nk)
-    # (A3) The user's bias is added to it; both are added to the capped scores in dense step (3).
-    if x.bias is None:
-        return position_bias
-    return num.store(position_bias + num.load(x.bias))
 
 
 def alibi_attention(
@@ -221,75 +216,46 @@ def alibi_attention(
         ``out`` (B, Hq, Nq, Dv) and ``lse`` (B, Hq, Nq), float64, the
         log-sum-exp of the logits with the ``form`` bias. ``aux`` is empty.
     """
-    dense_params = dict(
-        mask=mask, causal=causal, causal_alignment=causal_alignment, window=window,
-        scale=scale, softcap=softcap, dropout_keep=dropout_keep, dropout_p=dropout_p,
-    )  # fmt: skip
-    alibi_params = dict(q_positions=q_positions, k_positions=k_positions, slopes=slopes, form=form, bias=bias)
-    if backend != "reference":
-        return _other_backend(backend, precision).alibi_attention(q, k, v, **alibi_params, **dense_params)
-    x = check_alibi_inputs(q, k, v, **alibi_params)
-    num = numerics(precision)
-    # Dense (1)-(7) with the summed bias.
-    return dense_attention(q, k, v, bias=_logits_bias(x, num), precision=num, **dense_params)
+    return registry.call_forward("alibi", locals())
 
 
-def alibi_attention_vjp(
-    dout,
-    q,
-    k,
-    v,
-    *,
-    dlse=None,
-    q_positions,
-    k_positions,
-    slopes=None,
-    form="causal",
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    dropout_keep=None,
-    dropout_p=0.0,
-    precision=None,
-    backend="reference",
-) -> Grads:
-    """Gradients of :func:`alibi_attention` for cotangents ``dout`` (and ``dlse``).
+alibi_attention_vjp = registry.vjp_function(
+    alibi_attention,
+    "alibi",
+    grads="""    ``q``, ``k``, ``v``, and ``bias`` (the bias's own shape) when a bias
+    was given. Slopes and positions are constants: no gradient.""",
+)
 
-    Parameters are those of :func:`alibi_attention`, plus ``dout``
-    (B, Hq, Nq, Dv) and ``dlse`` (B, Hq, Nq), optional.
 
-    Returns
-    -------
-    Grads
-        ``q``, ``k``, ``v``, and ``bias`` (the bias's own shape) when a bias
-        was given. Slopes and positions are constants: no gradient.
-    """
-    dense_params = dict(
-        mask=mask, causal=causal, causal_alignment=causal_alignment, window=window,
-        scale=scale, softcap=softcap, dropout_keep=dropout_keep, dropout_p=dropout_p,
-    )  # fmt: skip
-    alibi_params = dict(q_positions=q_positions, k_positions=k_positions, slopes=slopes, form=form, bias=bias)
-    if backend != "reference":
-        kernel = _other_backend(backend, precision)
-        return kernel.alibi_attention_vjp(dout, q, k, v, dlse=dlse, **alibi_params, **dense_params)
-    x = check_alibi_inputs(q, k, v, **alibi_params)
-    num = numerics(precision)
+def _logits_bias(x: AlibiInputs, num: Numerics) -> np.ndarray:
+    """Steps (A1)-(A3): the ALiBi bias plus the user's bias, (Hq, Nq, Nk) or broadcast to (B, Hq, Nq, Nk)."""
+    # (A1) Signed distance of every key position from every query position.
+    distance = signed_distance(x.q_positions, x.k_positions, x.form)  # (Nq, Nk)
+    # (A2) Per-head linear bias m_h · δ_ij.
+    position_bias = _position_bias(x.slopes, distance, num)  # (Hq, Nq, Nk)
+    # (A3) The user's bias is added to it; both are added to the capped scores in dense step (3).
+    if x.dense.bias is None:
+        return position_bias
+    return num.store(position_bias + num.load(x.dense.bias))
+
+
+def _with_logits_bias(x: AlibiInputs, num: Numerics) -> DenseInputs:
+    """The dense inputs with the summed bias of (A1)-(A3) in place of the user's."""
+    return replace(x.dense, bias=_logits_bias(x, num))
+
+
+def forward(x: AlibiInputs, num: Numerics) -> Result:
+    """The reference backend: (A1)-(A3), then dense (1)-(7) with the summed bias, in precision ``num``."""
+    return dense_reference.forward(_with_logits_bias(x, num), num)
+
+
+def vjp(x: AlibiInputs, cotangents: Cotangents, num: Numerics) -> Grads:
+    """The reference backend's VJP: dense (7')-(1'), then (A3'), in precision ``num``."""
     # Dense (7')-(1'): dense attention's VJP gives q, k, v and, at its (3'), the summed bias's gradient.
-    dense_grads = dense_attention_vjp(dout, q, k, v, dlse=dlse, bias=_logits_bias(x, num), precision=num, **dense_params)
+    dense_grads = dense_reference.vjp(_with_logits_bias(x, num), cotangents, num)
     grads = Grads(q=dense_grads["q"], k=dense_grads["k"], v=dense_grads["v"])
     # (A3') The user's bias gets that gradient, summed over the axes it was broadcast along.
-    if x.bias is not None:
-        grads["bias"] = sum_to_shape(dense_grads["bias"], x.bias.shape)
+    if x.dense.bias is not None:
+        grads["bias"] = sum_to_shape(dense_grads["bias"], x.dense.bias.shape)
     # (A2')-(A1') Slopes and positions are constants.
     return grads
-
-
-def _other_backend(backend: str, precision):
-    if precision is not None:
-        wanted = "None with a non-reference backend (kernels compute in their input dtype)"
-        raise SpecError("precision", wanted, repr(precision))
-    return registry.backend("alibi", backend)

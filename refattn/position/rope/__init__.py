@@ -1,14 +1,7 @@
 """Rotary position embedding, RoPE (spec/position.md)."""
 
 from ...core import registry
-from .reference import apply_rope, rope_angles, rope_attention, rope_attention_vjp
-
-
-def _cases():
-    from .cases import cases
-
-    return cases()
-
+from .reference import apply_rope, check_rope_inputs, rope_angles, rope_attention, rope_attention_vjp
 
 MECHANISM = registry.register(
     registry.Mechanism(
@@ -16,9 +9,8 @@ MECHANISM = registry.register(
         package="refattn.position.rope",
         forward=rope_attention,
         vjp=rope_attention_vjp,
+        check_inputs=check_rope_inputs,
         backends=("reference", "numba"),
-        cases=_cases,
-        properties="refattn.position.rope.properties",
         spec="spec/position.md",
     )
 )

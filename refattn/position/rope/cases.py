@@ -7,37 +7,68 @@ case has ``rotary_dim < D`` with ``D != 2 · rotary_dim``, a
 a ``ROPE_BASE`` case uses Llama 3's base 500000, and so on. Positions are
 explicit int64 arrays (``param.q_positions``, ``param.k_positions``).
 
-Seeds are the CRC-32 of the case id, so adding, removing or reordering cases
-never changes another case's data.
+Seeds are the CRC-32 of the case id (refattn.conformance.case), so adding,
+removing or reordering cases never changes another case's data. The flags
+only rotary encodings use are described in :data:`FLAGS`.
 """
 
 from __future__ import annotations
 
-import zlib
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import numpy as np
 
-from ...conformance.case import Case
+from ...conformance.case import ArrayMaker, Case, Dims, draw, key_padding, make_case
 
+#: ``positions(rng, dims) -> (q_positions, k_positions)``: the positions of one case.
+PositionMaker = Callable[[np.random.Generator, Dims], tuple[np.ndarray, np.ndarray]]
 
-ArrayMaker = Callable[[np.random.Generator, "Dims"], np.ndarray]
-
-
-class Dims(NamedTuple):
-    """Sizes of one case: q (b, hq, nq, d), k (b, hkv, nk, d), v (b, hkv, nk, dv); dv = d when None."""
-
-    b: int
-    hq: int
-    hkv: int
-    nq: int
-    nk: int
-    d: int
-    dv: int | None = None
-
-    @property
-    def scores(self) -> tuple[int, int, int, int]:
-        return (self.b, self.hq, self.nq, self.nk)
+FLAGS: dict[str, str] = {
+    "ROPE_LAYOUT": (
+        "Which dims form a rotated pair: layout='half' pairs dim t with t + r/2 (HF rotate_half, GPT-NeoX, HF "
+        "Llama), layout='interleaved' pairs 2t with 2t + 1 (RoFormer, GPT-J rotate_every_two, Meta's Llama "
+        "view_as_complex). Fails an implementation that uses the other layout: the two agree only after "
+        "permuting the dims of q and k."
+    ),
+    "ROPE_PARTIAL": (
+        "rotary_dim r < D (GPT-NeoX rotary_pct, GPT-J rotary_dim): only the first r dims are rotated and the rest "
+        "pass through unchanged; in the half layout dim t pairs with t + r/2, not t + D/2. Fails an "
+        "implementation that rotates all D dims, splits the halves of D, or rotates the last r dims."
+    ),
+    "ROPE_FREQUENCY_EXPONENT": (
+        "Frequencies are base^(-2t/r), t = 0 .. r/2 - 1, with r the rotated dims. Fails an implementation that "
+        "uses base^(-t/r), or divides by the head dim D instead of rotary_dim when r < D."
+    ),
+    "ROPE_BASE": (
+        "The frequency base is a parameter (rope_theta): 500000 for Llama 3, 10000 by default. Fails an "
+        "implementation that hard-codes 10000."
+    ),
+    "ROPE_POSITION_OFFSET": (
+        "Queries at positions that do not start at 0 (decoding or chunked prefill with a KV cache: q_positions = "
+        "Nk - Nq + arange(Nq)). Fails an implementation that rotates the new queries from position 0, or rotates "
+        "them with the keys' first positions."
+    ),
+    "ROPE_POSITION_SCALING": (
+        "Linear position scaling (position interpolation; HF rope_scaling {'type': 'linear', 'factor': s}): "
+        "angles are (position / s) * base^(-2t/r). Fails an implementation that multiplies by s, scales the "
+        "base instead (NTK), or ignores it."
+    ),
+    "ROPE_EXPLICIT_POSITIONS": (
+        "Positions are given, not implied by the index: packed sequences restart at 0, and query and key "
+        "positions differ. Fails an implementation that rotates by the index arange(N) instead of the given "
+        "positions."
+    ),
+    "ROPE_LARGE_POSITIONS": (
+        "Positions near 8000: the angles position * base^(-2t/r) must be formed in float32 or wider (HF forces "
+        "float32, transformers PR 29285). Fails an implementation that forms the angles, or reads its cos/sin "
+        "cache, in float16 or bfloat16, where a position in the thousands is off by several radians."
+    ),
+    "ROPE_TRANSPOSED_GRADIENT": (
+        "The gradients of q and k are those of the rotated q and k rotated back by the transposed rotation "
+        "R(theta)^T = R(-theta). Fails a backward that rotates them forward again, or not at all, or rotates "
+        "the passed-through dims of a partial rotary."
+    ),
+}
 
 
 def cached_positions(dims: Dims, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -48,56 +79,56 @@ def cached_positions(dims: Dims, start: int = 0) -> tuple[np.ndarray, np.ndarray
     return q_positions, k_positions
 
 
-def draw(dims: Dims, positions: tuple[np.ndarray, np.ndarray], std: float, extra: dict[str, ArrayMaker]):
-    """``arrays(rng)``: q, k of standard deviation ``std``, v, the positions, then the ``extra`` arrays."""
+def spread_positions(span: int) -> PositionMaker:
+    """Sorted distinct key positions in [0, span) and query positions among them (packed or sparse
+    tokens): distances up to ``span``."""
+
+    def make(rng, dims):
+        keys = np.sort(rng.choice(span, size=dims.nk, replace=False))
+        return np.sort(rng.choice(keys, size=dims.nq, replace=False)), keys
+
+    return make
+
+
+def draw_with_positions(dims: Dims, positions: PositionMaker, extra: dict[str, ArrayMaker] | None = None, *,
+                        std: float = 1.0, first: dict[str, ArrayMaker] | None = None):  # fmt: skip
+    """``arrays(rng)`` of a position-encoding case, drawn in this order: q and k of standard deviation
+    ``std`` and v (:func:`refattn.conformance.case.draw`), the ``first`` arrays, the positions (int64),
+    then the ``extra`` arrays."""
+    before_positions = draw(dims, first, std=std)
 
     def arrays(rng: np.random.Generator) -> dict:
-        out = {
-            "q": std * rng.standard_normal((dims.b, dims.hq, dims.nq, dims.d)),
-            "k": std * rng.standard_normal((dims.b, dims.hkv, dims.nk, dims.d)),
-            "v": rng.standard_normal((dims.b, dims.hkv, dims.nk, dims.dv or dims.d)),
-            "q_positions": np.asarray(positions[0], dtype=np.int64),
-            "k_positions": np.asarray(positions[1], dtype=np.int64),
-        }
-        for name, make in extra.items():
-            out[name] = make(rng, dims)
+        out = before_positions(rng)
+        q_positions, k_positions = positions(rng, dims)
+        out["q_positions"] = np.asarray(q_positions, dtype=np.int64)
+        out["k_positions"] = np.asarray(k_positions, dtype=np.int64)
+        out.update((name, make(rng, dims)) for name, make in (extra or {}).items())
         return out
 
     return arrays
 
 
-def make_case(mechanism: str, name: str, description: str, flags: tuple[str, ...], dims: Dims, *,
-              positions: tuple[np.ndarray, np.ndarray] | None = None, std: float = 1.0,
-              bias: ArrayMaker | None = None, mask: ArrayMaker | None = None, keep: ArrayMaker | None = None,
-              **params) -> Case:  # fmt: skip
-    """One case of a rotary mechanism; ``positions`` default to :func:`cached_positions` and
+def rotary_case(mechanism: str, name: str, description: str, flags: tuple[str, ...], dims: Dims, *,
+                positions: tuple[np.ndarray, np.ndarray] | None = None, std: float = 1.0,
+                bias: ArrayMaker | None = None, mask: ArrayMaker | None = None, keep: ArrayMaker | None = None,
+                **params) -> Case:  # fmt: skip
+    """One case of a rotary mechanism (RoPE, xPos); ``positions`` default to :func:`cached_positions` and
     ``params`` are the JSON keyword arguments (rotary_dim, causal, ...)."""
+    given = positions if positions is not None else cached_positions(dims)
     extra = {key: make for key, make in {"bias": bias, "mask": mask, "dropout_keep": keep}.items() if make is not None}
-    case_id = f"{mechanism}/{name}"
-    return Case(
-        id=case_id,
-        mechanism=mechanism,
-        description=description,
-        flags=flags,
-        seed=zlib.crc32(case_id.encode()),
-        arrays=draw(dims, positions if positions is not None else cached_positions(dims), std, extra),
-        params=params,
-        differentiable=("q", "k", "v", "bias") if bias is not None else ("q", "k", "v"),
-    )
+    return make_case(
+        mechanism, name, description, flags, draw_with_positions(dims, lambda rng, _: given, extra, std=std),
+        params=params, differentiable=("q", "k", "v", "bias") if bias is not None else ("q", "k", "v"),
+    )  # fmt: skip
 
 
 def _case(name: str, description: str, flags: tuple[str, ...], dims: Dims, **kwargs) -> Case:
-    return make_case("rope", name, description, flags, dims, **kwargs)
+    return rotary_case("rope", name, description, flags, dims, **kwargs)
 
 
 def _packed(lengths: tuple[int, ...]) -> np.ndarray:
     """Positions of documents packed into one sequence: each restarts at 0."""
     return np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])
-
-
-def _key_padding(lengths: tuple[int, ...]) -> ArrayMaker:
-    """(B, 1, 1, Nk) mask: batch element b attends to its first ``lengths[b]`` keys."""
-    return lambda rng, dims: (np.arange(dims.nk) < np.array(lengths)[:, None])[:, None, None, :]
 
 
 def cases() -> list[Case]:
@@ -145,7 +176,7 @@ def cases() -> list[Case]:
               "8..13 over 14 keys, causal bottom-right, key padding, a broadcast bias, soft-cap 5, dropout 0.1.",
               ("ROPE_PARTIAL", "ROPE_POSITION_OFFSET", "ROPE_TRANSPOSED_GRADIENT", "GQA_HEAD_MAP", "BIAS"),
               Dims(2, 4, 2, 6, 14, 20, 7), std=1.5,
-              bias=lambda rng, d: rng.standard_normal((1, d.hq, 1, d.nk)), mask=_key_padding((14, 11)),
+              bias=lambda rng, d: rng.standard_normal((1, d.hq, 1, d.nk)), mask=key_padding((14, 11)),
               keep=lambda rng, d: rng.random(d.scores) < 0.9,
               rotary_dim=12, layout="interleaved", causal=True, softcap=5.0, dropout_p=0.1),
     ]  # fmt: skip

@@ -1,7 +1,7 @@
 """RoPE attention on CPU: a Numba rotation kernel, then the tiled dense kernels.
 
-The same function as :mod:`refattn.position.rope.reference`, with the same
-names and parameters. Steps (R1)-(R2), the angle table ``θ`` (N, r/2), are
+The same function as :mod:`refattn.position.rope.reference`, over the same
+checked inputs. Steps (R1)-(R2), the angle table ``θ`` (N, r/2), are
 computed in float64 and their cosines and sines rounded once to the compute
 dtype, so the angles of large positions lose nothing; step (R3) is
 :func:`rotate_pairs`, an O(N·D) kernel parallel over (batch, head); steps
@@ -17,104 +17,50 @@ inputs in float32, as the dense kernels do.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 from numba import njit, prange
 
-from ...core.checks import cotangent
-from ...core.results import Grads, Result
+from ...core.results import Cotangents, Grads, Result
+from ...core.tiles import compute_dtype
 from ...dense import numba as dense_numba
-from .reference import check_rope_inputs, pair_indices, rope_angles
+from .reference import RopeInputs, pair_indices, rope_angles
 
 
-def rope_attention(
-    q,
-    k,
-    v,
-    *,
-    q_positions,
-    k_positions,
-    rotary_dim=None,
-    base=10000.0,
-    position_scale=1.0,
-    layout="half",
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    dropout_keep=None,
-    dropout_p=0.0,
-) -> Result:
-    """RoPE attention, O(N) memory; see :func:`refattn.position.rope.reference.rope_attention`.
-
-    Returns
-    -------
-    Result
-        ``out`` and ``lse`` in the compute dtype: float32 for float32, float16
-        and bfloat16 ``q``, float64 otherwise.
-    """
-    dense_params = dict(
-        mask=mask, bias=bias, causal=causal, causal_alignment=causal_alignment, window=window,
-        scale=scale, softcap=softcap, dropout_keep=dropout_keep, dropout_p=dropout_p,
-    )  # fmt: skip
-    x = check_rope_inputs(q, k, v, q_positions=q_positions, k_positions=k_positions, rotary_dim=rotary_dim,
-                          base=base, position_scale=position_scale, layout=layout, **dense_params)  # fmt: skip
-    q_rotated, k_rotated = _rotated_queries_and_keys(x, transpose=False, q=q, k=k)
-    return dense_numba.dense_attention(q_rotated, k_rotated, v, **dense_params)
+def forward(x: RopeInputs) -> Result:
+    """``out`` and ``lse`` in the compute dtype: float32 for float32, float16 and bfloat16 ``q``,
+    float64 otherwise."""
+    return transformed_forward(x, _rotated_queries_and_keys)
 
 
-def rope_attention_vjp(
-    dout,
-    q,
-    k,
-    v,
-    *,
-    dlse=None,
-    q_positions,
-    k_positions,
-    rotary_dim=None,
-    base=10000.0,
-    position_scale=1.0,
-    layout="half",
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    dropout_keep=None,
-    dropout_p=0.0,
-) -> Grads:
-    """Gradients of :func:`rope_attention`; see :func:`refattn.position.rope.reference.rope_attention_vjp`.
+def vjp(x: RopeInputs, cotangents: Cotangents, saved: Result | None = None) -> Grads:
+    """``q``, ``k``, ``v`` and (with a bias) ``bias``, in the compute dtype."""
+    return transformed_vjp(x, cotangents, saved, _rotated_queries_and_keys)
 
-    Returns
-    -------
-    Grads
-        ``q``, ``k``, ``v`` and (with a bias) ``bias``, in the compute dtype.
-    """
-    dense_params = dict(
-        mask=mask, bias=bias, causal=causal, causal_alignment=causal_alignment, window=window,
-        scale=scale, softcap=softcap, dropout_keep=dropout_keep, dropout_p=dropout_p,
-    )  # fmt: skip
-    x = check_rope_inputs(q, k, v, q_positions=q_positions, k_positions=k_positions, rotary_dim=rotary_dim,
-                          base=base, position_scale=position_scale, layout=layout, **dense_params)  # fmt: skip
-    s = x.dense.shape
-    dout = cotangent(dout, "dout", (s.batch, s.q_heads, s.q_len, s.value_dim))
-    dlse = None if dlse is None else cotangent(dlse, "dlse", (s.batch, s.q_heads, s.q_len))
-    q_rotated, k_rotated = _rotated_queries_and_keys(x, transpose=False, q=q, k=k)
-    grads = dense_numba.dense_attention_vjp(dout, q_rotated, k_rotated, v, dlse=dlse, **dense_params)
-    # (R3') dq = R(θ)ᵀ dq~, dk = R(θ)ᵀ dk~.
-    grads["q"], grads["k"] = _rotated_queries_and_keys(x, transpose=True, q=grads["q"], k=grads["k"])
+
+def transformed_forward(x, transform) -> Result:
+    """Dense's tiled forward on ``x.dense`` with q and k replaced by ``transform(x, transpose=False,
+    q=..., k=...)`` (RoPE's rotation here, xPos's scaled rotation in refattn/position/xpos/numba.py)."""
+    q_transformed, k_transformed = transform(x, transpose=False, q=x.dense.q, k=x.dense.k)
+    return dense_numba.forward(replace(x.dense, q=q_transformed, k=k_transformed))
+
+
+def transformed_vjp(x, cotangents: Cotangents, saved: Result | None, transform) -> Grads:
+    """Dense's tiled VJP on the transformed q and k, whose dq and dk go back through the transposed
+    transform. ``saved``, the backend's forward of the same inputs, is dense's forward of the
+    transformed ones: passed on."""
+    q_transformed, k_transformed = transform(x, transpose=False, q=x.dense.q, k=x.dense.k)
+    grads = dense_numba.vjp(replace(x.dense, q=q_transformed, k=k_transformed), cotangents, saved)
+    # (R3') dq = R(θ)ᵀ dq~, dk = R(θ)ᵀ dk~ (xPos: (X3'), (R3') dq = Rᵀ S dq~).
+    grads["q"], grads["k"] = transform(x, transpose=True, q=grads["q"], k=grads["k"])
     return grads
 
 
-def _rotated_queries_and_keys(x, *, transpose: bool, q, k) -> tuple[np.ndarray, np.ndarray]:
+def _rotated_queries_and_keys(x: RopeInputs, *, transpose: bool, q, k) -> tuple[np.ndarray, np.ndarray]:
     """``q`` rotated by the query positions' angles and ``k`` by the key positions', in the
     compute dtype; by the transposed rotations when ``transpose``."""
-    dtype = dense_numba._compute_dtype(x.dense.q)
+    dtype = compute_dtype(x.dense.q)
     r, layout = x.rope.rotary_dim, x.rope.layout
     rotated = []
     for vectors, positions in ((q, x.q_positions), (k, x.k_positions)):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...dense.properties import _close
+from ...core.invariants import close
 
 
 def rotation_preserves_norms(rotate, x, positions, params, rtol=1e-10):
@@ -25,13 +25,13 @@ def rotation_preserves_norms(rotate, x, positions, params, rtol=1e-10):
     part, and leaves the dims from ``rotary_dim`` on unchanged."""
     r = params.get("rotary_dim") or x.shape[-1]
     rotated = rotate(x, positions, **params)
-    _close("norm of the rotated part", np.linalg.norm(rotated[..., :r], axis=-1), np.linalg.norm(x[..., :r], axis=-1), rtol)
-    _close("dims after rotary_dim", rotated[..., r:], x[..., r:], rtol)
+    close("norm of the rotated part", np.linalg.norm(rotated[..., :r], axis=-1), np.linalg.norm(x[..., :r], axis=-1), rtol)
+    close("dims after rotary_dim", rotated[..., r:], x[..., r:], rtol)
 
 
 def position_zero_is_identity(rotate, x, params, rtol=1e-10):
     """At position 0 every angle is 0: the encoding returns its input."""
-    _close("encoding at position 0", rotate(x, np.zeros(x.shape[2], np.int64), **params), x, rtol)
+    close("encoding at position 0", rotate(x, np.zeros(x.shape[2], np.int64), **params), x, rtol)
 
 
 def layouts_agree_under_permutation(rotate, x, positions, params, rtol=1e-10):
@@ -46,7 +46,7 @@ def layouts_agree_under_permutation(rotate, x, positions, params, rtol=1e-10):
     scatter = np.argsort(gather)  # P⁻¹
     interleaved = rotate(x, positions, layout="interleaved", **params)
     half = rotate(x[..., gather], positions, layout="half", **params)[..., scatter]
-    _close("interleaved vs P⁻¹ half P", interleaved, half, rtol)
+    close("interleaved vs P⁻¹ half P", interleaved, half, rtol)
 
 
 def relative_dot_products(rotate, q, k, q_positions, k_positions, params, rtol=1e-10):
@@ -57,15 +57,15 @@ def relative_dot_products(rotate, q, k, q_positions, k_positions, params, rtol=1
         [np.einsum("bhqd,bhd->bhq", rotate(q, q_positions - m, **params), k[:, :, j]) for j, m in enumerate(k_positions)],
         axis=-1,
     )  # (B, H, Nq, Nk): query i rotated by its distance to key j, key j unrotated
-    _close("scores vs relative scores", scores, relative, rtol)
+    close("scores vs relative scores", scores, relative, rtol)
 
 
 def position_shift_invariance(attend, q, k, v, params, shift=1000, rtol=1e-10):
     """Adding one constant to every query and key position changes neither output nor lse."""
     shifted = dict(params, q_positions=params["q_positions"] + shift, k_positions=params["k_positions"] + shift)
     base, moved = attend(q, k, v, **params), attend(q, k, v, **shifted)
-    _close("out", moved.out, base.out, rtol)
-    _close("lse", moved.lse, base.lse, rtol)
+    close("out", moved.out, base.out, rtol)
+    close("lse", moved.lse, base.lse, rtol)
 
 
 ENCODING = (rotation_preserves_norms, position_zero_is_identity, layouts_agree_under_permutation, relative_dot_products)

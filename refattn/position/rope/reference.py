@@ -29,18 +29,17 @@ Array letters: b batch, h head, n position, d head dim, t rotated pair
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ...core import registry
-from ...core import checks
-from ...core.checks import choice, cotangent, float_array, real_number
+from ...core import checks, registry
+from ...core.checks import choice, float_array, real_number
 from ...core.errors import SpecError
 from ...core.precision import FLOAT64, Numerics, numerics
-from ...core.results import Grads, Result
+from ...core.results import Cotangents, Grads, Result
+from ...dense import reference as dense_reference
 from ...dense.inputs import DenseInputs, check_dense_inputs
-from ...dense.reference import dense_attention, dense_attention_vjp
 
 #: How the rotated dimensions are paired (module docstring).
 LAYOUTS = ("half", "interleaved")
@@ -70,6 +69,9 @@ class RopeInputs:
     k_positions: np.ndarray  # (Nk,) int64
     rope: RopeParams
 
+    def cotangent_shapes(self) -> dict:
+        """Shapes of ``dout`` and ``dlse``: those of dense attention's ``out`` and ``lse``."""
+        return self.dense.cotangent_shapes()
 
 
 def check_rotary_dim(rotary_dim, head_dim: int | None) -> int:
@@ -106,9 +108,13 @@ def check_vectors(x, name: str) -> np.ndarray:
 
 
 def check_rope_inputs(q, k, v, *, q_positions, k_positions, rotary_dim, base, position_scale, layout,
-                      **dense_params) -> RopeInputs:  # fmt: skip
-    """Check every argument of ``rope_attention``; raise :class:`SpecError` on the first bad one."""
-    dense = check_dense_inputs(q, k, v, **dense_params)
+                      **dense_arguments) -> RopeInputs:  # fmt: skip
+    """Check every argument of ``rope_attention``; raise :class:`SpecError` on the first bad one.
+
+    ``dense_arguments`` are dense attention's (``mask``, ``bias``, ``causal``, ...), checked by
+    :func:`refattn.dense.inputs.check_dense_inputs`.
+    """
+    dense = check_dense_inputs(q, k, v, **dense_arguments)
     return RopeInputs(
         dense=dense,
         q_positions=checks.positions(q_positions, "q_positions", dense.shape.q_len),
@@ -285,106 +291,43 @@ def rope_attention(
     Result
         ``out`` (B, Hq, Nq, Dv) and ``lse`` (B, Hq, Nq), float64, as dense attention.
     """
-    params = dict(
-        q_positions=q_positions, k_positions=k_positions, rotary_dim=rotary_dim, base=base,
-        position_scale=position_scale, layout=layout, mask=mask, bias=bias, causal=causal,
-        causal_alignment=causal_alignment, window=window, scale=scale, softcap=softcap,
-        dropout_keep=dropout_keep, dropout_p=dropout_p,
-    )  # fmt: skip
-    if backend != "reference":
-        return _other_backend(backend, precision).rope_attention(q, k, v, **params)
-    x = check_rope_inputs(q, k, v, **params)
-    num = numerics(precision)
-    q_rotated, k_rotated, _ = _rotated_queries_and_keys(x, num)
-    return dense_attention(q_rotated, k_rotated, x.dense.v, **_dense_params(params), precision=num)
+    return registry.call_forward("rope", locals())
 
 
-def _rotated_queries_and_keys(x: RopeInputs, num: Numerics):
-    """(R1)-(R3) for q and k: the rotated q (B, Hq, Nq, D), k (B, Hkv, Nk, D), and the tables."""
+rope_attention_vjp = registry.vjp_function(
+    rope_attention,
+    "rope",
+    grads="""    ``q``, ``k``, ``v`` and, when a bias was given, ``bias`` (its own shape).
+    Dense attention's VJP gives the gradients of the rotated q and k; each is
+    rotated back by the transposed rotation ``R(θ)ᵀ = R(−θ)`` (the rotation is
+    orthogonal and linear in q, k). Positions are integers: no gradient.""",
+)
+
+
+def _rotated(x: RopeInputs, num: Numerics) -> tuple[DenseInputs, tuple]:
+    """(R1)-(R3) for q and k: the dense inputs with q (B, Hq, Nq, D) and k (B, Hkv, Nk, D) rotated,
+    and the tables (cos, sin) of the queries and of the keys, (N, r/2) each."""
     r, layout = x.rope.rotary_dim, x.rope.layout
     q_cos, q_sin = cos_sin(x.q_positions, x.rope, num)  # (Nq, r/2)
     k_cos, k_sin = cos_sin(x.k_positions, x.rope, num)  # (Nk, r/2)
     q_rotated = rotate(num.load(x.dense.q), q_cos, q_sin, r, layout, num)
     k_rotated = rotate(num.load(x.dense.k), k_cos, k_sin, r, layout, num)
-    return q_rotated, k_rotated, (q_cos, q_sin, k_cos, k_sin)
+    return replace(x.dense, q=q_rotated, k=k_rotated), ((q_cos, q_sin), (k_cos, k_sin))
 
 
-def rope_attention_vjp(
-    dout,
-    q,
-    k,
-    v,
-    *,
-    dlse=None,
-    q_positions,
-    k_positions,
-    rotary_dim=None,
-    base=10000.0,
-    position_scale=1.0,
-    layout="half",
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    dropout_keep=None,
-    dropout_p=0.0,
-    precision=None,
-    backend="reference",
-) -> Grads:
-    """Gradients of :func:`rope_attention` for cotangents ``dout`` (and ``dlse``).
+def forward(x: RopeInputs, num: Numerics) -> Result:
+    """The reference backend: (R1)-(R3), then dense (1)-(7) on the rotated q and k, in precision ``num``."""
+    rotated, _ = _rotated(x, num)
+    return dense_reference.forward(rotated, num)
 
-    Dense attention's VJP gives the gradients of the rotated q and k; each
-    is rotated back by the transposed rotation ``R(θ)ᵀ = R(−θ)`` (the
-    rotation is orthogonal and linear in q, k). Positions are integers and
-    get no gradient.
 
-    Parameters
-    ----------
-    dout : ndarray (B, Hq, Nq, Dv)
-        Cotangent of ``out``.
-    dlse : ndarray (B, Hq, Nq), optional
-        Cotangent of ``lse``; 0 when omitted.
-    Others as :func:`rope_attention`.
-
-    Returns
-    -------
-    Grads
-        ``q``, ``k``, ``v`` and, when a bias was given, ``bias`` (its own shape), float64.
-    """
-    params = dict(
-        q_positions=q_positions, k_positions=k_positions, rotary_dim=rotary_dim, base=base,
-        position_scale=position_scale, layout=layout, mask=mask, bias=bias, causal=causal,
-        causal_alignment=causal_alignment, window=window, scale=scale, softcap=softcap,
-        dropout_keep=dropout_keep, dropout_p=dropout_p,
-    )  # fmt: skip
-    if backend != "reference":
-        return _other_backend(backend, precision).rope_attention_vjp(dout, q, k, v, dlse=dlse, **params)
-    x = check_rope_inputs(q, k, v, **params)
-    s = x.dense.shape
-    dout = cotangent(dout, "dout", (s.batch, s.q_heads, s.q_len, s.value_dim))
-    dlse = None if dlse is None else cotangent(dlse, "dlse", (s.batch, s.q_heads, s.q_len))
-    num = numerics(precision)
-    q_rotated, k_rotated, (q_cos, q_sin, k_cos, k_sin) = _rotated_queries_and_keys(x, num)
-
+def vjp(x: RopeInputs, cotangents: Cotangents, num: Numerics) -> Grads:
+    """The reference backend's VJP: dense (7')-(1') on the rotated q and k, then (R3'), in precision ``num``."""
+    rotated, ((q_cos, q_sin), (k_cos, k_sin)) = _rotated(x, num)
     # (7')-(1') Dense attention's VJP: gradients of the rotated q and k, of v and the bias.
-    grads = dense_attention_vjp(dout, q_rotated, k_rotated, x.dense.v, dlse=dlse, **_dense_params(params), precision=num)
+    grads = dense_reference.vjp(rotated, cotangents, num)
     # (R3') q~ = R(θ) q, so dq = R(θ)ᵀ dq~ = R(−θ) dq~: cos is even, sin odd. Likewise k, per kv head.
     r, layout = x.rope.rotary_dim, x.rope.layout
     grads["q"] = rotate(num.load(grads["q"]), q_cos, -q_sin, r, layout, num).astype(np.float64)
     grads["k"] = rotate(num.load(grads["k"]), k_cos, -k_sin, r, layout, num).astype(np.float64)
     return grads
-
-
-def _dense_params(params: dict) -> dict:
-    """The keyword arguments of dense attention among ``params``."""
-    rope_only = ("q_positions", "k_positions", "rotary_dim", "base", "position_scale", "layout")
-    return {name: value for name, value in params.items() if name not in rope_only}
-
-
-def _other_backend(backend: str, precision):
-    if precision is not None:
-        raise SpecError("precision", "None with a non-reference backend (kernels compute in their input dtype)", repr(precision))
-    return registry.backend("rope", backend)

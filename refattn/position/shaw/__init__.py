@@ -1,14 +1,8 @@
 """Shaw et al. 2018 clipped relative position representations (spec/position.md, "Shaw")."""
 
 from ...core import registry
+from .inputs import check_shaw_inputs
 from .reference import relative_index, shaw_attention, shaw_attention_vjp
-
-
-def _cases():
-    from .cases import cases
-
-    return cases()
-
 
 MECHANISM = registry.register(
     registry.Mechanism(
@@ -16,9 +10,8 @@ MECHANISM = registry.register(
         package="refattn.position.shaw",
         forward=shaw_attention,
         vjp=shaw_attention_vjp,
+        check_inputs=check_shaw_inputs,
         backends=("reference", "numba"),
-        cases=_cases,
-        properties="refattn.position.shaw.properties",
         spec="spec/position.md",
     )
 )

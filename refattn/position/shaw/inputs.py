@@ -1,7 +1,8 @@
 """Checked inputs of one Shaw-attention call, shared by every Shaw backend.
 
-Every backend calls :func:`check_shaw_inputs` first, so bad input is rejected
-identically (and before anything is computed) whichever backend runs. The
+The registry calls :func:`check_shaw_inputs` before any backend runs, so bad
+input is rejected identically (and before anything is computed) whichever
+backend is chosen. The
 dense parameters (masks, causality, window, scale, soft-cap, bias, dropout)
 are checked by the dense check itself; this module adds the encoding's own
 arguments: the two tables, the positions and the clipping distance.
@@ -18,6 +19,7 @@ from ...core import checks
 from ...core.errors import SpecError
 from ...dense.inputs import DenseInputs, check_dense_inputs
 
+
 @dataclass(frozen=True)
 class ShawInputs:
     """Checked dense inputs plus the encoding's arguments, in the caller's dtypes."""
@@ -29,13 +31,16 @@ class ShawInputs:
     k_positions: np.ndarray  # (Nk,), int64
     max_relative_position: int  # K >= 0
 
+    def cotangent_shapes(self) -> dict:
+        """Shapes of ``dout`` and ``dlse``: dense attention's."""
+        return self.dense.cotangent_shapes()
+
 
 def check_clip_distance(x) -> int:
     """``max_relative_position`` (K): an integer >= 0, Python or NumPy, not a bool."""
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral) or x < 0:
         raise SpecError("max_relative_position", "an integer >= 0", f"{type(x).__name__} {x!r}")
     return int(x)
-
 
 
 def check_table(x, name: str, rows: int, width: int, width_name: str) -> np.ndarray:
@@ -46,10 +51,13 @@ def check_table(x, name: str, rows: int, width: int, width_name: str) -> np.ndar
 
 
 def check_shaw_inputs(
-    q, k, v, *, rel_k, rel_v, q_positions, k_positions, max_relative_position: int, **dense_params
+    q, k, v, *, rel_k, rel_v, q_positions, k_positions, max_relative_position, **dense_arguments
 ) -> ShawInputs:
-    """Check every argument of ``shaw_attention``; raise :class:`SpecError` on the first bad one."""
-    dense = check_dense_inputs(q, k, v, **dense_params)
+    """Check every argument of ``shaw_attention``; raise :class:`SpecError` on the first bad one.
+
+    ``dense_arguments`` are :func:`refattn.dense_attention`'s keywords, checked by its own check.
+    """
+    dense = check_dense_inputs(q, k, v, **dense_arguments)
     s = dense.shape
     clip = check_clip_distance(max_relative_position)
     return ShawInputs(

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...dense.properties import _close, _require, causal_independence, gqa_equals_repeated_heads
+from ...core.invariants import close, require
+from ...dense.properties import causal_independence, gqa_equals_repeated_heads
 from ...dense.reference import dense_attention
 
 #: Keyword arguments of the encoding; everything else in ``params`` is a dense option.
@@ -37,16 +38,16 @@ def position_shift_invariance(attend, q, k, v, params, shift=1009, rtol=1e-10):
     the encoding sees only the differences ``k_positions[j] - q_positions[i]``."""
     moved = dict(params, q_positions=params["q_positions"] + shift, k_positions=params["k_positions"] + shift)
     base, shifted = attend(q, k, v, **params), attend(q, k, v, **moved)
-    _close("out", shifted.out, base.out, rtol)
-    _close("lse", shifted.lse, base.lse, rtol)
+    close("out", shifted.out, base.out, rtol)
+    close("lse", shifted.lse, base.lse, rtol)
 
 
 def zero_tables_equal_dense(attend, q, k, v, params, rtol=1e-10):
     """With ``rel_k = rel_v = 0`` the encoding vanishes: the result is dense attention's, exactly."""
     zeroed = dict(params, rel_k=np.zeros_like(params["rel_k"]), rel_v=np.zeros_like(params["rel_v"]))
     shaw, dense = attend(q, k, v, **zeroed), dense_attention(q, k, v, **_dense_params(params))
-    _close("out", shaw.out, dense.out, rtol)
-    _close("lse", shaw.lse, dense.lse, rtol)
+    close("out", shaw.out, dense.out, rtol)
+    close("lse", shaw.lse, dense.lse, rtol)
 
 
 def zero_distance_adds_a_row_constant(attend, q, k, v, params, rtol=1e-10):
@@ -58,14 +59,14 @@ def zero_distance_adds_a_row_constant(attend, q, k, v, params, rtol=1e-10):
     Needs ``max_relative_position = 0``, no soft-cap (it bends the constant)
     and no dropout (the kept weights need not sum to 1).
     """
-    _require(params["max_relative_position"] == 0, "max_relative_position = 0")
-    _require(not params.get("softcap") and params.get("dropout_keep") is None, "no soft-cap and no dropout")
+    require(params["max_relative_position"] == 0, "max_relative_position = 0")
+    require(not params.get("softcap") and params.get("dropout_keep") is None, "no soft-cap and no dropout")
     shaw, dense = attend(q, k, v, **params), dense_attention(q, k, v, **_dense_params(params))
     scale = params.get("scale") or 1 / np.sqrt(q.shape[-1])
     has_key = np.isfinite(dense.lse)
     row_constant = scale * np.einsum("bhqd,d->bhq", q, params["rel_k"][0])
-    _close("out", shaw.out, dense.out + np.where(has_key[..., None], params["rel_v"][0], 0.0), rtol)
-    _close("lse", shaw.lse, np.where(has_key, dense.lse + row_constant, -np.inf), rtol)
+    close("out", shaw.out, dense.out + np.where(has_key[..., None], params["rel_v"][0], 0.0), rtol)
+    close("lse", shaw.lse, np.where(has_key, dense.lse + row_constant, -np.inf), rtol)
 
 
 def key_term_is_a_query_dependent_bias(attend, q, k, v, params, rtol=1e-10):
@@ -76,7 +77,7 @@ def key_term_is_a_query_dependent_bias(attend, q, k, v, params, rtol=1e-10):
     q_pos[i], -K, K) + K``. Needs no soft-cap (the bias would sit after it,
     the key term sits inside it).
     """
-    _require(not params.get("softcap"), "no soft-cap")
+    require(not params.get("softcap"), "no soft-cap")
     distance = params["k_positions"][None, :] - params["q_positions"][:, None]  # (Nq, Nk)
     clip = params["max_relative_position"]
     rows = params["rel_k"][np.clip(distance, -clip, clip) + clip]  # (Nq, Nk, D)
@@ -86,8 +87,8 @@ def key_term_is_a_query_dependent_bias(attend, q, k, v, params, rtol=1e-10):
     dense_params["bias"] = position_bias + (params["bias"] if params.get("bias") is not None else 0.0)
     shaw = attend(q, k, v, **dict(params, rel_v=np.zeros_like(params["rel_v"])))
     dense = dense_attention(q, k, v, **dense_params)
-    _close("out", shaw.out, dense.out, rtol)
-    _close("lse", shaw.lse, dense.lse, rtol)
+    close("out", shaw.out, dense.out, rtol)
+    close("lse", shaw.lse, dense.lse, rtol)
 
 
 ALL = (

@@ -29,14 +29,12 @@ from __future__ import annotations
 import numpy as np
 
 from ...core import checks, registry
-from ...core.checks import cotangent
-from ...core.errors import SpecError
-from ...core.precision import Numerics, numerics
-from ...core.results import Grads, Result
+from ...core.precision import Numerics
+from ...core.results import Cotangents, Grads, Result
 from ...core.shapes import repeat_kv_heads, sum_kv_heads, sum_to_shape
 from ...core.softcap import softcap, softcap_slope
 from ...core.softmax import masked_softmax
-from .inputs import ShawInputs, check_clip_distance, check_shaw_inputs
+from .inputs import ShawInputs, check_clip_distance
 
 
 def relative_index(q_positions, k_positions, max_relative_position) -> np.ndarray:
@@ -121,21 +119,13 @@ def shaw_attention(
         the final logits (relative term included); a fully masked row has out 0
         and lse ``-inf``. ``aux["relative_index"]`` is the (Nq, Nk) int64 index.
     """
-    params = dict(
-        rel_k=rel_k, rel_v=rel_v, q_positions=q_positions, k_positions=k_positions,
-        max_relative_position=max_relative_position, mask=mask, bias=bias, causal=causal,
-        causal_alignment=causal_alignment, window=window, scale=scale, softcap=softcap,
-        dropout_keep=dropout_keep, dropout_p=dropout_p,
-    )  # fmt: skip
-    if backend != "reference":
-        return _other_backend(backend, precision).shaw_attention(q, k, v, **params)
-    x = check_shaw_inputs(q, k, v, **params)
-    steps = _forward_steps(x, numerics(precision))
-    return Result(
-        out=steps["out"].astype(np.float64),
-        lse=steps["lse"].astype(np.float64),
-        aux={"relative_index": steps["index"]},
-    )
+    return registry.call_forward("shaw", locals())
+
+
+def forward(x: ShawInputs, num: Numerics) -> Result:
+    """The reference backend: steps (0)-(7) in precision ``num``."""
+    steps = _forward_steps(x, num)
+    return Result(out=steps["out"], lse=steps["lse"], aux={"relative_index": steps["index"]})
 
 
 def _forward_steps(x: ShawInputs, num: Numerics) -> dict:
@@ -177,63 +167,23 @@ def _forward_steps(x: ShawInputs, num: Numerics) -> dict:
     )  # fmt: skip
 
 
-def shaw_attention_vjp(
-    dout,
-    q,
-    k,
-    v,
-    *,
-    dlse=None,
-    rel_k,
-    rel_v,
-    q_positions,
-    k_positions,
-    max_relative_position,
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    dropout_keep=None,
-    dropout_p=0.0,
-    precision=None,
-    backend="reference",
-) -> Grads:
-    """Gradients of :func:`shaw_attention` for cotangents ``dout`` (and ``dlse``).
+shaw_attention_vjp = registry.vjp_function(
+    shaw_attention,
+    "shaw",
+    grads="""    ``q``, ``k``, ``v``, ``rel_k``, ``rel_v`` (shapes of the inputs) and
+    ``bias`` (its own shape) when a bias was given. A table row's gradient
+    sums over every batch element, head and (query, key) pair that reads
+    it. Positions, masks and the keep-mask are not differentiable. Fully
+    masked rows contribute 0.""",
+)
 
-    Parameters are those of :func:`shaw_attention`, plus
 
-    dout : ndarray (B, Hq, Nq, Dv)
-        Cotangent of ``out``.
-    dlse : ndarray (B, Hq, Nq), optional
-        Cotangent of ``lse``; 0 when omitted.
-
-    Returns
-    -------
-    Grads
-        ``q``, ``k``, ``v``, ``rel_k``, ``rel_v`` (shapes of the inputs) and
-        ``bias`` (its own shape) when a bias was given. A table row's gradient
-        sums over every batch element, head and (query, key) pair that reads
-        it. Positions, masks and the keep-mask are not differentiable. Fully
-        masked rows contribute 0.
-    """
-    params = dict(
-        rel_k=rel_k, rel_v=rel_v, q_positions=q_positions, k_positions=k_positions,
-        max_relative_position=max_relative_position, mask=mask, bias=bias, causal=causal,
-        causal_alignment=causal_alignment, window=window, scale=scale, softcap=softcap,
-        dropout_keep=dropout_keep, dropout_p=dropout_p,
-    )  # fmt: skip
-    if backend != "reference":
-        return _other_backend(backend, precision).shaw_attention_vjp(dout, q, k, v, dlse=dlse, **params)
-    x = check_shaw_inputs(q, k, v, **params)
+def vjp(x: ShawInputs, cotangents: Cotangents, num: Numerics) -> Grads:
+    """The reference backend's VJP: steps (7')-(0') in precision ``num``."""
     s = x.dense.shape
-    dout = cotangent(dout, "dout", (s.batch, s.q_heads, s.q_len, s.value_dim))
-    dlse = None if dlse is None else cotangent(dlse, "dlse", (s.batch, s.q_heads, s.q_len))
-    num = numerics(precision)
+    dlse = cotangents.dlse
     f = _forward_steps(x, num)
-    dout = num.load(dout)  # (B, Hq, Nq, Dv)
+    dout = num.load(cotangents.dout)  # (B, Hq, Nq, Dv)
 
     # (7') out = D v + D a^V, with D the dropped weights: gradients of the
     #      values, of the gathered value rows (summed over batch and heads,
@@ -293,9 +243,3 @@ def _scatter_rows(per_pair: np.ndarray, index: np.ndarray, rows: int) -> np.ndar
     np.add.at(table, index, per_pair)
     return table
 
-
-def _other_backend(backend: str, precision):
-    if precision is not None:
-        expected = "None with a non-reference backend (kernels compute in their input dtype)"
-        raise SpecError("precision", expected, repr(precision))
-    return registry.backend("shaw", backend)

@@ -1,14 +1,7 @@
 """T5's bucketed relative position bias (spec/position.md)."""
 
 from ...core import registry
-from .reference import relative_position_bucket, t5_attention, t5_attention_vjp, t5_bias
-
-
-def _cases():
-    from .cases import cases
-
-    return cases()
-
+from .reference import check_t5_inputs, relative_position_bucket, t5_attention, t5_attention_vjp, t5_bias
 
 MECHANISM = registry.register(
     registry.Mechanism(
@@ -16,9 +9,8 @@ MECHANISM = registry.register(
         package="refattn.position.t5",
         forward=t5_attention,
         vjp=t5_attention_vjp,
+        check_inputs=check_t5_inputs,
         backends=("reference", "numba"),
-        cases=_cases,
-        properties="refattn.position.t5.properties",
         spec="spec/position.md",
     )
 )

@@ -11,32 +11,60 @@ The buckets are returned as ``aux.buckets`` (Nq, Nk) and must match exactly.
 Except in the boundary case, no bucket lies at a distance where float32 and
 float64 evaluation of the logarithmic branch disagree (tests check this).
 
-Seeds are the CRC-32 of the case id.
+Seeds are the CRC-32 of the case id (refattn.conformance.case); the flags
+only T5 uses are described in :data:`FLAGS`.
 """
 
 from __future__ import annotations
 
-import zlib
-from typing import Callable, NamedTuple
-
 import numpy as np
 
-from ...conformance.case import Case
+from ...conformance.case import ArrayMaker, Case, Dims, make_case, normal
+from ..rope.cases import cached_positions, draw_with_positions, spread_positions
 
-
-ArrayMaker = Callable[[np.random.Generator, "Dims"], np.ndarray]
-
-
-class Dims(NamedTuple):
-    """Sizes of one case: q (b, hq, nq, d), k (b, hkv, nk, d), v (b, hkv, nk, dv); dv = d when None."""
-
-    b: int
-    hq: int
-    hkv: int
-    nq: int
-    nk: int
-    d: int
-    dv: int | None = None
+FLAGS: dict[str, str] = {
+    "T5_BUCKET_DIRECTION": (
+        "The relative position is key minus query, r = p_j - p_i (HF: memory_position - context_position), and "
+        "with bidirectional buckets r > 0 (a key after the query) takes the upper half. Fails implementations "
+        "that use p_i - p_j, which swaps the two halves."
+    ),
+    "T5_LOG_BUCKETS": (
+        "Distances n >= max_exact share logarithmic buckets max_exact + trunc(log(n / max_exact) / "
+        "log(max_distance / max_exact) * (side_buckets - max_exact)). Fails log2 or log1p, rounding instead of "
+        "truncating, and a max_exact that is not half of one side's buckets."
+    ),
+    "T5_UNIDIRECTIONAL": (
+        "With bidirectional = False (T5's decoder) all num_buckets buckets measure n = max(p_i - p_j, 0): past "
+        "keys use both halves' worth of buckets and every key after the query falls in bucket 0. Fails "
+        "implementations that bucket a decoder like an encoder, or take |r| for future keys."
+    ),
+    "T5_MAX_DISTANCE_SATURATION": (
+        "Every distance from max_distance on shares the last bucket of its side (the min with side_buckets - 1). "
+        "Cases have positions farther apart than max_distance: without the clamp the bucket leaves its half of "
+        "the table or the table."
+    ),
+    "T5_BUCKET_BOUNDARY": (
+        "HF computes the logarithmic branch in float32 and truncates; where the exact value is an integer the "
+        "float32 rounding decides. With 20 buckets and max_distance 160, distances 10, 20 and 80 fall in bucket "
+        "max_exact + 1, + 2, + 4 in float32 but one lower in float64. Fails implementations that compute it in "
+        "float64."
+    ),
+    "T5_POSITION_OFFSET": (
+        "The relative position is between the given positions (q_positions, k_positions), not array indices: a "
+        "decoder step with a cache has q_positions = Nk - Nq + arange(Nq). Fails implementations that bucket "
+        "j - i."
+    ),
+    "T5_TABLE_LAYOUT": (
+        "The table is (num_buckets, Hq), HF's nn.Embedding(num_buckets, n_heads).weight; Mesh TensorFlow and "
+        "flaxformer store (heads, buckets). The case has num_buckets = Hq, where reading the transpose raises no "
+        "shape error but gives other biases."
+    ),
+    "T5_TABLE_GRADIENT": (
+        "The table's gradient is the bias gradient summed over the batch and over every (query, key) pair in "
+        "each bucket (a scatter-add, the adjoint of the gather). Fails backwards that keep one pair per bucket "
+        "(a scatter that overwrites), drop the batch sum or mix heads."
+    ),
+}
 
 
 # --- positions: (rng, dims) -> (q_positions, k_positions) ----------------------
@@ -44,17 +72,7 @@ class Dims(NamedTuple):
 
 def _aligned(rng, dims):
     """Keys at ``arange(Nk)``; queries aligned bottom-right, at ``Nk - Nq + arange(Nq)`` (cached decoding)."""
-    return dims.nk - dims.nq + np.arange(dims.nq), np.arange(dims.nk)
-
-
-def _spread(span: int):
-    """Sorted distinct key positions in [0, span) and query positions among them: distances up to ``span``."""
-
-    def make(rng, dims):
-        keys = np.sort(rng.choice(span, size=dims.nk, replace=False))
-        return np.sort(rng.choice(keys, size=dims.nq, replace=False)), keys
-
-    return make
+    return cached_positions(dims)
 
 
 def _fixed(q_positions, k_positions):
@@ -62,42 +80,18 @@ def _fixed(q_positions, k_positions):
     return lambda rng, dims: (np.array(q_positions), np.array(k_positions))
 
 
-def _draw(dims: Dims, std: float, num_buckets: int, positions, extra: dict[str, ArrayMaker]):
-    """``arrays(rng)``: q, k (standard deviation ``std``), v, the table (std 1.5), the positions, the ``extra`` arrays."""
-
-    def arrays(rng: np.random.Generator) -> dict:
-        out = {
-            "q": std * rng.standard_normal((dims.b, dims.hq, dims.nq, dims.d)),
-            "k": std * rng.standard_normal((dims.b, dims.hkv, dims.nk, dims.d)),
-            "v": rng.standard_normal((dims.b, dims.hkv, dims.nk, dims.dv or dims.d)),
-            "table": 1.5 * rng.standard_normal((num_buckets, dims.hq)),
-        }
-        q_positions, k_positions = positions(rng, dims)
-        out["q_positions"] = np.asarray(q_positions, dtype=np.int64)
-        out["k_positions"] = np.asarray(k_positions, dtype=np.int64)
-        for name, make in extra.items():
-            out[name] = make(rng, dims)
-        return out
-
-    return arrays
-
-
 def _case(name: str, description: str, flags: tuple[str, ...], dims: Dims, *, num_buckets: int = 32,
           max_distance: int = 128, bidirectional: bool = True, positions=_aligned, std: float = 1.0,
           bias: ArrayMaker | None = None, mask: ArrayMaker | None = None, **params) -> Case:  # fmt: skip
-    """One T5 case; ``params`` are the dense JSON keyword arguments (causal, window, scale, ...)."""
+    """One T5 case: q, k, v, the table (std 1.5), the positions, then ``bias`` and ``mask``;
+    ``params`` are the dense JSON keyword arguments (causal, window, scale, ...)."""
     extra = {key: make for key, make in {"bias": bias, "mask": mask}.items() if make is not None}
-    case_id = f"t5/{name}"
-    return Case(
-        id=case_id,
-        mechanism="t5",
-        description=description,
-        flags=flags,
-        seed=zlib.crc32(case_id.encode()),
-        arrays=_draw(dims, std, num_buckets, positions, extra),
+    table = normal(lambda dims: (num_buckets, dims.hq), std=1.5)
+    return make_case(
+        "t5", name, description, flags, draw_with_positions(dims, positions, extra, std=std, first={"table": table}),
         params=dict(bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance, **params),
         differentiable=("q", "k", "v", "table", "bias") if bias is not None else ("q", "k", "v", "table"),
-    )
+    )  # fmt: skip
 
 
 def cases() -> list[Case]:
@@ -115,13 +109,13 @@ def cases() -> list[Case]:
               ("T5_UNIDIRECTIONAL",), Dims(1, 2, 1, 20, 20, 8), bidirectional=False),
         _case("saturation_spread", "Positions spread over [0, 600): most pairs are past max_distance 128.",
               ("T5_MAX_DISTANCE_SATURATION", "T5_BUCKET_DIRECTION"), Dims(1, 2, 2, 12, 24, 8),
-              positions=_spread(600)),
+              positions=spread_positions(600)),
         _case("awkward_10_20", "10 buckets, max_distance 20, N=45: max_exact 2, saturation from distance 20.",
               ("T5_MAX_DISTANCE_SATURATION", "T5_LOG_BUCKETS"), Dims(1, 2, 1, 45, 45, 4), num_buckets=10,
               max_distance=20),
         _case("decoder_64_256_spread", "Unidirectional 64 / 256, causal, positions spread over [0, 700), B=2.",
               ("T5_UNIDIRECTIONAL", "T5_MAX_DISTANCE_SATURATION", "MULTI_BATCH"), Dims(2, 2, 1, 16, 30, 4),
-              num_buckets=64, max_distance=256, bidirectional=False, causal=True, positions=_spread(700)),
+              num_buckets=64, max_distance=256, bidirectional=False, causal=True, positions=spread_positions(700)),
         _case("bucket_boundary_20_160", "20 buckets / 160 at distances +-10, 20, 40, 80: ties that float32 decides.",
               ("T5_BUCKET_BOUNDARY",), Dims(1, 2, 2, 4, 12, 8), num_buckets=20, max_distance=160,
               positions=_fixed([0, 40, 80, 100], [0, 10, 20, 30, 40, 60, 80, 90, 100, 120, 160, 180])),

@@ -16,17 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def _close(name: str, got, want, rtol: float) -> None:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    same_inf = np.isinf(want) & (got == want)
-    finite = ~same_inf
-    if np.any(np.isnan(got)) or np.any(np.isinf(got[finite])) or np.any(np.isinf(want[finite])):
-        raise AssertionError(f"{name}: infinities or NaN differ")
-    err = np.max(np.abs(got[finite] - want[finite]), initial=0.0)
-    ref = max(np.max(np.abs(want[finite]), initial=0.0), 1.0)
-    if err > rtol * ref:
-        raise AssertionError(f"{name}: normwise error {err / ref:.3e} > {rtol:.1e}")
+from ...core.invariants import close
 
 
 def position_shift_invariance(attend, q, k, v, params, shift=1000, rtol=1e-10):
@@ -34,8 +24,8 @@ def position_shift_invariance(attend, q, k, v, params, shift=1000, rtol=1e-10):
     buckets depend on the positions only through ``p_j − p_i``."""
     shifted = dict(params, q_positions=params["q_positions"] + shift, k_positions=params["k_positions"] + shift)
     base, moved = attend(q, k, v, **params), attend(q, k, v, **shifted)
-    _close("out", moved.out, base.out, rtol)
-    _close("lse", moved.lse, base.lse, rtol)
+    close("out", moved.out, base.out, rtol)
+    close("lse", moved.lse, base.lse, rtol)
 
 
 def constant_table_shifts_lse(attend, q, k, v, params, rtol=1e-10):
@@ -46,8 +36,8 @@ def constant_table_shifts_lse(attend, q, k, v, params, rtol=1e-10):
     per_head = np.arange(1, table.shape[1] + 1) * 0.75  # c_h
     base = attend(q, k, v, **dict(params, table=np.zeros_like(table)))
     moved = attend(q, k, v, **dict(params, table=np.broadcast_to(per_head, table.shape).copy()))
-    _close("out", moved.out, base.out, rtol)
-    _close("lse - c_h", moved.lse - per_head[:, None], base.lse, rtol)
+    close("out", moved.out, base.out, rtol)
+    close("lse - c_h", moved.lse - per_head[:, None], base.lse, rtol)
 
 
 def buckets_monotone_and_saturating(bucket, bidirectional=True, num_buckets=32, max_distance=128):

@@ -35,16 +35,17 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ...core import checks, registry
 from ...core.errors import SpecError
 from ...core.precision import Numerics, numerics
-from ...core.results import Grads, Result
+from ...core.results import Cotangents, Grads, Result
 from ...core.shapes import sum_to_shape
-from ...dense.reference import dense_attention, dense_attention_vjp
+from ...dense import reference as dense_reference
+from ...dense.inputs import DenseInputs, check_dense_inputs
 
 
 
@@ -234,43 +235,38 @@ def _gather(table: np.ndarray, buckets: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class T5Inputs:
-    """Checked T5 arguments (the dense ones are checked by dense attention itself)."""
+    """Checked arguments of one ``t5_attention`` call."""
 
-    shape: checks.AttentionShape
+    dense: DenseInputs  # q (B, Hq, Nq, D), k, v and the dense parameters; ``bias`` is the user's
     table: np.ndarray  # (num_buckets, Hq), the caller's dtype
     q_positions: np.ndarray  # (Nq,) int64
     k_positions: np.ndarray  # (Nk,) int64
     bucketing: Bucketing
-    bias: np.ndarray | None  # user bias, broadcastable to (B, Hq, Nq, Nk)
+
+    def cotangent_shapes(self) -> dict:
+        """Shapes of ``dout`` and ``dlse``: those of dense attention's ``out`` and ``lse``."""
+        return self.dense.cotangent_shapes()
 
 
-def check_t5_inputs(
-    q, k, v, *, table, q_positions, k_positions, bidirectional, num_buckets, max_distance, bias
-) -> T5Inputs:
-    """Check the arguments the T5 bias adds to dense attention; raise :class:`SpecError` on the first bad one."""
-    _, _, _, shape = checks.qkv(q, k, v)
+def check_t5_inputs(q, k, v, *, table, q_positions, k_positions, bidirectional, num_buckets, max_distance,
+                    **dense_arguments) -> T5Inputs:  # fmt: skip
+    """Check every argument of ``t5_attention``; raise :class:`SpecError` on the first bad one.
+
+    ``dense_arguments`` are dense attention's (``mask``, ``bias``, ``causal``, ...), checked by
+    :func:`refattn.dense.inputs.check_dense_inputs`.
+    """
+    dense = check_dense_inputs(q, k, v, **dense_arguments)
     bucketing = check_bucketing(bidirectional, num_buckets, max_distance)
     return T5Inputs(
-        shape=shape,
-        table=check_table(table, bucketing, shape.q_heads),
-        q_positions=checks.positions(q_positions, "q_positions", shape.q_len),
-        k_positions=checks.positions(k_positions, "k_positions", shape.kv_len),
+        dense=dense,
+        table=check_table(table, bucketing, dense.shape.q_heads),
+        q_positions=checks.positions(q_positions, "q_positions", dense.shape.q_len),
+        k_positions=checks.positions(k_positions, "k_positions", dense.shape.kv_len),
         bucketing=bucketing,
-        bias=None if bias is None else checks.broadcastable(bias, "bias", shape.scores, "float"),
     )
 
 
 # --- the mechanism ------------------------------------------------------------
-
-
-def _logits_bias(x: T5Inputs, buckets: np.ndarray, num: Numerics) -> np.ndarray:
-    """Steps (T3)-(T4): the table's bias plus the user's bias, (Hq, Nq, Nk) or broadcast to (B, Hq, Nq, Nk)."""
-    # (T3) Gather each head's learned scalar for the bucket of every (query, key) pair.
-    position_bias = _gather(num.load(x.table), buckets)  # (Hq, Nq, Nk)
-    # (T4) The user's bias is added to it; both are added to the capped scores in dense step (3).
-    if x.bias is None:
-        return position_bias
-    return num.store(position_bias + num.load(x.bias))
 
 
 def t5_attention(
@@ -331,95 +327,51 @@ def t5_attention(
         ``out`` (B, Hq, Nq, Dv), ``lse`` (B, Hq, Nq), float64, and
         ``aux["buckets"]``, the (Nq, Nk) int64 bucket of every (query, key).
     """
-    dense_params = dict(
-        mask=mask, causal=causal, causal_alignment=causal_alignment, window=window,
-        scale=scale, softcap=softcap, dropout_keep=dropout_keep, dropout_p=dropout_p,
-    )  # fmt: skip
-    t5_params = dict(
-        table=table, q_positions=q_positions, k_positions=k_positions, bidirectional=bidirectional,
-        num_buckets=num_buckets, max_distance=max_distance, bias=bias,
-    )  # fmt: skip
-    if backend != "reference":
-        return _other_backend(backend, precision).t5_attention(q, k, v, **t5_params, **dense_params)
-    x = check_t5_inputs(q, k, v, **t5_params)
-    num = numerics(precision)
+    return registry.call_forward("t5", locals())
+
+
+t5_attention_vjp = registry.vjp_function(
+    t5_attention,
+    "t5",
+    grads="""    ``q``, ``k``, ``v``, ``table`` (num_buckets, Hq): the bias gradient summed
+    over the batch and over every (query, key) pair in each bucket, and
+    ``bias`` (its own shape) when a bias was given. Buckets are held fixed.""",
+)
+
+
+def _logits_bias(x: T5Inputs, buckets: np.ndarray, num: Numerics) -> np.ndarray:
+    """Steps (T3)-(T4): the table's bias plus the user's bias, (Hq, Nq, Nk) or broadcast to (B, Hq, Nq, Nk)."""
+    # (T3) Gather each head's learned scalar for the bucket of every (query, key) pair.
+    position_bias = _gather(num.load(x.table), buckets)  # (Hq, Nq, Nk)
+    # (T4) The user's bias is added to it; both are added to the capped scores in dense step (3).
+    if x.dense.bias is None:
+        return position_bias
+    return num.store(position_bias + num.load(x.dense.bias))
+
+
+def forward(x: T5Inputs, num: Numerics) -> Result:
+    """The reference backend: (T1)-(T4), then dense (1)-(7) with the summed bias, in precision ``num``."""
     buckets = bucket_matrix(x.q_positions, x.k_positions, x.bucketing)  # (Nq, Nk)
-    # Dense (1)-(7) with the summed bias.
-    result = dense_attention(q, k, v, bias=_logits_bias(x, buckets, num), precision=num, **dense_params)
+    result = dense_reference.forward(replace(x.dense, bias=_logits_bias(x, buckets, num)), num)
     return Result(out=result.out, lse=result.lse, aux={"buckets": buckets})
 
 
-def t5_attention_vjp(
-    dout,
-    q,
-    k,
-    v,
-    *,
-    dlse=None,
-    table,
-    q_positions,
-    k_positions,
-    bidirectional=True,
-    num_buckets=32,
-    max_distance=128,
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    dropout_keep=None,
-    dropout_p=0.0,
-    precision=None,
-    backend="reference",
-) -> Grads:
-    """Gradients of :func:`t5_attention` for cotangents ``dout`` (and ``dlse``).
-
-    Parameters are those of :func:`t5_attention`, plus ``dout`` (B, Hq, Nq, Dv)
-    and ``dlse`` (B, Hq, Nq), optional.
-
-    Returns
-    -------
-    Grads
-        ``q``, ``k``, ``v``, ``table`` (num_buckets, Hq): the bias gradient summed
-        over the batch and over every (query, key) pair in each bucket, and
-        ``bias`` (its own shape) when a bias was given. Buckets are held fixed.
-    """
-    dense_params = dict(
-        mask=mask, causal=causal, causal_alignment=causal_alignment, window=window,
-        scale=scale, softcap=softcap, dropout_keep=dropout_keep, dropout_p=dropout_p,
-    )  # fmt: skip
-    t5_params = dict(
-        table=table, q_positions=q_positions, k_positions=k_positions, bidirectional=bidirectional,
-        num_buckets=num_buckets, max_distance=max_distance, bias=bias,
-    )  # fmt: skip
-    if backend != "reference":
-        kernel = _other_backend(backend, precision)
-        return kernel.t5_attention_vjp(dout, q, k, v, dlse=dlse, **t5_params, **dense_params)
-    x = check_t5_inputs(q, k, v, **t5_params)
-    num = numerics(precision)
+def vjp(x: T5Inputs, cotangents: Cotangents, num: Numerics) -> Grads:
+    """The reference backend's VJP: dense (7')-(1'), then (T4')-(T3'), in precision ``num``."""
     buckets = bucket_matrix(x.q_positions, x.k_positions, x.bucketing)  # (Nq, Nk)
     logits_bias = _logits_bias(x, buckets, num)
     # Dense (7')-(1'): dense attention's VJP gives q, k, v and, at its (3'), the summed bias's gradient.
-    dense_grads = dense_attention_vjp(dout, q, k, v, dlse=dlse, bias=logits_bias, precision=num, **dense_params)
+    dense_grads = dense_reference.vjp(replace(x.dense, bias=logits_bias), cotangents, num)
     d_logits_bias = dense_grads["bias"].astype(num.compute)  # shape of logits_bias
     grads = Grads(q=dense_grads["q"], k=dense_grads["k"], v=dense_grads["v"])
     # (T4') The user's bias gets that gradient, summed over the axes it was broadcast along.
-    if x.bias is not None:
-        grads["bias"] = sum_to_shape(dense_grads["bias"], x.bias.shape)
+    if x.dense.bias is not None:
+        grads["bias"] = sum_to_shape(dense_grads["bias"], x.dense.bias.shape)
     # (T3') The adjoint of the gather is a scatter-add: each (query, key) pair adds its
     #      gradient, summed over the batch, to its bucket's row of the table.
     d_position_bias = num.store(sum_to_shape(d_logits_bias, logits_bias.shape[-3:]))  # (Hq, Nq, Nk)
-    d_table = np.zeros((x.bucketing.num_buckets, x.shape.q_heads), dtype=num.compute)
+    d_table = np.zeros((x.bucketing.num_buckets, x.dense.shape.q_heads), dtype=num.compute)
     np.add.at(d_table, buckets, np.moveaxis(d_position_bias, 0, -1))
     grads["table"] = num.store(d_table).astype(np.float64)
     # (T2')-(T1') Buckets and positions are discrete: no gradient.
     return grads
-
-
-def _other_backend(backend: str, precision):
-    if precision is not None:
-        wanted = "None with a non-reference backend (kernels compute in their input dtype)"
-        raise SpecError("precision", wanted, repr(precision))
-    return registry.backend("t5", backend)

@@ -1,6 +1,7 @@
 """Transformer-XL relative attention scores (spec/position.md, Transformer-XL)."""
 
 from ...core import registry
+from .inputs import check_transformer_xl_inputs
 from .reference import (
     rel_shift,
     relative_position_scores,
@@ -9,22 +10,14 @@ from .reference import (
     transformer_xl_attention_vjp,
 )
 
-
-def _cases():
-    from .cases import cases
-
-    return cases()
-
-
 MECHANISM = registry.register(
     registry.Mechanism(
         name="transformer_xl",
         package="refattn.position.transformer_xl",
         forward=transformer_xl_attention,
         vjp=transformer_xl_attention_vjp,
+        check_inputs=check_transformer_xl_inputs,
         backends=("reference", "numba"),
-        cases=_cases,
-        properties="refattn.position.transformer_xl.properties",
         spec="spec/position.md",
     )
 )

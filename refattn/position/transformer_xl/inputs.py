@@ -1,9 +1,11 @@
 """Checked inputs of one Transformer-XL attention call, shared by every backend.
 
-Every backend calls :func:`check_transformer_xl_inputs` first, so bad input is
-rejected identically (and before anything is computed) whichever backend runs.
-The one condition that depends on the mask -- every unmasked pair needs a row
-of ``r`` -- is checked by the reference with :func:`check_every_unmasked_pair_has_a_row`
+The registry calls :func:`check_transformer_xl_inputs` before any backend runs,
+so bad input is rejected identically (and before anything is computed)
+whichever backend is chosen. The one condition that depends on the mask --
+every unmasked pair needs a row of ``r`` -- is checked by each backend as it
+computes, because checking it here would build the (Nq, Nk) mask the kernel
+never forms: by the reference with :func:`check_every_unmasked_pair_has_a_row`
 and by the Numba kernel tile by tile; both raise :func:`missing_row`'s error.
 """
 
@@ -16,7 +18,6 @@ import numpy as np
 from ...core import checks
 from ...core.errors import SpecError
 from ...dense.inputs import DenseInputs, check_dense_inputs
-
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,10 @@ class TransformerXLInputs:
     v_bias: np.ndarray  # (Hq, D): r_r_bias, added to q in the position term
     q_positions: np.ndarray  # (Nq,) int64
     k_positions: np.ndarray  # (Nk,) int64
+
+    def cotangent_shapes(self) -> dict:
+        """Shapes of ``dout`` and ``dlse``: dense attention's."""
+        return self.dense.cotangent_shapes()
 
     @property
     def n_rows(self) -> int:
@@ -60,14 +65,13 @@ def pair_rows(q_positions: np.ndarray, k_positions: np.ndarray, n_rows: int) -> 
 
 
 def check_transformer_xl_inputs(
-    q, k, v, *, r, u, v_bias, q_positions, k_positions, **dense_params
+    q, k, v, *, r, u, v_bias, q_positions, k_positions, **dense_arguments
 ) -> TransformerXLInputs:
     """Check every argument of ``transformer_xl_attention``; raise :class:`SpecError` on the first bad one.
 
-    ``dense_params`` are dense attention's keyword parameters (mask, bias,
-    causal, causal_alignment, window, scale, softcap, dropout_keep, dropout_p).
+    ``dense_arguments`` are :func:`refattn.dense_attention`'s keywords, checked by its own check.
     """
-    dense = check_dense_inputs(q, k, v, **dense_params)
+    dense = check_dense_inputs(q, k, v, **dense_arguments)
     heads, head_dim = dense.shape.q_heads, dense.shape.head_dim
     r = _float_table(r, "r", f"(Hq, R, D) = ({heads}, R, {head_dim}) with R >= 1", 3, (heads, None, head_dim))
     u = _float_table(u, "u", f"(Hq, D) = ({heads}, {head_dim})", 2, (heads, head_dim))
@@ -101,7 +105,6 @@ def _float_table(x, name: str, expected: str, ndim: int, shape: tuple) -> np.nda
     )):  # fmt: skip
         raise SpecError(name, f"shape {expected}", f"shape {x.shape}")
     return checks.float_array(x, name)
-
 
 
 def check_every_unmasked_pair_has_a_row(x: TransformerXLInputs) -> None:

@@ -17,20 +17,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...core.invariants import close, require
 from ...dense import properties as dense_properties
 from ...dense.reference import dense_attention
 from .reference import rel_shift
-
-_close = dense_properties._close
-_require = dense_properties._require
 
 
 def position_shift_invariance(attend, q, k, v, params, shift=1000, rtol=1e-10):
     """Adding one constant to every query and every key position changes nothing: only distances enter."""
     moved = dict(params, q_positions=params["q_positions"] + shift, k_positions=params["k_positions"] + shift)
     base, shifted = attend(q, k, v, **params), attend(q, k, v, **moved)
-    _close("out", shifted.out, base.out, rtol)
-    _close("lse", shifted.lse, base.lse, rtol)
+    close("out", shifted.out, base.out, rtol)
+    close("lse", shifted.lse, base.lse, rtol)
 
 
 def equals_rel_shift_form(attend, q, k, v, params, rtol=1e-10):
@@ -49,11 +47,11 @@ def equals_rel_shift_form(attend, q, k, v, params, rtol=1e-10):
         np.array_equal(params["k_positions"], np.arange(nk))
         and np.array_equal(params["q_positions"], nk - nq + np.arange(nq))
     )
-    _require(nk >= nq and original_positions, "k_positions = arange(Nk) and q_positions = Nk - Nq + arange(Nq)")
-    _require(params["r"].shape[1] == nk, "R = Nk rows of r")
-    _require(bool(params.get("causal")) and params.get("causal_alignment", "bottom_right") == "bottom_right",
+    require(nk >= nq and original_positions, "k_positions = arange(Nk) and q_positions = Nk - Nq + arange(Nq)")
+    require(params["r"].shape[1] == nk, "R = Nk rows of r")
+    require(bool(params.get("causal")) and params.get("causal_alignment", "bottom_right") == "bottom_right",
              "causal=True, bottom-right")  # fmt: skip
-    _require(not params.get("softcap") and params.get("window") is None, "no soft-cap and no window")
+    require(not params.get("softcap") and params.get("window") is None, "no soft-cap and no window")
     r, u, v_bias = params["r"], params["u"], params["v_bias"]
     scale = params.get("scale") or 1 / np.sqrt(q.shape[-1])
     by_row = np.einsum("bhqd,htd->bhqt", q + v_bias[:, None, :], r)  # (B, Hq, Nq, R)
@@ -64,8 +62,8 @@ def equals_rel_shift_form(attend, q, k, v, params, rtol=1e-10):
     dense_params = {name: value for name, value in params.items() if name not in tables}
     want = dense_attention(q + u[:, None, :], k, v, **dict(dense_params, bias=position, scale=scale))
     got = attend(q, k, v, **params)
-    _close("out", got.out, want.out, rtol)
-    _close("lse", got.lse, want.lse, rtol)
+    close("out", got.out, want.out, rtol)
+    close("lse", got.lse, want.lse, rtol)
 
 
 def causal_independence(attend, q, k, v, params, seed=0, rtol=1e-10):

@@ -41,20 +41,14 @@ import numbers
 import numpy as np
 
 from ...core import registry
-from ...core.checks import cotangent
 from ...core.errors import SpecError
-from ...core.precision import FLOAT64, Numerics, numerics
-from ...core.results import Grads, Result
+from ...core.precision import FLOAT64, Numerics
+from ...core.results import Cotangents, Grads, Result
 from ...core.shapes import repeat_kv_heads, sum_kv_heads, sum_to_shape
 from ...core.softcap import softcap, softcap_slope
-from ...dense.reference import dense_attention, dense_attention_vjp
-from .inputs import (
-    TransformerXLInputs,
-    check_every_unmasked_pair_has_a_row,
-    check_position_term_inputs,
-    check_transformer_xl_inputs,
-    pair_rows,
-)
+from ...dense import reference as dense_reference
+from ...dense.inputs import DenseInputs, check_dense_inputs
+from .inputs import TransformerXLInputs, check_every_unmasked_pair_has_a_row, check_position_term_inputs, pair_rows
 
 # --------------------------------------------------------------------------
 # The encoding: sinusoids, the original's shift, the position term.
@@ -252,19 +246,14 @@ def transformer_xl_attention(
     SpecError
         On bad input, including an unmasked pair whose distance has no row of ``r``.
     """
-    params = dict(
-        mask=mask, bias=bias, causal=causal, causal_alignment=causal_alignment, window=window,
-        scale=scale, softcap=softcap, dropout_keep=dropout_keep, dropout_p=dropout_p,
-    )  # fmt: skip
-    tables = dict(r=r, u=u, v_bias=v_bias, q_positions=q_positions, k_positions=k_positions)
-    if backend != "reference":
-        return _other_backend(backend, precision).transformer_xl_attention(q, k, v, **tables, **params)
-    x = check_transformer_xl_inputs(q, k, v, **tables, **params)
+    return registry.call_forward("transformer_xl", locals())
+
+
+def forward(x: TransformerXLInputs, num: Numerics) -> Result:
+    """The reference backend: steps (1a)-(3) here, (4)-(7) by dense attention's reference, in precision ``num``."""
     check_every_unmasked_pair_has_a_row(x)
-    num = numerics(precision)
     logits = _forward_steps(x, num)["logits"]
-    result = dense_attention(*_zero_scores(x), x.dense.v, **_dense_params(x, logits), precision=num)
-    return Result(out=result.out, lse=result.lse, aux={})
+    return dense_reference.forward(_over_logits(x, logits), num)
 
 
 def _forward_steps(x: TransformerXLInputs, num: Numerics) -> dict:
@@ -292,90 +281,41 @@ def _forward_steps(x: TransformerXLInputs, num: Numerics) -> dict:
     return dict(k=k, r=r, selection=selection, q_content=q_content, q_position=q_position, scores=scores, logits=logits)
 
 
-def _zero_scores(x: TransformerXLInputs) -> tuple[np.ndarray, np.ndarray]:
-    """Queries and keys of head dim 1, all 0, for dense attention over given logits.
+def _over_logits(x: TransformerXLInputs, logits: np.ndarray) -> DenseInputs:
+    """Dense attention's checked inputs for steps (4)-(7) on ``logits``: queries and keys of head dim 1,
+    all 0, and the logits as its bias.
 
-    Steps (4)-(7) are dense attention's, applied to our logits: with q = k = 0
-    its scores are exactly 0 in every precision, with no soft-cap its logits
-    are then exactly its bias, and it masks, normalises, drops and sums the
-    values as spec/dense.md says. Its VJP returns the logits' gradient as the
-    bias's.
+    With q = k = 0 its scores are exactly 0 in every precision, with no
+    soft-cap its logits are then exactly its bias, and it masks, normalises,
+    drops and sums the values as spec/dense.md says. Its VJP returns the
+    logits' gradient as the bias's.
     """
-    s = x.dense.shape
-    return np.zeros((s.batch, s.q_heads, s.q_len, 1)), np.zeros((s.batch, s.kv_heads, s.kv_len, 1))
-
-
-def _dense_params(x: TransformerXLInputs, logits: np.ndarray) -> dict:
-    """Dense attention's keyword arguments for steps (4)-(7) on ``logits`` (see :func:`_zero_scores`)."""
-    d = x.dense
-    return dict(
-        bias=logits, mask=d.mask, causal=d.causal, causal_alignment=d.causal_alignment, window=d.window,
-        dropout_keep=d.dropout_keep, dropout_p=d.dropout_p,
+    d, s = x.dense, x.dense.shape
+    return check_dense_inputs(
+        np.zeros((s.batch, s.q_heads, s.q_len, 1)), np.zeros((s.batch, s.kv_heads, s.kv_len, 1)), d.v,
+        mask=d.mask, bias=logits, causal=d.causal, causal_alignment=d.causal_alignment, window=d.window,
+        scale=None, softcap=0.0, dropout_keep=d.dropout_keep, dropout_p=d.dropout_p,
     )  # fmt: skip
 
 
-def transformer_xl_attention_vjp(
-    dout,
-    q,
-    k,
-    v,
-    *,
-    dlse=None,
-    r,
-    u,
-    v_bias,
-    q_positions,
-    k_positions,
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    dropout_keep=None,
-    dropout_p=0.0,
-    precision=None,
-    backend="reference",
-) -> Grads:
-    """Gradients of :func:`transformer_xl_attention` for cotangents ``dout`` (and ``dlse``).
+transformer_xl_attention_vjp = registry.vjp_function(
+    transformer_xl_attention,
+    "transformer_xl",
+    grads="""    ``q``, ``k``, ``v``, ``r``, ``u``, ``v_bias`` (shapes of the inputs)
+    and ``bias`` (its own shape) when a bias was given. Positions, masks
+    and the keep-mask are not differentiable. Row ``t`` of ``dr`` sums
+    the pairs that read row ``t``, over the batch.""",
+)
 
-    Parameters are those of :func:`transformer_xl_attention`, plus
 
-    dout : ndarray (B, Hq, Nq, Dv)
-        Cotangent of ``out``.
-    dlse : ndarray (B, Hq, Nq), optional
-        Cotangent of ``lse``; 0 when omitted.
-
-    Returns
-    -------
-    Grads
-        ``q``, ``k``, ``v``, ``r``, ``u``, ``v_bias`` (shapes of the inputs)
-        and ``bias`` (its own shape) when a bias was given. Positions, masks
-        and the keep-mask are not differentiable. Row ``t`` of ``dr`` sums
-        the pairs that read row ``t``, over the batch.
-    """
-    params = dict(
-        mask=mask, bias=bias, causal=causal, causal_alignment=causal_alignment, window=window,
-        scale=scale, softcap=softcap, dropout_keep=dropout_keep, dropout_p=dropout_p,
-    )  # fmt: skip
-    tables = dict(r=r, u=u, v_bias=v_bias, q_positions=q_positions, k_positions=k_positions)
-    if backend != "reference":
-        kernels = _other_backend(backend, precision)
-        return kernels.transformer_xl_attention_vjp(dout, q, k, v, dlse=dlse, **tables, **params)
-    x = check_transformer_xl_inputs(q, k, v, **tables, **params)
+def vjp(x: TransformerXLInputs, cotangents: Cotangents, num: Numerics) -> Grads:
+    """The reference backend's VJP: (7')-(4') by dense attention's reference, (3')-(1a') here, in precision ``num``."""
     check_every_unmasked_pair_has_a_row(x)
     s = x.dense.shape
-    dout = cotangent(dout, "dout", (s.batch, s.q_heads, s.q_len, s.value_dim))
-    dlse = None if dlse is None else cotangent(dlse, "dlse", (s.batch, s.q_heads, s.q_len))
-    num = numerics(precision)
     f = _forward_steps(x, num)
 
     # (7')-(4') Dense attention's VJP over the logits: dv, and the logits' gradient dZ.
-    zero_q, zero_k = _zero_scores(x)
-    dense_grads = dense_attention_vjp(
-        dout, zero_q, zero_k, x.dense.v, dlse=dlse, **_dense_params(x, f["logits"]), precision=num
-    )
+    dense_grads = dense_reference.vjp(_over_logits(x, f["logits"]), cotangents, num)
     d_logits = num.load(dense_grads["bias"])  # (B, Hq, Nq, Nk)
     # (3') The user bias's gradient is dZ, summed over the axes it was broadcast along.
     d_bias = None if x.dense.bias is None else sum_to_shape(d_logits.astype(np.float64), x.dense.bias.shape)
@@ -404,13 +344,6 @@ def transformer_xl_attention_vjp(
     if d_bias is not None:
         grads["bias"] = d_bias
     return grads
-
-
-def _other_backend(backend: str, precision):
-    if precision is not None:
-        expected = "None with a non-reference backend (kernels compute in their input dtype)"
-        raise SpecError("precision", expected, repr(precision))
-    return registry.backend("transformer_xl", backend)
 
 
 def _integer(x, name: str, minimum: int | None = None) -> int:

@@ -1,14 +1,7 @@
 """xPos, the length-extrapolatable rotary embedding (spec/position.md)."""
 
 from ...core import registry
-from .reference import apply_xpos, xpos_attention, xpos_attention_vjp, xpos_scales
-
-
-def _cases():
-    from .cases import cases
-
-    return cases()
-
+from .reference import apply_xpos, check_xpos_inputs, xpos_attention, xpos_attention_vjp, xpos_scales
 
 MECHANISM = registry.register(
     registry.Mechanism(
@@ -16,9 +9,8 @@ MECHANISM = registry.register(
         package="refattn.position.xpos",
         forward=xpos_attention,
         vjp=xpos_attention_vjp,
+        check_inputs=check_xpos_inputs,
         backends=("reference", "numba"),
-        cases=_cases,
-        properties="refattn.position.xpos.properties",
         spec="spec/position.md",
     )
 )

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...dense.properties import _close
+from ...core.invariants import close
 from ..rope.reference import pair_indices
 
 
@@ -38,20 +38,20 @@ def pair_norms_scale(transform, x, positions, params, rtol=1e-10):
     times ``ζ_t^(n / scale_base)`` (a key's: times ``ζ_t^(−n / scale_base)``); the dims
     from ``rotary_dim`` on are unchanged."""
     r = params.get("rotary_dim") or x.shape[-1]
-    first, second = pair_indices(r, params.get("layout", "interleaved"))
+    first, second = pair_indices(r, params.get("layout", "half"))
     for downscale in (False, True):
         out = transform(x, positions, downscale=downscale, **params)
         norms = np.hypot(out[..., first], out[..., second])  # (B, H, N, r/2)
         expected = np.hypot(x[..., first], x[..., second]) * _factors(positions, params, r, downscale)
-        _close(f"pair norms (downscale={downscale})", norms, expected, rtol)
-        _close("dims after rotary_dim", out[..., r:], x[..., r:], rtol)
+        close(f"pair norms (downscale={downscale})", norms, expected, rtol)
+        close("dims after rotary_dim", out[..., r:], x[..., r:], rtol)
 
 
 def position_zero_is_identity(transform, x, params, rtol=1e-10):
     """At position 0 every angle is 0 and every factor ``ζ^0 = 1``: queries and keys are unchanged."""
     zero = np.zeros(x.shape[2], np.int64)
     for downscale in (False, True):
-        _close(f"encoding at position 0 (downscale={downscale})", transform(x, zero, downscale=downscale, **params), x, rtol)
+        close(f"encoding at position 0 (downscale={downscale})", transform(x, zero, downscale=downscale, **params), x, rtol)
 
 
 def relative_dot_products(transform, q, k, q_positions, k_positions, params, rtol=1e-10):
@@ -68,7 +68,7 @@ def relative_dot_products(transform, q, k, q_positions, k_positions, params, rto
         ],
         axis=-1,
     )  # (B, H, Nq, Nk)
-    _close("scores vs relative scores", scores, relative, rtol)
+    close("scores vs relative scores", scores, relative, rtol)
 
 
 ENCODING = (pair_norms_scale, position_zero_is_identity, relative_dot_products)

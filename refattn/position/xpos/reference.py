@@ -29,18 +29,17 @@ Array letters: b batch, h head, n position, d head dim, t rotated pair.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ...core import registry
-from ...core import checks
-from ...core.checks import cotangent, flag, real_number
+from ...core import checks, registry
+from ...core.checks import flag, real_number
 from ...core.errors import SpecError
 from ...core.precision import FLOAT64, Numerics, numerics
-from ...core.results import Grads, Result
+from ...core.results import Cotangents, Grads, Result
+from ...dense import reference as dense_reference
 from ...dense.inputs import DenseInputs, check_dense_inputs
-from ...dense.reference import dense_attention, dense_attention_vjp
 from ..rope.reference import (
     RopeParams,
     check_rope_params,
@@ -78,6 +77,10 @@ class XposInputs:
     k_positions: np.ndarray  # (Nk,) int64
     xpos: XposParams
 
+    def cotangent_shapes(self) -> dict:
+        """Shapes of ``dout`` and ``dlse``: those of dense attention's ``out`` and ``lse``."""
+        return self.dense.cotangent_shapes()
+
 
 def check_xpos_params(rotary_dim, base, scale_base, gamma, layout, head_dim: int | None) -> XposParams:
     """Check the xPos parameters for vectors of ``head_dim`` dims (None: ``rotary_dim`` is required)."""
@@ -102,9 +105,13 @@ def check_scaled_positions(positions: np.ndarray, name: str, xpos: XposParams) -
 
 
 def check_xpos_inputs(q, k, v, *, q_positions, k_positions, rotary_dim, base, scale_base, gamma, layout,
-                      **dense_params) -> XposInputs:  # fmt: skip
-    """Check every argument of ``xpos_attention``; raise :class:`SpecError` on the first bad one."""
-    dense = check_dense_inputs(q, k, v, **dense_params)
+                      **dense_arguments) -> XposInputs:  # fmt: skip
+    """Check every argument of ``xpos_attention``; raise :class:`SpecError` on the first bad one.
+
+    ``dense_arguments`` are dense attention's (``mask``, ``bias``, ``causal``, ...), checked by
+    :func:`refattn.dense.inputs.check_dense_inputs`.
+    """
+    dense = check_dense_inputs(q, k, v, **dense_arguments)
     q_positions = checks.positions(q_positions, "q_positions", dense.shape.q_len)
     k_positions = checks.positions(k_positions, "k_positions", dense.shape.kv_len)
     xpos = check_xpos_params(rotary_dim, base, scale_base, gamma, layout, dense.shape.head_dim)
@@ -165,13 +172,13 @@ def xpos_scales(positions, rotary_dim, *, downscale=False, scale_base=512.0, gam
     -------
     ndarray (N, rotary_dim // 2), float64
     """
-    xpos = check_xpos_params(rotary_dim, 10000.0, scale_base, gamma, "interleaved", None)
+    xpos = check_xpos_params(rotary_dim, 10000.0, scale_base, gamma, "half", None)  # the layout plays no part
     positions = check_scaled_positions(checks.positions(positions, "positions", None), "positions", xpos)
     return scales(positions, xpos, flag(downscale, "downscale"))
 
 
 def apply_xpos(x, positions, *, downscale=False, rotary_dim=None, base=10000.0, scale_base=512.0, gamma=0.4,
-               layout="interleaved", precision=None) -> np.ndarray:  # fmt: skip
+               layout="half", precision=None) -> np.ndarray:  # fmt: skip
     """``ζ^(±n / scale_base) ⊙ R(θ_n) x_n`` for every vector ``x_n`` of ``x``.
 
     Parameters
@@ -187,8 +194,9 @@ def apply_xpos(x, positions, *, downscale=False, rotary_dim=None, base=10000.0, 
         Frequency base of the rotation (10000 in torchscale).
     scale_base, gamma
         As :func:`xpos_scales`.
-    layout : {"interleaved", "half"}
-        Which dims form a pair; torchscale and lucidrains use ``"interleaved"``.
+    layout : {"half", "interleaved"}
+        Which dims form a pair, as for :func:`refattn.position.rope.apply_rope` (and with
+        its default); torchscale and lucidrains use ``"interleaved"``: pass it explicitly.
     precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
 
     Returns
@@ -235,7 +243,7 @@ def xpos_attention(
     base=10000.0,
     scale_base=512.0,
     gamma=0.4,
-    layout="interleaved",
+    layout="half",
     mask=None,
     bias=None,
     causal=False,
@@ -270,98 +278,39 @@ def xpos_attention(
     Result
         ``out`` (B, Hq, Nq, Dv) and ``lse`` (B, Hq, Nq), float64.
     """
-    params = dict(
-        q_positions=q_positions, k_positions=k_positions, rotary_dim=rotary_dim, base=base,
-        scale_base=scale_base, gamma=gamma, layout=layout, mask=mask, bias=bias, causal=causal,
-        causal_alignment=causal_alignment, window=window, scale=scale, softcap=softcap,
-        dropout_keep=dropout_keep, dropout_p=dropout_p,
-    )  # fmt: skip
-    if backend != "reference":
-        return _other_backend(backend, precision).xpos_attention(q, k, v, **params)
-    x = check_xpos_inputs(q, k, v, **params)
-    num = numerics(precision)
-    (q_transformed, _), (k_transformed, _) = _transformed_queries_and_keys(x, num)
-    return dense_attention(q_transformed, k_transformed, x.dense.v, **_dense_params(params), precision=num)
+    return registry.call_forward("xpos", locals())
 
 
-def _transformed_queries_and_keys(x: XposInputs, num: Numerics):
-    """Queries upscaled at their positions, keys downscaled at theirs, each with its tables."""
-    queries = _transform(num.load(x.dense.q), x.q_positions, x.xpos, False, num)  # (B, Hq, Nq, D)
-    keys = _transform(num.load(x.dense.k), x.k_positions, x.xpos, True, num)  # (B, Hkv, Nk, D)
-    return queries, keys
-
-
-def xpos_attention_vjp(
-    dout,
-    q,
-    k,
-    v,
-    *,
-    dlse=None,
-    q_positions,
-    k_positions,
-    rotary_dim=None,
-    base=10000.0,
-    scale_base=512.0,
-    gamma=0.4,
-    layout="interleaved",
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    dropout_keep=None,
-    dropout_p=0.0,
-    precision=None,
-    backend="reference",
-) -> Grads:
-    """Gradients of :func:`xpos_attention` for cotangents ``dout`` (and ``dlse``).
-
+xpos_attention_vjp = registry.vjp_function(
+    xpos_attention,
+    "xpos",
+    grads="""    ``q``, ``k``, ``v`` and, when a bias was given, ``bias`` (its own shape).
     The transform of q is ``q~ = S R q`` with ``S`` the diagonal scaling and
-    ``R`` the rotation, so ``dq = Rᵀ S dq~`` (likewise k, with its own
-    ``S``). Positions, ``gamma`` and ``scale_base`` get no gradient.
+    ``R`` the rotation, so ``dq = Rᵀ S dq~`` (likewise k, with its own ``S``).
+    Positions, ``gamma`` and ``scale_base`` get no gradient.""",
+)
 
-    Parameters are those of :func:`xpos_attention`, plus ``dout`` (B, Hq, Nq, Dv)
-    and ``dlse`` (B, Hq, Nq, optional).
 
-    Returns
-    -------
-    Grads
-        ``q``, ``k``, ``v`` and, when a bias was given, ``bias``, float64.
-    """
-    params = dict(
-        q_positions=q_positions, k_positions=k_positions, rotary_dim=rotary_dim, base=base,
-        scale_base=scale_base, gamma=gamma, layout=layout, mask=mask, bias=bias, causal=causal,
-        causal_alignment=causal_alignment, window=window, scale=scale, softcap=softcap,
-        dropout_keep=dropout_keep, dropout_p=dropout_p,
-    )  # fmt: skip
-    if backend != "reference":
-        return _other_backend(backend, precision).xpos_attention_vjp(dout, q, k, v, dlse=dlse, **params)
-    x = check_xpos_inputs(q, k, v, **params)
-    s = x.dense.shape
-    dout = cotangent(dout, "dout", (s.batch, s.q_heads, s.q_len, s.value_dim))
-    dlse = None if dlse is None else cotangent(dlse, "dlse", (s.batch, s.q_heads, s.q_len))
-    num = numerics(precision)
-    (q_transformed, q_tables), (k_transformed, k_tables) = _transformed_queries_and_keys(x, num)
+def _transformed(x: XposInputs, num: Numerics) -> tuple[DenseInputs, tuple]:
+    """The dense inputs with the queries upscaled and rotated at their positions and the keys
+    downscaled and rotated at theirs, and the tables of each (cos, sin, factors)."""
+    q_transformed, q_tables = _transform(num.load(x.dense.q), x.q_positions, x.xpos, False, num)  # (B, Hq, Nq, D)
+    k_transformed, k_tables = _transform(num.load(x.dense.k), x.k_positions, x.xpos, True, num)  # (B, Hkv, Nk, D)
+    return replace(x.dense, q=q_transformed, k=k_transformed), (q_tables, k_tables)
 
+
+def forward(x: XposInputs, num: Numerics) -> Result:
+    """The reference backend: (R1)-(R3), (X1)-(X3), then dense (1)-(7), in precision ``num``."""
+    transformed, _ = _transformed(x, num)
+    return dense_reference.forward(transformed, num)
+
+
+def vjp(x: XposInputs, cotangents: Cotangents, num: Numerics) -> Grads:
+    """The reference backend's VJP: dense (7')-(1') on the transformed q and k, then (X3'), (R3')."""
+    transformed, (q_tables, k_tables) = _transformed(x, num)
     # (7')-(1') Dense attention's VJP: gradients of the transformed q and k, of v and the bias.
-    grads = dense_attention_vjp(dout, q_transformed, k_transformed, x.dense.v, dlse=dlse, **_dense_params(params),
-                                precision=num)  # fmt: skip
+    grads = dense_reference.vjp(transformed, cotangents, num)
     # (X3'), (R3') dq = Rᵀ S dq~; dk likewise with the keys' tables, per kv head.
     grads["q"] = _transform_transposed(num.load(grads["q"]), q_tables, x.xpos.rope, num).astype(np.float64)
     grads["k"] = _transform_transposed(num.load(grads["k"]), k_tables, x.xpos.rope, num).astype(np.float64)
     return grads
-
-
-def _dense_params(params: dict) -> dict:
-    """The keyword arguments of dense attention among ``params``."""
-    xpos_only = ("q_positions", "k_positions", "rotary_dim", "base", "scale_base", "gamma", "layout")
-    return {name: value for name, value in params.items() if name not in xpos_only}
-
-
-def _other_backend(backend: str, precision):
-    if precision is not None:
-        raise SpecError("precision", "None with a non-reference backend (kernels compute in their input dtype)", repr(precision))
-    return registry.backend("xpos", backend)

@@ -14,6 +14,9 @@ updates", equations (E1)-(E5) and (L1)-(L4)):
   the centroid becomes ``decay · centroid + (1 - decay) · that``; a centroid with
   no vector keeps its value.
 
+:func:`centroid_ema` (registry name "centroid_ema") is one update from a
+routing layer's queries and keys; :func:`centroid_ema_vq` and
+:func:`centroid_ema_normalized_mean` apply one rule to given routing vectors.
 Also here: lucidrains' k-means initialisation (:func:`kmeans_init`, 10
 iterations from given samples) and the commitment loss of each implementation
 (:func:`commitment_loss`). Nothing here draws random numbers: the samples are
@@ -29,24 +32,150 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core import checks
-from ..core.errors import SpecError
-from ..core.precision import FLOAT64, Numerics, numerics
-from ..core.results import Result
-from .presets import FROM_PRESET, resolve
-from .reference import (
-    ROUTING_NORMS,
-    check_centroids,
-    check_padding_mask,
-    cluster_similarity,
-    nearest_cluster,
-    normalize,  # fmt: skip
-)
+from ...core import checks, registry
+from ...core.errors import SpecError
+from ...core.precision import FLOAT64, Numerics, numerics
+from ...core.presets import FROM_PRESET
+from ...core.results import Cotangents, Grads, Result
+from ..inputs import ROUTING_NORMS, check_centroids, check_key_padding_mask, check_query_prescale
+from ..presets import resolve
+from ..reference import cluster_similarity, nearest_cluster, normalize
 
 UPDATES = ("vq_ema", "normalized_mean_ema")
 LOSS_REDUCTIONS = ("sum_of_means", "mean")
 #: lucidrains ``KMEAN_INIT_ITERS``.
 KMEANS_INIT_ITERATIONS = 10
+
+
+# --- the mechanism: one update from a routing layer's queries and keys ------------------------
+
+
+def centroid_ema(q, k, v, *, centroids, shared_qk=False, key_padding_mask=None, ema_counts=None, ema_sums=None,
+                 preset=None, centroid_update=FROM_PRESET, decay=FROM_PRESET, ema_eps=FROM_PRESET,
+                 routing_norm=FROM_PRESET, norm_eps=FROM_PRESET, query_prescale=FROM_PRESET, precision=None,
+                 backend="reference") -> Result:  # fmt: skip
+    """One centroid update from a routing layer's queries and keys, as a mechanism (registry name "centroid_ema").
+
+    The routing vectors of q (and, unless ``shared_qk``, of k, concatenated
+    after them along the tokens) update the centroids by ``centroid_update``,
+    in one step. lucidrains does exactly this (``Kmeans`` on ``cat(q, k)``);
+    google-research runs ``online_kmeans`` once for the queries and once for
+    the keys on the same variables, in an order its graph leaves open: apply
+    :func:`centroid_ema_vq` twice to reproduce a given order.
+
+    Parameters
+    ----------
+    q, k : ndarray (B, H, N, D)
+    v : ndarray (B, H, N, Dv)
+        Not used: the update depends on the routing vectors alone. It is an
+        argument so that the mechanism has the registry's signature.
+    centroids : ndarray (H, K, D)
+    shared_qk : bool
+    key_padding_mask : bool ndarray (B, N), optional
+        True = real token; padded tokens are left out of the update (of q and of k).
+    ema_counts, ema_sums : optional
+        ``"vq_ema"`` state (see :func:`centroid_ema_vq`); not used by ``"normalized_mean_ema"``.
+    preset, centroid_update, decay, ema_eps, routing_norm, norm_eps, query_prescale
+        As in refattn/routing/presets.py.
+    precision, backend
+        As for :func:`~refattn.routing.reference.routing_attention` (backend "reference" only).
+
+    Returns
+    -------
+    Result
+        ``out``: the updated centroids (H, K, D). ``lse`` None: an update is
+        no softmax. ``aux``: ``assignment`` (B, H, N or 2N) int64, each
+        routing vector's nearest centroid before the update.
+    """
+    return registry.call_forward("centroid_ema", locals())
+
+
+centroid_ema_vjp = registry.vjp_function(
+    centroid_ema,
+    "centroid_ema",
+    grads="""    None: both implementations run the update outside autograd (a TF
+    ``assign``, ``torch.no_grad``), so it has no VJP here and its cases are
+    forward only; the call raises ``SpecError``.""",
+)
+
+
+@dataclass(frozen=True)
+class CentroidEMAInputs:
+    """Checked arguments of one update, preset resolved; the ``"vq_ema"`` state defaulted."""
+
+    q: np.ndarray  # (B, H, N, D)
+    k: np.ndarray  # (B, H, N, D)
+    centroids: np.ndarray  # (H, K, D)
+    shared_qk: bool
+    key_padding_mask: np.ndarray | None  # (B, N) bool, True = real token
+    update: str
+    decay: float
+    ema_eps: float
+    routing_norm: str
+    norm_eps: float
+    query_prescale: float
+    ema_counts: np.ndarray  # (H, K)
+    ema_sums: np.ndarray  # (H, K, D)
+
+    def cotangent_shapes(self) -> dict:
+        """``dout`` would have the shape of the centroids; there is no ``lse``."""
+        return {"dout": self.centroids.shape, "dlse": None}
+
+
+def check_centroid_ema_inputs(q, k, v, *, centroids, shared_qk, key_padding_mask, ema_counts, ema_sums, preset,
+                              centroid_update, decay, ema_eps, routing_norm, norm_eps,
+                              query_prescale) -> CentroidEMAInputs:  # fmt: skip
+    """Check every argument of :func:`centroid_ema`; raise :class:`SpecError` on the first bad one."""
+    q, k, _, shape = checks.qkv(q, k, v)
+    p = resolve(preset, centroid_update=centroid_update, decay=decay, ema_eps=ema_eps, routing_norm=routing_norm,
+                norm_eps=norm_eps, query_prescale=query_prescale)  # fmt: skip
+    update = checks.choice(p["centroid_update"], "centroid_update", UPDATES)
+    norm = checks.choice(p["routing_norm"], "routing_norm", ROUTING_NORMS)
+    eps = checks.real_number(p["norm_eps"], "norm_eps", minimum=0.0, inclusive=False)
+    prescale = check_query_prescale(p["query_prescale"], shape.head_dim)
+    shared_qk = checks.flag(shared_qk, "shared_qk")
+    centroids = check_centroids(centroids, shape.q_heads, shape.head_dim)
+    mask = check_key_padding_mask(key_padding_mask, shape.batch, shape.q_len)
+    vectors = 1 if shared_qk else 2  # routing vectors per token
+    real = vectors * (shape.batch * shape.q_len if mask is None else int(mask.sum()))
+    if update == "vq_ema":
+        ema_counts, ema_sums = _check_vq_state(ema_counts, ema_sums, centroids)
+    else:
+        ema_counts, ema_sums = np.zeros(centroids.shape[:2]), centroids
+    decay = _check_decay(p["decay"])
+    ema_eps = checks.real_number(p["ema_eps"], "ema_eps", minimum=0.0, inclusive=False)
+    if update == "vq_ema":
+        _check_vq_counts(ema_counts, decay, real)
+    return CentroidEMAInputs(q, k, centroids, shared_qk, mask, update, decay, ema_eps, norm, eps, prescale, ema_counts,
+                             ema_sums)  # fmt: skip
+
+
+def forward(x: CentroidEMAInputs, num: Numerics) -> Result:
+    """The reference backend: steps (1)-(2) of routing attention, then (E1)-(E5) or (L1)-(L4), in precision ``num``."""
+    # Steps (1)-(2) of routing attention: the routing vectors of the queries (and keys).
+    r_q = normalize(num.store(x.query_prescale * num.load(x.q)), norm=x.routing_norm, eps=x.norm_eps, num=num)[0]
+    vectors, mask = r_q, x.key_padding_mask  # (B, H, N, D), (B, N)
+    if not x.shared_qk:
+        r_k = normalize(num.load(x.k), norm=x.routing_norm, eps=x.norm_eps, num=num)[0]
+        vectors = np.concatenate([r_q, r_k], axis=2)  # (B, H, 2N, D)
+        mask = None if mask is None else np.concatenate([mask, mask], axis=1)  # (B, 2N)
+    if x.update == "vq_ema":
+        update = _vq_ema(num.load(vectors), num.load(x.centroids), num.load(x.ema_counts), num.load(x.ema_sums),
+                         x.decay, x.ema_eps, mask, num)  # fmt: skip
+    else:
+        centroids = num.load(x.centroids)
+        update = _normalized_mean_ema(num.load(vectors), centroids, x.decay, x.ema_eps, mask, num)
+    return Result(out=update.centroids, lse=None, aux={"assignment": update.assignment})
+
+
+def vjp(x: CentroidEMAInputs, cotangents: Cotangents, num: Numerics) -> Grads:
+    """The centroid update has no VJP here: both implementations run it outside autograd
+    (a TF ``assign``, ``torch.no_grad``), so its conformance cases are forward only."""
+    raise SpecError("centroid_ema", "a forward-only use (the update runs outside autograd in both implementations)",
+                    "a request for its gradients")  # fmt: skip
+
+
+# --- the two update rules ------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -78,27 +207,46 @@ def _check_decay(decay) -> float:
     return float(decay)
 
 
-def _check_vectors(x, centroids, padding_mask):
+def _check_vq_state(ema_counts, ema_sums, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ``"vq_ema"`` state, defaulted: counts zeros (H, K), sums the centroids (H, K, D)."""
+    heads, clusters = centroids.shape[:2]
+    ema_counts = np.zeros((heads, clusters)) if ema_counts is None else checks.float_array(ema_counts, "ema_counts")
+    ema_sums = centroids if ema_sums is None else checks.float_array(ema_sums, "ema_sums")
+    if ema_counts.shape != (heads, clusters) or np.any(ema_counts < 0):
+        raise SpecError("ema_counts", f"non-negative counts of shape (H, K) = ({heads}, {clusters})", f"shape {ema_counts.shape}")
+    if ema_sums.shape != centroids.shape:
+        raise SpecError("ema_sums", f"shape (H, K, D) = {centroids.shape}", f"shape {ema_sums.shape}")
+    return ema_counts, ema_sums
+
+
+def _check_vq_counts(ema_counts: np.ndarray, decay: float, real_vectors: int) -> None:
+    """(E4) divides by ``n = Σ_c ema_count_c`` after the update: it must not be 0 in any head."""
+    if np.any(decay * ema_counts.sum(axis=-1) + (1.0 - decay) * real_vectors == 0):
+        raise SpecError("ema_counts", "a state or a batch that counts at least one token per head (n > 0)",
+                        "zero counts and no (real) token with weight 1 - decay > 0")  # fmt: skip
+
+
+def _check_vectors(x, centroids, key_padding_mask):
     x = checks.float_array(x, "x")
     if x.ndim != 4:
         raise SpecError("x", "4 dimensions (B, H, N, D)", f"shape {x.shape}")
     centroids = check_centroids(centroids, x.shape[1], x.shape[3])
-    return x, centroids, check_padding_mask(padding_mask, x.shape[0], x.shape[2])
+    return x, centroids, check_key_padding_mask(key_padding_mask, x.shape[0], x.shape[2])
 
 
-def _assigned(x: np.ndarray, centroids: np.ndarray, padding_mask, num: Numerics):
+def _assigned(x: np.ndarray, centroids: np.ndarray, key_padding_mask, num: Numerics):
     """(E1)/(L1): nearest centroids (B, H, N) and their one-hot form, zero on padded tokens (B, H, N, K)."""
     assignment = nearest_cluster(cluster_similarity(x, centroids, num))  # (B, H, N)
     one_hot = (assignment[..., None] == np.arange(centroids.shape[1])).astype(x.dtype)  # (B, H, N, K)
-    if padding_mask is not None:
-        one_hot = one_hot * padding_mask[:, None, :, None]
+    if key_padding_mask is not None:
+        one_hot = one_hot * key_padding_mask[:, None, :, None]
     return assignment, one_hot
 
 
-def _vq_ema(x, centroids, ema_counts, ema_sums, decay, eps, padding_mask, num: Numerics) -> CentroidUpdate:
+def _vq_ema(x, centroids, ema_counts, ema_sums, decay, eps, key_padding_mask, num: Numerics) -> CentroidUpdate:
     """Steps (E1)-(E5)."""
     # (E1) Nearest centroid of every vector, by the centroids before the update; padding excluded.
-    assignment, one_hot = _assigned(x, centroids, padding_mask, num)
+    assignment, one_hot = _assigned(x, centroids, key_padding_mask, num)
     # (E2) This batch's count and sum of vectors per centroid.
     count = num.store(one_hot.sum(axis=(0, 2)))  # (H, K)
     total = num.store(np.einsum("bhnc,bhnd->hcd", one_hot, x, optimize=True))  # (H, K, D)
@@ -113,10 +261,10 @@ def _vq_ema(x, centroids, ema_counts, ema_sums, decay, eps, padding_mask, num: N
     return CentroidUpdate(new, assignment, ema_counts, ema_sums)
 
 
-def _normalized_mean(x, centroids, eps, padding_mask, num: Numerics) -> tuple[np.ndarray, np.ndarray]:
+def _normalized_mean(x, centroids, eps, key_padding_mask, num: Numerics) -> tuple[np.ndarray, np.ndarray]:
     """Steps (L1)-(L3): new means, the L2-normalised sum of each centroid's vectors (unchanged where it has none)."""
     # (L1) Nearest centroid of every vector.
-    assignment, one_hot = _assigned(x, centroids, padding_mask, num)
+    assignment, one_hot = _assigned(x, centroids, key_padding_mask, num)
     # (L2) Count and sum per centroid, over the batch.
     count = one_hot.sum(axis=(0, 2))  # (H, K)
     total = num.store(np.einsum("bhnc,bhnd->hcd", one_hot, x, optimize=True))  # (H, K, D)
@@ -126,7 +274,14 @@ def _normalized_mean(x, centroids, eps, padding_mask, num: Numerics) -> tuple[np
     return num.store(np.where(count[..., None] > 0, means, centroids)), assignment
 
 
-def centroid_ema_vq(x, centroids, *, ema_counts=None, ema_sums=None, decay=0.999, eps=1e-5, padding_mask=None,
+def _normalized_mean_ema(x, centroids, decay, eps, key_padding_mask, num: Numerics) -> CentroidUpdate:
+    """Steps (L1)-(L4)."""
+    means, assignment = _normalized_mean(x, centroids, eps, key_padding_mask, num)
+    # (L4) Exponential moving average toward the new means.
+    return CentroidUpdate(num.store(decay * centroids + (1.0 - decay) * means), assignment)
+
+
+def centroid_ema_vq(x, centroids, *, ema_counts=None, ema_sums=None, decay=0.999, eps=1e-5, key_padding_mask=None,
                     precision=None) -> CentroidUpdate:  # fmt: skip
     """google-research's VQ-style EMA update (``online_kmeans`` with ``ema=True``), steps (E1)-(E5).
 
@@ -145,7 +300,7 @@ def centroid_ema_vq(x, centroids, *, ema_counts=None, ema_sums=None, decay=0.999
         0.999 in google-research's hyper-parameters.
     eps : float > 0
         Laplace smoothing of the counts (``online_kmeans``'s ``epsilon=1e-5``).
-    padding_mask : bool ndarray (B, N), optional
+    key_padding_mask : bool ndarray (B, N), optional
         True = real token; padded tokens neither count nor add.
     precision : optional
         As for :func:`~refattn.routing.reference.routing_attention`.
@@ -157,29 +312,19 @@ def centroid_ema_vq(x, centroids, *, ema_counts=None, ema_sums=None, decay=0.999
         the state does not move, and the centroids equal those the state
         already gave.
     """
-    x, centroids, padding_mask = _check_vectors(x, centroids, padding_mask)
-    heads, clusters = centroids.shape[:2]
-    ema_counts = np.zeros((heads, clusters)) if ema_counts is None else checks.float_array(ema_counts, "ema_counts")
-    ema_sums = centroids if ema_sums is None else checks.float_array(ema_sums, "ema_sums")
-    if ema_counts.shape != (heads, clusters) or np.any(ema_counts < 0):
-        raise SpecError("ema_counts", f"non-negative counts of shape (H, K) = ({heads}, {clusters})", f"shape {ema_counts.shape}")
-    if ema_sums.shape != centroids.shape:
-        raise SpecError("ema_sums", f"shape (H, K, D) = {centroids.shape}", f"shape {ema_sums.shape}")
+    x, centroids, mask = _check_vectors(x, centroids, key_padding_mask)
+    ema_counts, ema_sums = _check_vq_state(ema_counts, ema_sums, centroids)
     decay = _check_decay(decay)
     eps = checks.real_number(eps, "eps", minimum=0.0, inclusive=False)
-    real = x.shape[0] * x.shape[2] if padding_mask is None else int(padding_mask.sum())
-    if np.any(decay * ema_counts.sum(axis=-1) + (1.0 - decay) * real == 0):
-        raise SpecError("ema_counts", "a state or a batch that counts at least one token per head (n > 0)",
-                        "zero counts and no (real) token with weight 1 - decay > 0")  # fmt: skip
+    _check_vq_counts(ema_counts, decay, x.shape[0] * x.shape[2] if mask is None else int(mask.sum()))
     num = numerics(precision)
-    update = _vq_ema(num.load(x), num.load(centroids), num.load(ema_counts), num.load(ema_sums), decay, eps,
-                     padding_mask, num)  # fmt: skip
+    update = _vq_ema(num.load(x), num.load(centroids), num.load(ema_counts), num.load(ema_sums), decay, eps, mask, num)
     as_float64 = (update.centroids, update.ema_counts, update.ema_sums)
     centroids, ema_counts, ema_sums = (a.astype(np.float64) for a in as_float64)
     return CentroidUpdate(centroids, update.assignment, ema_counts, ema_sums)
 
 
-def centroid_ema_normalized_mean(x, centroids, *, decay=0.999, eps=1e-12, padding_mask=None,
+def centroid_ema_normalized_mean(x, centroids, *, decay=0.999, eps=1e-12, key_padding_mask=None,
                                  precision=None) -> CentroidUpdate:  # fmt: skip
     """lucidrains' update (``kmeans_iter`` then ``ema_inplace``), steps (L1)-(L4).
 
@@ -192,8 +337,10 @@ def centroid_ema_normalized_mean(x, centroids, *, decay=0.999, eps=1e-12, paddin
         ``kmeans_ema_decay``, 0.999.
     eps : float > 0
         ``F.normalize``'s epsilon, 1e-12.
-    padding_mask : bool ndarray (B, N), optional
-        Tokens to leave out. lucidrains leaves out none: pass None to reproduce it.
+    key_padding_mask : bool ndarray (B, N), optional
+        True = real token; padded tokens are left out. lucidrains leaves out none: pass None to reproduce it.
+    precision : optional
+        As for :func:`~refattn.routing.reference.routing_attention`.
 
     Returns
     -------
@@ -201,15 +348,15 @@ def centroid_ema_normalized_mean(x, centroids, *, decay=0.999, eps=1e-12, paddin
         ``centroids = decay · centroids + (1 - decay) · new_means`` (not
         renormalised); ``decay = 1`` returns them unchanged.
     """
-    x, centroids, padding_mask = _check_vectors(x, centroids, padding_mask)
+    x, centroids, mask = _check_vectors(x, centroids, key_padding_mask)
     decay = _check_decay(decay)
     eps = checks.real_number(eps, "eps", minimum=0.0, inclusive=False)
     num = numerics(precision)
-    old = num.load(centroids)
-    means, assignment = _normalized_mean(num.load(x), old, eps, padding_mask, num)
-    # (L4) Exponential moving average toward the new means.
-    new = num.store(decay * old + (1.0 - decay) * means)
-    return CentroidUpdate(new.astype(np.float64), assignment)
+    update = _normalized_mean_ema(num.load(x), num.load(centroids), decay, eps, mask, num)
+    return CentroidUpdate(update.centroids.astype(np.float64), update.assignment)
+
+
+# --- initialisation and the commitment loss -----------------------------------------------
 
 
 def kmeans_init(x, sample_indices, *, iterations=KMEANS_INIT_ITERATIONS, eps=1e-12) -> np.ndarray:
@@ -288,8 +435,7 @@ def commitment_loss(q, k, centroids, *, shared_qk=False, preset=None, routing_no
     centroids = check_centroids(centroids, shape.q_heads, shape.head_dim)
     norm = checks.choice(p["routing_norm"], "routing_norm", ROUTING_NORMS)
     eps = checks.real_number(p["norm_eps"], "norm_eps", minimum=0.0, inclusive=False)
-    prescale = 1.0 / np.sqrt(shape.head_dim) if p["query_prescale"] is None else checks.real_number(
-        p["query_prescale"], "query_prescale", minimum=0.0, inclusive=False)  # fmt: skip
+    prescale = check_query_prescale(p["query_prescale"], shape.head_dim)
     weight = checks.real_number(p["commitment"], "commitment", minimum=0.0)
     reduction = checks.choice(p["loss_reduction"], "loss_reduction", LOSS_REDUCTIONS)
     shared_qk = checks.flag(shared_qk, "shared_qk")
@@ -302,77 +448,3 @@ def commitment_loss(q, k, centroids, *, shared_qk=False, preset=None, routing_no
         errors.append(np.mean((r - routed) ** 2))
     total = sum(errors)
     return float(weight * (total if reduction == "sum_of_means" else total / len(errors)))
-
-
-def centroid_ema(q, k, v, *, centroids, shared_qk=False, padding_mask=None, ema_counts=None, ema_sums=None,
-                 preset=None, centroid_update=FROM_PRESET, decay=FROM_PRESET, ema_eps=FROM_PRESET,
-                 routing_norm=FROM_PRESET, norm_eps=FROM_PRESET, query_prescale=FROM_PRESET, precision=None,
-                 backend="reference") -> Result:  # fmt: skip
-    """One centroid update from a routing layer's queries and keys, as a mechanism (registry name "centroid_ema").
-
-    The routing vectors of q (and, unless ``shared_qk``, of k, concatenated
-    after them along the tokens) update the centroids by ``centroid_update``,
-    in one step. lucidrains does exactly this (``Kmeans`` on ``cat(q, k)``);
-    google-research runs ``online_kmeans`` once for the queries and once for
-    the keys on the same variables, in an order its graph leaves open: apply
-    :func:`centroid_ema_vq` twice to reproduce a given order.
-
-    Parameters
-    ----------
-    q, k : ndarray (B, H, N, D)
-    v : ndarray (B, H, N, Dv)
-        Not used: the update depends on the routing vectors alone. It is an
-        argument so that the mechanism has the registry's signature.
-    centroids : ndarray (H, K, D)
-    shared_qk : bool
-    padding_mask : bool ndarray (B, N), optional
-        Tokens left out of the update (of q and of k).
-    ema_counts, ema_sums : optional
-        ``"vq_ema"`` state (see :func:`centroid_ema_vq`); not used by ``"normalized_mean_ema"``.
-    preset, centroid_update, decay, ema_eps, routing_norm, norm_eps, query_prescale
-        As in refattn/routing/presets.py.
-    precision, backend
-        As for :func:`~refattn.routing.reference.routing_attention`.
-
-    Returns
-    -------
-    Result
-        ``out``: the updated centroids (H, K, D); ``lse``: None; ``aux``:
-        ``assignment`` (B, H, N or 2N) int64, each routing vector's nearest
-        centroid before the update.
-    """
-    if backend != "reference":
-        raise SpecError("backend", "'reference' for centroid_ema", repr(backend))
-    q, k, _, shape = checks.qkv(q, k, v)
-    p = resolve(preset, centroid_update=centroid_update, decay=decay, ema_eps=ema_eps, routing_norm=routing_norm,
-                norm_eps=norm_eps, query_prescale=query_prescale)  # fmt: skip
-    update = checks.choice(p["centroid_update"], "centroid_update", UPDATES)
-    norm = checks.choice(p["routing_norm"], "routing_norm", ROUTING_NORMS)
-    eps = checks.real_number(p["norm_eps"], "norm_eps", minimum=0.0, inclusive=False)
-    prescale = 1.0 / np.sqrt(shape.head_dim) if p["query_prescale"] is None else checks.real_number(
-        p["query_prescale"], "query_prescale", minimum=0.0, inclusive=False)  # fmt: skip
-    shared_qk = checks.flag(shared_qk, "shared_qk")
-    check_centroids(centroids, shape.q_heads, shape.head_dim)
-    padding_mask = check_padding_mask(padding_mask, shape.batch, shape.q_len)
-    num = numerics(precision)
-    # Steps (1)-(2) of routing attention: the routing vectors of the queries (and keys).
-    r_q = normalize(num.store(prescale * num.load(q)), norm=norm, eps=eps, num=num)[0]
-    vectors, padding = r_q, padding_mask
-    if not shared_qk:
-        r_k = normalize(num.load(k), norm=norm, eps=eps, num=num)[0]
-        vectors = np.concatenate([r_q, r_k], axis=2)  # (B, H, 2N, D)
-        padding = None if padding_mask is None else np.concatenate([padding_mask, padding_mask], axis=1)
-    if update == "vq_ema":
-        result = centroid_ema_vq(vectors, centroids, ema_counts=ema_counts, ema_sums=ema_sums, decay=p["decay"],
-                                 eps=p["ema_eps"], padding_mask=padding, precision=num)  # fmt: skip
-    else:
-        result = centroid_ema_normalized_mean(vectors, centroids, decay=p["decay"], eps=p["ema_eps"],
-                                              padding_mask=padding, precision=num)  # fmt: skip
-    return Result(out=result.centroids, lse=None, aux={"assignment": result.assignment})
-
-
-def centroid_ema_vjp(dout, q, k, v, *, dlse=None, **params):
-    """The centroid update has no VJP here: both implementations run it outside autograd
-    (a TF ``assign``, ``torch.no_grad``), so its conformance cases are forward only."""
-    raise SpecError("centroid_ema", "a forward-only use (the update runs outside autograd in both implementations)",
-                    "a request for its gradients")  # fmt: skip

@@ -15,14 +15,17 @@ Einsum letters: b batch, h head, n token, x feature of ``x``, p path, e value di
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from ..core import checks
-from ..core.errors import SpecError
-from ..core.precision import FLOAT64, Numerics, numerics
-from ..core.results import Grads, Result
-from ..core.softmax import masked_softmax
-from ..dense.reference import dense_attention, dense_attention_vjp
+from ...core import checks, registry
+from ...core.errors import SpecError
+from ...core.precision import FLOAT64, Numerics, numerics
+from ...core.results import Cotangents, Grads, Result
+from ...core.softmax import masked_softmax
+from ...dense import reference as dense
+from ...dense.inputs import DenseInputs, check_dense_inputs
 
 
 def routing_probabilities(x, routing_weights, num: Numerics = FLOAT64) -> np.ndarray:
@@ -134,20 +137,12 @@ def _mix_vjp(dout, x, routing_weights, outputs, num: Numerics):
     return d_x.astype(np.float64), d_weights.astype(np.float64), [d.astype(np.float64) for d in d_paths]
 
 
-def _dense_paths(path_causal, path_window):
-    """The dense-attention options of each path: [(causal, window), ...]."""
-    if not isinstance(path_causal, (list, tuple)) or not isinstance(path_window, (list, tuple)) or len(path_causal) != len(path_window):
-        raise SpecError("path_causal, path_window", "two lists of the same length, one entry per path",
-                        f"{path_causal!r} and {path_window!r}")  # fmt: skip
-    return [(checks.flag(c, f"path_causal[{i}]"), checks.window(w)) for i, (c, w) in enumerate(zip(path_causal, path_window))]
-
-
 def soft_routing_attention(q, k, v, *, x, routing_weights, path_causal, path_window, scale=None, precision=None,
                            backend="reference") -> Result:  # fmt: skip
     """Soft routing over dense-attention paths (registry name "soft_routing").
 
-    Path ``p`` is ``dense_attention(q, k, v, causal=path_causal[p],
-    window=path_window[p], scale=scale)``: a dense path ``(False, None)``, a
+    Path ``p`` is dense attention (refattn/dense) with ``causal=path_causal[p]``,
+    ``window=path_window[p]`` and ``scale``: a dense path ``(False, None)``, a
     causal one ``(True, None)``, a local one ``(True, [w, 0])``... Then
     :func:`routed_attention`.
 
@@ -161,39 +156,80 @@ def soft_routing_attention(q, k, v, *, x, routing_weights, path_causal, path_win
     path_window : list of P windows ((left, right) or None)
     scale : float > 0, optional
         The paths' logit scale (default 1/sqrt(D)).
+    precision : optional
+        As for :func:`refattn.dense_attention` (tolerances only).
+    backend : {"reference"}
 
     Returns
     -------
     Result
-        ``out`` (B, Hq, Nq, Dv); ``lse`` None; ``aux`` empty.
+        ``out`` (B, Hq, Nq, Dv). ``lse`` None: a mixture of softmax outputs is
+        not a softmax over one key set, so it has no log-sum-exp (each path's
+        is dense attention's). ``aux`` empty.
     """
-    if backend != "reference":
-        raise SpecError("backend", "'reference' for soft_routing", repr(backend))
+    return registry.call_forward("soft_routing", locals())
+
+
+soft_routing_attention_vjp = registry.vjp_function(
+    soft_routing_attention,
+    "soft_routing",
+    grads="""    ``q``, ``k``, ``v`` (summed over the paths), ``x`` and ``routing_weights``.
+    ``dlse`` must be None: the mixture has no log-sum-exp.""",
+)
+
+
+@dataclass(frozen=True)
+class SoftRoutingInputs:
+    """Checked router features and weights, and each path's checked dense-attention inputs."""
+
+    x: np.ndarray  # (B, Nq, Dx)
+    routing_weights: np.ndarray  # (Dx, P)
+    paths: tuple[DenseInputs, ...]  # P of them
+
+    def cotangent_shapes(self) -> dict:
+        """``dout`` has the shape of ``out`` (every path's); the mixture has no ``lse``."""
+        return {"dout": self.paths[0].cotangent_shapes()["dout"], "dlse": None}
+
+
+def check_soft_routing_inputs(q, k, v, *, x, routing_weights, path_causal, path_window, scale) -> SoftRoutingInputs:
+    """Check every argument of :func:`soft_routing_attention`; raise :class:`SpecError` on the first bad one."""
     options = _dense_paths(path_causal, path_window)
-    _check_router(x, routing_weights)
-    num = numerics(precision)
-    paths = [dense_attention(q, k, v, causal=c, window=w, scale=scale, precision=num).out for c, w in options]
-    return routed_attention(x, routing_weights, paths, precision=num)
+    x, routing_weights = _check_router(x, routing_weights)
+    if len(options) != routing_weights.shape[1]:
+        raise SpecError("path_causal, path_window", f"{routing_weights.shape[1]} paths (columns of routing_weights)",
+                        f"{len(options)} paths")  # fmt: skip
+    paths = tuple(
+        check_dense_inputs(q, k, v, mask=None, bias=None, causal=c, causal_alignment="bottom_right", window=w,
+                           scale=scale, softcap=0.0, dropout_keep=None, dropout_p=0.0)
+        for c, w in options
+    )  # fmt: skip
+    s = paths[0].shape
+    if x.shape[:2] != (s.batch, s.q_len):
+        raise SpecError("x", f"shape (B, Nq, Dx) with (B, Nq) = ({s.batch}, {s.q_len}), as q", f"shape {x.shape}")
+    return SoftRoutingInputs(x, routing_weights, paths)
 
 
-def soft_routing_attention_vjp(dout, q, k, v, *, dlse=None, x, routing_weights, path_causal, path_window, scale=None,
-                               precision=None, backend="reference") -> Grads:  # fmt: skip
-    """Gradients of :func:`soft_routing_attention`: ``q``, ``k``, ``v`` (summed over the paths), ``x``, ``routing_weights``.
+def _dense_paths(path_causal, path_window):
+    """The dense-attention options of each path: [(causal, window), ...]."""
+    if not isinstance(path_causal, (list, tuple)) or not isinstance(path_window, (list, tuple)) or len(path_causal) != len(path_window):
+        raise SpecError("path_causal, path_window", "two lists of the same length, one entry per path",
+                        f"{path_causal!r} and {path_window!r}")  # fmt: skip
+    return [(checks.flag(c, f"path_causal[{i}]"), checks.window(w)) for i, (c, w) in enumerate(zip(path_causal, path_window))]
 
-    ``dlse`` must be None: the mixture has no log-sum-exp.
-    """
-    if backend != "reference":
-        raise SpecError("backend", "'reference' for soft_routing", repr(backend))
-    if dlse is not None:
-        raise SpecError("dlse", "None (soft routing returns no log-sum-exp)", "an array")
-    options = _dense_paths(path_causal, path_window)
-    _check_router(x, routing_weights)
-    num = numerics(precision)
-    paths = [dense_attention(q, k, v, causal=c, window=w, scale=scale, precision=num).out for c, w in options]
-    mixed = routed_attention_vjp(dout, x, routing_weights, paths, precision=num)
-    grads = Grads(x=mixed["x"], routing_weights=mixed["routing_weights"])
-    for (c, w), d_path in zip(options, mixed["paths"]):
-        path_grads = dense_attention_vjp(d_path, q, k, v, causal=c, window=w, scale=scale, precision=num)
+
+def forward(x: SoftRoutingInputs, num: Numerics) -> Result:
+    """The reference backend: the dense paths, then steps (S1)-(S3) in precision ``num``."""
+    outputs = [dense.forward(path, num).out for path in x.paths]  # P of (B, Hq, Nq, Dv)
+    return Result(out=_mix(x.x, x.routing_weights, outputs, num), lse=None, aux={})
+
+
+def vjp(x: SoftRoutingInputs, cotangents: Cotangents, num: Numerics) -> Grads:
+    """The reference backend's VJP: steps (S3')-(S1'), then each path's dense VJP, summed."""
+    outputs = [dense.forward(path, num).out for path in x.paths]
+    d_x, d_weights, d_paths = _mix_vjp(num.load(cotangents.dout), x.x, x.routing_weights, outputs, num)
+    grads = Grads(x=d_x, routing_weights=d_weights)
+    for path, d_path in zip(x.paths, d_paths):
+        path_grads = dense.vjp(path, Cotangents(dout=d_path, dlse=None), num)
         for name in ("q", "k", "v"):
             grads[name] = grads.get(name, 0.0) + path_grads[name]
     return grads
