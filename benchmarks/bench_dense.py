@@ -17,9 +17,11 @@ then times ``--repeats`` calls and keeps the fastest. It reports
   into float64 copies, refattn/dense/inputs.py) and the kernels alone
   (inputs validated and cast before the measurement starts).
 
-"backward" is the public VJP for reference and numba, which have no saved
-state and so run the forward again; for torch it is ``out.backward(dout)``
-after a forward with autograd (SDPA saves its logsumexp).
+"backward" is the public VJP for reference and numba; numba's is given the
+result of a forward run outside the timed region (``saved=``, its out and
+lse), or, with ``--stateless``, not, and then runs the forward again; the
+reference ignores ``saved``. For torch it is ``out.backward(dout)`` after a
+forward with autograd (SDPA saves its logsumexp), also outside the timed region.
 
 The machine's float32 matmul rate (numpy, 2048^3, same threads) is printed
 beside the table. ``--threads`` sets NUMBA_NUM_THREADS, OMP/OpenBLAS threads
@@ -97,7 +99,7 @@ def _nbytes(*arrays) -> int:
     return sum(int(a.nbytes) for a in arrays)
 
 
-def child(backend: str, n: int, direction: str, causal: bool, repeats: int) -> dict:
+def child(backend: str, n: int, direction: str, causal: bool, repeats: int, stateless: bool = False) -> dict:
     import numpy as np
 
     q, k, v, dout = _inputs(n)
@@ -110,15 +112,23 @@ def child(backend: str, n: int, direction: str, causal: bool, repeats: int) -> d
             r = refattn.dense_attention(q, k, v, causal=causal, backend=backend)
             return _nbytes(r.out, r.lse)
 
-        def backward(q, k, v, dout):
-            g = refattn.dense_attention_vjp(dout, q, k, v, causal=causal, backend=backend)
+        def backward(q, k, v, dout, saved):
+            g = refattn.dense_attention_vjp(dout, q, k, v, causal=causal, saved=saved, backend=backend)
             return _nbytes(*g.values())
 
-        (forward(*small[:3]) if direction == "forward" else backward(*small))  # compile / warm up
+        def saved_forward(q, k, v):
+            # The forward's result, as autograd saves it for torch (the reference ignores it).
+            if backend == "reference" or stateless:
+                return None
+            return refattn.dense_attention(q, k, v, causal=causal, backend=backend)
+
         if direction == "forward":
+            forward(*small[:3])  # compile / warm up
             result = _measure(lambda: forward(q, k, v), repeats)
         else:
-            result = _measure(lambda: backward(q, k, v, dout), repeats)
+            backward(*small, saved_forward(*small[:3]))  # compile / warm up
+            saved = saved_forward(q, k, v)  # outside the timed and measured region
+            result = _measure(lambda: backward(q, k, v, dout, saved), repeats)
         if backend == "numba":
             result["kernel_beyond_outputs_mib"] = _kernel_only(q, k, v, dout, direction, causal)
     elif backend == "torch":
@@ -168,34 +178,25 @@ def child(backend: str, n: int, direction: str, causal: bool, repeats: int) -> d
 
 
 def _kernel_only(q, k, v, dout, direction: str, causal: bool) -> float:
-    """Peak growth of the numba kernels alone, beyond their outputs (MiB)."""
-    import numpy as np
-
+    """Peak growth of the numba backend alone, beyond its outputs (MiB): inputs checked
+    before the measurement starts; the backward is given the forward's ``saved`` result."""
+    from refattn.core.results import Cotangents
     from refattn.dense import numba as kernels
     from refattn.dense.inputs import check_dense_inputs
 
     params = dict(mask=None, bias=None, causal=causal, causal_alignment="bottom_right", window=None, scale=None,
                   softcap=0.0, dropout_keep=None, dropout_p=0.0)  # fmt: skip
     x = check_dense_inputs(q, k, v, **params)
-    args = kernels._KernelArgs.build(x, np.dtype(np.float32), (q, k, v))
-    del x  # the validation's float64 copies
+
+    def forward():
+        result = kernels.forward(x)
+        return _nbytes(result.out, result.lse)
+
     if direction == "forward":
-        return _measure(lambda: _nbytes(*kernels._run_forward(args)), 1)["beyond_outputs_mib"]
-
-    def backward():
-        out, lse = kernels._run_forward(args)
-        lse_for_p = np.where(np.isneginf(lse), np.inf, lse).astype(np.float32)
-        delta = np.einsum("bhqe,bhqe->bhq", dout, out)
-        dlse = np.zeros_like(lse)
-        dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
-        dbias = np.zeros((1, 1, 1, 1), np.float32)
-        ddist = np.zeros((1, *args.dist_table.shape), np.float64)  # no distance table: a placeholder
-        common = (args.q, args.k, args.v, dout, lse_for_p, delta, dlse, *args.logits(), *args.dropout())
-        kernels._dq_kernel(*common, dq)
-        kernels._dkv_kernel(*common, *args.serial_axes(), dk, dv, dbias, ddist)
-        return _nbytes(dq, dk, dv)
-
-    return _measure(backward, 1)["beyond_outputs_mib"]
+        return _measure(forward, 1)["beyond_outputs_mib"]
+    saved = kernels.forward(x)
+    cotangents = Cotangents(dout=dout, dlse=None)
+    return _measure(lambda: _nbytes(*kernels.vjp(x, cotangents, saved).values()), 1)["beyond_outputs_mib"]
 
 
 def matmul_gflops() -> float:
@@ -225,6 +226,7 @@ def _run_child(args, backend, n, direction) -> dict:
         env[var] = str(args.threads)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", backend, str(n), direction,
            "--repeats", str(args.repeats)] + (["--causal"] if args.causal else [])  # fmt: skip
+    cmd += ["--stateless"] if args.stateless else []
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -249,6 +251,8 @@ def main(argv=None) -> None:
     parser.add_argument("--backends", nargs="+", default=["reference", "numba", "torch"])
     parser.add_argument("--directions", nargs="+", default=["forward", "backward"], choices=["forward", "backward"])
     parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--stateless", action="store_true",
+                        help="numba backward without the forward's saved result (it runs the forward again)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--reference-max", type=int, default=4096,
                         help="longest N for the reference backend, whose (B, H, N, N) float64 intermediates "
@@ -264,7 +268,7 @@ def main(argv=None) -> None:
         return
     if args.child:
         backend, n, direction = args.child
-        print(json.dumps(child(backend, int(n), direction, args.causal, args.repeats)))
+        print(json.dumps(child(backend, int(n), direction, args.causal, args.repeats, args.stateless)))
         return
 
     backends = list(args.backends)
@@ -280,7 +284,7 @@ def main(argv=None) -> None:
         [sys.executable, os.path.abspath(__file__), "--matmul-child"], capture_output=True, text=True, check=True
     ).stdout)  # in a subprocess, so that the thread settings above apply
     print(f"# dense attention, B={BATCH} H={HEADS} D={HEAD_DIM} float32, causal={args.causal}, "
-          f"{args.threads} threads; numpy float32 matmul 2048^3: {mm:.0f} GFLOP/s", flush=True)  # fmt: skip
+          f"{'stateless numba backward, ' if args.stateless else ''}{args.threads} threads; numpy float32 matmul 2048^3: {mm:.0f} GFLOP/s", flush=True)  # fmt: skip
     header = "| N | direction | backend | time (s) | GFLOP/s | % of matmul | peak growth beyond outputs (MiB) |"
     print(header)
     print("|---|---|---|---:|---:|---:|---|", flush=True)

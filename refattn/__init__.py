@@ -6,6 +6,10 @@ from .core.registry import names as mechanisms
 from .conformance.verify import verify
 from .dense import dense_attention, dense_attention_vjp
 from . import dilution, lsh, position, routing
+from . import lowrank
+from . import segmented
+from . import memory
+from . import hierarchical
 
 __version__ = "0.1.0"
 
@@ -20,6 +24,10 @@ __all__ = [
     "dilution",
     "lsh",
     "routing",
+    "lowrank",
+    "segmented",
+    "memory",
+    "hierarchical",
     "verify",
     "get_mechanism",
     "mechanisms",

@@ -2,11 +2,15 @@
 
 ::
 
-    refattn verify --mechanism M (--impl package.module:function [--vjp package.module:function] | --backend NAME)
+    refattn verify --mechanism M (--impl MODULE:FUNCTION|FILE.py:FUNCTION [--vjp ...] | --backend NAME)
                    [--suite DIR] [--require-official] [--case ID ...]
                    [--dtype float64|float32|float16|bfloat16] [--layout bhnd|bnhd]
                    [--grad] [--timeout SECONDS] [--json FILE] [--junit FILE] [--xfail FILE]
-    refattn export [--out DIR] [--mechanism M ...] [--large] [--check]
+                   [--strict] [--require-aux] [--quiet]
+    refattn export [--out DIR] [--mechanism M ...] [--large] [--check] [--quiet]
+    refattn suite [--suite DIR]
+    refattn show CASE_ID [--suite DIR]
+    refattn plot (CASE_ID | --mechanism M [--n N] [--param NAME=VALUE ...]) -o FILE.png [--head H] [--batch B]
     refattn mechanisms [--names | --backends M]
     refattn dilution [--sigma S] [--margin D] [--lengths N ...] [--samples M] [--seed K]
                      [--ssmax-s S] [--lam L] [--plot FILE]
@@ -58,7 +62,9 @@ def _parser() -> argparse.ArgumentParser:
 
     verify = commands.add_parser("verify", help="check an implementation against the conformance vectors")
     tested = verify.add_mutually_exclusive_group(required=True)
-    tested.add_argument("--impl", metavar="MODULE:FUNCTION", help="the implementation, impl(q, k, v, **kwargs)")
+    tested.add_argument(
+        "--impl", metavar="MODULE:FUNCTION", help="the implementation, impl(q, k, v, **kwargs): module:function or file.py:function"
+    )
     tested.add_argument("--backend", metavar="NAME", help="a bundled backend of --mechanism (see refattn mechanisms)")
     verify.add_argument("--vjp", metavar="MODULE:FUNCTION", help="its gradients, vjp(dout, q, k, v, dlse=..., **kwargs)")
     verify.add_argument("--suite", metavar="DIR", help="suite folder (default: the published one)")
@@ -71,7 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--timeout", type=float, metavar="SECONDS", help="per case, in a worker process; a hang is a timeout")
     verify.add_argument("--json", metavar="FILE", help="write the report as JSON")
     verify.add_argument("--junit", metavar="FILE", help="write the report as JUnit XML")
-    verify.add_argument("--xfail", metavar="FILE", help="ids of cases expected to fail, one per line, # comments")
+    verify.add_argument("--xfail", metavar="FILE", help="known bugs: a case id per line, its reason after # or in a comment above")
+    verify.add_argument("--strict", action="store_true", help="unsupported cases (NotImplementedError) fail the run")
+    verify.add_argument("--require-aux", action="store_true", help="partial cases (outputs not returned) fail the run")
+    verify.add_argument("--quiet", action="store_true", help="no progress bar")
     verify.set_defaults(run=_verify)
 
     export = commands.add_parser("export", help="write the conformance vectors (or check them with --check)")
@@ -79,7 +88,33 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--mechanism", nargs="+", metavar="M", help="only these mechanisms")
     export.add_argument("--large", action="store_true", help="also the long-sequence cases")
     export.add_argument("--check", action="store_true", help="compare DIR with a fresh export; exit 1 on drift")
+    export.add_argument("--quiet", action="store_true", help="no progress bar")
     export.set_defaults(run=_export)
+
+    suite = commands.add_parser("suite", help="where the suite in use lives, its format, version and manifest hash")
+    suite.add_argument("--suite", metavar="DIR", help="suite folder (default: the published one)")
+    suite.set_defaults(run=_suite)
+
+    show = commands.add_parser("show", help="one case: description, flags, parameters, shapes, budgets")
+    show.add_argument("case", metavar="CASE_ID")
+    show.add_argument("--suite", metavar="DIR", help="suite folder (default: the published one)")
+    show.set_defaults(run=_show)
+
+    plot = commands.add_parser("plot", help="draw a case's attention pattern (needs matplotlib: the plot extra)")
+    plot.add_argument("case", metavar="CASE_ID", nargs="?", help="a case of the suite")
+    plot.add_argument("--mechanism", metavar="M", help="instead of a case: mechanism M on random inputs")
+    plot.add_argument("--n", type=int, default=64, metavar="N", help="with --mechanism: sequence length (default 64)")
+    plot.add_argument("--d", type=int, default=16, metavar="D", help="with --mechanism: head dim (default 16)")
+    plot.add_argument("--seed", type=int, default=0, metavar="K", help="with --mechanism: seed of the inputs (default 0)")
+    plot.add_argument(
+        "--param", action="append", default=[], metavar="NAME=VALUE",
+        help="with --mechanism: a parameter, VALUE as JSON (causal=true, window=[4,0], n_hashes=2); repeatable",
+    )  # fmt: skip
+    plot.add_argument("--head", type=int, default=0, metavar="H", help="which query head (default 0)")
+    plot.add_argument("--batch", type=int, default=0, metavar="B", help="which batch element (default 0)")
+    plot.add_argument("--suite", metavar="DIR", help="suite folder (default: the published one)")
+    plot.add_argument("-o", "--out", required=True, metavar="FILE", help="the image to write (.png, .svg, .pdf)")
+    plot.set_defaults(run=_plot)
 
     mechanisms = commands.add_parser("mechanisms", help="list the registered mechanisms: backends, VJP, spec, cases")
     query = mechanisms.add_mutually_exclusive_group()
@@ -120,14 +155,15 @@ def _verify(args) -> int:
         raise UsageError("--grad needs --vjp MODULE:FUNCTION (or an implementation with a .vjp attribute)")
     try:
         suite = load_suite(args.suite or v.default_suite_folder(), args.mechanism or mechanisms_named(args.case))
-        xfail = v.read_xfail(args.xfail) if args.xfail else frozenset()
+        xfail = v.read_xfail(args.xfail) if args.xfail else {}
         mechanism = args.mechanism[0] if args.backend is not None else args.mechanism
         report = v.verify(
             impl, suite=suite, mechanism=mechanism, ids=args.case, dtype=args.dtype, layout=args.layout,
             grad=args.grad, vjp=vjp, xfail=xfail, name=args.impl, backend=args.backend, timeout=args.timeout,
-            require_official=args.require_official,
+            require_official=args.require_official, strict=args.strict, require_aux=args.require_aux,
+            progress=False if args.quiet else None,
         )  # fmt: skip
-    except (OSError, SuiteError, SpecError) as exc:  # no suite, an unreadable file, a selection matching nothing
+    except (OSError, ValueError) as exc:  # no suite, an unreadable file, a selection matching nothing, a bad xfail file
         raise UsageError(str(exc)) from exc
     print(report.format())
     if args.json:
@@ -138,27 +174,111 @@ def _verify(args) -> int:
 
 
 def _load(option: str, spec: str):
-    """Import ``MODULE:FUNCTION``, looking in the current directory first (as ``python -m`` does)."""
+    """Import ``MODULE:FUNCTION`` or ``FILE.py:FUNCTION``, looking in the current directory first (as ``python -m`` does)."""
     from .conformance.verify import load_callable
 
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         return load_callable(spec)
-    except (ImportError, ValueError) as exc:
-        raise UsageError(f"cannot load {option} {spec}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 -- importing someone's module may raise anything: one line, exit 2
+        raise UsageError(f"cannot load {option} {spec}: {type(exc).__name__}: {exc}") from exc
 
 
 def _export(args) -> int:
     from .conformance import export
 
     if args.check:
-        drift = export.check(args.out, mechanisms=args.mechanism, large=args.large)
+        drift = export.check(args.out, mechanisms=args.mechanism, large=args.large, progress=False if args.quiet else None)
         for message in drift:
             print(message)
         print(f"{args.out}: {'drifted' if drift else 'current'}")
         return 1 if drift else 0
-    export.export(args.out, mechanisms=args.mechanism, large=args.large, progress=None)
+    export.export(args.out, mechanisms=args.mechanism, large=args.large, progress=False if args.quiet else None)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _loaded_suite(folder: str | None, mechanisms=None):
+    """The suite in ``folder`` (default: the published one), or a UsageError saying why not."""
+    from .conformance.suite import load_suite
+    from .conformance.verify import default_suite_folder
+
+    try:
+        return load_suite(folder or default_suite_folder(), mechanisms)
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _suite(args) -> int:
+    """Where the suite in use lives, its format and refattn versions, its manifest hash and its origin."""
+    suite = _loaded_suite(args.suite)
+    print(f"suite: {Path(suite.folder).resolve()}")
+    print(f"origin: {suite.origin.describe()}")
+    print(f"format_version: {suite.manifest['format_version']}")
+    print(f"refattn_version: {suite.manifest['refattn_version']} (exported it)")
+    print(f"manifest_sha256: {suite.origin.manifest_sha256}")
+    mechanisms = sorted({case.mechanism for case in suite.cases})
+    print(f"cases: {len(suite.cases)} of {len(mechanisms)} mechanisms")
+    return 0
+
+
+def _show(args) -> int:
+    from .conformance.show import describe_case
+
+    suite = _loaded_suite(args.suite, _mechanism_of(args.case))
+    case = _one_case(suite, args.case)
+    print(describe_case(case, suite.manifest["flags"]))
+    return 0
+
+
+def _mechanism_of(case_id: str):
+    """The mechanism a case id names (``dense/causal`` -> ``dense``), to load only its cases; None if unclear."""
+    prefix = case_id.split("/", 1)[0]
+    return (prefix,) if "/" in case_id and not set(prefix) & set("*?[") else None
+
+
+def _one_case(suite, case_id: str):
+    matches = [case for case in suite.cases if case.id == case_id]
+    if not matches:
+        raise UsageError(f"no case {case_id!r} in {suite.folder} (ids look like 'dense/causal_mask'; `refattn show` takes one)")
+    return matches[0]
+
+
+def _plot(args) -> int:
+    import json
+
+    from .core.errors import SpecError
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise UsageError("plot needs matplotlib: pip install 'refattn[plot]'") from exc
+    from .conformance import plot
+
+    if (args.case is None) == (args.mechanism is None):
+        raise UsageError("give a CASE_ID or --mechanism M (one of them)")
+    try:
+        if args.case is not None:
+            suite = _loaded_suite(args.suite, _mechanism_of(args.case))
+            picture = plot.case_picture(_one_case(suite, args.case), batch=args.batch, head=args.head)
+        else:
+            params = {}
+            for item in args.param:
+                name, sep, value = item.partition("=")
+                if not sep:
+                    raise UsageError(f"--param {item!r}: expected NAME=VALUE")
+                try:
+                    params[name] = plot.json_parameter(json.loads(value))
+                except json.JSONDecodeError:
+                    params[name] = value  # a bare word: a string (preset=hf)
+            picture = plot.mechanism_picture(args.mechanism, n=args.n, d=args.d, seed=args.seed, params=params,
+                                             head=args.head)  # fmt: skip
+        plot.draw(picture, args.out)
+    except (SpecError, TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    except OSError as exc:
+        raise UsageError(f"cannot write {args.out}: {exc}") from exc
     print(f"wrote {args.out}")
     return 0
 

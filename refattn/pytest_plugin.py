@@ -15,7 +15,10 @@ differing stage and element, what its flags catch). Cases in the
 checked when ``--refattn-vjp`` is given or the implementation has a ``.vjp``
 (always for ``--refattn-backend``). ``--refattn-timeout=SECONDS`` runs each
 case in a worker process; ``--refattn-require-official`` refuses a suite other
-than the published one, and the header says which suite runs.
+than the published one, and the header says which suite runs. A case the
+implementation cannot express (it raises ``NotImplementedError``) is skipped,
+or fails with ``--refattn-strict``; one that passes without returning every
+output the case checks passes, or fails with ``--refattn-require-aux``.
 
 Installed with refattn (entry point ``pytest11``), so it is loaded by every
 pytest run: without ``--refattn-impl`` or ``--refattn-backend`` it does nothing. Importing it imports
@@ -49,7 +52,9 @@ def pytest_addoption(parser):
         help="precision of the inputs (default float64)",
     )  # fmt: skip
     group.addoption("--refattn-layout", default="bhnd", choices=("bhnd", "bnhd"), help="layout of q, k, v, out (default bhnd)")
-    group.addoption("--refattn-xfail", metavar="FILE", help="ids of cases expected to fail, one per line")
+    group.addoption("--refattn-xfail", metavar="FILE", help="known bugs: a case id per line, its reason after # or above")
+    group.addoption("--refattn-strict", action="store_true", help="unsupported cases (NotImplementedError) fail")
+    group.addoption("--refattn-require-aux", action="store_true", help="partial cases (outputs not returned) fail")
 
 
 def pytest_configure(config):
@@ -110,20 +115,26 @@ class ConformanceCollector(pytest.Collector):
         suite = load_suite(option("refattn_suite") or v.default_suite_folder(), mechanisms=mechanisms)
         if option("refattn_require_official") and not suite.origin.official:
             raise ValueError(f"{suite.folder}: {suite.origin.describe()}; refusing it (--refattn-require-official)")
-        xfail = v.read_xfail(option("refattn_xfail")) if option("refattn_xfail") else frozenset()
+        xfail = v.read_xfail(option("refattn_xfail")) if option("refattn_xfail") else {}
+        v.check_xfail(xfail, suite.manifest)
         v.check_timeout(option("refattn_timeout"))
         settings = dict(dtype=option("refattn_dtype"), layout=option("refattn_layout"), grad=vjp is not None, vjp=vjp)
         settings["timeout"] = option("refattn_timeout")
         cases = suite.select(mechanisms=mechanisms).cases
         require_one_mechanism(cases, mechanisms)
         v.require_precision(cases, option("refattn_dtype"))
+        v.check_signature(impl, cases, "impl")
+        if vjp is not None:
+            v.check_signature(vjp, cases, "vjp", cotangent=True)
+        failing = v.Report.failing_statuses(option("refattn_strict"), option("refattn_require_aux"))
         for case in cases:
             item = ConformanceItem.from_parent(
-                self, name=case.id, case=case, impl=impl, settings=settings, flag_descriptions=suite.manifest["flags"]
+                self, name=case.id, case=case, impl=impl, settings=settings, flag_descriptions=suite.manifest["flags"],
+                failing=failing,
             )
             item.add_marker(pytest.mark.refattn)
             if case.id in xfail:
-                item.add_marker(pytest.mark.xfail(reason="listed in --refattn-xfail", strict=False))
+                item.add_marker(pytest.mark.xfail(reason=xfail[case.id], strict=False))
             for flag in case.flags:
                 item.extra_keyword_matches.add(flag)
             yield item
@@ -132,8 +143,9 @@ class ConformanceCollector(pytest.Collector):
 class ConformanceItem(pytest.Item):
     """One conformance case run through :func:`refattn.conformance.verify.run_case`."""
 
-    def __init__(self, *, case, impl, settings, flag_descriptions, **kwargs):
+    def __init__(self, *, case, impl, settings, flag_descriptions, failing, **kwargs):
         super().__init__(**kwargs)
+        self.failing = failing
         self.case = case
         self.impl = impl
         self.settings = settings
@@ -143,8 +155,10 @@ class ConformanceItem(pytest.Item):
         from .conformance.verify import run_case
 
         report = run_case(self.impl, self.case, **self.settings)
-        if report.status != "pass":
+        if report.status in self.failing:
             raise ConformanceFailure(report.format(self.flag_descriptions))
+        if report.status == "unsupported":
+            pytest.skip(f"unsupported: {report.message}")
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, ConformanceFailure):

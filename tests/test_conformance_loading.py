@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from refattn.conformance import manifest as manifest_module
 from refattn.conformance.suite import LoadedCase, SuiteError, load_suite
 from refattn.conformance.tolerance import normwise_error
 
-COMMITTED = Path(__file__).resolve().parents[1] / "conformance"
+#: The committed suite, or the one REFATTN_SUITE names (a fresh export, to test a format change before committing it).
+COMMITTED = Path(os.environ.get("REFATTN_SUITE") or Path(__file__).resolve().parents[1] / "conformance")
 VICTIM = "dense/causal"  # the case each corruption targets
 
 
@@ -76,7 +78,8 @@ def test_committed_suite_loads_and_round_trips():
     assert case.params == {"causal": True}
     assert sorted(case.inputs) == ["k", "q", "v"] and case.array_params == {}
     assert sorted(case.cotangents) == ["dlse", "dout"]
-    assert sorted(case.expected) == ["grad.k", "grad.q", "grad.v", "lse", "out"]
+    assert sorted(case.expected) == ["grad_dlse.k", "grad_dlse.q", "grad_dlse.v", "grad_dout.k", "grad_dout.q",
+                                     "grad_dout.v", "lse", "out"]  # fmt: skip
     assert all(array.dtype == np.float64 and not array.flags.writeable for array in case.expected.values())
     result = dense_attention(**case.arguments())
     assert normwise_error(result.out, case.expected["out"]) <= case.tolerances["out"]["float64"]
@@ -226,16 +229,16 @@ def test_manifest_with_nan(suite_copy):
 
 def test_manifest_with_a_repeated_key(suite_copy):
     text = (suite_copy / "manifest.json").read_text()
-    text = text.replace('"format_version": 1', '"format_version": 1, "format_version": 1')
+    text = text.replace('"format_version": 2', '"format_version": 2, "format_version": 2')
     (suite_copy / "manifest.json").write_text(text)
     _refused(suite_copy, "appears twice")
 
 
 def test_wrong_format_version(suite_copy):
     manifest = _manifest(suite_copy)
-    manifest["format_version"] = 2
+    manifest["format_version"] = 1
     _save_manifest(suite_copy, manifest)
-    _refused(suite_copy, "format_version 2 is not supported", "reads format_version 1")
+    _refused(suite_copy, "format_version 1 is not supported", "reads format_version 2")
 
 
 def test_extra_top_level_field(suite_copy):
@@ -261,9 +264,9 @@ def test_extra_precision_in_tolerances(suite_copy):
 
 def test_tolerances_missing_a_precision(suite_copy):
     manifest = _manifest(suite_copy)
-    del _entry(manifest)["tolerances"]["grad.q"]["float32"]
+    del _entry(manifest)["tolerances"]["grad_dout.q"]["float32"]
     _save_manifest(suite_copy, manifest)
-    _refused(suite_copy, VICTIM, "output grad.q has no budget for float32")
+    _refused(suite_copy, VICTIM, "output grad_dout.q has no budget for float32")
 
 
 def test_negative_budget(suite_copy):

@@ -278,4 +278,38 @@ def test_backend_is_the_registered_module():
     from refattn.dense import numba as kernels
 
     assert refattn.get_mechanism("dense").backends == ("reference", "numba")
-    assert kernels.dense_attention.__module__ == "refattn.dense.numba"
+    assert callable(kernels.forward) and callable(kernels.vjp)
+    assert not hasattr(kernels, "dense_attention")  # a backend never restates the public signature
+
+
+@pytest.mark.parametrize("params", [{}, {"causal": True, "bias": "per_key"}, {"window": (40, 3), "softcap": 5.0}])
+def test_saved_forward_gives_the_gradients_of_the_stateless_vjp(params):
+    """``saved`` (the forward's out and lse) spares recomputing them; the gradients are the same, bit for bit."""
+    rng, (q, k, v), dout, dlse = make_problem(11, *SHAPE)
+    if params.get("bias") == "per_key":
+        params = params | {"bias": rng.standard_normal((1, 1, 1, SHAPE[4]))}
+    saved = dense_attention(q, k, v, **params, backend="numba")
+    stateless = dense_attention_vjp(dout, q, k, v, dlse=dlse, **params, backend="numba")
+    reused = dense_attention_vjp(dout, q, k, v, dlse=dlse, **params, saved=saved, backend="numba")
+    assert set(reused) == set(stateless)
+    for name in stateless:
+        np.testing.assert_array_equal(reused[name], stateless[name], err_msg=name)
+
+
+def test_gradients_do_not_depend_on_the_number_of_threads():
+    """One (batch, kv head) item and two threads: the key blocks are split and dq is summed over
+    the splits' own copies (refattn/dense/numba.py); one thread runs a single split."""
+    import numba
+
+    _, (q, k, v), dout, dlse = make_problem(12, 1, 2, 1, 67, 300, 16, 16)
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = dense_attention_vjp(dout, q, k, v, dlse=dlse, causal=True, backend="numba")
+    finally:
+        numba.set_num_threads(threads)
+    many = dense_attention_vjp(dout, q, k, v, dlse=dlse, causal=True, backend="numba")
+    want = dense_attention_vjp(dout, q, k, v, dlse=dlse, causal=True)
+    for name in want:
+        assert normwise_error(one[name], want[name]) <= FLOAT64_TOL, name
+        assert normwise_error(many[name], want[name]) <= FLOAT64_TOL, name

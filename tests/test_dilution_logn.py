@@ -30,14 +30,15 @@ from tests import agreement
 from tests.finite_differences import finite_differences
 
 #: Log-n's flags, from the catalogue.
-FLAGS = {name: text for name, text in flag_catalogue.FLAGS.items() if name.startswith("LOGN_")}
+FLAGS = {name: text for name, text in flag_catalogue.catalogue().items() if name.startswith("LOGN_")}
 
 
 # --- a second formulation: loops over rows ------------------------------------------
 
 
-def naive_logn(q, k, v, *, n=None, mask=None, bias=None, causal=False, causal_alignment="bottom_right",
-               window=None, scale=None, softcap=0.0, dropout_keep=None, dropout_p=0.0, bug=None):  # fmt: skip
+def naive_logn(q, k, v, *, n=None, training_length=None, mask=None, bias=None, causal=False,
+               causal_alignment="bottom_right", window=None, scale=None, softcap=0.0, dropout_keep=None, dropout_p=0.0,
+               bug=None):  # fmt: skip
     """Log-n attention written from the paper, one query row at a time: multiply the
     scaled scores by ln n, cap, add the bias, softmax, drop out, sum the values.
     ``bug`` makes one flag's mistake (see ``BUGS``)."""
@@ -63,6 +64,9 @@ def naive_logn(q, k, v, *, n=None, mask=None, bias=None, causal=False, causal_al
             continue
         row_length = len(keys) if bug == "row_count" else length
         factor = {"log2": math.log2, "divide": lambda x: 1 / math.log(x)}.get(bug, math.log)(row_length)
+        if training_length is not None:  # Qwen: logn_list[p] = log(p + 1, L) if p + 1 > L else 1, p = Nk - Nq + i
+            position = i + (0 if bug == "query_positions" else nk - nq)
+            factor = math.log(position + 1, training_length) if position + 1 > training_length else 1.0
         logits = {}
         for j in keys:
             score = scale * float(np.dot(q[bb, h, i], k[bb, h // group, j]))
@@ -346,7 +350,7 @@ def test_cases_are_small_and_well_formed():
     for case in all_cases:
         arrays = case.arrays(np.random.default_rng(case.seed))
         assert sum(a.nbytes for a in arrays.values()) < 16_000, case.id
-        assert set(case.flags) <= set(flag_catalogue.FLAGS), case.id
+        assert set(case.flags) <= set(flag_catalogue.catalogue()), case.id
     assert set(FLAGS) == {flag for case in all_cases for flag in case.flags if flag.startswith("LOGN_")}
 
 
@@ -374,6 +378,7 @@ BUGS = {
         "row_count": "uses each row's count of attended keys (SSMax's n)",
     },
     "LOGN_EXPLICIT_N": {"ignore_n": "ignores the given n and uses Nk"},
+    "LOGN_TRAINING_LENGTH": {"query_positions": "counts Qwen's positions from the first query, not the sequence"},
 }
 
 

@@ -37,7 +37,7 @@ from tests import agreement
 from tests.finite_differences import finite_differences
 
 #: SSMax's flags, from the catalogue.
-FLAGS = {name: text for name, text in flag_catalogue.FLAGS.items() if name.startswith("SSMAX_")}
+FLAGS = {name: text for name, text in flag_catalogue.catalogue().items() if name.startswith("SSMAX_")}
 
 
 # --- a second formulation: loops over rows ------------------------------------------
@@ -60,8 +60,9 @@ def _allowed_keys(mask, causal, causal_alignment, window, b, h, i, nq, nk):
     return keys
 
 
-def naive_ssmax(q, k, v, *, s, s_bias=0.0, mask=None, bias=None, causal=False, causal_alignment="bottom_right",
-                window=None, scale=None, softcap=0.0, dropout_keep=None, dropout_p=0.0, bug=None):  # fmt: skip
+def naive_ssmax(q, k, v, *, s, s_bias=0.0, n_rule="attended", mask=None, bias=None, causal=False,
+                causal_alignment="bottom_right", window=None, scale=None, softcap=0.0, dropout_keep=None,
+                dropout_p=0.0, bug=None):  # fmt: skip
     """SSMax written from the paper, one query row at a time: count the row's keys n,
     multiply its scaled scores by s_h log n + s_bias_h, cap, add the bias, softmax, drop out, sum
     the values. ``bug`` makes one flag's mistake (see ``BUGS``)."""
@@ -80,6 +81,8 @@ def naive_ssmax(q, k, v, *, s, s_bias=0.0, mask=None, bias=None, causal=False, c
         if not keys:
             continue
         n = nk if bug == "padded_n" else max(len(keys), 2) if bug == "clamp_n" else len(keys)
+        if n_rule == "axis_length" and bug != "ignore_n_rule":
+            n = nk  # the ScalableSoftmax package: x.size(dim)
         head = h // group if bug == "kv_head_s" else h
         factor = s[head] * math.log(n) + (0.0 if bug == "b_in_logits" else s_bias[head])
         logits = {}
@@ -506,7 +509,7 @@ def test_cases_are_small_and_well_formed():
     for case in all_cases:
         arrays = case.arrays(np.random.default_rng(case.seed))
         assert sum(a.nbytes for a in arrays.values()) < 16_000, case.id
-        assert set(case.flags) <= set(flag_catalogue.FLAGS), case.id
+        assert set(case.flags) <= set(flag_catalogue.catalogue()), case.id
     assert set(FLAGS) == {flag for case in all_cases for flag in case.flags if flag.startswith("SSMAX_")}
 
 
@@ -557,6 +560,7 @@ BUGS = {
     "SSMAX_FACTOR_SCOPE": "multiplies the final logits (after the soft-cap, bias included) by the factor",
     "SSMAX_BIAS": "adds s_bias to the logits instead of to s log n",
     "SSMAX_SCALE_GRADIENT": "computes ds from dq = f dq' instead of dq'",
+    "SSMAX_AXIS_LENGTH": "counts the attended keys whatever n_rule says",
 }
 WRONG_FORWARD = {
     "SSMAX_MASKED_N": "padded_n",
@@ -564,6 +568,7 @@ WRONG_FORWARD = {
     "SSMAX_SINGLE_KEY": "clamp_n",
     "SSMAX_FACTOR_SCOPE": "factor_after_cap",
     "SSMAX_BIAS": "b_in_logits",
+    "SSMAX_AXIS_LENGTH": "ignore_n_rule",
 }
 
 

@@ -8,13 +8,12 @@ import pytest
 
 from refattn import cli
 from refattn.conformance.suite import load_suite
-from refattn.conformance.verify import default_suite_folder, read_xfail, verify
+from refattn.conformance.verify import default_suite_folder, verify
 
 pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-XFAIL = EXAMPLES / "torch_sdpa.xfail"
 
 
 @pytest.fixture(scope="module")
@@ -30,22 +29,29 @@ def suite():
     return load_suite(default_suite_folder()).select(mechanisms="dense")
 
 
+#: Dense cases SDPA cannot express: it has no logit soft-cap and draws its own dropout mask.
+UNSUPPORTED = {"dense/softcap_extreme", "dense/softcap_before_bias", "dense/softcap_before_mask", "dense/dropout",
+               "dense/combined"}  # fmt: skip
+
+
 def run(impl, suite):
-    return verify(impl, suite=suite, dtype="float32", grad=True, xfail=read_xfail(XFAIL))
+    return verify(impl, suite=suite, dtype="float32", grad=True)
 
 
 def test_sdpa_passes_every_case_it_supports(example, suite):
     report = run(example.sdpa, suite)
     assert report.ok, report.format()
-    counts = report.counts()
-    assert counts["pass"] == len(suite.cases) - len(read_xfail(XFAIL)) and counts["xpass"] == 0
+    assert {case.id for case in report.cases if case.status == "unsupported"} == UNSUPPORTED
+    assert report.counts()["pass"] == len(suite.cases) - len(UNSUPPORTED)
+    assert not verify(example.sdpa, suite=suite, dtype="float32", strict=True).ok
 
 
 def test_sdpa_from_the_command_line(monkeypatch, suite, capsys):
     monkeypatch.chdir(EXAMPLES.parent)
-    args = ["verify", "--impl", "examples.torch_sdpa:sdpa", "--mechanism", "dense", "--dtype", "float32", "--grad"]
-    assert cli.main([*args, "--suite", str(suite.folder.resolve()), "--xfail", str(XFAIL)]) == 0
-    assert "(OK)" in capsys.readouterr().out
+    args = ["verify", "--impl", "examples/torch_sdpa.py:sdpa", "--mechanism", "dense", "--dtype", "float32", "--grad"]
+    assert cli.main([*args, "--suite", str(suite.folder.resolve())]) == 0
+    out = capsys.readouterr().out
+    assert "(OK)" in out and "dense/dropout: SDPA draws its own dropout mask" in out
 
 
 def failing(report) -> set:
@@ -53,7 +59,7 @@ def failing(report) -> set:
 
 
 def flagged(suite, flag) -> set:
-    return {case.id for case in suite.cases if flag in case.flags} - read_xfail(XFAIL)
+    return {case.id for case in suite.cases if flag in case.flags} - UNSUPPORTED
 
 
 def test_top_left_causal_fails_the_causal_alignment_cases(example, suite):

@@ -35,6 +35,10 @@ FLAG_TESTS = {
     "routing_hybrid": "tests/test_routing_flags.py",
     "soft_routing": "tests/test_routing_flags.py",
     "centroid_ema": "tests/test_routing_flags.py",
+    "lowrank": "tests/test_lowrank_flags.py",
+    "linformer": "tests/test_lowrank_flags.py",
+    "nystrom": "tests/test_lowrank_flags.py",
+    "performer": "tests/test_lowrank_flags.py",
 }
 
 

@@ -40,6 +40,9 @@ BUGS = {
     "LSH_CAUSAL_POSITIONS": "applies the causal mask to sorted slots instead of positions",
     "LSH_MASK_MODE": "adds the mask constants where the preset replaces, and replaces where it adds",
     "LSH_PADDED_QUERIES": "masks padded keys only, whatever mask_padded_queries says",
+    "LSH_TRAX_PADDING_MARKS": "gives every i == j the self value and masks padded keys by the mask alone under trax",
+    "LSH_REFORMER_PYTORCH_DUP_COUNT": "counts every occurrence under the lucidrains preset (not reformer-pytorch's count)",
+    "LSH_TIES": "takes the last index on a tied argmax",
 }
 
 
@@ -95,7 +98,12 @@ class SmallLSH:
         digits, start = [], 0
         for factor in factors:
             part = rotated[..., start : start + factor // 2]
-            digits.append(np.argmax(np.concatenate([part, -part], axis=-1), axis=-1))
+            entries = np.concatenate([part, -part], axis=-1)
+            if self.bug == "LSH_TIES":
+                entries = entries[..., ::-1]  # bug LSH_TIES
+                digits.append(factor - 1 - np.argmax(entries, axis=-1))
+            else:
+                digits.append(np.argmax(entries, axis=-1))
             start += factor // 2
         if self.bug == "LSH_FACTORISED_BUCKETS":
             digits, factors = digits[::-1], factors[::-1]  # bug LSH_FACTORISED_BUCKETS
@@ -132,24 +140,28 @@ class SmallLSH:
                 windows.append((chunk, [t for m in neighbours for t in chunks[m % len(chunks)]]))
         return windows
 
-    def _counts(self, windows, n):
-        """n_ij: occurrences of token j in the windows of token i's copies."""
+    def _log_counts(self, windows, n, dup_count):
+        """log n_ij (occurrences of token j in the windows of token i's copies), or reformer-pytorch's float32
+        log(n'_ij + 1e-9) over same-round windows."""
         counts = np.zeros((n, n))
         for queries, keys in windows:
             np.add.at(counts, np.ix_([t % n for t in queries], [t % n for t in keys]), 1)  # a token may recur in a window
-        if self.bug == "DUP_COUNT_CROSS_ROUND":
-            counts = self._same_round_counts(windows, n)  # bug DUP_COUNT_CROSS_ROUND
-        return counts
+        if self.bug == "LSH_REFORMER_PYTORCH_DUP_COUNT":
+            dup_count = "occurrences"  # bug LSH_REFORMER_PYTORCH_DUP_COUNT
+        if self.bug == "DUP_COUNT_CROSS_ROUND" or dup_count == "reformer_pytorch":
+            same = self._same_round_counts(windows, n)  # bug DUP_COUNT_CROSS_ROUND (the rule itself under lucidrains)
+            return np.log(same.astype(np.float32) + np.float32(1e-9)).astype(np.float64)
+        return np.log(np.maximum(counts, 1))
 
     @staticmethod
     def _same_round_counts(windows, n):
-        """reformer-pytorch's count: rounds r in which token j's round-r copy is in token i's round-r window, + 1e-9."""
+        """reformer-pytorch's count: rounds r in which token j's round-r copy is in token i's round-r window."""
         counts = np.zeros((n, n))
         for queries, keys in windows:
             for t in queries:
                 for s in keys:
                     counts[t % n, s % n] += t // n == s // n
-        return counts + 1e-9
+        return counts
 
     def _attend(self, x, v, windows, rounds, causal, valid, p):
         n = x.shape[0]
@@ -158,14 +170,14 @@ class SmallLSH:
         queries = x
         if self.bug == "LSH_KEY_NORMALISATION":
             queries = keys  # bug LSH_KEY_NORMALISATION
-        counts = self._counts(windows, n) if p["dup_correction"] and self.bug != "DUP_COUNT" else None
+        log_counts = self._log_counts(windows, n, p["dup_count"]) if p["dup_correction"] and self.bug != "DUP_COUNT" else None
         round_out = torch.zeros(rounds, n, v.shape[1], dtype=torch.float64)
         round_lse = torch.full((rounds, n), -math.inf, dtype=torch.float64)
         for query_items, key_items in windows:
             pq, pk = [t % n for t in query_items], [t % n for t in key_items]
             logits = self._logits(scale * queries[pq] @ keys[pk].T, pq, pk, query_items, key_items, causal, valid, p)
-            if counts is not None:
-                logits = logits - torch.log(torch.tensor(counts[np.ix_(pq, pk)]))
+            if log_counts is not None:
+                logits = logits - torch.tensor(log_counts[np.ix_(pq, pk)])
             lse = torch.logsumexp(logits, dim=-1)
             weights = torch.where(torch.isfinite(lse)[:, None], torch.exp(logits - lse.clamp(min=-1e300)[:, None]), 0.0)
             rows = (torch.tensor([t // n for t in query_items]), torch.tensor(pq))
@@ -194,11 +206,18 @@ class SmallLSH:
         mask_queries = p["mask_padded_queries"]
         if self.bug == "LSH_PADDED_QUERIES":
             mask_queries = False  # bug LSH_PADDED_QUERIES
+        self_pair = q_pos == k_pos
         if valid is not None:
-            allowed &= torch.tensor(valid[pk])[None, :]
+            key_real = torch.tensor(valid[pk])[None, :]
+            if p["padding_marks"] == "negated_positions" and self.bug != "LSH_TRAX_PADDING_MARKS":
+                # trax: info = n + 1 (real), 1 - n (padded); self iff equal, padded iff < 0, causal iff info_i < info_j
+                q_info, k_info = q_pos + 1, torch.where(key_real, k_pos + 1, 1 - k_pos)
+                self_pair = q_info == k_info
+                allowed = (k_info >= 0) & ((k_info <= q_info) if causal else True)
+            else:
+                allowed &= key_real
             if mask_queries:
                 allowed &= torch.tensor(valid[pq])[:, None]
-        self_pair = q_pos == k_pos
         self_value = p["self_mask_value"]
         if self.bug == "SELF_ONLY_ROW":
             self_value = -math.inf  # bug SELF_ONLY_ROW

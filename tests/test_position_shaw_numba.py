@@ -167,3 +167,13 @@ def test_long_sequence_zero_tables_equal_dense(clip):
     dense = dense_attention(q, k, v, causal=True, backend="numba")
     np.testing.assert_allclose(shaw.out, dense.out, rtol=0, atol=1e-5)
     np.testing.assert_allclose(shaw.lse, dense.lse, rtol=1e-6)
+
+
+def test_saved_forward_gives_the_gradients_of_the_stateless_vjp():
+    rng, q, k, v, params = _tiled_problem(13, 150, 130, 7, "contiguous", b=1)
+    dout = rng.standard_normal((1, 4, 150, 8))
+    saved = shaw_attention(q, k, v, **params, causal=True, backend="numba")
+    stateless = shaw_attention_vjp(dout, q, k, v, **params, causal=True, backend="numba")
+    reused = shaw_attention_vjp(dout, q, k, v, **params, causal=True, saved=saved, backend="numba")
+    for name in stateless:
+        np.testing.assert_array_equal(reused[name], stateless[name], err_msg=name)

@@ -184,3 +184,13 @@ def original_problems(draw):
 def test_invariants(prop, backend, problem):
     q, k, v, params = problem
     prop(partial(transformer_xl_attention, backend=backend), q, k, v, params)
+
+
+def test_saved_forward_gives_the_gradients_of_the_stateless_vjp():
+    q, k, v, params, rng = _problem("memory_softcap_bias_dropout")
+    dout = rng.standard_normal(q.shape[:3] + (v.shape[3],))
+    saved = transformer_xl_attention(q, k, v, **params, backend="numba")
+    stateless = transformer_xl_attention_vjp(dout, q, k, v, **params, backend="numba")
+    reused = transformer_xl_attention_vjp(dout, q, k, v, **params, saved=saved, backend="numba")
+    for name in stateless:
+        np.testing.assert_array_equal(reused[name], stateless[name], err_msg=name)

@@ -46,6 +46,7 @@ BUGS = {
     "ROUTING_SLOT_CAUSAL": "masks causally by position whatever causal_by says",
     "SHARED_QK_SELF_MASK": "never masks a token's attention to itself",
     "CENTROID_EMA": "counts padded tokens in the centroid update",
+    "CENTROID_COUNT_HEADS_MIXED": "counts per head under the google_research preset (not online_kmeans' reshape)",
     "HYBRID_HEAD_ORDER": "puts the routing heads first whatever head_order says",
     "SOFT_ROUTING": "normalises the routing probabilities over the tokens instead of the paths",
 }
@@ -56,10 +57,12 @@ PRESETS = {
     None: dict(routing_norm="layer", norm_eps=1e-6, query_prescale=1.0, attend_on="normalized",
                normalize_shared_keys=False, scale=None, causal_by="position", order="position", mask_value=None,
                self_mask=True, self_mask_value=None, query_padding="mask_row", scatter_eps=0.0,
-               head_order="routing_first", local_causal=None, centroid_update="vq_ema", decay=0.999, ema_eps=1e-5),
+               head_order="routing_first", local_causal=None, centroid_update="vq_ema", count_rule="per_head", decay=0.999,
+               ema_eps=1e-5),
 }  # fmt: skip
 PRESETS["google_research"] = dict(PRESETS[None], query_prescale=None, scale=1.0, causal_by="slot", mask_value=-1e9,
-                                  self_mask=False, query_padding="none", scatter_eps=1e-2)  # fmt: skip
+                                  self_mask=False, query_padding="none", scatter_eps=1e-2,
+                                  count_rule="google_research")  # fmt: skip
 PRESETS["lucidrains"] = dict(PRESETS[None], routing_norm="l2", norm_eps=1e-12, attend_on="raw",
                              normalize_shared_keys=True, order="similarity", mask_value=-3.4028234663852886e38,
                              self_mask_value=-5e4, query_padding="mask_window", scatter_eps=1e-5,
@@ -283,6 +286,9 @@ class SmallCentroidEMA(SmallRouting):
         assignment = torch.einsum("bhnd,hcd->bhnc", vectors, centroids).argmax(-1)
         one_hot = torch.nn.functional.one_hot(assignment, clusters).to(q.dtype) * real[:, None, :, None]
         count = one_hot.sum((0, 2))  # (H, K)
+        if o["count_rule"] == "google_research" and self.bug != "CENTROID_COUNT_HEADS_MIXED":
+            # online_kmeans: reshape(x_means_hot, [-1, num_heads, K]).sum(0), one call for q and one for k
+            count = sum(part.reshape(-1, *count.shape).sum(0) for part in one_hot.chunk(1 if shared_qk else 2, dim=2))
         total = torch.einsum("bhnc,bhnd->hcd", one_hot, vectors)
         decay, eps = o["decay"], o["ema_eps"]
         if o["centroid_update"] == "vq_ema":

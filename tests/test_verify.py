@@ -321,19 +321,32 @@ def test_intermediates_must_match_exactly_and_come_first(suite):
 # --- xfail lists ---------------------------------------------------------------
 
 
-def test_xfail_file_ids_comments_and_blank_lines(tmp_path):
+def test_xfail_file_ids_with_their_reasons(tmp_path):
     path = tmp_path / "known.xfail"
-    path.write_text("# known failures\n\ndense/causal   # needs work\n  dense/baseline\n")
-    assert read_xfail(path) == {"dense/causal", "dense/baseline"}
+    path.write_text("# header, ended by a blank line\n\ndense/causal   # needs work\n# aligned top-left\n  dense/baseline\n"
+                    "dense/softcap\n# another reason\ndense/mask_layout\n")  # fmt: skip
+    assert read_xfail(path) == {"dense/causal": "needs work", "dense/baseline": "aligned top-left",
+                                "dense/softcap": "aligned top-left", "dense/mask_layout": "another reason"}  # fmt: skip
+
+
+def test_an_xfail_entry_without_a_reason_is_refused(tmp_path):
+    path = tmp_path / "known.xfail"
+    path.write_text("# header\n\ndense/causal\n")
+    with pytest.raises(ValueError, match="known.xfail:3: case dense/causal has no reason"):
+        read_xfail(path)
 
 
 def test_xfail_turns_failures_into_xfail_and_passes_into_xpass(suite):
     ids = ["dense/causal_bottom_right_short_queries", "dense/baseline"]
-    report = verify(top_left, suite=suite, ids=ids, xfail=[*ids, "dense/no_such_case"])
+    report = verify(top_left, suite=suite, ids=ids, xfail={ids[0]: "aligned top-left", ids[1]: "stale entry"})
     assert {c.id: c.status for c in report.cases} == dict(zip(ids, ["xfail", "xpass"]))
     assert report.ok  # not strict: an xpass is reported, not a failure
-    assert report.unknown_xfail == ("dense/no_such_case",)
-    assert "xpassed" in report.summary() and "dense/no_such_case" in report.format()
+    assert "xpassed" in report.summary() and "known bug: aligned top-left" in report.format()
+
+
+def test_an_xfail_list_naming_a_case_not_in_the_suite_is_an_error(suite):
+    with pytest.raises(SuiteError, match="not in the suite: dense/no_such_case"):
+        verify(top_left, suite=suite, ids=["dense/baseline"], xfail={"dense/no_such_case": "typo"})
 
 
 # --- report formats ------------------------------------------------------------
@@ -355,7 +368,8 @@ def mixed_report(suite):
 def test_json_report_is_strict_json_with_counts(mixed_report):
     document = json.loads(mixed_report.to_json())
     assert document["ok"] is False and document["impl"] == "mixed"
-    assert document["counts"] == {"pass": 1, "fail": 1, "error": 1, "timeout": 0, "xfail": 1, "xpass": 0}
+    assert document["counts"] == {"pass": 1, "partial": 0, "unsupported": 0, "xfail": 1, "xpass": 0, "fail": 1, "error": 1,
+                                  "timeout": 0}  # fmt: skip
     by_id = {c["id"]: c for c in document["cases"]}
     lse = next(c for c in by_id["dense/fully_masked_everything"]["checks"] if c["name"] == "lse")
     assert lse["error"] == "inf" and lse["first_difference"]["expected"] == "-inf"
@@ -401,7 +415,7 @@ def test_cli_exit_1_on_a_failure_and_0_once_it_is_xfailed(suite, tmp_path, capsy
     assert cli.main(args) == 1
     assert "CAUSAL_ALIGNMENT" in capsys.readouterr().out
     xfail = tmp_path / "xfail.txt"
-    xfail.write_text("dense/causal_bottom_right_short_queries\ndense/causal_bottom_right_long_queries\n")
+    xfail.write_text("# aligned top-left\ndense/causal_bottom_right_short_queries\ndense/causal_bottom_right_long_queries\n")
     assert cli.main([*args, "--xfail", str(xfail)]) == 0
 
 
@@ -437,14 +451,16 @@ def test_cli_exit_2_from_argparse(capsys):
 
 def test_cli_without_a_suite_says_pass_suite(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("refattn.conformance.verify.__file__", str(tmp_path / "a" / "b" / "verify.py"))
-    assert cli.main(["verify", "--impl", "tests.test_verify:raising"]) == 2
+    monkeypatch.delenv("REFATTN_SUITE", raising=False)
+    monkeypatch.setattr("refattn.conformance.verify.PACKAGED_SUITE", tmp_path / "installed")
+    monkeypatch.setattr("refattn.conformance.verify.SOURCE_SUITE", tmp_path / "checkout")
+    assert cli.main(["verify", "--mechanism", "dense", "--impl", "tests.test_verify:raising"]) == 2
     assert "--suite DIR" in capsys.readouterr().err
 
 
 def test_cli_export_check_reports_drift(monkeypatch, capsys):
     drift = []
-    monkeypatch.setattr(export, "check", lambda folder, mechanisms=None, large=False: drift)
+    monkeypatch.setattr(export, "check", lambda folder, mechanisms=None, large=False, progress=False: drift)
     assert cli.main(["export", "--check", "--out", "somewhere"]) == 0
     drift.append("dense/causal: file differs")
     assert cli.main(["export", "--check", "--out", "somewhere"]) == 1
@@ -566,11 +582,22 @@ def test_adapters_say_what_to_install(monkeypatch):
         from_jax(lambda q, k, v: q)(q, q, q)
 
 
-def jax_attention(q, k, v, *, mask=None, bias=None, scale=None):
+def refuse(options: dict, **defaults) -> None:
+    """Raise NotImplementedError for a parameter in ``options`` that is not at its default (as an adapter does)."""
+    for name, value in options.items():
+        if name not in defaults or value != defaults[name]:
+            raise NotImplementedError(f"{name}={value!r}")
+
+
+DENSE_DEFAULTS = dict(causal=False, causal_alignment="bottom_right", window=None, softcap=0.0, dropout_keep=None, dropout_p=0.0)
+
+
+def jax_attention(q, k, v, *, mask=None, bias=None, scale=None, **options):
     """Dense attention in JAX on (B, N, H, D), returning (out, lse)."""
     import jax
     import jax.numpy as jnp
 
+    refuse(options, **DENSE_DEFAULTS)
     group = q.shape[2] // k.shape[2]
     k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -587,7 +614,7 @@ def test_jax_adapter_with_gradients_in_the_bnhd_layout(suite, dtype):
     from refattn.conformance.adapters import from_jax
 
     ids = ["dense/baseline", "dense/gqa_8_to_2", "dense/bias_broadcast_2d", "dense/mask_layout", "dense/scale_override"]
-    report = verify(from_jax(jax.jit(jax_attention)), suite=suite, ids=ids, layout="bnhd", dtype=dtype, grad=True)
+    report = verify(from_jax(jax.jit(jax_attention, static_argnames=tuple(DENSE_DEFAULTS))), suite=suite, ids=ids, layout="bnhd", dtype=dtype, grad=True)
     assert report.ok, report.format()
 
 
@@ -595,12 +622,13 @@ def test_jax_dot_product_attention_forward(suite):
     jax = pytest.importorskip("jax")
     from refattn.conformance.adapters import from_jax
 
-    def attend(q, k, v, *, mask=None, bias=None, scale=None, causal=False):
+    def attend(q, k, v, *, mask=None, bias=None, scale=None, causal=False, **options):
+        refuse(options, **{**DENSE_DEFAULTS, "causal_alignment": options.get("causal_alignment")})
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, is_causal=causal)
 
     ids = ["dense/baseline", "dense/gqa_8_to_2", "dense/mqa_8_to_1", "dense/mask_layout", "dense/bias_full", "dense/causal"]
-    report = verify(from_jax(jax.jit(attend, static_argnames="causal")), suite=suite, ids=ids, layout="bnhd", dtype="float32")
-    assert report.ok, report.format()
+    report = verify(from_jax(attend), suite=suite, ids=ids, layout="bnhd", dtype="float32")
+    assert report.ok and {c.status for c in report.cases} == {"partial"}, report.format()  # no lse returned
 
 
 # --- the pytest plugin -----------------------------------------------------------
@@ -625,7 +653,7 @@ def test_plugin_makes_one_passing_test_per_case(pytester, suite):
 
 
 def test_plugin_failure_shows_the_case_report_and_honours_xfail(pytester, suite):
-    xfail = pytester.makefile(".xfail", known="dense/decode_single_query\n")
+    xfail = pytester.makefile(".xfail", known="dense/decode_single_query  # aligned top-left\n")
     result = pytester.runpytest(
         *plugin_args(suite, "--refattn-impl=tests.test_verify:top_left", f"--refattn-xfail={xfail}", "-k", "CAUSAL_ALIGNMENT")
     )
@@ -645,7 +673,10 @@ def test_a_selection_of_several_mechanisms_must_be_named(suite, pytester, capsys
     result = pytester.runpytest(*[a for a in plugin_args(suite) if a != "--refattn-mechanism=dense"],
                                 "--refattn-impl=refattn.dense.reference:dense_attention")  # fmt: skip
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    two = verify(dense_attention, suite=whole, mechanism=["dense", "alibi"], ids=["dense/baseline", "alibi/*"])
+    with pytest.raises(SpecError, match="for case alibi/"):  # dense's function cannot take alibi's arguments
+        verify(dense_attention, suite=whole, mechanism=["dense", "alibi"], ids=["dense/baseline", "alibi/*"])
+    two = verify(lambda q, k, v, **p: dense_attention(q, k, v), suite=whole, mechanism=["dense", "alibi"],
+                 ids=["dense/baseline", "alibi/*"])  # fmt: skip
     assert {case.mechanism for case in two.cases} == {"dense", "alibi"}
 
 

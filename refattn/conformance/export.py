@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -41,11 +41,13 @@ from safetensors import SafetensorError
 
 from ..core import registry
 from ..core.precision import jittered
+from ..core.presets import FROM_PRESET
 from ..core.registry import Mechanism
 from . import manifest as manifest_module
 from . import tolerance
 from .case import Case
 from .manifest import MANIFEST_NAME, SuiteError
+from .progress import progress_bar
 from .suite import load_suite
 
 #: Backend computing the large cases.
@@ -73,7 +75,8 @@ def export(out_dir, mechanisms=None, large=False, progress=False) -> dict:
         Also export each mechanism's ``large_cases()`` (long sequences,
         forward only, float64 budgets only; tens of MB each).
     progress : bool or None
-        Draw a progress bar on stderr; ``None`` draws it when stderr is a terminal.
+        Draw a progress bar on stderr once the export takes longer than a
+        second; ``None`` draws it when stderr is a terminal.
 
     Returns
     -------
@@ -83,7 +86,7 @@ def export(out_dir, mechanisms=None, large=False, progress=False) -> dict:
     out_dir = Path(out_dir)
     plan = _plan(_mechanisms(mechanisms), large)
     entries = []
-    for mechanism, case, is_large in _progress(plan, progress):
+    for mechanism, case, is_large in progress_bar(plan, "export", enabled=progress, label=lambda item: item[1].id):
         entries.append(_export_case(out_dir, mechanism, case, is_large))
     _remove_stale(out_dir, {mechanism.name for mechanism, _, _ in plan}, {entry["file"] for entry in entries})
     manifest = manifest_module.build(entries)
@@ -92,7 +95,7 @@ def export(out_dir, mechanisms=None, large=False, progress=False) -> dict:
     return manifest
 
 
-def check(folder, mechanisms=None, large=False) -> list[str]:
+def check(folder, mechanisms=None, large=False, progress=False) -> list[str]:
     """Differences between the suite in ``folder`` and what :func:`export` would write there now.
 
     The folder is first loaded with :func:`~refattn.conformance.suite.load_suite`
@@ -119,7 +122,10 @@ def check(folder, mechanisms=None, large=False) -> list[str]:
     folder : str or path
         The suite folder to check (``conformance`` in the repository).
     mechanisms, large
-        As for :func:`export`; pass what the folder was exported with.
+        As for :func:`export`; pass what the folder was exported with. With
+        ``mechanisms``, only their cases (and the flags they use) are compared.
+    progress : bool or None
+        As for :func:`export`.
 
     Returns
     -------
@@ -128,12 +134,13 @@ def check(folder, mechanisms=None, large=False) -> list[str]:
     """
     folder = Path(folder)
     try:
-        load_suite(folder)
+        load_suite(folder, mechanisms)
     except SuiteError as error:
         return [f"{folder} does not load: {error}"]
     with tempfile.TemporaryDirectory() as fresh:
-        export(fresh, mechanisms=mechanisms, large=large)
-        return _differences(Path(fresh), folder)
+        export(fresh, mechanisms=mechanisms, large=large, progress=progress)
+        chosen = None if mechanisms is None else {mechanism.name for mechanism in _mechanisms(mechanisms)}
+        return _differences(Path(fresh), folder, chosen)
 
 
 # --- planning -----------------------------------------------------------------
@@ -214,15 +221,17 @@ def _by_reference(mechanism: Mechanism, case: Case, arrays: dict, rng) -> tuple[
     cotangents = _cotangents(case, result, rng)
     expected = {**_outputs(result), **_grads(mechanism, case, arrays, cotangents, precision=None)}
     at_precision = {p: _evaluations(mechanism, case, arrays, cotangents, p) for p in tolerance.LOWER_PRECISIONS}
-    grads = {name[len("grad."):]: value for name, value in expected.items() if name.startswith("grad.")}
+    grads = {name: value for name, value in expected.items() if manifest_module.is_gradient(name)}
     arguments = {**arrays, **case.params}
-    sensitivity = tolerance.sensitivities(mechanism.vjp, arguments, cotangents.get("dout"), result, grads)
+    scales = tolerance.gradient_scales(grads)
+    sensitivity = tolerance.sensitivities(mechanism.vjp, arguments, cotangents.get("dout"), result, grads, scales)
     tolerances = {
         name: tolerance.budgets(
-            name, value, {p: [o[name] for o in outputs] for p, outputs in at_precision.items()}, sensitivity.get(name, 0.0)
+            name, value, {p: [o[name] for o in outputs] for p, outputs in at_precision.items()},
+            sensitivity.get(name, 0.0), scales.get(name, tolerance.TINY),
         )
         for name, value in expected.items()
-    }
+    }  # fmt: skip
     return expected, cotangents, tolerances
 
 
@@ -254,14 +263,26 @@ def _cotangents(case: Case, result, rng) -> dict[str, np.ndarray]:
 
 
 def _grads(mechanism: Mechanism, case: Case, arrays: dict, cotangents: dict, precision) -> dict[str, np.ndarray]:
-    """``grad.<input>`` for every differentiable input at ``precision``; none for forward-only cases."""
+    """The gradients of every differentiable input at ``precision``, by linearity in two parts.
+
+    ``grad_dout.<input>`` is the VJP for ``dout`` alone and ``grad_dlse.<input>``
+    (mechanisms with a log-sum-exp) for ``dlse`` alone; their sum is the VJP
+    for both. None for forward-only cases.
+    """
     if not case.grad:
         return {}
-    grads = mechanism.vjp(cotangents["dout"], **arrays, dlse=cotangents.get("dlse"), **case.params, precision=precision)
+    dout = cotangents["dout"]
+    parts = {"dout": mechanism.vjp(dout, **arrays, **case.params, precision=precision)}
+    if "dlse" in cotangents:
+        parts["dlse"] = mechanism.vjp(np.zeros_like(dout), **arrays, dlse=cotangents["dlse"], **case.params,
+                                      precision=precision)  # fmt: skip
     declared = {name for name in case.differentiable if name in arrays}
-    if set(grads) != declared:
-        raise ValueError(f"case {case.id}: vjp gave gradients {sorted(grads)}; the case declares {sorted(declared)}")
-    return {f"grad.{name}": grads[name] for name in sorted(grads)}
+    for grads in parts.values():
+        if set(grads) != declared:
+            raise ValueError(f"case {case.id}: vjp gave gradients {sorted(grads)}; the case declares {sorted(declared)}")
+    return {
+        manifest_module.gradient_name(part, name): grads[name] for part, grads in parts.items() for name in sorted(grads)
+    }
 
 
 def _evaluations(mechanism: Mechanism, case: Case, arrays: dict, cotangents: dict, precision: str) -> list[dict]:
@@ -282,14 +303,81 @@ def _export_case(out_dir: Path, mechanism: Mechanism, case: Case, large: bool) -
     data = safetensors.numpy.save(tensors)
     file = f"{case.id}.safetensors"
     _write_if_changed(out_dir / file, data)
+    arrays = {name.split(".", 1)[1]: tensors[name] for name in tensors if name.startswith(("input.", "param."))}
     return manifest_module.case_entry(
         case,
+        params=explicit_params(mechanism, case.params, arrays),
         shapes={name: tensors[name].shape for name in sorted(tensors)},
         file=file,
         sha256=hashlib.sha256(data).hexdigest(),
         size_bytes=len(data),
         tolerances=tolerances,
     )
+
+
+def explicit_params(mechanism: Mechanism, params: dict, arrays: dict) -> dict:
+    """Every argument of ``mechanism``'s function that is not an array, as JSON: the case's ``params``,
+    the function's defaults, and the values a preset sets.
+
+    A parameter left at :data:`~refattn.core.presets.FROM_PRESET` gets the value
+    the checked inputs resolved (their attribute of the same name), so that a
+    reader of the manifest never needs refattn's source to learn what a preset
+    asks for; ``preset`` stays, as a label. Optional arrays the case leaves
+    out are ``null``. A preset's parameter whose checked inputs keep no
+    attribute of that name (see :func:`unresolved_params`) is left out: its
+    absence means "the preset's value".
+
+    Raises
+    ------
+    ValueError
+        If a value is not JSON (a contract violation).
+    """
+    own = _bound(mechanism, params, arrays)
+    inputs = mechanism.check_inputs(**own) if _from_preset(own) else None
+    explicit = {}
+    for name, value in own.items():
+        if name in arrays or (value is FROM_PRESET and not hasattr(inputs, name)):
+            continue
+        value = getattr(inputs, name) if value is FROM_PRESET else value
+        explicit[name] = _json_value(value, f"{mechanism.name} parameter {name}")
+    return explicit
+
+
+def unresolved_params(mechanism: Mechanism, params: dict, arrays: dict) -> list[str]:
+    """The preset parameters of one case that :func:`explicit_params` cannot spell out: their checked
+    inputs have no attribute of their name (the mechanism should keep the resolved value there)."""
+    own = _bound(mechanism, params, arrays)
+    if not _from_preset(own):
+        return []
+    inputs = mechanism.check_inputs(**own)
+    return [name for name, value in own.items() if value is FROM_PRESET and not hasattr(inputs, name)]
+
+
+def _from_preset(arguments: dict) -> bool:
+    return any(value is FROM_PRESET for value in arguments.values())
+
+
+def _bound(mechanism: Mechanism, params: dict, arrays: dict) -> dict:
+    """Every argument of the public function but ``precision`` and ``backend``, defaults filled in."""
+    bound = inspect.signature(mechanism.forward).bind_partial(**arrays, **params)
+    bound.apply_defaults()
+    return {name: value for name, value in bound.arguments.items() if name not in registry.DISPATCH_ARGUMENTS}
+
+
+def _json_value(value, what: str):
+    """``value`` as JSON (tuples as lists, NumPy scalars as numbers, dicts with string keys as objects);
+    raise ValueError for anything else."""
+    if isinstance(value, (tuple, list)):
+        return [_json_value(item, what) for item in value]
+    if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+        return {key: _json_value(item, f"{what}[{key!r}]") for key, item in value.items()}
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float) and np.isfinite(value):
+        return value
+    raise ValueError(f"{what} is {value!r}, which a manifest cannot hold (JSON: null, bool, number, string, list)")
 
 
 # --- files --------------------------------------------------------------------
@@ -313,43 +401,32 @@ def _remove_stale(out_dir: Path, mechanism_names: set[str], files: set[str]) -> 
                 path.unlink()
 
 
-def _progress(items: list, enabled):
-    """Yield ``items``, drawing ``[#####.....] 12/40 dense/causal`` on stderr when enabled."""
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    width, last = 30, 0
-    for done, item in enumerate(items):
-        if enabled:
-            filled = width * done // max(len(items), 1)
-            line = f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{len(items)} {item[1].id}"
-            sys.stderr.write(line.ljust(last))
-            sys.stderr.flush()
-            last = len(line)
-        yield item
-    if enabled:
-        sys.stderr.write(f"\r[{'#' * width}] {len(items)}/{len(items)}".ljust(last) + "\n")
-
-
 # --- drift --------------------------------------------------------------------
 
 
-def _suite_files(folder: Path) -> set[str]:
-    """The manifest and every case file under ``folder``, as relative POSIX paths."""
+def _suite_files(folder: Path, mechanisms: set[str] | None) -> set[str]:
+    """The manifest and every case file under ``folder`` (of ``mechanisms`` only, unless None), as relative
+    POSIX paths."""
     files = {path.relative_to(folder).as_posix() for path in folder.rglob("*.safetensors")}
+    if mechanisms is not None:
+        files = {file for file in files if file.split("/", 1)[0] in mechanisms}
     return files | ({MANIFEST_NAME} if (folder / MANIFEST_NAME).is_file() else set())
 
 
-def _differences(fresh: Path, folder: Path) -> list[str]:
+def _differences(fresh: Path, folder: Path, mechanisms: set[str] | None = None) -> list[str]:
+    """What differs between ``folder`` and a ``fresh`` export, for ``mechanisms`` only unless None."""
     messages = []
-    fresh_files, folder_files = _suite_files(fresh), _suite_files(folder)
+    fresh_files, folder_files = _suite_files(fresh, mechanisms), _suite_files(folder, mechanisms)
     messages += [f"{file}: missing (a fresh export writes it)" for file in sorted(fresh_files - folder_files)]
     messages += [f"{file}: not in a fresh export (stale; delete it)" for file in sorted(folder_files - fresh_files)]
     for file in sorted(fresh_files & folder_files):
         new, old = (fresh / file).read_bytes(), (folder / file).read_bytes()
         if new == old:
             continue
-        compare = _manifest_differences if file == MANIFEST_NAME else _tensor_differences
-        messages += [f"{file}: {message}" for message in compare(new, old)]
+        if file == MANIFEST_NAME:
+            messages += [f"{file}: {message}" for message in _manifest_differences(new, old, mechanisms)]
+        else:
+            messages += [f"{file}: {message}" for message in _tensor_differences(new, old)]
     return messages
 
 
@@ -375,13 +452,22 @@ def _tensor_differences(new: bytes, old: bytes) -> list[str]:
     return messages
 
 
-def _manifest_differences(new: bytes, old: bytes) -> list[str]:
+def _manifest_differences(new: bytes, old: bytes, mechanisms: set[str] | None = None) -> list[str]:
+    """Differences between two manifests, over the cases of ``mechanisms`` (and the flags they use) unless None."""
     new, old = manifest_module.loads(new), manifest_module.loads(old)
+    if mechanisms is not None:
+        new, old = _restricted(new, mechanisms), _restricted(old, mechanisms)
     messages = [
         f"{key} is {old[key]!r}, a fresh export has {new[key]!r}"
         for key in sorted(new)
-        if key != "cases" and new[key] != old.get(key)
+        if key not in ("cases", "flags") and new[key] != old.get(key)
     ]
+    old_flags, new_flags = old.get("flags", {}), new["flags"]
+    messages += [
+        f"flag {flag}: {'described differently' if flag in old_flags else 'missing'} (a fresh export has {text!r})"
+        for flag, text in sorted(new_flags.items()) if old_flags.get(flag) != text
+    ]  # fmt: skip
+    messages += [f"flag {flag}: not in a fresh export" for flag in sorted(old_flags.keys() - new_flags.keys())]
     old_cases = {case["id"]: case for case in old["cases"]}
     new_cases = {case["id"]: case for case in new["cases"]}
     removed, added = sorted(old_cases.keys() - new_cases.keys()), sorted(new_cases.keys() - old_cases.keys())
@@ -393,6 +479,14 @@ def _manifest_differences(new: bytes, old: bytes) -> list[str]:
     for case_id in common:
         messages += [f"case {case_id}: {m}" for m in _entry_differences(new_cases[case_id], old_cases[case_id])]
     return messages
+
+
+def _restricted(manifest: dict, mechanisms: set[str]) -> dict:
+    """``manifest`` with only the cases of ``mechanisms`` and the descriptions of the flags they use."""
+    cases = [case for case in manifest["cases"] if case["mechanism"] in mechanisms]
+    used = {flag for case in cases for flag in case["flags"]}
+    flags = {flag: text for flag, text in manifest["flags"].items() if flag in used}
+    return {**manifest, "cases": cases, "flags": flags}
 
 
 def _entry_differences(new: dict, old: dict) -> list[str]:

@@ -3,7 +3,7 @@
 ``<suite>/manifest.json`` lists every case of a suite (format described in
 conformance/README.md, schema in ``schema.json`` next to this module)::
 
-    {"format_version": 1, "refattn_version": "0.1.0",
+    {"format_version": 2, "refattn_version": "0.1.0",
      "flags": {"CAUSAL_ALIGNMENT": "...", ...},
      "cases": [{"id": "dense/causal", "mechanism": "dense", "preset": null,
                 "description": "...", "flags": [...], "params": {...},
@@ -30,7 +30,10 @@ import jsonschema
 from .flags import describe
 from .text import printable
 
-FORMAT_VERSION = 1
+#: 2: gradients stored in two parts (``grad_dout.<input>``, ``grad_dlse.<input>``)
+#: and ``params`` spelling out every value of the function (format 1 had one
+#: ``grad.<input>`` for both cotangents together, and only the values a case set).
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 SCHEMA_PATH = Path(__file__).with_name("schema.json")
 #: A manifest larger than this is refused before parsing (the default suite's is about 100 kB).
@@ -47,6 +50,20 @@ MAX_MESSAGE_CHARS = 600
 
 EXPECTED_PREFIX = "expected."
 AUX_PREFIX = "aux."
+#: Cotangent -> the prefix of the gradients a case stores for that cotangent alone (the VJP is
+#: linear in the cotangents: the gradient for both together is the sum of the two parts).
+GRADIENT_PARTS = {"dout": "grad_dout", "dlse": "grad_dlse"}
+
+
+def gradient_name(cotangent: str, input_name: str) -> str:
+    """``gradient_name("dout", "q") == "grad_dout.q"``: the output holding ``input_name``'s gradient for that
+    cotangent alone."""
+    return f"{GRADIENT_PARTS[cotangent]}.{input_name}"
+
+
+def is_gradient(output: str) -> bool:
+    """Whether an output name (``grad_dout.q``, ``grad_dlse.k``) is a gradient part."""
+    return output.split(".", 1)[0] in GRADIENT_PARTS.values()
 
 
 class SuiteError(ValueError):
@@ -72,15 +89,16 @@ def _refattn_version() -> str:
     return __version__
 
 
-def case_entry(case, *, shapes: dict, file: str, sha256: str, size_bytes: int, tolerances: dict) -> dict:
-    """The manifest entry of one exported :class:`~refattn.conformance.case.Case`."""
+def case_entry(case, *, params: dict, shapes: dict, file: str, sha256: str, size_bytes: int, tolerances: dict) -> dict:
+    """The manifest entry of one exported :class:`~refattn.conformance.case.Case`, whose ``params`` are spelled out
+    (:func:`refattn.conformance.export.explicit_params`)."""
     return {
         "id": case.id,
         "mechanism": case.mechanism,
         "preset": case.preset,
         "description": case.description,
         "flags": list(case.flags),
-        "params": case.params,
+        "params": params,
         "shapes": {name: list(shape) for name, shape in shapes.items()},
         "tensors": sorted(shapes),
         "file": file,
@@ -261,16 +279,24 @@ def _case_problem(case: dict, flags: dict) -> str | None:
 
 
 def _comparison_problem(case: dict) -> str | None:
-    """A case must compare ``out``, and gradients and cotangents must come together, shaped alike."""
+    """A case must compare ``out``, and gradients and cotangents must come together, shaped alike:
+    each cotangent with one gradient part per input, and each gradient part with its cotangent."""
     shapes = case["shapes"]
     if "expected.out" not in shapes:
         return "has no expected.out: a case must compare the output"
     pairs = [("cotangent.dout", "expected.out"), ("cotangent.dlse", "expected.lse")]
     inputs = [name[len("input."):] for name in shapes if name.startswith("input.")]
-    grads = [name[len("expected.grad."):] for name in shapes if name.startswith("expected.grad.")]
-    if "cotangent.dout" in shapes or grads:
-        pairs += [(f"input.{name}", f"expected.grad.{name}") for name in sorted(set(inputs) | set(grads))]
-        pairs.append(("expected.out", "cotangent.dout"))
+    grads = {
+        cotangent: [name.split(".", 2)[2] for name in shapes if name.startswith(f"{EXPECTED_PREFIX}{part}.")]
+        for cotangent, part in GRADIENT_PARTS.items()
+    }
+    for cotangent, named in grads.items():
+        if named and f"cotangent.{cotangent}" not in shapes:
+            return f"has gradients for {cotangent} alone but no cotangent.{cotangent}"
+        if f"cotangent.{cotangent}" in shapes:
+            pairs += [(f"input.{name}", f"expected.{gradient_name(cotangent, name)}") for name in sorted(set(inputs) | set(named))]
+    if "cotangent.dlse" in shapes and "cotangent.dout" not in shapes:
+        return "has cotangent.dlse but no cotangent.dout"
     for have, need in pairs:
         if have in shapes and need not in shapes:
             return f"has {have} but no {need}"

@@ -75,8 +75,9 @@ class LoadedCase:
     expected : dict[str, ndarray]
         ``out``, ``lse``, ``grad.q``... from ``expected.<name>``.
     aux : dict[str, ndarray]
-        Integer (or other) intermediates, from ``aux.<name>``, sorted by name (the order
-        the verifier checks them in); must match exactly.
+        Intermediates, from ``aux.<name>``, sorted by name (the order the verifier
+        checks them in): integer and boolean ones must match exactly, floating-point
+        ones (routing's ``slot_lse``) are compared within their budget like ``out``.
     tolerances : dict[str, dict[str, float]]
         Output name (``out``, ``grad.q``, ``aux.<name>``) -> precision -> budget
         on :func:`refattn.conformance.tolerance.normwise_error`.
@@ -348,9 +349,10 @@ def _tensor_problem(name: str, array: np.ndarray, shape: list) -> str | None:
         return None
     if name.startswith(FINITE_PREFIXES) and not np.all(np.isfinite(array)):
         return f"has {_non_finite(array)}; {kind} values must be finite"
-    checked = np.where(np.isneginf(array), 0.0, array) if name == "expected.lse" else array  # a fully masked row
+    may_be_empty_row = kind in ("expected", "aux") and tolerance.is_log_sum_exp(name)  # -inf: a row with no key
+    checked = np.where(np.isneginf(array), 0.0, array) if may_be_empty_row else array
     if not np.all(np.isfinite(checked)):
-        return f"has {_non_finite(checked)}; expected values are finite (-inf only in lse)"
+        return f"has {_non_finite(checked)}; expected values are finite (-inf only in a log-sum-exp)"
     return None
 
 
@@ -360,9 +362,12 @@ def _non_finite(array: np.ndarray) -> str:
     return f"{array[index]} at index {index}"
 
 
-def _json_argument(value):
-    """A JSON parameter as the public functions take it: lists become tuples, all the way down."""
-    return tuple(_json_argument(item) for item in value) if isinstance(value, list) else value
+def json_argument(value):
+    """A JSON parameter as the public functions take it: lists become tuples, all the way down, and objects
+    fresh dicts, so that nothing an implementation edits in place reaches a later case."""
+    if isinstance(value, dict):
+        return {key: json_argument(item) for key, item in value.items()}
+    return tuple(json_argument(item) for item in value) if isinstance(value, list) else value
 
 
 def _check_contract(case: LoadedCase, where: str) -> None:
@@ -372,7 +377,7 @@ def _check_contract(case: LoadedCase, where: str) -> None:
     mechanism = registry.get(case.mechanism)
     if mechanism.check_inputs is None:  # TRANSITIONAL: every mechanism has check_inputs once migrated
         return
-    arguments = {**case.inputs, **case.array_params, **{n: _json_argument(x) for n, x in case.params.items()}}
+    arguments = {**case.inputs, **case.array_params, **{n: json_argument(x) for n, x in case.params.items()}}
     try:
         bound = inspect.signature(mechanism.forward).bind(**arguments)
         bound.apply_defaults()
@@ -393,13 +398,18 @@ def _check_contract(case: LoadedCase, where: str) -> None:
 
 def _check_budgets(case: LoadedCase, where: str) -> None:
     """Every budget is at most what the tolerance policy can produce for it (:func:`tolerance.ceiling`)."""
-    lse = case.expected.get("lse")
-    scale = tolerance.logit_scale(lse) if lse is not None else 0.0
+    log_sum_exps = [case.expected.get("lse")] + [x for name, x in case.aux.items() if tolerance.is_log_sum_exp(name)]
+    scale = max((tolerance.logit_scale(lse) for lse in log_sum_exps if lse is not None), default=0.0)
     for output, row in case.tolerances.items():
         for precision, budget in row.items():
-            most = tolerance.ceiling(output, precision, scale)
+            most = tolerance.ceiling(output, precision, scale, exact=_is_exact(case, output))
             if not budget <= most:
                 raise SuiteError(
                     f"{where}: budget {budget!r} for {output} in {precision} is above {most:.3g}, the most the "
                     "tolerance policy gives this case (raised budgets let wrong results pass)"
                 )
+
+
+def _is_exact(case: LoadedCase, output: str) -> bool:
+    """Whether ``output`` must match exactly: an integer or boolean intermediate."""
+    return output.startswith("aux.") and case.aux[output[len("aux."):]].dtype.kind in "biu"

@@ -102,10 +102,31 @@ def unit_roundoff(precision: str) -> float:
     return float(ml_dtypes.finfo(STORAGE_DTYPES[precision]).eps) / 2.0
 
 
-def error(output: str, x, ref) -> float:
-    """The error of ``output`` that its budget bounds: :func:`normwise_error`,
-    with the denominator at least 1 for ``"lse"`` (an absolute error below magnitude 1)."""
-    return normwise_error(x, ref, smallest_denominator=1.0 if output == "lse" else TINY)
+def is_log_sum_exp(output: str) -> bool:
+    """Whether ``output`` is a log-sum-exp (``lse``, ``aux.slot_lse``...): a logarithm, ``-inf`` where no key is."""
+    return output.endswith("lse")
+
+
+def error(output: str, x, ref, scale: float = TINY) -> float:
+    """The error of ``output`` that its budget bounds: :func:`normwise_error`, with the denominator at
+    least 1 for a log-sum-exp (:func:`is_log_sum_exp`; an absolute error below magnitude 1) and at
+    least ``scale`` otherwise: a gradient part's :func:`gradient_scales`."""
+    return normwise_error(x, ref, smallest_denominator=1.0 if is_log_sum_exp(output) else scale)
+
+
+def gradient_scales(grads: dict) -> dict[str, float]:
+    """The denominator of each gradient part's error: the larger norm of the input's two parts.
+
+    ``grads`` maps ``grad_dout.<input>`` and ``grad_dlse.<input>`` to their
+    values. One part may vanish where the other does not (with a single key,
+    ``dout`` alone moves neither q nor k): its error is then measured against
+    the size of the input's gradient, not against zero, which no rounding could meet.
+    """
+    largest: dict[str, float] = {}
+    for name, value in grads.items():
+        input_name = name.split(".", 1)[1]
+        largest[input_name] = max(largest.get(input_name, 0.0), float(np.max(np.abs(value), initial=0.0)))
+    return {name: max(largest[name.split(".", 1)[1]], TINY) for name in grads}
 
 
 def normwise_error(x, ref, smallest_denominator: float = TINY) -> float:
@@ -166,7 +187,7 @@ def logit_scale(lse) -> float:
     return float(np.max(np.abs(finite))) if finite.size else 0.0
 
 
-def recomputation_sensitivity(grad: np.ndarray, lse, delta_response: np.ndarray | None) -> float:
+def recomputation_sensitivity(grad: np.ndarray, lse, delta_response: np.ndarray | None, scale: float = TINY) -> float:
     """``R`` of one gradient: how far a FlashAttention-style backward may move it, per unit ``u_c``.
 
     The reference's backward keeps the softmax weights P it computed. A
@@ -185,16 +206,19 @@ def recomputation_sensitivity(grad: np.ndarray, lse, delta_response: np.ndarray 
       gradient: the float64 VJP with ``dout = 0`` and
       ``dlse = rowsum(|dout * out|)``.
 
-    Returns ``2 L + ‖delta_response‖∞ / max(‖grad‖∞, tiny)``.
+    Returns ``2 L + ‖delta_response‖∞ / max(‖grad‖∞, scale)`` (``scale``: the
+    gradient part's :func:`gradient_scales`).
     """
     result = 2.0 * logit_scale(lse)
     if delta_response is not None and delta_response.size:
-        result += float(np.max(np.abs(delta_response))) / max(float(np.max(np.abs(grad), initial=0.0)), TINY)
+        result += float(np.max(np.abs(delta_response))) / max(float(np.max(np.abs(grad), initial=0.0)), scale)
     return result
 
 
-def sensitivities(vjp, arguments: dict, dout: np.ndarray | None, result, grads: dict) -> dict[str, float]:
-    """``R`` of the output and of every gradient of one problem: ``{"out": L, "grad.q": R, ...}``.
+def sensitivities(
+    vjp, arguments: dict, dout: np.ndarray | None, result, grads: dict, scales: dict | None = None
+) -> dict[str, float]:
+    """``R`` of the output and of every gradient of one problem: ``{"out": L, "grad_dout.q": R, ...}``.
 
     Parameters
     ----------
@@ -207,13 +231,19 @@ def sensitivities(vjp, arguments: dict, dout: np.ndarray | None, result, grads: 
     result : Result
         The float64 forward result (``out``, ``lse``).
     grads : dict
-        The float64 gradients, keyed by input name (empty without gradients).
+        The float64 gradients, keyed by output name ``<part>.<input>``
+        (``grad_dout.q``, ``grad_dlse.q``), or by input name for the
+        gradient for both cotangents (``q``, reported as ``grad.q``); empty
+        without gradients.
+    scales : dict, optional
+        Their :func:`gradient_scales`, by the same keys (default: tiny).
 
     Returns
     -------
     dict
         ``out`` gets :func:`logit_scale`, each gradient its
-        :func:`recomputation_sensitivity`. Empty for mechanisms without a
+        :func:`recomputation_sensitivity` (the same response for both parts:
+        an implementation computes them in one backward). Empty for mechanisms without a
         log-sum-exp of one value per output row (``lse`` of ``out``'s shape
         less its last axis): their outputs get the plain floor.
     """
@@ -223,8 +253,10 @@ def sensitivities(vjp, arguments: dict, dout: np.ndarray | None, result, grads: 
     if grads:
         delta_error = np.sum(np.abs(dout * result.out), axis=-1)  # per row, in units of u_c
         response = vjp(np.zeros_like(dout), **arguments, dlse=delta_error)
-        for name in grads:
-            found[f"grad.{name}"] = recomputation_sensitivity(grads[name], result.lse, response[name])
+        for name, grad in grads.items():
+            scale = (scales or {}).get(name, TINY)
+            output = name if "." in name else f"grad.{name}"
+            found[output] = recomputation_sensitivity(grad, result.lse, response[name.split(".")[-1]], scale)
     return found
 
 
@@ -263,7 +295,7 @@ def budget(output: str, precision: str, reference_error: float, sensitivity: flo
     return C_REFERENCE * reference_error + floor(output, precision, sensitivity)
 
 
-def ceiling(output: str, precision: str, logit_scale_of_case: float) -> float:
+def ceiling(output: str, precision: str, logit_scale_of_case: float, exact: bool = False) -> float:
     """The largest budget this policy can give ``output`` at ``precision`` in a case whose ``lse`` reaches ``L``.
 
     Every budget :func:`budget` makes is ``c e_p + 4u + 4u_c R`` (float64:
@@ -279,16 +311,19 @@ def ceiling(output: str, precision: str, logit_scale_of_case: float) -> float:
     returning zeros cannot pass; in float16 and bfloat16 the reference's own
     error can legitimately be tens of percent (cancellation in
     differential attention's λ gradients), and so can the ceiling. Integer
-    outputs, which must match exactly, have a ceiling of 0.
+    outputs (``exact``), which must match exactly, have a ceiling of 0; a
+    floating-point intermediate (routing's ``aux.slot_lse``) has an output's.
     """
-    if output.startswith("aux."):
+    if exact:
         return 0.0
     sensitivity = FLOOR_ROUNDOFFS * compute_roundoff(precision) * (1.0 + 2.0 * logit_scale_of_case)
     bound = CEILING_ROUNDOFFS * floor(output, precision) + CEILING_SENSITIVITY * sensitivity
     return max(FLOAT64_BUDGET, bound) if precision == "float64" else bound
 
 
-def budgets(output: str, expected: np.ndarray, at_precision: dict[str, list], sensitivity: float = 0.0) -> dict:
+def budgets(
+    output: str, expected: np.ndarray, at_precision: dict[str, list], sensitivity: float = 0.0, scale: float = TINY
+) -> dict:
     """Budgets of one output at float64 and at every precision in ``at_precision``.
 
     Parameters
@@ -302,6 +337,8 @@ def budgets(output: str, expected: np.ndarray, at_precision: dict[str, list], se
         the plain evaluation and the jittered ones (an array or a list of arrays).
     sensitivity : float
         ``R`` of the output (:func:`sensitivities`; 0 where it has none).
+    scale : float
+        The smallest denominator of its error (:func:`error`).
 
     Returns
     -------
@@ -315,6 +352,6 @@ def budgets(output: str, expected: np.ndarray, at_precision: dict[str, list], se
     result = {"float64": budget(output, "float64", 0.0, sensitivity)}
     for precision, value in at_precision.items():
         evaluations = value if isinstance(value, list) else [value]
-        reference_error = max(error(output, x, expected) for x in evaluations)
+        reference_error = max(error(output, x, expected, scale) for x in evaluations)
         result[precision] = budget(output, precision, reference_error, sensitivity)
     return result

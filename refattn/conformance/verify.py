@@ -54,11 +54,14 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
+import importlib.util
 import json
 import math
 import multiprocessing
 import numbers
 import os
+import sys
 import textwrap
 import time
 import traceback
@@ -72,14 +75,16 @@ import numpy as np
 from ..core import registry
 from ..core.errors import SpecError
 from ..core.precision import PRECISIONS, STORAGE_DTYPES
-from .suite import LoadedCase, Suite, SuiteError, load_suite, mechanisms_named, require_one_mechanism
+from .suite import LoadedCase, Suite, SuiteError, json_argument, load_suite, mechanisms_named, require_one_mechanism
 from .text import printable
-from .tolerance import TINY, error as output_error
+from .manifest import gradient_name, is_gradient
+from .progress import progress_bar
+from .tolerance import TINY, error as output_error, gradient_scales
 from .trust import Origin
 
 LAYOUTS = ("bhnd", "bnhd")
-STATUSES = ("pass", "fail", "error", "timeout", "xfail", "xpass")
-#: Statuses that fail a run.
+STATUSES = ("pass", "partial", "unsupported", "xfail", "xpass", "fail", "error", "timeout")
+#: Statuses that fail a run (``unsupported`` too with ``strict``, ``partial`` with ``require_aux``).
 FAILING = ("fail", "error", "timeout")
 #: Result dtypes accepted as floating point besides NumPy's own (``kind == "f"``).
 EXTRA_FLOAT_DTYPES = tuple(np.dtype(STORAGE_DTYPES[p]) for p in PRECISIONS if np.dtype(STORAGE_DTYPES[p]).kind != "f")
@@ -88,6 +93,12 @@ SEQUENCE_MAJOR = ("q", "k", "v", "qk", "out", "lse")
 #: Name of the check of ``out`` against what the implementation's own
 #: intermediates imply (``Mechanism.implied_output``), run when they differ.
 IMPLIED_OUT = "out|own_aux"
+#: The suite installed with the package (setup.py copies the repository's conformance/ there).
+PACKAGED_SUITE = Path(__file__).resolve().parent / "vectors"
+#: The repository's published copy, for a source checkout or an editable install.
+SOURCE_SUITE = Path(__file__).resolve().parents[2] / "conformance"
+#: Environment variable naming another default suite folder.
+SUITE_VARIABLE = "REFATTN_SUITE"
 #: The inputs passed positionally, in this order, when a case has them; every
 #: other input and parameter is passed by keyword.
 POSITIONAL = ("q", "qk", "k", "v")
@@ -164,7 +175,11 @@ class CaseReport:
     id, mechanism : str
     flags : tuple of str
         Bug classes the case is built to catch.
-    status : {"pass", "fail", "error", "timeout", "xfail", "xpass"}
+    status : {"pass", "partial", "unsupported", "xfail", "xpass", "fail", "error", "timeout"}
+        ``partial``: passed, but outputs the case checks were not returned
+        (:attr:`missing` names them); ``unsupported``: the implementation
+        raised ``NotImplementedError`` (``message`` is its text); ``xfail``: a
+        listed known bug failed (``message`` is the reason listed).
     checks : list of OutputCheck
         In stage order: intermediates (in the case's order), then outputs, then
         gradients; ``input.<name>`` checks fail when the implementation wrote into that input.
@@ -173,6 +188,11 @@ class CaseReport:
         escaped); for a timeout: how long it ran.
     seconds : float
         Time spent in the implementation and the comparison.
+    gradient_cotangents : tuple of str
+        The cotangents the gradients were checked for: ``("dout", "dlse")``
+        (checks ``grad.<input>``, against the sum of the stored parts),
+        ``("dout",)`` when the implementation returned no lse (checks
+        ``grad_dout.<input>``), ``()`` when gradients were not checked.
     """
 
     id: str
@@ -182,10 +202,16 @@ class CaseReport:
     checks: list[OutputCheck] = field(default_factory=list)
     message: str = ""
     seconds: float = 0.0
+    gradient_cotangents: tuple[str, ...] = ()
 
     @property
     def failed_checks(self) -> list[OutputCheck]:
         return [c for c in self.checks if c.status == "fail"]
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        """Outputs the case checks that the implementation did not return (``lse``, ``aux.<name>``)."""
+        return tuple(c.name for c in self.checks if c.status == "not provided")
 
     @property
     def first_stage(self) -> str | None:
@@ -209,7 +235,11 @@ class CaseReport:
             head += f"  flags: {', '.join(self.flags)}"
         lines = [head]
         if self.message:
-            lines.append(f"  {'implementation raised ' if self.status != 'timeout' else ''}{self.message}")
+            lines.append(f"  {_MESSAGE_LEAD.get(self.status, 'implementation raised ')}{self.message}")
+        if self.missing:
+            lines.append(f"  not returned, so not compared: {', '.join(self.missing)}")
+        if self.gradient_cotangents == ("dout",):
+            lines.append("  gradients checked for dout alone (the implementation returned no lse)")
         if self.first_stage:
             lines.append(f"  first differing stage: {self.first_stage}")
         if self.checks:
@@ -231,10 +261,16 @@ class CaseReport:
             "status": self.status,
             "message": self.message,
             "first_stage": self.first_stage,
+            "missing": list(self.missing),
+            "gradient_cotangents": list(self.gradient_cotangents),
             "worst_ratio": _json_float(self.worst_ratio),
             "seconds": round(self.seconds, 6),
             "checks": [_check_dict(c) for c in self.checks],
         }
+
+
+#: How a case's message is introduced, by status (an error's is what the implementation raised).
+_MESSAGE_LEAD = {"timeout": "", "unsupported": "unsupported: ", "xfail": "known bug: ", "xpass": "listed as a known bug: "}
 
 
 @dataclass(frozen=True)
@@ -242,7 +278,8 @@ class Report:
     """The verdict on a whole run of :func:`verify`.
 
     ``ok`` is True when the run has cases and none failed, errored or timed
-    out (``xfail`` and ``xpass`` are fine). ``origin`` says whether the suite
+    out (``xfail``, ``xpass``, ``partial`` and ``unsupported`` are fine, unless
+    ``require_aux`` makes ``partial`` and ``strict`` makes ``unsupported`` fail). ``origin`` says whether the suite
     is the official one (:mod:`refattn.conformance.trust`); every format
     states it first. ``flag_descriptions`` are the manifest's descriptions
     of the flags, quoted under each failing case.
@@ -255,12 +292,23 @@ class Report:
     grad: bool
     cases: list[CaseReport]
     origin: Origin
-    unknown_xfail: tuple[str, ...] = ()
     flag_descriptions: Mapping[str, str] = field(default_factory=dict)
+    strict: bool = False
+    require_aux: bool = False
+
+    @property
+    def failing(self) -> tuple[str, ...]:
+        """The statuses that fail this run."""
+        return self.failing_statuses(self.strict, self.require_aux)
+
+    @staticmethod
+    def failing_statuses(strict: bool, require_aux: bool) -> tuple[str, ...]:
+        """:data:`FAILING`, with ``unsupported`` when ``strict`` and ``partial`` when ``require_aux``."""
+        return FAILING + ("unsupported",) * strict + ("partial",) * require_aux
 
     @property
     def ok(self) -> bool:
-        return bool(self.cases) and all(c.status not in FAILING for c in self.cases)
+        return bool(self.cases) and all(c.status not in self.failing for c in self.cases)
 
     def counts(self) -> dict[str, int]:
         """Number of cases in each status (every status present, zeros included)."""
@@ -268,8 +316,8 @@ class Report:
 
     def summary(self) -> str:
         """``"12 passed, 2 failed, 1 xfailed"``."""
-        words = {"pass": "passed", "fail": "failed", "error": "error", "timeout": "timed out", "xfail": "xfailed",
-                 "xpass": "xpassed"}  # fmt: skip
+        words = {"pass": "passed", "partial": "partial", "unsupported": "unsupported", "xfail": "xfailed",
+                 "xpass": "xpassed", "fail": "failed", "error": "error", "timeout": "timed out"}  # fmt: skip
         counts = self.counts()
         parts = [f"{n} {words[s]}{'s' if s == 'error' and n > 1 else ''}" for s, n in counts.items() if n]
         return ", ".join(parts) or "no cases"
@@ -285,7 +333,8 @@ class Report:
             "grad": self.grad,
             "ok": self.ok,
             "counts": self.counts(),
-            "unknown_xfail": list(self.unknown_xfail),
+            "strict": self.strict,
+            "require_aux": self.require_aux,
             "cases": [c.to_dict() for c in self.cases],
         }
         return json.dumps(document, indent=indent, allow_nan=False)
@@ -294,8 +343,9 @@ class Report:
         """The report as JUnit XML: one ``testcase`` per case.
 
         A failure is a ``failure`` element, an implementation's exception an
-        ``error`` element, an expected failure ``skipped`` (as pytest writes
-        xfail); the readable per-case report is the element's text.
+        ``error`` element, an expected failure or an unsupported case
+        ``skipped`` (as pytest writes xfail and skip), unless this run fails
+        on it; the readable per-case report is the element's text.
         """
         counts = self.counts()
         suite = ET.Element(
@@ -304,7 +354,7 @@ class Report:
             tests=str(len(self.cases)),
             failures=str(counts["fail"]),
             errors=str(counts["error"] + counts["timeout"]),
-            skipped=str(counts["xfail"]),
+            skipped=str(sum(c.status in ("xfail", "unsupported") and c.status not in self.failing for c in self.cases)),
             time=f"{sum(c.seconds for c in self.cases):.3f}",
         )
         properties = ET.SubElement(suite, "properties")
@@ -314,7 +364,8 @@ class Report:
             element = ET.SubElement(
                 suite, "testcase", classname=f"refattn.{case.mechanism}", name=case.id, time=f"{case.seconds:.3f}"
             )
-            tag = {"fail": "failure", "error": "error", "timeout": "error", "xfail": "skipped"}.get(case.status)
+            tag = {"error": "error", "timeout": "error", "xfail": "skipped", "unsupported": "skipped"}.get(case.status)
+            tag = "failure" if case.status in self.failing and tag != "error" else tag
             if tag:
                 first = case.message or (case.failed_checks[0].describe() if case.failed_checks else case.status)
                 child = ET.SubElement(element, tag, message=f"{case.status}: {first}")
@@ -334,19 +385,29 @@ class Report:
             "",
         ]
         width = max([len("case")] + [len(c.id) for c in self.cases])
-        lines.append(f"{'case':<{width}}  {'status':<6}  {'worst ratio':>11}  flags")
+        lines.append(f"{'case':<{width}}  {'status':<11}  {'worst ratio':>11}  flags")
         for c in self.cases:
-            status = c.status.upper() if c.status in FAILING else c.status
-            lines.append(f"{c.id:<{width}}  {status:<6}  {_num(c.worst_ratio):>11}  {' '.join(c.flags)}")
-        details = [c for c in self.cases if c.status in (*FAILING, "xfail")]
+            status = c.status.upper() if c.status in self.failing else c.status
+            lines.append(f"{c.id:<{width}}  {status:<11}  {_num(c.worst_ratio):>11}  {' '.join(c.flags)}")
+        details = [c for c in self.cases if c.status in (*self.failing, "xfail")]
         if details:
             lines += ["", "Details", "-------"]
             for c in details:
                 lines += [c.format(self.flag_descriptions), ""]
-        if self.unknown_xfail:
-            lines.append(f"note: xfail ids not in the suite: {printable(', '.join(self.unknown_xfail))}")
+        lines += _listing("Unsupported (the implementation raised NotImplementedError)", self.cases, "unsupported",
+                          lambda c: c.message)  # fmt: skip
+        lines += _listing("Partial (passed, but some outputs were not returned)", self.cases, "partial",
+                          lambda c: "not returned: " + ", ".join(c.missing))  # fmt: skip
         lines.append(f"{self.summary()}  ({'OK' if self.ok else 'FAILED'})")
         return "\n".join(lines)
+
+
+def _listing(title: str, cases: list[CaseReport], status: str, say: Callable[[CaseReport], str]) -> list[str]:
+    """A titled list of the cases in ``status``, one line each with what ``say`` says; [] when none."""
+    chosen = [c for c in cases if c.status == status]
+    if not chosen:
+        return []
+    return ["", title, "-" * len(title)] + [f"{c.id}: {say(c)}" for c in chosen] + [""]
 
 
 def _num(x: float | None) -> str:
@@ -405,25 +466,35 @@ def check_case(
     _check_choice(layout, "layout", LAYOUTS)
     start = time.perf_counter()
     checks: list[OutputCheck] = []
+    cotangents_used: tuple[str, ...] = ()
     try:
         positional, keywords = _call_arguments(case, dtype, layout)
         returned = _read_returned(impl(*positional, **keywords), layout)
         checks += _check_unmodified(case, positional, keywords, dtype, layout)
         checks += _check_forward(case, returned, dtype)
-        if grad and any(name.startswith("grad.") for name in case.expected):
+        if grad and any(is_gradient(name) for name in case.expected):
             cotangents = _cotangents(case, dtype, layout)
+            # By linearity: with an lse, the gradient for both cotangents; without one, for dout alone.
+            dlse = cotangents.get("dlse") if returned.lse is not None else None
+            cotangents_used = ("dout",) if dlse is None else ("dout", "dlse")
             positional, keywords = _call_arguments(case, dtype, layout)
-            grads = vjp(cotangents["dout"], *positional, dlse=cotangents.get("dlse"), **keywords)
+            grads = vjp(cotangents["dout"], *positional, dlse=dlse, **keywords)
             checks += _check_unmodified(case, positional, keywords, dtype, layout)
-            checks += _check_grads(case, grads, dtype, layout)
+            checks += _check_grads(case, grads, dtype, layout, cotangents_used)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 -- an implementation may raise anything, sys.exit() too: reported, not raised
-        return CaseReport(case.id, case.mechanism, tuple(case.flags), "error", checks, _exception(exc), time.perf_counter() - start)
+        status = "unsupported" if isinstance(exc, NotImplementedError) else "error"
+        message = printable(str(exc) or "NotImplementedError", limit=2000) if status == "unsupported" else _exception(exc)
+        return CaseReport(case.id, case.mechanism, tuple(case.flags), status, checks, message,
+                          time.perf_counter() - start, cotangents_used)  # fmt: skip
     if any(c.name.startswith("aux.") and c.status == "fail" for c in checks):  # refattn's own check, outside the try
         checks += _check_implied(case, returned, dtype)
     status = "fail" if any(c.status == "fail" for c in checks) else "pass"
-    return CaseReport(case.id, case.mechanism, tuple(case.flags), status, checks, "", time.perf_counter() - start)
+    if status == "pass" and any(c.status == "not provided" for c in checks):
+        status = "partial"
+    return CaseReport(case.id, case.mechanism, tuple(case.flags), status, checks, "", time.perf_counter() - start,
+                      cotangents_used)  # fmt: skip
 
 
 def _exception(exc: BaseException) -> str:
@@ -450,25 +521,27 @@ def _swap_layout(name: str, x: np.ndarray, layout: str) -> np.ndarray:
     return x
 
 
-def _json_param(value):
-    """JSON lists become tuples, all the way down (``window=[2, None]`` -> ``(2, None)``): nothing to edit in place."""
-    return tuple(_json_param(item) for item in value) if isinstance(value, list) else value
-
-
 def _call_arguments(case: LoadedCase, dtype: str, layout: str) -> tuple[tuple, dict]:
     """``(q, k, v)`` (or ``(qk, v)``) and the keyword arguments of one call: fresh copies, cast and laid out."""
     arrays = {**case.inputs, **case.array_params}
     arrays = {name: _swap_layout(name, _cast(x, dtype), layout) for name, x in arrays.items()}
-    positional = tuple(arrays.pop(name) for name in POSITIONAL if name in case.inputs)
-    keywords = {**{name: _json_param(value) for name, value in case.params.items()}, **arrays}
+    positional = tuple(arrays.pop(name) for name in positional_names(case))
+    keywords = {**{name: json_argument(value) for name, value in case.params.items()}, **arrays}
     return positional, keywords
+
+
+def positional_names(case: LoadedCase) -> tuple[str, ...]:
+    """The inputs passed positionally, in order: the mechanism's ``positional`` (``q, k, v``; ``qk, v``;
+    ``u, w, v``...), or :data:`POSITIONAL` for a mechanism this refattn does not know."""
+    names = registry.get(case.mechanism).positional if case.mechanism in registry.names() else POSITIONAL
+    return tuple(name for name in names if name in case.inputs)
 
 
 def _check_unmodified(case: LoadedCase, positional: tuple, keywords: dict, dtype: str, layout: str) -> list[OutputCheck]:
     """A failed ``input.<name>`` check for every array the implementation wrote into."""
-    handed = {**dict(zip((n for n in POSITIONAL if n in case.inputs), positional)), **keywords}
+    handed = {**dict(zip(positional_names(case), positional)), **keywords}
     fresh_positional, fresh_keywords = _call_arguments(case, dtype, layout)
-    fresh = {**dict(zip((n for n in POSITIONAL if n in case.inputs), fresh_positional)), **fresh_keywords}
+    fresh = {**dict(zip(positional_names(case), fresh_positional)), **fresh_keywords}
     written = [name for name, x in fresh.items() if isinstance(x, np.ndarray) and not _same_array(handed[name], x)]
     detail = "the implementation wrote into this input (it must not modify its arguments)"
     return [OutputCheck(f"input.{name}", "fail", detail=detail) for name in written]
@@ -500,26 +573,42 @@ def _read_returned(value, layout: str) -> _Returned:
 
 
 def _check_forward(case: LoadedCase, returned: _Returned, dtype: str) -> list[OutputCheck]:
-    """Intermediates (exactly, in the case's order), then ``out``, ``lse`` and any other output (within budget)."""
-    checks = [_check_exact(f"aux.{name}", returned.aux.get(name), want) for name, want in case.aux.items()]
-    for name in _in_order([n for n in case.expected if not n.startswith("grad.")], first=("out", "lse")):
-        got = {"out": returned.out, "lse": returned.lse}.get(name, returned.aux.get(name))
-        checks.append(_check_float(name, got, case.expected[name], case.tolerances[name][dtype]))
+    """Integer intermediates (exactly, in the case's order), then ``out``, ``lse`` and the floating-point
+    intermediates (``aux.slot_lse``), each within its budget."""
+    exact = {name: want for name, want in case.aux.items() if want.dtype.kind in "biu"}
+    checks = [_check_exact(f"aux.{name}", returned.aux.get(name), want) for name, want in exact.items()]
+    floats = {name: want for name, want in case.expected.items() if not name.startswith("grad")}
+    floats.update({f"aux.{name}": want for name, want in case.aux.items() if name not in exact})
+    for name in _in_order(list(floats), first=("out", "lse")):
+        got = {"out": returned.out, "lse": returned.lse}.get(name, returned.aux.get(name.removeprefix("aux.")))
+        checks.append(_check_float(name, got, floats[name], case.tolerances[name][dtype]))
     return checks
 
 
-def _check_grads(case: LoadedCase, grads: Mapping, dtype: str, layout: str) -> list[OutputCheck]:
-    """Every stored gradient (q, k, v, then the other inputs); a differentiable input without one fails."""
-    stored = [n[len("grad.") :] for n in case.expected if n.startswith("grad.")]
+def _check_grads(case: LoadedCase, grads: Mapping, dtype: str, layout: str, cotangents: tuple[str, ...]) -> list[OutputCheck]:
+    """Every stored gradient (q, k, v, then the other inputs); a differentiable input without one fails.
+
+    For ``("dout", "dlse")`` each gradient is compared with the sum of its two
+    stored parts (check ``grad.<input>``), within the sum of their budgets;
+    for ``("dout",)`` with the ``dout`` part (check ``grad_dout.<input>``).
+    Both errors are relative to the larger norm of the two parts
+    (:func:`refattn.conformance.tolerance.gradient_scales`).
+    """
+    parts = {cotangent: gradient_name(cotangent, "") for cotangent in cotangents}
+    stored = {name.split(".", 1)[1] for name in case.expected if name.startswith(parts["dout"])}
+    scales = gradient_scales({name: value for name, value in case.expected.items() if is_gradient(name)})
     checks = []
-    for input_name in _in_order(stored, first=POSITIONAL):
-        name = f"grad.{input_name}"
+    for input_name in _in_order(stored, first=positional_names(case)):
+        named = [gradient_name(cotangent, input_name) for cotangent in cotangents]
+        want = sum(case.expected[name] for name in named)
+        budget = sum(case.tolerances[name][dtype] for name in named)
+        name = f"grad.{input_name}" if len(named) > 1 else named[0]
         got = grads.get(input_name) if grads is not None else None
         if got is None:
             checks.append(OutputCheck(name, "fail", detail=f"no gradient returned for `{input_name}`"))
             continue
         got = _swap_layout(input_name, np.asarray(got), layout)
-        checks.append(_check_float(name, got, case.expected[name], case.tolerances[name][dtype]))
+        checks.append(_check_float(name, got, want, budget, scales[named[0]]))
     return checks
 
 
@@ -537,7 +626,7 @@ def _check_implied(case: LoadedCase, returned: _Returned, dtype: str) -> list[Ou
     """
     if case.mechanism not in registry.names() or registry.get(case.mechanism).implied_output is None:
         return []
-    arguments = {**case.inputs, **case.array_params, **{n: _json_param(x) for n, x in case.params.items()}}
+    arguments = {**case.inputs, **case.array_params, **{n: json_argument(x) for n, x in case.params.items()}}
     implied = registry.get(case.mechanism).implied_output(arguments, returned.aux)
     if implied is None:
         return []
@@ -547,7 +636,8 @@ def _check_implied(case: LoadedCase, returned: _Returned, dtype: str) -> list[Ou
     return [OutputCheck(check.name, check.status, check.error, check.budget, detail, check.difference)]
 
 
-def _check_float(name: str, got: np.ndarray | None, want: np.ndarray, budget: float) -> OutputCheck:
+def _check_float(name: str, got: np.ndarray | None, want: np.ndarray, budget: float, scale: float = TINY) -> OutputCheck:
+    """``got`` against ``want`` by :func:`~refattn.conformance.tolerance.error` (``scale``: its smallest denominator)."""
     if got is None:
         return OutputCheck(name, "not provided", budget=budget)
     if got.dtype.kind != "f" and got.dtype not in EXTRA_FLOAT_DTYPES:
@@ -556,10 +646,10 @@ def _check_float(name: str, got: np.ndarray | None, want: np.ndarray, budget: fl
     if got.shape != want.shape:
         return OutputCheck(name, "fail", budget=budget, detail=f"shape {got.shape}, expected {want.shape}")
     got = got.astype(np.float64)
-    error = output_error(name, got, want)
+    error = output_error(name, got, want, scale)
     if error <= budget:
         return OutputCheck(name, "pass", error, budget)
-    return OutputCheck(name, "fail", error, budget, difference=first_difference(got, want, budget))
+    return OutputCheck(name, "fail", error, budget, difference=first_difference(got, want, budget, scale))
 
 
 def _check_exact(name: str, got: np.ndarray | None, want: np.ndarray) -> OutputCheck:
@@ -581,14 +671,14 @@ def _check_exact(name: str, got: np.ndarray | None, want: np.ndarray) -> OutputC
     )
 
 
-def first_difference(got: np.ndarray, want: np.ndarray, budget: float) -> Difference | None:
-    """The first index in C order where ``|got - want| > budget * max|want|``.
+def first_difference(got: np.ndarray, want: np.ndarray, budget: float, scale: float = TINY) -> Difference | None:
+    """The first index in C order where ``|got - want| > budget * max(max|want|, scale)``.
 
     Infinities must match exactly and NaN never matches. Returns None when no
     element differs by that much.
     """
     finite = np.isfinite(want)
-    scale = max(float(np.max(np.abs(want[finite]), initial=0.0)), TINY)
+    scale = max(float(np.max(np.abs(want[finite]), initial=0.0)), scale)
     with np.errstate(invalid="ignore"):
         close = (got == want) | (np.abs(got - want) <= budget * scale)
     bad = np.argwhere(~close)
@@ -612,11 +702,14 @@ def verify(
     layout: str = "bhnd",
     grad: bool = False,
     vjp: Callable | None = None,
-    xfail: Iterable[str] = (),
+    xfail: Mapping[str, str] | Iterable[str] = (),
     name: str | None = None,
     backend: str | None = None,
     timeout: float | None = None,
     require_official: bool = False,
+    strict: bool = False,
+    require_aux: bool = False,
+    progress: bool | None = False,
 ) -> Report:
     """Check an implementation against every selected conformance case.
 
@@ -643,8 +736,10 @@ def verify(
         ``vjp(dout, q, k, v, dlse=..., **kwargs) -> {name: grad}``; defaults
         to ``impl.vjp`` (the adapters of :mod:`refattn.conformance.adapters`
         provide one).
-    xfail : iterable of str
-        Ids of cases the implementation is known to fail (:func:`read_xfail`
+    xfail : mapping or iterable of str
+        Ids of cases the implementation is known to fail, each with the reason
+        (a mapping id -> reason; :func:`read_xfail` reads one from a file), or
+        ids alone. An id that is not in the suite's manifest is an error
         reads them from a file).
     name : str, optional
         How the report names the implementation (default: its qualified name).
@@ -656,6 +751,14 @@ def verify(
         and one that takes longer is reported as ``timeout`` (the run goes on).
     require_official : bool
         Refuse a suite that is not the one refattn published.
+    strict : bool
+        Count ``unsupported`` cases (the implementation raised
+        ``NotImplementedError``) as failures.
+    require_aux : bool
+        Count ``partial`` cases (outputs the case checks were not returned) as failures.
+    progress : bool or None
+        Draw a progress bar on stderr once the run takes longer than a second;
+        None: only when stderr is a terminal.
 
     Returns
     -------
@@ -690,10 +793,15 @@ def verify(
     cases = loaded.select(mechanisms=mechanism, ids=ids).cases
     require_one_mechanism(cases, mechanism)
     require_precision(cases, dtype)
-    xfail = frozenset(xfail)
+    xfail = check_xfail(xfail, loaded.manifest)
+    check_signature(impl, cases, "impl")
+    if grad:
+        check_signature(vjp, cases, "vjp", cotangent=True)
     settings = dict(dtype=dtype, layout=layout, grad=grad, vjp=vjp)
-    reports = [_apply_xfail(run_case(impl, case, timeout=timeout, **settings), xfail) for case in cases]
-    known = {case.id for case in loaded.cases}
+    reports = [
+        _apply_xfail(run_case(impl, case, timeout=timeout, **settings), xfail)
+        for case in progress_bar(cases, "verify", enabled=progress, label=lambda case: case.id)
+    ]
     return Report(
         impl=printable(name or _qualified_name(impl)),
         suite=printable(str(loaded.folder)),
@@ -702,8 +810,9 @@ def verify(
         grad=grad,
         cases=reports,
         origin=loaded.origin,
-        unknown_xfail=tuple(sorted(xfail - known)),
         flag_descriptions={flag: printable(text) for flag, text in loaded.manifest["flags"].items()},
+        strict=strict,
+        require_aux=require_aux,
     )
 
 
@@ -790,11 +899,57 @@ def _worker(sender, impl: Callable, case: LoadedCase, settings: dict) -> None:
         os._exit(0)
 
 
-def _apply_xfail(report: CaseReport, xfail: frozenset) -> CaseReport:
-    if report.id not in xfail:
+def _apply_xfail(report: CaseReport, xfail: Mapping[str, str]) -> CaseReport:
+    """A listed case that failed is ``xfail``, one that passed ``xpass`` (the reason is the message);
+    ``unsupported`` stays what it is: a case the implementation cannot express is not a bug."""
+    if report.id not in xfail or report.status == "unsupported":
         return report
-    status = "xpass" if report.status == "pass" else "xfail"
-    return CaseReport(report.id, report.mechanism, report.flags, status, report.checks, report.message, report.seconds)
+    status = "xpass" if report.status in ("pass", "partial") else "xfail"
+    message = xfail[report.id] + (f" ({report.message})" if report.message else "")
+    return CaseReport(report.id, report.mechanism, report.flags, status, report.checks, message, report.seconds,
+                      report.gradient_cotangents)  # fmt: skip
+
+
+def check_xfail(xfail, manifest: dict) -> dict[str, str]:
+    """``xfail`` as id -> reason, after checking that every id is a case of the suite."""
+    reasons = dict(xfail) if isinstance(xfail, Mapping) else {case_id: "listed as a known bug" for case_id in xfail}
+    known = {entry["id"] for entry in manifest["cases"]}
+    unknown = sorted(set(reasons) - known)
+    if unknown:
+        raise SuiteError(
+            f"the xfail list names {len(unknown)} case{'s' * (len(unknown) > 1)} not in the suite: "
+            f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''} (see `refattn show` for ids; remove or fix them)"
+        )
+    return reasons
+
+
+def check_signature(function: Callable, cases: list[LoadedCase], what: str, cotangent: bool = False) -> None:
+    """Raise :class:`SpecError` unless ``function`` can be called with every case's arguments.
+
+    An implementation takes the case's positional inputs (``q, k, v`` or
+    ``qk, v``) and every parameter by keyword (a ``**kwargs`` it may refuse
+    with ``NotImplementedError``); a VJP takes ``dout`` first and ``dlse=``.
+    A callable whose signature cannot be read is not checked.
+    """
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return
+    for case in cases:
+        positional = list(positional_names(case))
+        keywords = [name for name in (*case.inputs, *case.array_params, *case.params) if name not in positional]
+        arguments = (["dout"] if cotangent else []) + positional
+        extra = {"dlse": None} if cotangent else {}
+        try:
+            signature.bind(*arguments, **dict.fromkeys(keywords), **extra)
+        except TypeError as error:
+            call = ", ".join([*arguments, *(f"{n}=..." for n in (*keywords, *extra))])
+            raise SpecError(
+                what,
+                f"a callable taking ({call}) for case {case.id}; add **kwargs and raise NotImplementedError "
+                "for what it cannot compute",
+                f"{_qualified_name(function)}{signature} ({error})",
+            ) from None
 
 
 def _qualified_name(impl) -> str:
@@ -803,44 +958,105 @@ def _qualified_name(impl) -> str:
     return f"{module}:{qualname}" if module else qualname
 
 
-def read_xfail(path: str | Path) -> frozenset[str]:
-    """Case ids from an xfail file: one id per line; ``#`` starts a comment; blank lines ignored."""
-    ids = set()
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        entry = line.split("#", 1)[0].strip()
-        if entry:
-            ids.add(entry)
-    return frozenset(ids)
+def read_xfail(path: str | Path) -> dict[str, str]:
+    """Known bugs from an xfail file: id -> reason.
+
+    One case id per line, its reason after ``#`` on the same line, or in the
+    ``#`` comment lines just above a group of ids; blank lines end a group.
+    Every id needs a reason (a known bug is explained, or it is a failure).
+
+    Raises
+    ------
+    ValueError
+        For an id without a reason, naming the file and line.
+    """
+    reasons, comment, after_ids = {}, [], False
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        entry, _, note = (part.strip() for part in line.partition("#"))
+        if not entry:
+            if note:
+                comment = [note] if after_ids else comment + [note]
+            elif not line.strip():
+                comment = []
+            after_ids = False
+            continue
+        after_ids = True
+        reason = note or " ".join(comment)
+        if not reason:
+            raise ValueError(f"{path}:{number}: case {entry} has no reason; write it after '#' or in a comment above")
+        reasons[entry] = printable(reason, limit=500)
+    return reasons
 
 
 def load_callable(spec: str) -> Callable:
-    """Import ``"package.module:function"`` (or ``"module:Class.method"``) and return it."""
-    module_name, sep, attribute = spec.partition(":")
-    if not sep or not module_name or not attribute:
-        raise ValueError(f"expected 'package.module:function', got {spec!r}")
-    target = importlib.import_module(module_name)
+    """Import ``"package.module:function"`` or ``"path/to/file.py:function"`` (``Class.method`` too) and return it.
+
+    A file is imported as a module of its own (named after its path), with its
+    folder on ``sys.path`` so that it may import its neighbours; it need not
+    be inside a package.
+
+    Raises
+    ------
+    ValueError
+        For a spec of another form, a missing file, a module without the
+        attribute, or an attribute that is not callable.
+    ImportError
+        When the module (or what it imports) cannot be imported.
+    """
+    location, sep, attribute = spec.rpartition(":")  # rpartition: "C:\\x\\impl.py:attend" on Windows
+    if not sep or not location or not attribute:
+        raise ValueError(f"expected 'package.module:function' or 'path/to/file.py:function', got {spec!r}")
+    target = _import_file(location) if location.endswith(".py") else importlib.import_module(location)
     for part in attribute.split("."):
         try:
             target = getattr(target, part)
         except AttributeError:
-            raise ValueError(f"{module_name!r} has no attribute {attribute!r}") from None
+            raise ValueError(f"{location!r} has no attribute {attribute!r}") from None
     if not callable(target):
         raise ValueError(f"{spec!r} is not callable")
     return target
 
 
+def _import_file(location: str):
+    """The module defined by the Python file at ``location``, imported once (``sys.modules`` keeps it)."""
+    path = Path(location).expanduser().resolve()
+    if not path.is_file():
+        raise ValueError(f"no Python file {location!r} (from {Path.cwd()})")
+    name = "refattn_impl_" + "".join(c if c.isalnum() else "_" for c in str(path))
+    if name in sys.modules:
+        return sys.modules[name]
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before running it: dataclasses and pickling look the module up
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
 def default_suite_folder() -> Path:
     """The suite to verify against when none is named: the one refattn publishes.
 
-    That is the ``conformance/`` folder beside the ``refattn`` package (a
-    source checkout), else ``./conformance``. Raises ``FileNotFoundError``
-    when neither has a ``manifest.json``. Whichever is found, the report's
-    first line says whether it is the official suite.
+    In order: the folder named by the environment variable ``REFATTN_SUITE``;
+    the suite installed with the package (``refattn/conformance/vectors``,
+    :data:`PACKAGED_SUITE`); the ``conformance/`` folder beside the ``refattn``
+    package (a source checkout or an editable install). Raises
+    ``FileNotFoundError`` when none has a ``manifest.json``. Whichever is
+    found, the report's first line says whether it is the official suite.
     """
-    candidates = [Path(__file__).resolve().parents[2] / "conformance", Path.cwd() / "conformance"]
-    for folder in candidates:
+    named = os.environ.get(SUITE_VARIABLE)
+    if named:
+        if not (Path(named) / "manifest.json").is_file():
+            raise FileNotFoundError(f"{SUITE_VARIABLE}={named}: no manifest.json there")
+        return Path(named)
+    for folder in (PACKAGED_SUITE, SOURCE_SUITE):
         if (folder / "manifest.json").is_file():
             return folder
     raise FileNotFoundError(
-        "no conformance suite found beside the refattn package or in ./conformance; pass the suite folder (--suite DIR)"
+        f"no conformance suite installed in {PACKAGED_SUITE} or beside the refattn package ({SOURCE_SUITE}); "
+        "reinstall refattn, or pass the suite folder (--suite DIR)"
     )

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import SpecError
+from .errors import MAX_GIVEN_CHARS, SpecError
 from .precision import STORAGE_DTYPES
 
 CAUSAL_ALIGNMENTS = ("bottom_right", "top_left")
@@ -27,8 +27,6 @@ MAX_WINDOW = 2**53
 #: precision a backend computes in, so that ``s - max`` and the running sums
 #: of an online softmax stay finite.
 SCORE_HEADROOM = 1.0 / 16.0
-#: An error message quotes at most this many characters of a bad value.
-MAX_QUOTED_CHARS = 120
 
 
 def summary(x) -> str:
@@ -36,7 +34,7 @@ def summary(x) -> str:
     if isinstance(x, np.ndarray):
         return f"array of shape {x.shape} and dtype {x.dtype}"
     text = f"{type(x).__name__} {x!r}" if not isinstance(x, str) else repr(x)
-    return text if len(text) <= MAX_QUOTED_CHARS else text[: MAX_QUOTED_CHARS - 3] + "..."
+    return text if len(text) <= MAX_GIVEN_CHARS else text[: MAX_GIVEN_CHARS - 3] + "..."
 
 
 _describe = summary  # TRANSITIONAL: the old private name, still imported by refattn/lowrank
@@ -159,6 +157,20 @@ def window(x) -> tuple[int | None, int | None] | None:
     return tuple(None if side is None else min(int(side), MAX_WINDOW) for side in x)
 
 
+def integer(x, name: str, *, minimum: int) -> int:
+    """An integer (Python or NumPy, not a bool) of at least ``minimum``."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral) or x < minimum:
+        raise SpecError(name, f"an integer >= {minimum}", summary(x))
+    return int(x)
+
+
+def integer_array(x, name: str, ndim: int, shape: str) -> np.ndarray:
+    """``x``, checked to be an integer numpy array of ``ndim`` dimensions (``shape`` names them)."""
+    if not isinstance(x, np.ndarray) or x.dtype.kind not in "iu" or x.ndim != ndim:
+        raise SpecError(name, f"an integer numpy array of shape {shape}", summary(x))
+    return x
+
+
 def choice(x, name: str, options) -> str:
     """One of a fixed set of string options."""
     if not isinstance(x, str) or x not in options:
@@ -172,36 +184,82 @@ def compute_dtype(*arrays: np.ndarray) -> np.dtype:
     return np.dtype(np.float32 if narrow else np.float64)
 
 
-def scores_within_range(q: np.ndarray, k: np.ndarray, scale: float, names: str = "q, k") -> None:
-    """Raise :class:`SpecError` if ``scale · q·k`` could overflow the precision kernels compute in.
+def scores_within_range(q, k, scale: float, names: str = "q, k", *, q_factor=1.0, k_factor=1.0,
+                        normalised=()) -> None:  # fmt: skip
+    """Raise :class:`SpecError` if the scores ``scale · q·k`` could overflow the precision kernels compute in.
 
-    The largest score is bounded by ``|scale| · max_i ‖q_i‖ · max_j ‖k_j‖``
-    (Cauchy-Schwarz over the last axis, the head dim); it must stay below
+    Every product a kernel forms is bounded by Cauchy-Schwarz over the last
+    axis (the head dim): ``|q_i·k_j| ≤ P = max_i ‖q_i‖ · max_j ‖k_j‖``, and so
+    is every partial sum of it. Kernels form ``q·k`` and then scale it, so both
+    ``P`` and the largest score ``|scale| · P`` must stay below
     :data:`SCORE_HEADROOM` of the largest finite number of
     :func:`compute_dtype` (float64 for float64 inputs, float32 for float32,
-    float16 and bfloat16). Beyond that a backend would produce ``inf`` scores
-    and then NaN, or a silent fully masked row; every backend raises here
-    instead, before computing. Call it from ``check_inputs`` once the scale is
-    known, with the arrays whose product forms the scores (after any
-    transform that changes their norms).
+    float16 and bfloat16), where ``s − max`` and the running sums of an online
+    softmax stay finite. Beyond that a backend would produce ``inf`` scores and
+    then NaN, or a silent fully masked row; every backend raises here instead,
+    before computing. Call it from ``check_inputs`` once the scale is known.
+
+    Parameters
+    ----------
+    q, k : ndarray (..., N, D), tuple of them, or float
+        The vectors whose dot products form the scores, as the kernels use
+        them. A tuple lists terms whose largest norms add: a sum (Transformer-XL's
+        ``q + u``), terms scored separately and added (Shaw's ``q·k_j + q·a_ij``)
+        or rows concatenated along the sequence (memory slots). A number is
+        the largest norm of rows the kernel normalises first (LSH's unit keys).
+    scale : float
+        The factor applied to ``q·k``.
+    names : str
+        The arguments the message names.
+    q_factor, k_factor : float or ndarray (N,)
+        What the kernel multiplies each row by before the product, one number
+        or one per position along the sequence axis (xPos's
+        ``max_t ζ_t^(±n / scale_base)``, log-n's ``log n``).
+    normalised : tuple of (ndarray, float)
+        Arrays ``x`` and factors ``c`` whose squared row norms ``‖c · x_i‖²`` the
+        kernel forms to normalise them (LSH's keys, routing's routing
+        vectors); they must stay in range too.
     """
-    limit = float(np.finfo(compute_dtype(q, k)).max) * SCORE_HEADROOM
-    largest = abs(scale) * _largest_row_norm(q) * _largest_row_norm(k)
-    if not largest <= limit:
-        raise SpecError(
-            names,
-            f"scores |scale * q.k| below {limit:.3g} (the {compute_dtype(q, k)} range a kernel computes in)",
-            f"values whose scores may reach {largest:.3g} (scale {scale:.3g})",
-        )
+    arrays = [x for side in (q, k) for x in (side if isinstance(side, tuple) else (side,)) if isinstance(x, np.ndarray)]
+    arrays += [x for x, _ in normalised]
+    dtype = compute_dtype(*arrays)
+    limit = float(np.finfo(dtype).max) * SCORE_HEADROOM
+    within = f"below {limit:.3g} (the {dtype} range a kernel computes in)"
+    for x, factor in normalised:
+        norm = float(abs(factor)) * _largest_row_norm(x)
+        squared = norm * norm  # inf, not OverflowError, beyond float64
+        if not squared <= limit:
+            raise SpecError(names, f"squared norms of the vectors a kernel normalises {within}",
+                            f"values whose squared norms reach {squared:.3g}")  # fmt: skip
+    product = _largest_norm(q, q_factor) * _largest_norm(k, k_factor)
+    largest = abs(scale) * product
+    if not max(product, largest) <= limit:
+        raise SpecError(names, f"scores |scale * q.k| and products |q.k| {within}",
+                        f"values whose scores may reach {largest:.3g} (|q.k| up to {product:.3g}, scale {scale:.3g})")
+
+
+def _largest_norm(x, factor) -> float:
+    """The largest norm of the rows ``factor · x`` (or of sums of rows of a tuple's terms), in float64."""
+    if isinstance(x, tuple):
+        return sum(_largest_norm(term, factor) for term in x)
+    if not isinstance(x, np.ndarray):
+        return float(x) * float(np.max(np.abs(factor)))
+    with np.errstate(over="ignore"):
+        return float(np.max(_row_norms(x) * np.abs(np.asarray(factor, np.float64))))
 
 
 def _largest_row_norm(x: np.ndarray) -> float:
-    """``max_i ‖x_i‖₂`` over the last axis, computed without overflow (inf only when it exceeds float64)."""
+    """``max_i ‖x_i‖₂`` over the last axis, in float64 (inf only when it exceeds float64)."""
+    return float(np.max(_row_norms(x)))
+
+
+def _row_norms(x: np.ndarray) -> np.ndarray:
+    """``‖x_i‖₂`` over the last axis, (..., N), float64, computed without overflow (inf only beyond float64)."""
     top = float(np.max(np.abs(x), initial=0.0))
-    if top == 0.0 or not np.isfinite(top):
-        return top
+    if top == 0.0:
+        return np.zeros(x.shape[:-1])
     with np.errstate(over="ignore"):
-        return top * float(np.sqrt(np.max(np.sum(np.square(x / top, dtype=np.float64), axis=-1))))
+        return top * np.sqrt(np.sum(np.square(x / top, dtype=np.float64), axis=-1))
 
 
 def flag(x, name: str) -> bool:

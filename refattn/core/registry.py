@@ -75,7 +75,7 @@ class Mechanism:
     package : str
         Module path of its folder, e.g. ``"refattn.dense"``; backends are
         ``<package>.<backend>``, cases ``<package>.cases``, invariants
-        ``<package>.properties``.
+        ``<package>.properties``, Hypothesis strategies ``<package>.strategies``.
     forward : callable
         The public function (in ``reference.py``).
     vjp : callable
@@ -126,6 +126,11 @@ class Mechanism:
     def properties(self) -> str:
         """Module path of its invariants."""
         return f"{self.package}.properties"
+
+    @property
+    def strategies(self) -> str:
+        """Module path of its Hypothesis strategies (``problems(precision=...)``)."""
+        return f"{self.package}.strategies"
 
 
 _MECHANISMS: dict[str, Mechanism] = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .checks import float_array
+from .checks import float_array, summary
 from .errors import SpecError
 from .precision import FLOAT64, Numerics
 
@@ -57,6 +57,19 @@ def logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
         return np.squeeze(shift + np.log(np.sum(np.exp(x - shift), axis=axis, keepdims=True)), axis)
 
 
+def _partial(p, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """One partial of :func:`merge`: its ``out`` (a finite array of at least 1 dimension) and ``lse`` (an array)."""
+    if hasattr(p, "out"):
+        out, lse = p.out, getattr(p, "lse", None)
+    elif isinstance(p, (tuple, list)) and len(p) == 2:
+        out, lse = p
+    else:
+        out = lse = None
+    if not isinstance(out, np.ndarray) or out.ndim < 1 or not isinstance(lse, np.ndarray):
+        raise SpecError(name, "an (out, lse) pair of numpy arrays, or a Result with an lse", summary(p))
+    return float_array(out, f"{name}.out"), lse
+
+
 def merge(partials):
     """Combine results computed over disjoint key sets into the result over their union.
 
@@ -79,15 +92,19 @@ def merge(partials):
     -------
     out : ndarray (..., Dv), lse : ndarray (...)
     """
-    pairs = [(p.out, p.lse) if hasattr(p, "lse") else tuple(p) for p in partials]
+    if isinstance(partials, (str, bytes)) or not hasattr(partials, "__iter__"):
+        raise SpecError("partials", "a sequence of (out, lse) pairs or Results", summary(partials))
+    pairs = [_partial(p, f"partials[{r}]") for r, p in enumerate(partials)]
     if not pairs:
         raise SpecError("partials", "at least one (out, lse) pair", "an empty sequence")
-    outs = np.stack([float_array(np.asarray(o), "partials[].out").astype(np.float64) for o, _ in pairs])  # (R, ..., Dv)
-    lses = np.stack([np.asarray(l, dtype=np.float64) for _, l in pairs])  # (R, ...)
+    for r, (o, l) in enumerate(pairs):
+        if o.shape[:-1] != l.shape or (o.shape, l.shape) != (pairs[0][0].shape, pairs[0][1].shape):
+            wanted = f"out (..., Dv) and lse (...) of matching shapes, those of partials[0]: {pairs[0][0].shape}, {pairs[0][1].shape}"
+            raise SpecError(f"partials[{r}]", wanted, f"out of shape {o.shape}, lse of shape {l.shape}")
+    outs = np.stack([o.astype(np.float64) for o, _ in pairs])  # (R, ..., Dv)
+    lses = np.stack([l.astype(np.float64) for _, l in pairs])  # (R, ...)
     if np.any(np.isnan(lses)) or np.any(lses == np.inf):
         raise SpecError("partials[].lse", "finite values or -inf", "NaN or +inf")
-    if outs.shape[:-1] != lses.shape:
-        raise SpecError("partials", "out (..., Dv) and lse (...) of matching shapes", f"{outs.shape[1:]} and {lses.shape[1:]}")
     lse = logsumexp(lses, axis=0)  # (...)
     has_key = np.isfinite(lse)
     weight = np.where(has_key, np.exp(lses - np.where(has_key, lse, 0.0)), 0.0)  # (R, ...)

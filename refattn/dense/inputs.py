@@ -59,6 +59,7 @@ def check_dense_inputs(
     causal_alignment = checks.choice(causal_alignment, "causal_alignment", checks.CAUSAL_ALIGNMENTS)
     window = checks.window(window)
     scale = checks.scale(scale, shape.head_dim)
+    checks.scores_within_range(q, k, scale)
     softcap = checks.real_number(softcap, "softcap", minimum=0.0)
     dropout_p = checks.real_number(dropout_p, "dropout_p", minimum=0.0, maximum=1.0)
     if dropout_keep is not None:

@@ -641,15 +641,15 @@ def _model(n, margin, sigma) -> tuple[int, float, float]:
     margin = checks.real_number(margin, "margin", minimum=-np.inf)
     sigma = checks.real_number(sigma, "sigma", minimum=0.0)
     if abs(margin) > MAX_ABS_MARGIN:
-        raise SpecError("margin", f"a margin of magnitude <= {MAX_ABS_MARGIN:g} (e^margin is a float64)", repr(margin))
+        raise SpecError("margin", f"a margin of magnitude <= {MAX_ABS_MARGIN:g} (e^margin is a float64)", checks.summary(margin))
     if sigma > MAX_SIGMA:
-        raise SpecError("sigma", f"a noise scale <= {MAX_SIGMA:g} (the quadrature's grids)", repr(sigma))
+        raise SpecError("sigma", f"a noise scale <= {MAX_SIGMA:g} (the quadrature's grids)", checks.summary(sigma))
     return n, margin, sigma
 
 
 def _int_at_least(x, name: str, minimum: int) -> int:
     if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < minimum:
-        raise SpecError(name, f"an int >= {minimum}", repr(x))
+        raise SpecError(name, f"an int >= {minimum}", checks.summary(x))
     return int(x)
 
 

@@ -332,7 +332,7 @@ def _rows(x, name: str) -> np.ndarray:
 
 def _top_k(x) -> int:
     if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 1:
-        raise SpecError("top_k", "an int >= 1", repr(x))
+        raise SpecError("top_k", "an int >= 1", checks.summary(x))
     return int(x)
 
 

@@ -2,9 +2,9 @@
 
 The same function as :func:`refattn.dilution.diagnostics.attention_diagnostics`
 (same name, parameters and step numbers), computed the way
-:mod:`refattn.dense.numba` computes attention: queries in blocks of
-``BLOCK_Q`` rows, keys in tiles of ``BLOCK_K``, logits (D1) by the dense
-kernels' own ``_logits_tile``, and nothing larger than a (BLOCK_K, BLOCK_Q)
+:mod:`refattn.core.tiles` computes attention: queries in blocks of
+``BLOCK_Q`` rows, keys in tiles of ``BLOCK_K``, logits (D1) by the tile
+library's :func:`~refattn.core.tiles.logits_tile`, and nothing larger than a (BLOCK_K, BLOCK_Q)
 tile of logits ever exists. Memory is O(N) (plus the caller's arrays), never
 O(Nq * Nk). Work items, parallel with ``prange``, are (batch, query head,
 query block).
@@ -41,7 +41,7 @@ number below ``exp``'s flush threshold, so that its ``p_j = 0`` and its
 it beats the smallest held, in O(log k); −inf entries add exp(−inf) = 0.
 
 Relevance is read where it lies, through the strides of its own shape
-(``refattn.dense.numba._flat``), like a mask. A per-key relevance,
+(:func:`refattn.core.tiles.flat`), like a mask. A per-key relevance,
 ``(1, Nk)`` or ``(B, 1, 1, Nk)``, keeps the whole call O(N); a full
 ``(Nq, Nk)`` one is accepted and read tile by tile, never copied to score
 size beyond the caller's own array.
@@ -59,19 +59,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ..dense.numba import (
-    BLOCK_K,
-    BLOCK_Q,
-    _at,
-    _block_order,
-    _compute_dtype,
-    _exp_nonpositive,
-    _flat,
-    _KernelArgs,
-    _key_range,
-    _logits_tile,
-    _transposed,
-)
+from ..core import tiles
+from ..core.tiles import BLOCK_K, BLOCK_Q, TileArgs, compute_dtype, exp_nonpositive
 from .diagnostics import DEFAULT_TOP_K, Diagnostics, check_diagnostics_inputs
 
 
@@ -101,9 +90,9 @@ def attention_diagnostics(
         q, k, mask=mask, bias=bias, causal=causal, causal_alignment=causal_alignment, window=window,
         scale=scale, softcap=softcap, top_k=top_k, relevant=relevant,
     )  # fmt: skip
-    dtype = _compute_dtype(q)
-    args = _KernelArgs.build(x.dense, dtype, (q, k, k))  # v is k, and unused
-    relevance, relevance_strides = _flat(x.relevant, np.bool_)
+    dtype = compute_dtype(q)
+    args = TileArgs.build(x.dense, dtype, (q, k, k))  # v is k, and unused
+    relevance, relevance_strides = tiles.flat(x.relevant, np.bool_)
     rows = args.q.shape[:3]
     out = {
         name: np.empty(rows, dtype) for name in ("entropy", "normalized", "support", "max_weight", "top", "rel", "irr")
@@ -153,27 +142,18 @@ def _heap_push(heap, z):
 @njit(parallel=True, cache=True, fastmath=False)
 def _diagnostics_kernel(
     q, k,
-    scale, softcap, has_dist, dist_table, d_min, q_positions, k_positions,  # (D1): dense (1)-(3)
-    has_bias, bias, bias_strides, has_mask, mask, mask_strides, offset, left, right,  # (D1): dense (3)-(4)
+    scale, softcap, has_bias, bias, bias_strides, has_mask, mask, mask_strides, offset, left, right,  # (D1): dense (1)-(4)
     has_relevance, relevance, relevance_strides, heap_size,  # (D8), (D9)
     entropy, normalized, support, max_weight, top_mass, rel_mass, irr_mass, attended,
 ):  # fmt: skip
     """Every output (B, Hq, Nq); parallel over (b, h, query block), sweeping key tiles."""
-    batch, q_heads, q_len, _ = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
-    group = q_heads // kv_heads
-    n_blocks = (q_len + BLOCK_Q - 1) // BLOCK_Q
     dtype = q.dtype
     below_flush = dtype.type(-1.0e4)  # exp of this is flushed to 0 in float32 and float64
     zero = dtype.type(0.0)
-    for item in prange(batch * q_heads * n_blocks):
-        bh, block = _block_order(item, n_blocks)
-        b, h = bh // q_heads, bh % q_heads
-        kvh = h // group
-        i0 = block * BLOCK_Q
-        n_q = min(BLOCK_Q, q_len - i0)
-
-        q_t = _transposed(q, b, h, i0, n_q, BLOCK_Q)  # (D, BQ)
+    for item in prange(tiles.query_blocks(q)):
+        b, h, kvh, i0, n_q = tiles.query_block(item, q, kv_heads)
+        q_t = tiles.transposed(q, b, h, i0, n_q, BLOCK_Q)  # (D, BQ)
         s_t = np.empty((BLOCK_K, BLOCK_Q), dtype)  # logits; key-major
         dcap = np.empty((BLOCK_K, BLOCK_Q), dtype)  # unused
         m = np.full(BLOCK_Q, -np.inf, dtype)  # (S1) running max
@@ -184,15 +164,14 @@ def _diagnostics_kernel(
         count = np.zeros(BLOCK_Q, np.int64)  # attended keys
         heap = np.full((BLOCK_Q, heap_size), -np.inf, dtype)  # top-k logits per row
 
-        key_lo, key_hi = _key_range(i0, i0 + n_q, offset, left, right, kv_len)
+        key_lo, key_hi = tiles.key_range(i0, i0 + n_q, offset, left, right, kv_len)
         for j0 in range(key_lo, key_hi, BLOCK_K):
             n_k = min(BLOCK_K, key_hi - j0)
             # (D1) Logits of this tile (-inf where masked).
             np.dot(k[b, kvh, j0 : j0 + n_k], q_t, s_t[:n_k])  # (n_k, BQ) = k q^T
-            _logits_tile(
+            tiles.logits_tile(
                 s_t, dcap, True, n_q, n_k, b, h, i0, j0,
-                scale, softcap, has_dist, dist_table, d_min, q_positions, k_positions, has_bias, bias, bias_strides,
-                has_mask, mask, mask_strides, offset, left, right,
+                scale, softcap, has_bias, bias, bias_strides, has_mask, mask, mask_strides, offset, left, right,
             )  # fmt: skip
             for c in range(n_q):
                 # (S2) New maximum; rescale and re-centre what was summed under the old one.
@@ -202,7 +181,7 @@ def _diagnostics_kernel(
                 if m_new == -np.inf:  # no allowed key yet
                     continue
                 if m[c] > -np.inf:
-                    alpha = _exp_nonpositive(m[c] - m_new)
+                    alpha = exp_nonpositive(m[c] - m_new)
                     t[c] = alpha * (t[c] + (m[c] - m_new) * l[c])
                     l[c] *= alpha
                     r[c] *= alpha
@@ -214,10 +193,10 @@ def _diagnostics_kernel(
                 for row in range(n_k):
                     z = s_t[row, c]
                     centred = max(z - m_new, below_flush)  # finite, so that p * centred = 0 when p = 0
-                    p = _exp_nonpositive(centred)
+                    p = exp_nonpositive(centred)
                     l_tile += p
                     t_tile += p * centred
-                    if has_relevance and relevance[_at(relevance_strides, b, h, i0 + c, j0 + row)]:
+                    if has_relevance and relevance[tiles.at(relevance_strides, b, h, i0 + c, j0 + row)]:
                         r_tile += p
                     else:
                         u_tile += p
@@ -245,7 +224,7 @@ def _diagnostics_kernel(
             max_weight[b, h, i] = 1 / l[c]  # (D7) the maximum's p is exp(0) = 1
             top = zero
             for slot in range(heap_size):
-                top += _exp_nonpositive(heap[c, slot] - m[c])
+                top += exp_nonpositive(heap[c, slot] - m[c])
             top_mass[b, h, i] = top / l[c]  # (D8)
             rel_mass[b, h, i] = r[c] / l[c]  # (D9)
             irr_mass[b, h, i] = u[c] / l[c]

@@ -111,6 +111,27 @@ FLAGS: dict[str, str] = {
         "windows hold only padded tokens attends to the others, not to itself, and token 0's lse under causal "
         "masking is its score - 1e5. Fails using one rule for the other."
     ),
+    "LSH_TRAX_PADDING_MARKS": (
+        "trax decides padding and self pairs from marks, info = n + 1 for a real token and 1 - n for a padded one "
+        "(padding_marks='negated_positions'): a padded token at n >= 1 gets no self value (its own pair is an ordinary "
+        "padded pair, -1e9), padded keys at positions 0 and 1 are not masked, and padded keys are never causally "
+        "masked. google/trax 7c189c2, efficient_attention.py, LSHSelfAttention.forward_unbatched and attend. Fails "
+        "the self value on every i == j (refattn before issue 14), and masking padded keys by the mask alone."
+    ),
+    "LSH_REFORMER_PYTORCH_DUP_COUNT": (
+        "Reproduces a defect of reformer-pytorch (allow_duplicate_attention=False; lucidrains preset, "
+        "dup_count='reformer_pytorch'): the count n'_ij covers same-round windows only, so a key seen only through a "
+        "window reaching into another round gets log(0 + 1e-9) and its logit raised by 20.7, and log(n' + 1e-9) is "
+        "taken in float32 even for float64 input. The right count is the canonical one (DUP_COUNT_CROSS_ROUND). "
+        "Fails the exact count under this preset, and the float64 log of the same-round count."
+    ),
+    "LSH_TIES": (
+        "Exact ties, reproduced in every precision: an all-zero token hashes to bucket 0 in every round and factor "
+        "(argmax of an all-zero [xR, -xR] takes the first index: NumPy, torch and JAX argmax), and duplicated tokens "
+        "share every bucket, so their order in the sort is by position (HF's stable argsort, trax's and "
+        "reformer-pytorch's key N bucket + n). Fails the last index on a tied argmax, and unstable or reversed "
+        "sorts of equal buckets."
+    ),
     "LSH_PADDED_QUERIES": (
         "reformer-pytorch masks a padded query's whole row (the query and key padding masks multiplied), so a "
         "padded token attends only to itself (the self value is written after the mask); HF and trax mask padded "
@@ -148,14 +169,38 @@ def padded_tail(counts: tuple[int, ...]) -> ArrayMaker:
     return make
 
 
-def _arrays(dims: Dims, num_buckets, num_hashes: int, std: float, per_example: bool, padding: ArrayMaker | None):
-    """``arrays(rng)``: rotations first, then qk (with margins), v and the padding mask."""
+def padded_head(counts: tuple[int, ...]) -> ArrayMaker:
+    """Key padding mask (B, N): batch element ``b`` has its first ``counts[b]`` tokens padded."""
+
+    def make(rng: np.random.Generator, dims: Dims) -> np.ndarray:
+        valid = np.ones((dims.b, dims.nk), dtype=bool)
+        for b, count in enumerate(counts):
+            valid[b, :count] = False
+        return valid
+
+    return make
+
+
+def tied_tokens(qk: np.ndarray) -> np.ndarray:
+    """``qk`` with exact ties: token 1 all zero, and every token from N/2 on a copy of the token N/2 before it."""
+    qk = qk.copy()
+    half = qk.shape[2] // 2
+    qk[:, :, half : 2 * half] = qk[:, :, :half]
+    qk[:, :, 1] = qk[:, :, half + 1] = 0.0
+    return qk
+
+
+def _arrays(dims: Dims, num_buckets, num_hashes: int, std: float, per_example: bool, padding: ArrayMaker | None,
+            ties: bool = False):  # fmt: skip
+    """``arrays(rng)``: rotations first, then qk (with margins; tied afterwards with ``ties``), v and the padding mask."""
     half = sum(bucket_factors(num_buckets)) // 2
 
     def arrays(rng: np.random.Generator) -> dict:
         lead = (dims.b,) if per_example else ()
         rotations = rng.standard_normal(lead + (dims.hq, num_hashes, dims.d, half))
         qk = draw_qk(rng, rotations, num_buckets, dims.q_shape, std=std)
+        if ties:
+            qk = tied_tokens(qk)
         out = {"qk": qk, "v": rng.standard_normal(dims.v_shape), "rotations": rotations}
         if padding is not None:
             out["key_padding_mask"] = padding(rng, dims)
@@ -166,16 +211,17 @@ def _arrays(dims: Dims, num_buckets, num_hashes: int, std: float, per_example: b
 
 def _case(name: str, description: str, flags: tuple[str, ...], dims: Dims, *, num_buckets, num_hashes: int,
           chunk_len: int, preset: str | None = None, causal: bool = False, padding: ArrayMaker | None = None,
-          per_example: bool = False, std: float = 1.0, **overrides) -> Case:  # fmt: skip
+          per_example: bool = False, std: float = 1.0, ties: bool = False, **overrides) -> Case:  # fmt: skip
     """One LSH case; ``overrides`` replace the preset's values of the behaviours (``presets.PARAMETERS``)."""
     params = dict(num_buckets=num_buckets, num_hashes=num_hashes, chunk_len=chunk_len, causal=causal)
     params.update(preset_values(PRESETS[preset]), **overrides)
+    margins = "Every bucket decision of the other tokens" if ties else "Every bucket decision"
     return make_case(
         "lsh",
         name,
-        f"{description} Every bucket decision has margin >= {MIN_MARGIN}.",
+        f"{description} {margins} has margin >= {MIN_MARGIN}.",
         flags,
-        _arrays(dims, num_buckets, num_hashes, std, per_example, padding),
+        _arrays(dims, num_buckets, num_hashes, std, per_example, padding, ties),
         params=params,
         differentiable=("qk", "v"),
         preset=preset,
@@ -204,6 +250,10 @@ def cases() -> list[Case]:
               ("WRAPPED_LOOKBACK",), qk_dims(1, 2, 24, 8), num_buckets=6, num_hashes=2, chunk_len=8, num_chunks_after=1),
         _case("factorised", "Buckets factorised as [4, 6] (24 per round): factor 0 is the least significant.",
               ("LSH_FACTORISED_BUCKETS",), qk_dims(1, 2, 32, 8), num_buckets=[4, 6], num_hashes=2, chunk_len=8),
+        _case("ties", "Exact ties: token 1 is all zero (bucket 0 in every round and factor), tokens 8-15 copy tokens "
+              "0-7 (equal buckets, sorted by position); buckets [4, 2], N = 16, chunks of 4.",
+              ("LSH_TIES", "LSH_STABLE_SORT", "LSH_FACTORISED_BUCKETS"), qk_dims(1, 2, 16, 8), num_buckets=[4, 2],
+              num_hashes=2, chunk_len=4, ties=True),
         _case("window_repeats_chunk", "N=8 in one chunk of 8 with one chunk before: the window holds the chunk twice, "
               "every key counts twice.",
               ("WRAPPED_LOOKBACK",), qk_dims(1, 2, 8, 8), num_buckets=2, num_hashes=1, chunk_len=8),
@@ -227,13 +277,18 @@ def cases() -> list[Case]:
               num_chunks_before=0, num_chunks_after=1),
         # --- trax ----------------------------------------------------------------------
         _case("trax_masked", "trax: a mask is given, so the padding bucket exists even for the unpadded element 0; "
-              "element 1 has 20 padded tokens, some seeing only padded tokens (-1e9 added to all of them); rotations "
-              "per example.",
-              ("PADDING_BUCKET", "LSH_MASK_MODE"), qk_dims(2, 1, 32, 8), preset="trax", num_buckets=4, num_hashes=2,
+              "element 1 has 20 padded tokens, some seeing only padded tokens (-1e9 added to all of them, itself "
+              "included: trax's marks give a padded token no self pair); rotations per example.",
+              ("PADDING_BUCKET", "LSH_MASK_MODE", "LSH_TRAX_PADDING_MARKS"), qk_dims(2, 1, 32, 8), preset="trax", num_buckets=4, num_hashes=2,
               chunk_len=8, padding=padded_tail((0, 20)), per_example=True),
         _case("trax_causal", "trax, causal: token 0's logit with itself is its score minus 1e5.",
               ("SELF_ONLY_ROW", "LSH_MASK_MODE", "MULTI_ROUND_COMBINE"), qk_dims(1, 2, 32, 8), preset="trax",
               num_buckets=4, num_hashes=2, chunk_len=8, causal=True),
+        _case("trax_leading_padding", "trax, causal: element 1's first 5 tokens padded, so its padded keys 0 and 1 "
+              "escape the padding mask (marks 1 and 0 are not negative), padded token 0 keeps its self pair and "
+              "padded keys are never causally masked.",
+              ("LSH_TRAX_PADDING_MARKS", "PADDING_BUCKET"), qk_dims(2, 1, 16, 8), preset="trax", num_buckets=4,
+              num_hashes=2, chunk_len=8, causal=True, padding=padded_head((0, 5))),
         # --- lucidrains -----------------------------------------------------------------
         _case("lucidrains_two_rounds", "lucidrains: l2-normalised keys, logits scaled by 1/sqrt(D), N=32, buckets "
               "N/chunk_len = 4, two rounds.",
@@ -243,9 +298,10 @@ def cases() -> list[Case]:
               "themselves.",
               ("LSH_PADDED_QUERIES",), qk_dims(1, 2, 32, 8), preset="lucidrains", num_buckets=4, num_hashes=2, chunk_len=8,
               padding=padded_tail((10,))),
-        _case("lucidrains_dup_correction", "allow_duplicate_attention=False: keys seen through the first chunk's "
-              "wrapped window and across rounds count too (reformer-pytorch's own count misses them).",
-              ("DUP_COUNT", "DUP_COUNT_CROSS_ROUND"), qk_dims(1, 2, 32, 8), preset="lucidrains", num_buckets=4, num_hashes=2,
+        _case("lucidrains_dup_correction", "allow_duplicate_attention=False as reformer-pytorch computes it: the "
+              "same-round count, keys seen only through windows reaching into another round raised by 20.7, the log "
+              "in float32.",
+              ("DUP_COUNT", "LSH_REFORMER_PYTORCH_DUP_COUNT"), qk_dims(1, 2, 32, 8), preset="lucidrains", num_buckets=4, num_hashes=2,
               chunk_len=8, dup_correction=True),
         _case("lucidrains_short_sequence", "lucidrains: N=24 <= bucket_size=32 with 4 rounds: full attention (the "
               "LSH path would give 3 chunks of uneven windows).",

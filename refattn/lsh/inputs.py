@@ -15,9 +15,11 @@ from ..core import checks
 from ..core.errors import SpecError
 from ..core.presets import FROM_PRESET
 from .presets import (
+    DUP_COUNTS,
     KEY_NORMS,
     MASK_MODES,
     PADDING_BUCKETS,
+    PADDING_MARKS,
     PARAMETERS,
     PRESETS,
     SHORT_SEQUENCE,
@@ -53,8 +55,10 @@ class LSHInputs:
     mask_value: float | None
     mask_mode: str
     mask_padded_queries: bool
+    padding_marks: str
     padding_bucket: str
     dup_correction: bool
+    dup_count: str
     short_sequence: str
     return_rounds: bool
 
@@ -96,7 +100,7 @@ def has_padding_bucket(valid: np.ndarray | None, rule: str) -> bool:
 
 def _integer(x, name: str, minimum: int) -> int:
     if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < minimum:
-        raise SpecError(name, f"an integer >= {minimum}", repr(x))
+        raise SpecError(name, f"an integer >= {minimum}", checks.summary(x))
     return int(x)
 
 
@@ -105,10 +109,10 @@ def bucket_factors(num_buckets) -> tuple[int, ...]:
     expected = "an even int >= 2, or a non-empty list of them (factorised buckets)"
     given = list(num_buckets) if isinstance(num_buckets, (list, tuple)) else [num_buckets]
     if not given:
-        raise SpecError("num_buckets", expected, repr(num_buckets))
+        raise SpecError("num_buckets", expected, checks.summary(num_buckets))
     for factor in given:
         if isinstance(factor, bool) or not isinstance(factor, numbers.Integral) or factor < 2 or factor % 2:
-            raise SpecError("num_buckets", expected, repr(num_buckets))
+            raise SpecError("num_buckets", expected, checks.summary(num_buckets))
     return tuple(int(f) for f in given)
 
 
@@ -141,13 +145,13 @@ def _optional_finite(x, name: str) -> float | None:
     if x is None:
         return None
     if isinstance(x, bool) or not isinstance(x, numbers.Real) or not np.isfinite(x):
-        raise SpecError(name, "a finite number, or None (masked entries excluded exactly)", repr(x))
+        raise SpecError(name, "a finite number, or None (masked entries excluded exactly)", checks.summary(x))
     return float(x)
 
 
 def _finite(x, name: str) -> float:
     if isinstance(x, bool) or not isinstance(x, numbers.Real) or not np.isfinite(x):
-        raise SpecError(name, "a finite number", repr(x))
+        raise SpecError(name, "a finite number", checks.summary(x))
     return float(x)
 
 
@@ -158,7 +162,7 @@ def resolve_preset(preset, overrides: dict) -> tuple[Preset, dict]:
     :data:`FROM_PRESET` where the caller gave none.
     """
     if not (preset is None or isinstance(preset, str)) or preset not in PRESETS:
-        raise SpecError("preset", f"None or one of {[p for p in PRESETS if p]}", repr(preset))
+        raise SpecError("preset", f"None or one of {[p for p in PRESETS if p]}", checks.summary(preset))
     chosen = PRESETS[preset]
     values = preset_values(chosen)
     values.update({name: value for name, value in overrides.items() if value is not FROM_PRESET})
@@ -181,7 +185,7 @@ def _check_length_rule(rule: str, preset: str | None, length: int, num_hashes: i
 def check_lsh_inputs(
     qk, v, *, rotations, num_buckets, num_hashes, chunk_len, causal, key_padding_mask, num_chunks_before,
     num_chunks_after, key_norm, key_norm_eps, scale, self_mask_value, mask_value, mask_mode, mask_padded_queries,
-    padding_bucket, dup_correction, short_sequence, preset, return_rounds,
+    padding_marks, padding_bucket, dup_correction, dup_count, short_sequence, preset, return_rounds,
 ) -> LSHInputs:  # fmt: skip
     """Check every argument of ``lsh_attention``; raise :class:`SpecError` on the first bad one.
 
@@ -221,11 +225,15 @@ def check_lsh_inputs(
         mask_value=_optional_finite(p["mask_value"], "mask_value"),
         mask_mode=checks.choice(p["mask_mode"], "mask_mode", MASK_MODES),
         mask_padded_queries=checks.flag(p["mask_padded_queries"], "mask_padded_queries"),
+        padding_marks=checks.choice(p["padding_marks"], "padding_marks", PADDING_MARKS),
         padding_bucket=checks.choice(p["padding_bucket"], "padding_bucket", PADDING_BUCKETS),
         dup_correction=checks.flag(p["dup_correction"], "dup_correction"),
+        dup_count=checks.choice(p["dup_count"], "dup_count", DUP_COUNTS),
         short_sequence=checks.choice(p["short_sequence"], "short_sequence", SHORT_SEQUENCE),
         return_rounds=checks.flag(return_rounds, "return_rounds"),
     )
     if not inputs.short:
         _check_length_rule(chosen.length_rule, chosen.name, length, num_hashes, chunk_len)
+    # (6) forms |x|² to make the keys u = x / ρ, |u| <= 1; (7) s = scale · x·u.
+    checks.scores_within_range(qk, 1.0, inputs.scale, "qk", normalised=((qk, 1.0),))
     return inputs

@@ -189,6 +189,7 @@ class _Arrays:
     self_value: np.floating
     has_mask_value: bool
     mask_value: np.floating
+    negated_marks: bool
 
     @staticmethod
     def build(x: LSHInputs) -> "_Arrays":
@@ -215,12 +216,13 @@ class _Arrays:
             self_value=real(x.self_mask_value),
             has_mask_value=x.mask_value is not None,
             mask_value=real(0.0 if x.mask_value is None else x.mask_value),
+            negated_marks=x.padding_marks == "negated_positions",
         )
 
     def logits(self) -> tuple:
         """Arguments of steps (7)-(8), in the kernels' order."""
         return (self.scale, self.causal, self.has_valid, self.valid, self.mask_padded_queries, self.replace,
-                self.self_value, self.has_mask_value, self.mask_value)  # fmt: skip
+                self.self_value, self.has_mask_value, self.mask_value, self.negated_marks)  # fmt: skip
 
 
 def _contiguous(x: np.ndarray, dtype) -> np.ndarray:
@@ -247,6 +249,7 @@ class _Plan:
     dup_correction: bool
     item_chunk: np.ndarray  # (B, H, R'·N) int64: the chunk of each item (a placeholder without (9))
     multiplicity: np.ndarray  # (C,) int64: m[δ] of step (9)
+    same_round: bool  # step (9) counts same-round windows only (dup_count="reformer_pytorch")
 
     @property
     def num_runs(self) -> int:
@@ -258,7 +261,7 @@ class _Plan:
 
     def counts(self) -> tuple:
         """Arguments of step (9), in the kernels' order."""
-        return (self.dup_correction, self.item_chunk, self.multiplicity)
+        return (self.dup_correction, self.item_chunk, self.multiplicity, self.same_round)
 
 
 def _plan(x: LSHInputs, args: _Arrays) -> _Plan:
@@ -267,7 +270,7 @@ def _plan(x: LSHInputs, args: _Arrays) -> _Plan:
     if x.short:
         # (S) One dense round: every token attends to every token once.
         identity = frozen(np.ascontiguousarray(np.broadcast_to(np.arange(n, dtype=np.int64), (b, h, n))))
-        return _Plan(None, identity, 1, x.chunk_len, 1, 0, 0, 1, False, no_counts, np.ones(1, np.int64))
+        return _Plan(None, identity, 1, x.chunk_len, 1, 0, 0, 1, False, no_counts, np.ones(1, np.int64), False)
     # (1)-(3) Buckets, round offsets included.
     padding = x.has_padding_bucket
     buckets_per_round = x.num_buckets + 1 if padding else x.num_buckets  # F'
@@ -286,7 +289,8 @@ def _plan(x: LSHInputs, args: _Arrays) -> _Plan:
     multiplicity = window_multiplicity(num_chunks, x.num_chunks_before, x.num_chunks_after)
     item_chunk = frozen(inverse // x.chunk_len) if x.dup_correction else no_counts
     return _Plan(buckets, frozen(permutation), x.num_hashes, x.chunk_len, num_chunks, x.num_chunks_before,
-                 x.num_chunks_after, run_len, x.dup_correction, item_chunk, multiplicity)  # fmt: skip
+                 x.num_chunks_after, run_len, x.dup_correction, item_chunk, multiplicity,
+                 x.dup_count == "reformer_pytorch")  # fmt: skip
 
 
 def _attend(args: _Arrays, plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
@@ -448,7 +452,7 @@ def _load_tiles(
 def _logits_tile(
     t, flows, n_k, n_q, b, pos_k, pos_q, chunk_k, chunk_q,
     scale, causal, has_valid, valid, mask_padded_queries, replace, self_value, has_mask_value, mask_value,
-    dup_correction, multiplicity,
+    negated_marks, dup_correction, multiplicity, same_round,
 ):  # fmt: skip
     """Steps (7)-(9) in place on a key-major tile ``t[r, c]`` = u_j · x_i (key row r: token j, query column c: token i).
 
@@ -467,18 +471,22 @@ def _logits_tile(
             score = scale * t[r, c]
             # (8) By original positions: allowed (causality, key padding, query padding), self (same token).
             #     The constants join in float64 and the sum is rounded once, on the store (the reference's astype).
-            allowed = key_ok and not (causal and j > i)
+            if negated_marks and not key_ok:  # trax's marks: padded key j has info 1 - j (reference._trax_marks)
+                allowed, is_self = j < 2, i == j and j == 0
+            else:
+                allowed, is_self = key_ok and not (causal and j > i), i == j
             if mask_padded_queries and has_valid:
                 allowed = allowed and valid[b, i]
             if replace:  # masked -> mask_value (or excluded), then self -> self_value
                 z = np.float64(score) if allowed else (mask64 if has_mask_value else neg_inf)
-                t[r, c] = self64 if i == j else z
-                flows[r, c] = allowed and i != j
+                t[r, c] = self64 if is_self else z
+                flows[r, c] = allowed and not is_self
             else:  # add: s + self_value·[self] + mask_value·[masked] (excluded when mask_value is None)
-                z = np.float64(score) + self64 if i == j else np.float64(score)
+                z = np.float64(score) + self64 if is_self else np.float64(score)
                 t[r, c] = z if allowed else (z + mask64 if has_mask_value else neg_inf)
                 flows[r, c] = allowed or has_mask_value
-    # (9) Duplicate correction: z - log n_ij, n_ij = Σ_r Σ_r' m[(c_r'(j) - c_r(i)) mod C], rounded once more.
+    # (9) Duplicate correction: z - log n_ij, n_ij = Σ_r Σ_r' m[(c_r'(j) - c_r(i)) mod C], rounded once more;
+    #     same_round (reformer-pytorch): r' = r only, and log(n'_ij + 1e-9) rounded to float32.
     if dup_correction:
         num_chunks = multiplicity.shape[0]
         for r in range(n_k):
@@ -486,8 +494,13 @@ def _logits_tile(
                 count = 0
                 for ra in range(chunk_q.shape[0]):
                     for rb in range(chunk_k.shape[0]):
-                        count += multiplicity[(chunk_k[rb, r] - chunk_q[ra, c]) % num_chunks]
-                t[r, c] = np.float64(t[r, c]) - math.log(count)
+                        if rb == ra or not same_round:
+                            count += multiplicity[(chunk_k[rb, r] - chunk_q[ra, c]) % num_chunks]
+                if same_round:
+                    log_count = np.float64(np.float32(math.log(np.float64(np.float32(count) + np.float32(1e-9)))))
+                else:
+                    log_count = math.log(count)
+                t[r, c] = np.float64(t[r, c]) - log_count
 
 
 # --------------------------------------------------------------------------
@@ -499,7 +512,7 @@ def _logits_tile(
 def _forward_kernel(
     qk, rho, v, permutation, chunk_len, before, after, run_len,  # (5), (6)
     scale, causal, has_valid, valid, mask_padded_queries, replace, self_value, has_mask_value, mask_value,  # (7)-(8)
-    dup_correction, item_chunk, multiplicity,  # (9)
+    negated_marks, dup_correction, item_chunk, multiplicity, same_round,  # (8)-(9)
     round_out, round_lse,
 ):  # fmt: skip
     """Per slot's item: output (B, H, R'·N, Dv) and log-sum-exp (B, H, R'·N); parallel over (b, h, run)."""
@@ -543,7 +556,7 @@ def _forward_kernel(
                 _logits_tile(
                     s_t, flows, n_k, n_q, b, positions[kt], positions[qt], round_chunks[kt], round_chunks[qt],
                     scale, causal, has_valid, valid, mask_padded_queries, replace, self_value, has_mask_value,
-                    mask_value, dup_correction, multiplicity,
+                    mask_value, negated_marks, dup_correction, multiplicity, same_round,
                 )  # fmt: skip
                 # (10) Online softmax: new maxima, rescale factors, exponentials, sums.
                 for col in range(n_q):
@@ -618,7 +631,7 @@ def _backward_kernel(
     qk, rho, projected, v, permutation, chunk_len, before, after, run_len, runs,  # (5), (6)
     dout, lse, row_term,  # (12'): the combined LSE (+inf for a token without keys), dLSE - dout · out
     scale, causal, has_valid, valid, mask_padded_queries, replace, self_value, has_mask_value, mask_value,  # (7)-(8)
-    dup_correction, item_chunk, multiplicity,  # (9)
+    negated_marks, dup_correction, item_chunk, multiplicity, same_round,  # (8)-(9)
     d_items, dv_items,
 ):  # fmt: skip
     """Adds dq + dx (B, H, R'·N, D) and dv (B, H, R'·N, Dv) per item; parallel over (b, h, run of ``runs``)."""
@@ -667,7 +680,7 @@ def _backward_kernel(
                 _logits_tile(
                     s_t, flows, n_k, n_q, b, positions[kt], positions[qt], round_chunks[kt], round_chunks[qt],
                     scale, causal, has_valid, valid, mask_padded_queries, replace, self_value, has_mask_value,
-                    mask_value, dup_correction, multiplicity,
+                    mask_value, negated_marks, dup_correction, multiplicity, same_round,
                 )  # fmt: skip
                 for r in range(n_k):
                     for col in range(n_q):

@@ -28,6 +28,10 @@ MASK_MODES = ("replace", "add")
 KEY_NORMS = ("rms", "l2")
 #: Values of ``short_sequence``: what happens when N <= chunk_len.
 SHORT_SEQUENCE = ("lsh", "full")
+#: Values of ``padding_marks``: how padded tokens are told apart in step (8).
+PADDING_MARKS = ("mask", "negated_positions")
+#: Values of ``dup_count``: what step (9) counts.
+DUP_COUNTS = ("occurrences", "reformer_pytorch")
 #: Values of ``length_rule``: the lengths an implementation accepts.
 LENGTH_RULES = ("any", "rounds_multiple", "double_chunk")
 
@@ -67,12 +71,31 @@ class Preset:
     mask_padded_queries : bool
         A padded query's row masks every key (lucidrains multiplies the query
         and key padding masks); otherwise padding masks keys only.
+    padding_marks : {"mask", "negated_positions"}
+        ``"mask"``: a token is padded where ``key_padding_mask`` is False, as
+        a key (masked) and as a query (its own pair is a self pair).
+        ``"negated_positions"`` (trax): step (8) decides from trax's marks,
+        ``info = n + 1`` for a real token and ``1 - n`` for a padded one (trax
+        negates the position and adds 1 in ``attend``): a pair is a self pair
+        when the marks are equal (``i == j`` with ``j`` real, or ``i = j = 0``),
+        a key is padded when its mark is negative (``n >= 2``), causally
+        masked when ``info_i < info_j`` (never for a padded key). So a padded
+        token at ``n >= 1`` gets no self value, and padded keys at positions
+        0 and 1 are not masked.
     padding_bucket : {"if_mask", "if_padded", "none"}
         Padded tokens get the extra bucket ``Π num_buckets`` (and each round
         ``Π num_buckets + 1`` bucket ids) whenever a mask is given (trax),
         only when some token of the batch is padded (HF), or never (lucidrains).
     dup_correction : bool
         Subtract ``log n_ij`` (how often key j appears in query i's windows).
+    dup_count : {"occurrences", "reformer_pytorch"}
+        What ``dup_correction`` subtracts. ``"occurrences"``: ``log n_ij``,
+        ``n_ij`` the occurrences of key ``j`` in query ``i``'s windows over
+        all rounds (spec/lsh.md step (9); right: every key then counts once).
+        ``"reformer_pytorch"`` reproduces reformer-pytorch's defect: the
+        same-round count ``n'_ij`` (occurrences through windows of the same
+        round only), and ``log(n'_ij + 1e-9)`` rounded to float32, so a key
+        seen only through another round's window gets ``-log(1e-9) = +20.7``.
     short_sequence : {"lsh", "full"}
         With ``"full"``, N <= chunk_len runs one dense round over all keys
         with the same logits (HF, lucidrains).
@@ -96,8 +119,10 @@ class Preset:
     mask_value: float | None = None
     mask_mode: str = "replace"
     mask_padded_queries: bool = False
+    padding_marks: str = "mask"
     padding_bucket: str = "if_mask"
     dup_correction: bool = False
+    dup_count: str = "occurrences"
     short_sequence: str = "lsh"
     length_rule: str = "any"
     self_mask_value_float16: float | None = None
@@ -115,8 +140,10 @@ PARAMETERS = (
     "mask_value",
     "mask_mode",
     "mask_padded_queries",
+    "padding_marks",
     "padding_bucket",
     "dup_correction",
+    "dup_count",
     "short_sequence",
 )
 
@@ -133,15 +160,18 @@ HF = Preset(
     mask_value_float16=-1e4,
 )
 
-#: trax, trax/layers/research/efficient_attention.py (LSHSelfAttention, attend, mask_self_attention).
+#: trax, trax/layers/research/efficient_attention.py (LSHSelfAttention, attend, mask_self_attention),
+#: google/trax 7c189c2c3a37851df7fc641b322a99bbe9f8aa10.
 TRAX = Preset(
     name="trax",
     mask_value=-1e9,
     mask_mode="add",
+    padding_marks="negated_positions",
     length_rule="rounds_multiple",
 )
 
-#: lucidrains/reformer-pytorch, reformer_pytorch/reformer_pytorch.py (LSHAttention, LSHSelfAttention).
+#: lucidrains/reformer-pytorch, reformer_pytorch/reformer_pytorch.py (LSHAttention, LSHSelfAttention),
+#: lucidrains/reformer-pytorch 66a19b6caf481a880c97d331306aba55d2ae4b9c (file identical to the PyPI release 1.4.4).
 LUCIDRAINS = Preset(
     name="lucidrains",
     key_norm="l2",
@@ -151,6 +181,7 @@ LUCIDRAINS = Preset(
     mask_value=-float(np.finfo(np.float32).max),
     mask_padded_queries=True,
     padding_bucket="none",
+    dup_count="reformer_pytorch",
     short_sequence="full",
     length_rule="double_chunk",
     self_mask_value_float16=-5e4,

@@ -34,7 +34,7 @@ from ..core.registry import DISPATCH_ARGUMENTS
 from ..core.results import Result
 from ..core.softmax import masked_softmax
 from .inputs import LSHInputs, check_lsh_inputs
-from .reference import hash_buckets_of, lsh_attention, normalised_keys, pair_logits
+from .reference import hash_buckets_of, log_pair_counts, lsh_attention, normalised_keys, pair_logits
 
 
 def sorted_slots(buckets: np.ndarray) -> np.ndarray:
@@ -50,25 +50,31 @@ def sorted_slots(buckets: np.ndarray) -> np.ndarray:
     return before.sum(axis=-1)
 
 
-def window_counts(buckets: np.ndarray, chunk_len: int, num_chunks_before: int, num_chunks_after: int) -> np.ndarray:
+def window_counts(buckets: np.ndarray, chunk_len: int, num_chunks_before: int, num_chunks_after: int,
+                  same_round: bool = False) -> np.ndarray:  # fmt: skip
     """``n_ij``: how many times token ``j`` occurs in the windows of token ``i``'s copies, (B, H, N, N).
 
     Enumerates, for every chunk ``c`` and every offset ``d`` in
     ``-before .. after``, the pairs (query item in chunk ``c``, key item in
-    chunk ``(c + d) mod C``) and adds one for each.
+    chunk ``(c + d) mod C``) and adds one for each; with ``same_round``, only
+    pairs whose two items come from the same round (reformer-pytorch's ``n'_ij``).
     """
     b, h, r, n = buckets.shape
     chunk = sorted_slots(buckets) // chunk_len  # (B, H, R·N): chunk of each item
     num_chunks = -(-(r * n) // chunk_len)
     position = np.arange(r * n) % n  # token of each item
+    round_of = np.arange(r * n) // n  # round of each item
     counts = np.zeros((b, h, n, n), dtype=np.int64)
     for bi in range(b):
         for hi in range(h):
             for c in range(num_chunks):
-                queries = position[chunk[bi, hi] == c]
+                queries = np.flatnonzero(chunk[bi, hi] == c)
                 for d in range(-num_chunks_before, num_chunks_after + 1):
-                    keys = position[chunk[bi, hi] == (c + d) % num_chunks]
-                    np.add.at(counts[bi, hi], (queries[:, None], keys[None, :]), 1)
+                    keys = np.flatnonzero(chunk[bi, hi] == (c + d) % num_chunks)
+                    pair = np.ones((len(queries), len(keys)), dtype=np.int64)
+                    if same_round:
+                        pair = (round_of[queries][:, None] == round_of[keys][None, :]).astype(np.int64)
+                    np.add.at(counts[bi, hi], (position[queries][:, None], position[keys][None, :]), pair)
     return counts
 
 
@@ -95,20 +101,26 @@ def lsh_as_dense(qk, v, *, buckets=None, **params) -> Result:
     b, h, n, _ = qk.shape
     qk, v = qk.astype(np.float64), v.astype(np.float64)
     if x.short:
-        counts = np.ones((b, h, n, n), dtype=np.int64)
+        counts = same_round = np.ones((b, h, n, n), dtype=np.int64)
     else:
         buckets = hash_buckets_of(x) if buckets is None else np.asarray(buckets)
         counts = window_counts(buckets, x.chunk_len, x.num_chunks_before, x.num_chunks_after)
+        same_round = window_counts(buckets, x.chunk_len, x.num_chunks_before, x.num_chunks_after, same_round=True)
     positions = np.broadcast_to(np.arange(n), (b, h, n))
     keys = normalised_keys(qk, x.key_norm, x.key_norm_eps)
     scores = x.scale * np.einsum("bhid,bhjd->bhij", qk, keys)  # (B, H, N, N)
     logits, kept, _ = pair_logits(
         scores, positions, positions, causal=x.causal, valid=x.valid, self_mask_value=x.self_mask_value,
         mask_value=x.mask_value, mask_mode=x.mask_mode, mask_padded_queries=x.mask_padded_queries,
+        padding_marks=x.padding_marks,
     )  # fmt: skip
     present = counts > 0
     allowed = present if kept is None else present & kept
-    weighted = logits if x.dup_correction else logits + np.log(np.maximum(counts, 1))
+    weighted = logits + np.log(np.maximum(counts, 1))  # n_ij occurrences of exp(z_ij)
+    if x.dup_correction and x.dup_count == "occurrences":
+        weighted = logits
+    elif x.dup_correction:
+        weighted = weighted - np.where(present, log_pair_counts(same_round, x.dup_count), 0.0)
     weights, lse = masked_softmax(weighted, allowed)
     out = np.einsum("bhij,bhje->bhie", weights, v)
     return Result(out=out, lse=lse, aux={"counts": counts})

@@ -56,7 +56,7 @@ from .inputs import (
     checked_rotations,
     has_padding_bucket,
 )
-from .presets import PADDING_BUCKETS
+from .presets import DUP_COUNTS, KEY_NORMS, MASK_MODES, PADDING_BUCKETS, PADDING_MARKS
 
 # --- hashing: steps (1)-(3) ---------------------------------------------------
 
@@ -66,6 +66,13 @@ def rotate(qk: np.ndarray, rotations: np.ndarray) -> np.ndarray:
 
     ``qk`` is (B, H, N, D) and ``rotations`` (B, H, R, D, P), ``R = num_hashes``.
     """
+    if not isinstance(qk, np.ndarray) or qk.ndim != 4:
+        raise SpecError("qk", "a numpy array of shape (B, H, N, D)", checks.summary(qk))
+    if (not isinstance(rotations, np.ndarray) or rotations.ndim != 5 or rotations.shape[:2] != qk.shape[:2]
+            or rotations.shape[3] != qk.shape[3]):  # fmt: skip
+        wanted = f"a numpy array of shape (B, H, R, D, P) with (B, H) = {qk.shape[:2]} and D = {qk.shape[3]}, as qk"
+        raise SpecError("rotations", wanted, checks.summary(rotations))
+    qk, rotations = checks.float_array(qk, "qk"), checks.float_array(rotations, "rotations")
     return np.einsum("bhnd,bhrdp->bhrnp", qk, rotations, optimize=True)
 
 
@@ -206,7 +213,7 @@ def sort_items(buckets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     inverse : ndarray (B, H, R·N), int64
         ``inverse[t]`` is the slot of item ``t`` (HF's ``undo_sorted_bucket_idx``).
     """
-    b, h, r, n = buckets.shape
+    b, h, r, n = checks.integer_array(buckets, "buckets", 4, "(B, H, R, N)").shape
     permutation = np.argsort(buckets.reshape(b, h, r * n), axis=-1, kind="stable")
     inverse = np.argsort(permutation, axis=-1, kind="stable")
     return permutation, inverse
@@ -236,6 +243,9 @@ def chunk_windows(num_items: int, chunk_len: int, num_chunks_before: int, num_ch
     ``chunk_len`` does not divide ``num_items``. Windows wrap around: chunk 0's
     previous chunk is the last one.
     """
+    num_items, chunk_len = checks.integer(num_items, "num_items", minimum=1), checks.integer(chunk_len, "chunk_len", minimum=1)
+    num_chunks_before = checks.integer(num_chunks_before, "num_chunks_before", minimum=0)
+    num_chunks_after = checks.integer(num_chunks_after, "num_chunks_after", minimum=0)
     num_chunks = -(-num_items // chunk_len)
     slots = [np.arange(c * chunk_len, min((c + 1) * chunk_len, num_items)) for c in range(num_chunks)]
     offsets = range(-num_chunks_before, num_chunks_after + 1)
@@ -260,6 +270,9 @@ def normalised_keys(qk: np.ndarray, key_norm: str = "rms", key_norm_eps: float =
     ``x / sqrt(mean(x²) + eps) / sqrt(D)``, a unit vector up to ``eps``.
     ``"l2"``: ``ρ = max(|x|, eps)``, ``torch.nn.functional.normalize``.
     """
+    qk = checks.float_array(qk, "qk")
+    key_norm = checks.choice(key_norm, "key_norm", KEY_NORMS)
+    key_norm_eps = checks.real_number(key_norm_eps, "key_norm_eps", minimum=0.0, inclusive=False)
     return num.store(qk / _key_norms(qk, key_norm, key_norm_eps))
 
 
@@ -268,13 +281,15 @@ def _gather(x: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return np.take_along_axis(x, positions[..., None], axis=2)
 
 
-def pair_logits(scores, pos_q, pos_k, *, causal, valid, self_mask_value, mask_value, mask_mode, mask_padded_queries):
+def pair_logits(scores, pos_q, pos_k, *, causal, valid, self_mask_value, mask_value, mask_mode, mask_padded_queries,
+                padding_marks="mask"):  # fmt: skip
     """Step (8): the logits of (query, key) pairs, decided by original positions.
 
     A pair is *masked* when causality forbids it (``j > i``), when key ``j``
     is padded, or, with ``mask_padded_queries``, when query ``i`` is padded.
     A pair is a *self* pair when ``i == j`` (the same token, whichever rounds
-    its two copies come from).
+    its two copies come from). With ``padding_marks="negated_positions"``
+    (trax) padding is read from trax's marks instead (:func:`_trax_marks`).
 
     * ``"replace"``: a masked pair's logit is ``mask_value`` (excluded exactly
       when it is None), then a self pair's is ``self_mask_value``, masked or not.
@@ -298,16 +313,31 @@ def pair_logits(scores, pos_q, pos_k, *, causal, valid, self_mask_value, mask_va
     from_scores : bool ndarray (B, H, Lq, Lk)
         Where the logit depends on the score (its gradient flows).
     """
+    mask_mode = checks.choice(mask_mode, "mask_mode", MASK_MODES)
+    padding_marks = checks.choice(padding_marks, "padding_marks", PADDING_MARKS)
+    causal, mask_padded_queries = checks.flag(causal, "causal"), checks.flag(mask_padded_queries, "mask_padded_queries")
+    if not isinstance(scores, np.ndarray) or scores.ndim != 4:
+        raise SpecError("scores", "a numpy array of shape (B, H, Lq, Lk)", checks.summary(scores))
+    b, h, lq, lk = scores.shape
+    checks.integer_array(pos_q, "pos_q", 3, f"(B, H, Lq) = {(b, h, lq)}")
+    checks.integer_array(pos_k, "pos_k", 3, f"(B, H, Lk) = {(b, h, lk)}")
+    if pos_q.shape != (b, h, lq) or pos_k.shape != (b, h, lk):
+        raise SpecError("pos_q, pos_k", f"shapes (B, H, Lq) = {(b, h, lq)} and (B, H, Lk) = {(b, h, lk)}, as scores",
+                        f"shapes {pos_q.shape} and {pos_k.shape}")  # fmt: skip
     query, key = pos_q[..., :, None], pos_k[..., None, :]  # (B, H, Lq, 1), (B, H, 1, Lk)
-    self_pair = query == key
-    allowed = np.ones(np.broadcast_shapes(query.shape, key.shape), dtype=bool)
-    if causal:
-        allowed &= key <= query
     if valid is not None:
         valid = np.broadcast_to(valid[:, None, :], pos_q.shape[:2] + valid.shape[-1:])  # (B, H, N)
-        allowed &= np.take_along_axis(valid, pos_k, axis=2)[..., None, :]
-        if mask_padded_queries:
-            allowed &= np.take_along_axis(valid, pos_q, axis=2)[..., :, None]
+    if padding_marks == "negated_positions" and valid is not None:
+        self_pair, allowed = _trax_marks(query, key, np.take_along_axis(valid, pos_k, axis=2)[..., None, :], causal)
+    else:
+        self_pair = query == key
+        allowed = np.ones(np.broadcast_shapes(query.shape, key.shape), dtype=bool)
+        if causal:
+            allowed &= key <= query
+        if valid is not None:
+            allowed &= np.take_along_axis(valid, pos_k, axis=2)[..., None, :]
+    if valid is not None and mask_padded_queries:
+        allowed &= np.take_along_axis(valid, pos_q, axis=2)[..., :, None]
     dtype = scores.dtype  # the constants join the scores in their dtype
     if mask_mode == "replace":
         masked = scores if mask_value is None else np.where(allowed, scores, mask_value)
@@ -320,6 +350,25 @@ def pair_logits(scores, pos_q, pos_k, *, causal, valid, self_mask_value, mask_va
     return (logits + np.where(allowed, 0.0, mask_value)).astype(dtype), None, np.ones_like(allowed)
 
 
+def _trax_marks(query: np.ndarray, key: np.ndarray, key_real: np.ndarray, causal: bool):
+    """Self pairs and allowed pairs from trax's marks (``padding_marks="negated_positions"``).
+
+    trax (``LSHSelfAttention.forward_unbatched``, ``attend``,
+    ``mask_self_attention``) marks token ``n`` by ``info = n + 1`` when real and
+    ``1 - n`` when padded; a pair is a self pair when ``info_i == info_j``, the
+    key is padded when ``info_j < 0`` and causally masked when
+    ``info_i < info_j``. Queries are never padded here (trax uses the query's
+    position). Returns ``self_pair`` and ``allowed``, broadcast to (B, H, Lq, Lk).
+    """
+    query_info = query + 1  # (B, H, Lq, 1)
+    key_info = np.where(key_real, key + 1, 1 - key)  # (B, H, 1, Lk)
+    self_pair = query_info == key_info  # (B, H, Lq, Lk)
+    allowed = np.broadcast_to(key_info >= 0, self_pair.shape).copy()
+    if causal:
+        allowed &= key_info <= query_info
+    return self_pair, allowed
+
+
 # --- duplicate correction: step (9) ---------------------------------------------
 
 
@@ -328,17 +377,24 @@ def window_multiplicity(num_chunks: int, num_chunks_before: int, num_chunks_afte
 
     A window (step (5)) contains chunk ``(c + δ) mod C`` exactly ``m[δ]`` times.
     """
+    num_chunks = checks.integer(num_chunks, "num_chunks", minimum=1)
+    num_chunks_before = checks.integer(num_chunks_before, "num_chunks_before", minimum=0)
+    num_chunks_after = checks.integer(num_chunks_after, "num_chunks_after", minimum=0)
     multiplicity = np.zeros(num_chunks, dtype=np.int64)
     np.add.at(multiplicity, np.arange(-num_chunks_before, num_chunks_after + 1) % num_chunks, 1)
     return multiplicity
 
 
-def pair_counts(item_chunk: np.ndarray, pos_q: np.ndarray, pos_k: np.ndarray, multiplicity: np.ndarray) -> np.ndarray:
+def pair_counts(item_chunk: np.ndarray, pos_q: np.ndarray, pos_k: np.ndarray, multiplicity: np.ndarray,
+                same_round: bool = False) -> np.ndarray:  # fmt: skip
     """Step (9)'s ``n_ij``: how many times token ``j`` occurs in the windows of all copies of token ``i``.
 
     ``n_ij = Σ_r Σ_r' m[(c_r'(j) - c_r(i)) mod C]`` with ``c_r(n)`` the chunk of
     token ``n``'s round-``r`` copy: wrapped windows, windows that cross into
-    another round and chunks repeated in small windows all count.
+    another round and chunks repeated in small windows all count. With
+    ``same_round`` only ``r' = r`` is summed: reformer-pytorch's ``n'_ij``
+    (``dup_count="reformer_pytorch"``), which misses the windows that reach
+    into another round.
 
     Parameters
     ----------
@@ -353,10 +409,44 @@ def pair_counts(item_chunk: np.ndarray, pos_q: np.ndarray, pos_k: np.ndarray, mu
     -------
     ndarray (B, H, Lq, Lk), int64
     """
+    _check_pair_count_arguments(item_chunk, pos_q, pos_k, multiplicity)
     chunk_q = np.take_along_axis(item_chunk, pos_q[:, :, None, :], axis=3)  # (B, H, R, Lq)
     chunk_k = np.take_along_axis(item_chunk, pos_k[:, :, None, :], axis=3)  # (B, H, R, Lk)
+    if same_round:
+        delta = (chunk_k[:, :, :, None, :] - chunk_q[:, :, :, :, None]) % len(multiplicity)  # (B, H, R, Lq, Lk)
+        return multiplicity[delta].sum(axis=2)
     delta = (chunk_k[:, :, None, :, None, :] - chunk_q[:, :, :, None, :, None]) % len(multiplicity)  # (B, H, R, R, Lq, Lk)
     return multiplicity[delta].sum(axis=(2, 3))
+
+
+def _check_pair_count_arguments(item_chunk, pos_q, pos_k, multiplicity) -> None:
+    """:func:`pair_counts`' arguments: integer arrays of consistent shapes, indices in range."""
+    b, h, _, n = checks.integer_array(item_chunk, "item_chunk", 4, "(B, H, R, N)").shape
+    num_chunks = len(checks.integer_array(multiplicity, "multiplicity", 1, "(C,)"))
+    if num_chunks == 0 or item_chunk.size and not 0 <= item_chunk.min() <= item_chunk.max() < num_chunks:
+        raise SpecError("item_chunk", f"chunk indices in [0, C) = [0, {num_chunks}) (C = len(multiplicity))",
+                        f"values {item_chunk.min()} to {item_chunk.max()}" if item_chunk.size else "C = 0")  # fmt: skip
+    for name, positions in (("pos_q", pos_q), ("pos_k", pos_k)):
+        checks.integer_array(positions, name, 3, f"(B, H, L) with (B, H) = {(b, h)}")
+        if positions.shape[:2] != (b, h) or positions.size and not 0 <= positions.min() <= positions.max() < n:
+            raise SpecError(name, f"token positions in [0, N) = [0, {n}), shape (B, H, L) with (B, H) = {(b, h)}",
+                            checks.summary(positions))  # fmt: skip
+
+
+def log_pair_counts(counts: np.ndarray, dup_count: str) -> np.ndarray:
+    """What step (9) subtracts from a logit, float64: ``log n_ij``, or reformer-pytorch's
+    ``log(n'_ij + 1e-9)`` rounded to float32 (``torch.log`` of the float32 ``dup_counts + 1e-9``;
+    the nearest float32, which torch's float32 log also gives for every count up to 6)."""
+    dup_count = checks.choice(dup_count, "dup_count", DUP_COUNTS)
+    if not isinstance(counts, np.ndarray) or counts.dtype.kind not in "iu":
+        raise SpecError("counts", "an integer numpy array of pair counts", checks.summary(counts))
+    smallest = 1 if dup_count == "occurrences" else 0  # log n_ij needs n_ij >= 1; n'_ij + 1e-9 allows 0
+    if counts.size and counts.min() < smallest:
+        raise SpecError("counts", f"counts >= {smallest} (dup_count={dup_count!r})", f"a count of {counts.min()}")
+    if dup_count == "occurrences":
+        return np.log(counts)
+    shifted = counts.astype(np.float32) + np.float32(1e-9)  # float32, as torch promotes int64 + 1e-9
+    return np.log(shifted.astype(np.float64)).astype(np.float32).astype(np.float64)
 
 
 # --- the plan: every discrete decision, held fixed by the VJP --------------------
@@ -423,10 +513,12 @@ def _attend_chunk(chunk: Chunk, plan: Plan, qk: np.ndarray, keys: np.ndarray, v:
     logits, kept, from_scores = pair_logits(
         scores, pos_q, pos_k, causal=x.causal, valid=x.valid, self_mask_value=x.self_mask_value,
         mask_value=x.mask_value, mask_mode=x.mask_mode, mask_padded_queries=x.mask_padded_queries,
+        padding_marks=x.padding_marks,
     )  # fmt: skip
-    # (9) Duplicate correction: each occurrence of key j loses log n_ij.
+    # (9) Duplicate correction: each occurrence of key j loses log n_ij (reformer-pytorch: log(n'_ij + 1e-9)).
     if x.dup_correction:
-        logits = (logits - np.log(pair_counts(plan.item_chunk, pos_q, pos_k, plan.multiplicity))).astype(num.compute)
+        counts = pair_counts(plan.item_chunk, pos_q, pos_k, plan.multiplicity, same_round=x.dup_count != "occurrences")
+        logits = (logits - log_pair_counts(counts, x.dup_count)).astype(num.compute)
     # (10) Softmax over the window, its log-sum-exp, and the weighted values.
     weights, lse = masked_softmax(logits, kept, _statistics(num))  # (B, H, Lc, Wc), (B, H, Lc)
     weights = num.store(weights)
@@ -443,7 +535,15 @@ def unsort(sorted_values: np.ndarray, inverse: np.ndarray, num_rounds: int) -> n
     ``inverse`` is :func:`sort_items`' second result: item ``r·N + n`` is at
     slot ``inverse[r·N + n]``.
     """
-    b, h, items = inverse.shape
+    b, h, items = checks.integer_array(inverse, "inverse", 3, "(B, H, R·N)").shape
+    num_rounds = checks.integer(num_rounds, "num_rounds", minimum=1)
+    if items % num_rounds:
+        raise SpecError("num_rounds", f"a divisor of inverse's R·N = {items} items", checks.summary(num_rounds))
+    if not isinstance(sorted_values, np.ndarray) or sorted_values.ndim < 3 or sorted_values.shape[:3] != inverse.shape:
+        raise SpecError("sorted_values", f"a numpy array of shape (B, H, R·N, ...) = {inverse.shape + ('...',)}",
+                        checks.summary(sorted_values))  # fmt: skip
+    if inverse.size and not 0 <= inverse.min() <= inverse.max() < items:
+        raise SpecError("inverse", f"slots in [0, R·N) = [0, {items})", f"values {inverse.min()} to {inverse.max()}")
     index = inverse.reshape(inverse.shape + (1,) * (sorted_values.ndim - 3))
     gathered = np.take_along_axis(sorted_values, index, axis=2)
     return gathered.reshape((b, h, num_rounds, items // num_rounds) + sorted_values.shape[3:])
@@ -456,6 +556,11 @@ def combine_rounds(round_out: np.ndarray, round_lse: np.ndarray) -> tuple[np.nda
     ``out`` (B, H, N, Dv) and ``lse`` (B, H, N), float64. Rounds with
     ``lse_r = -inf`` weigh 0; a token with no key in any round gets 0 and ``-inf``.
     """
+    if not isinstance(round_lse, np.ndarray) or round_lse.ndim != 4:
+        raise SpecError("round_lse", "a numpy array of shape (B, H, R, N)", checks.summary(round_lse))
+    if not isinstance(round_out, np.ndarray) or round_out.ndim != 5 or round_out.shape[:4] != round_lse.shape:
+        raise SpecError("round_out", f"a numpy array of shape (B, H, R, N, Dv) with (B, H, R, N) = {round_lse.shape}",
+                        checks.summary(round_out))  # fmt: skip
     return merge([(round_out[:, :, r], round_lse[:, :, r]) for r in range(round_lse.shape[2])])
 
 
@@ -510,8 +615,10 @@ def lsh_attention(
     mask_value=FROM_PRESET,
     mask_mode=FROM_PRESET,
     mask_padded_queries=FROM_PRESET,
+    padding_marks=FROM_PRESET,
     padding_bucket=FROM_PRESET,
     dup_correction=FROM_PRESET,
+    dup_count=FROM_PRESET,
     short_sequence=FROM_PRESET,
     preset=None,
     return_rounds=False,
@@ -544,13 +651,13 @@ def lsh_attention(
         with ``mask_padded_queries``) and may get a bucket of their own.
     num_chunks_before, num_chunks_after, key_norm, key_norm_eps, scale,
     self_mask_value, mask_value, mask_mode, mask_padded_queries,
-    padding_bucket, dup_correction, short_sequence
+    padding_marks, padding_bucket, dup_correction, dup_count, short_sequence
         The behaviours on which implementations differ
         (:class:`refattn.lsh.presets.Preset` describes each). Each defaults to
         the preset's value; canonical values: 1, 0, "rms", 1e-6, 1.0 (the
         keys are unit length; ``scale=None`` means 1/sqrt(D), lucidrains'),
-        -1e5, None (masked keys excluded exactly), "replace", False,
-        "if_mask", False, "lsh".
+        -1e5, None (masked keys excluded exactly), "replace", False, "mask",
+        "if_mask", False, "occurrences", "lsh".
     preset : {None, "hf", "trax", "lucidrains"}
         Whose values the unspecified behaviours take; presets also reject
         lengths their implementation does not accept.

@@ -16,7 +16,7 @@ mask, then the memory key/values.
 from __future__ import annotations
 
 from ..conformance.case import Case, Dims, make_case
-from .problems import preset_problem, random_key_padding, routing_dims
+from .problems import preset_problem, random_key_padding, routing_dims, zero_padded_tokens
 
 #: The flags only routing attention's cases carry (the shared catalogue is refattn/conformance/flags.py).
 FLAGS = {
@@ -49,6 +49,13 @@ FLAGS = {
         "a query attend to later tokens. Its preset reproduces that; fails an implementation that masks by "
         "position under the google_research preset."
     ),
+    "ROUTING_ZERO_PADDING": (
+        "google-research takes no padding mask: a token whose vector is all zero is padding (embedding_to_padding), "
+        "so google cases put zero q, k and v at padded tokens and google's own code reproduces them. Zero routing "
+        "vectors have similarity 0 to every centroid: exact ties among padded tokens, to the lower position (TF "
+        "top_k) and to centroid 0 (argmax). Fails an implementation that routes padded tokens otherwise, or "
+        "breaks those ties by the higher index."
+    ),
     "SHARED_QK_SELF_MASK": (
         "Under shared-QK the key lists are the query lists, and a token's own key follows the preset: canonical "
         "excludes it unless no other key of its row is allowed (Reformer's rule), lucidrains replaces its logit "
@@ -66,6 +73,8 @@ def _case(name: str, description: str, flags: tuple[str, ...], dims: Dims, *, cl
         out = preset_problem(rng, dims, clusters, preset, shared_qk=shared_qk)
         if padding:
             out["key_padding_mask"] = random_key_padding(rng, dims)
+            if preset == "google_research":  # google-research knows padding by zero vectors only
+                out = zero_padded_tokens(out, out["key_padding_mask"])
         if memory:
             out["mem_k"] = rng.standard_normal((dims.hq, clusters, memory, dims.d))
             out["mem_v"] = rng.standard_normal((dims.hq, clusters, memory, dims.dv))
@@ -109,8 +118,9 @@ def cases() -> list[Case]:
         _case("google_shared_causal", "google-research shared-QK causal, D = 6: slot = position, no self mask.",
               ("SHARED_QK_SELF_MASK", "ROUTING_UNROUTED_TOKEN"), routing_dims(1, 2, 24, 6, 6),
               clusters=2, cluster_size=8, preset=g, shared_qk=True, causal=True),
-        _case("google_padding", "google-research, B = 2, padded keys masked by -1e9, padded rows computed.",
-              ("ROUTING_SCATTER_MEAN_EPS", "MULTI_BATCH"), routing_dims(2, 2, 24, 16, 16), clusters=3,
+        _case("google_padding", "google-research, B = 2, q, k, v zero at padded tokens (google's padding convention: "
+              "its own code finds the same padding), padded keys masked by -1e9, padded rows computed.",
+              ("ROUTING_SCATTER_MEAN_EPS", "MULTI_BATCH", "ROUTING_ZERO_PADDING"), routing_dims(2, 2, 24, 16, 16), clusters=3,
               cluster_size=8, preset=g, padding=True),
         # --- lucidrains -------------------------------------------------------------
         _case("lucidrains_basic", "lucidrains: L2 routing, raw q/k, 1/sqrt(D), slots by similarity, eps 1e-5.",

@@ -77,7 +77,7 @@ def _optional_number(x, name: str) -> float | None:
 def check_cluster_size(cluster_size, length: int) -> int:
     """``cluster_size``: an integer in [1, N], the tokens each centroid selects."""
     if isinstance(cluster_size, bool) or not isinstance(cluster_size, numbers.Integral) or not 1 <= cluster_size <= length:
-        raise SpecError("cluster_size", f"an integer in [1, N] = [1, {length}] (tokens per cluster)", repr(cluster_size))
+        raise SpecError("cluster_size", f"an integer in [1, N] = [1, {length}] (tokens per cluster)", checks.summary(cluster_size))
     return int(cluster_size)
 
 
@@ -137,7 +137,7 @@ def check_routing_inputs(q, k, v, *, centroids, cluster_size, shared_qk, causal,
     p = resolve(preset, **preset_params)
     centroids = check_centroids(centroids, shape.q_heads, shape.head_dim)
     mem_k, mem_v = _check_memory(mem_k, mem_v, shape.q_heads, centroids.shape[1], shape.head_dim, shape.value_dim)
-    return RoutingInputs(
+    inputs = RoutingInputs(
         q=q, k=k, v=v, centroids=centroids, mem_k=mem_k, mem_v=mem_v,
         key_padding_mask=check_key_padding_mask(key_padding_mask, shape.batch, shape.q_len),
         cluster_size=check_cluster_size(cluster_size, shape.q_len),
@@ -157,3 +157,12 @@ def check_routing_inputs(q, k, v, *, centroids, cluster_size, shared_qk, causal,
         query_padding=checks.choice(p["query_padding"], "query_padding", QUERY_PADDING),
         scatter_eps=checks.real_number(p["scatter_eps"], "scatter_eps", minimum=0.0),
     )  # fmt: skip
+    # (1)-(2) form |prescale · x|² to normalise; (7) attends on routing vectors (|r| <= sqrt(D) after a layer
+    # norm, 1 after L2) or on q and k as given, the memory keys among the keys.
+    routed_norm = np.sqrt(shape.head_dim) if inputs.routing_norm == "layer" else 1.0
+    checks.scores_within_range(
+        routed_norm if inputs.attend_on == "normalized" else q,
+        (routed_norm if inputs.normalized_keys else k,) + (() if mem_k is None else (mem_k,)), inputs.scale,
+        "q, k, mem_k", normalised=((q, inputs.query_prescale), (k, inputs.key_prescale)),
+    )  # fmt: skip
+    return inputs

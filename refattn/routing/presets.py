@@ -7,12 +7,14 @@ hybrid and centroid functions) that is left at
 takes the preset's value; an explicit value overrides it. ``preset=None`` is the
 canonical semantics (spec/routing.md, "Presets"). The sources of each value:
 
-* google-research: ``routing_transformer/utils.py`` (``multihead_attention_nd``,
+* google-research (google-research/google-research 2cae5b0e2a3e4b030d681d119fd8f31af1744d88):
+  ``routing_transformer/utils.py`` (``multihead_attention_nd``,
   ``attention_nd``, ``clustered_local_attention_helper``,
   ``clustered_attention_bias_nd``, ``scatter_cluster_items``, ``online_kmeans``,
   ``layer_norm``) and the hyper-parameters of
   ``routing_transformer/sparse_transformer.py`` (``sparse_transformer_local``).
-* lucidrains: ``routing_transformer/routing_transformer.py`` (``KmeansAttention``,
+* lucidrains (lucidrains/routing-transformer 3f6c461a036e98dbae7e70c623d1c0e0616ef82a, the file of
+  PyPI routing-transformer 1.6.1): ``routing_transformer/routing_transformer.py`` (``KmeansAttention``,
   ``Kmeans``, ``kmeans_iter``, ``scatter_mean``, ``SelfAttention``, the constants
   ``TOKEN_SELF_ATTN_VALUE`` and ``KMEAN_INIT_ITERS``).
 """
@@ -94,6 +96,14 @@ class RoutingPreset:
     centroid_update : {"vq_ema", "normalized_mean_ema"}
         google-research ``online_kmeans`` (EMA of counts and sums, Laplace
         smoothing) or lucidrains ``kmeans_iter`` + ``ema_inplace``.
+    count_rule : {"per_head", "google_research"}
+        ``"vq_ema"``: how a batch's count per centroid is formed. ``"per_head"``:
+        head ``h``'s centroid ``c`` counts the vectors of head ``h`` nearest to
+        it (right: what the paper's per-head k-means means).
+        ``"google_research"`` reproduces a defect of ``online_kmeans``: the
+        one-hot assignments ``[B, H, N, K]`` are reshaped to ``[-1, H, K]`` with
+        no transpose and summed, so the count credited to head ``h`` comes
+        from token ``s`` of head ``h'`` with ``(h'·N + s) mod H = h``: heads mixed.
     decay : float in [0, 1]
         EMA decay (0.999 in both: google-research hparams ``decay``,
         lucidrains ``kmeans_ema_decay``).
@@ -125,6 +135,7 @@ class RoutingPreset:
     head_order: str
     local_causal: bool | None
     centroid_update: str
+    count_rule: str
     decay: float
     ema_eps: float
     commitment: float
@@ -150,6 +161,7 @@ CANONICAL = RoutingPreset(
     head_order="routing_first",
     local_causal=None,
     centroid_update="vq_ema",
+    count_rule="per_head",
     decay=0.999,
     ema_eps=1e-5,
     commitment=1e-4,
@@ -167,6 +179,7 @@ PRESETS: dict[str, RoutingPreset] = {
         self_mask=False,
         query_padding="none",
         scatter_eps=1e-2,
+        count_rule="google_research",
     ),
     "lucidrains": replace(
         CANONICAL,

@@ -142,6 +142,20 @@ def preset_problem(rng: np.random.Generator, dims: Dims, clusters: int, preset, 
                           shared_qk=shared_qk, empty_cluster=empty_cluster)  # fmt: skip
 
 
+def zero_padded_tokens(problem: dict, key_padding_mask: np.ndarray) -> dict:
+    """``problem`` with q, k and v all zero at padded tokens: google-research's padding convention.
+
+    google-research takes no padding mask: ``embedding_to_padding`` calls a
+    token padding where its vector is all zero, so its k-means skips zero
+    routing vectors and its attention masks keys whose value is zero. With
+    zero vectors at the padded tokens of ``key_padding_mask``, its code sees
+    the same padding as refattn's mask (a zero q or k routes with similarity 0
+    to every centroid: exact ties, broken by the lower position).
+    """
+    padded = ~key_padding_mask[:, None, :, None]  # (B, 1, N, 1)
+    return {name: np.where(padded, 0.0, x) if name in ("q", "k", "v") else x for name, x in problem.items()}
+
+
 def random_key_padding(rng: np.random.Generator, dims: Dims) -> np.ndarray:
     """A ``key_padding_mask`` (B, N), True = real token: about one token in four padded, never the first."""
     mask = rng.random((dims.b, dims.nq)) >= 0.25

@@ -33,11 +33,12 @@ from __future__ import annotations
 import numpy as np
 
 from ..core import checks, registry
+from ..core.errors import SpecError
 from ..core.precision import FLOAT64, Numerics
 from ..core.presets import FROM_PRESET
 from ..core.results import Cotangents, Grads, Result
 from ..core.softmax import masked_softmax
-from .inputs import ROUTING_NORMS, RoutingInputs
+from .inputs import ORDERS, ROUTING_NORMS, RoutingInputs, check_cluster_size
 
 
 # --- stages (1)-(5): routing ---------------------------------------------------
@@ -137,6 +138,11 @@ def decision_margins(similarity: np.ndarray, cluster_size: int, order: str) -> d
         the smallest gap between consecutive members (``inf`` where a decision
         does not exist: one cluster, clusters of every token, position order).
     """
+    if isinstance(similarity, np.ndarray) and (similarity.ndim != 4 or 0 in similarity.shape):
+        raise SpecError("similarity", "4 non-empty dimensions (B, H, N, K)", f"shape {similarity.shape}")
+    similarity = checks.float_array(similarity, "similarity")
+    cluster_size = check_cluster_size(cluster_size, similarity.shape[2])
+    order = checks.choice(order, "order", ORDERS)
     ranked = -np.sort(-similarity, axis=-1)  # (B, H, N, K), descending
     assignment = np.min(ranked[..., 0] - ranked[..., 1]) if similarity.shape[-1] > 1 else np.inf
     per_cluster = -np.sort(-np.moveaxis(similarity, -1, -2), axis=-1)  # (B, H, K, N), descending

@@ -60,8 +60,8 @@ FLAGS: dict[str, str] = {
     ),
     "DIFF_HEAD_PAIRING": (
         "Query heads 2h and 2h + 1 (adjacent) are the two maps of output head h, as the authors' "
-        "attn_weights.view(B, H, 2, N, N) and q.reshape(B, N, H, 2, D) make them; lse (B, 2H, Nq) and a per-query-head "
-        "bias or mask follow the same order. Fails implementations that pair heads h and h + H (torch.chunk over the "
+        "attn_weights.view(B, H, 2, N, N) and q.reshape(B, N, H, 2, D) make them; the maps' log-sum-exps "
+        "aux.map_lse (B, 2H, Nq) and a per-query-head bias or mask follow the same order. Fails implementations that pair heads h and h + H (torch.chunk over the "
         "heads, as Hugging Face's DiffLlama does)."
     ),
     "DIFF_GQA_KEYS": (

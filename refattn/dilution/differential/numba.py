@@ -24,9 +24,9 @@ from .reference import DifferentialInputs, forward_steps, vjp_steps
 
 
 def forward(x: DifferentialInputs) -> Result:
-    """``out`` (B, H, Nq, 2D) and ``lse`` (B, 2H, Nq) in the compute dtype."""
+    """``out`` (B, H, Nq, 2D) and ``aux["map_lse"]`` (B, 2H, Nq) in the compute dtype; ``lse`` None."""
     f = forward_steps(x, _compute_numerics(x.q), dense_numba.forward)
-    return Result(out=f["out"], lse=f["lse"], aux={})
+    return Result(out=f["out"], lse=None, aux={"map_lse": f["map_lse"]})
 
 
 def vjp(x: DifferentialInputs, cotangents: Cotangents, saved: Result | None = None) -> Grads:
@@ -36,7 +36,7 @@ def vjp(x: DifferentialInputs, cotangents: Cotangents, saved: Result | None = No
     """
     num = _compute_numerics(x.q)
     f = forward_steps(x, num, dense_numba.forward)
-    return vjp_steps(x, num, f, num.load(cotangents.dout), cotangents.dlse, dense_numba.vjp)
+    return vjp_steps(x, num, f, num.load(cotangents.dout), dense_numba.vjp)
 
 
 def _compute_numerics(q) -> Numerics:

@@ -2,9 +2,10 @@
 reusable on any implementation.
 
 Each property takes ``attend(q, k, v, **params)``, a differential-attention
-implementation returning an object with ``.out`` (B, H, Nq, 2D) and ``.lse``
-(B, 2H, Nq) or None -- a refattn :class:`~refattn.core.results.Result`, or
-your kernel wrapped to look like one -- and a problem: ``q`` (B, 2H, Nq, D),
+implementation returning an object with ``.out`` (B, H, Nq, 2D) and,
+optionally, ``.aux["map_lse"]`` (B, 2H, Nq), each query head's map's
+log-sum-exp -- a refattn :class:`~refattn.core.results.Result`, or your
+kernel wrapped to look like one -- and a problem: ``q`` (B, 2H, Nq, D),
 ``k`` (B, 2Hkv, Nk, D), ``v`` (B, Hkv, Nk, 2D) and ``params``, the keyword
 arguments of :func:`refattn.dilution.differential.differential_attention`
 (the λ vectors and exactly one of ``lambda_init`` and ``depth`` included).
@@ -58,6 +59,12 @@ def first_map(q, k, v, params):
     return dense_attention(q[:, 0::2], keys, np.repeat(v, heads // kv_heads, axis=1), **dense)
 
 
+def _map_lse(result):
+    """``result.aux["map_lse"]`` (B, 2H, Nq), or None when the implementation returns none."""
+    found = (getattr(result, "aux", None) or {}).get("map_lse")
+    return None if found is None else np.asarray(found)
+
+
 def _unnormalised(params: dict, **changes) -> dict:
     return dict(params, apply_norm=False, norm_weight=None, **changes)
 
@@ -66,14 +73,14 @@ def zero_lambda_is_the_first_map(attend, q, k, v, params, rtol=1e-10):
     """With λ = 0 and no norm, differential attention is dense attention of the first map.
 
     λ is made exactly 0 by ``λ_q2 = λ_q1``, ``λ_k2 = λ_k1`` and ``λ_init = 0``
-    (so ``exp(a) − exp(a) + 0``). The log-sum-exp of query heads ``2h`` is the
-    first map's.
+    (so ``exp(a) − exp(a) + 0``). The map log-sum-exp of query heads ``2h``
+    (``aux["map_lse"][:, 0::2]``, when returned) is the first map's lse.
     """
     zero = _unnormalised(params, lambda_q2=params["lambda_q1"], lambda_k2=params["lambda_k1"], lambda_init=0.0, depth=None)
     result, want = attend(q, k, v, **zero), first_map(q, k, v, params)
     close("out", result.out, want.out, rtol)
-    if result.lse is not None:
-        close("lse of heads 2h", np.asarray(result.lse)[:, 0::2], want.lse, rtol)
+    if _map_lse(result) is not None:
+        close("map_lse of heads 2h", _map_lse(result)[:, 0::2], want.lse, rtol)
 
 
 def identical_maps_give_one_minus_lambda(attend, q, k, v, params, rtol=1e-10):
@@ -101,7 +108,7 @@ def identical_maps_give_one_minus_lambda(attend, q, k, v, params, rtol=1e-10):
 def value_scaling_is_eps_rescaling(attend, q, k, v, params, factor=8.0, rtol=1e-10):
     """Scaling ``v`` by ``c > 0`` equals dividing RMSNorm's ε by ``c²``, exactly:
     ``out(c v; ε) = out(v; ε / c²)``, since RMSNorm(c x; ε) = RMSNorm(x; ε / c²).
-    The log-sum-exp does not change. Needs the norm (``apply_norm``, the default).
+    The maps' log-sum-exps (``aux["map_lse"]``) do not change. Needs the norm (``apply_norm``, the default).
     """
     require(params.get("apply_norm", True), "apply_norm=True")
     require(factor > 0, "factor > 0")
@@ -109,8 +116,8 @@ def value_scaling_is_eps_rescaling(attend, q, k, v, params, factor=8.0, rtol=1e-
     scaled = attend(q, k, factor * v, **params)
     rescaled = attend(q, k, v, **dict(params, norm_eps=eps / factor**2))
     close("out", scaled.out, rescaled.out, rtol)
-    if scaled.lse is not None:
-        close("lse", scaled.lse, rescaled.lse, rtol)
+    if _map_lse(scaled) is not None:
+        close("map_lse", _map_lse(scaled), _map_lse(rescaled), rtol)
 
 
 def value_scaling_invariance(attend, q, k, v, params, factor=8.0, rtol=1e-10):

@@ -21,7 +21,8 @@ map to these by ``transpose(1, 2)``, with no other reshaping)::
     k  (B, 2Hkv, Nk, D)     authors' k.view(B, Nk, 2 * num_kv_heads, head_dim)
     v  (B, Hkv,  Nk, 2D)    authors' v.view(B, Nk, num_kv_heads, 2 * head_dim)
     out (B, H, Nq, 2D)      authors' attn before its final reshape to (B, Nq, H * 2D)
-    lse (B, 2H, Nq)         the log-sum-exp of each query head's map
+    map_lse (B, 2H, Nq)     not returned by the authors: aux["map_lse"], each query head's
+                            map's log-sum-exp (``lse`` is None: an output head has none)
 
 Query heads ``2h`` and ``2h + 1`` are the two maps of output head ``h``
 (``attn_weights.view(B, H, 2, Nq, Nk)``; ``q.reshape(B, Nq, H, 2, D)``), not
@@ -81,7 +82,7 @@ def lambda_init_from_depth(depth: int) -> float:
         1-based ``l``). Python floats, as the authors': bitwise their value.
     """
     if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 0:
-        raise SpecError("depth", "an integer >= 0 (the 0-based layer index)", repr(depth))
+        raise SpecError("depth", "an integer >= 0 (the 0-based layer index)", checks.summary(depth))
     return 0.8 - 0.6 * math.exp(-0.3 * int(depth))
 
 
@@ -93,6 +94,10 @@ def key_heads(heads: int, kv_heads: int, gqa_keys: str = "paired") -> np.ndarray
     ``(2h + c) // G`` (``repeat_kv`` over all 2·Hkv key heads, as
     ``multihead_diffattn.py`` does). ``G = heads // kv_heads``.
     """
+    heads, kv_heads = checks.integer(heads, "heads", minimum=1), checks.integer(kv_heads, "kv_heads", minimum=1)
+    if heads % kv_heads:
+        raise SpecError("kv_heads", f"a divisor of heads = {heads} (H = G · Hkv)", checks.summary(kv_heads))
+    gqa_keys = checks.choice(gqa_keys, "gqa_keys", GQA_KEYS)
     group = heads // kv_heads
     h = np.arange(heads)
     if gqa_keys == "paired":
@@ -144,9 +149,9 @@ class DifferentialInputs:
     maps: tuple[DenseInputs, DenseInputs]  # the two maps' dense attention, :func:`map_inputs`
 
     def cotangent_shapes(self) -> dict:
-        """Shapes of ``dout`` (B, H, Nq, 2D) and ``dlse`` (B, 2H, Nq): one lse per query head's map."""
+        """Shape of ``dout`` (B, H, Nq, 2D); no ``dlse``: an output head has no log-sum-exp of its own."""
         s = self.shape
-        return {"dout": (s.batch, s.heads, s.q_len, 2 * s.head_dim), "dlse": (s.batch, 2 * s.heads, s.q_len)}
+        return {"dout": (s.batch, s.heads, s.q_len, 2 * s.head_dim), "dlse": None}
 
     def add_map_kv_grads(self, c: int, dk: np.ndarray, dv: np.ndarray, map_dk: np.ndarray, map_dv: np.ndarray) -> None:
         """Adjoint of :func:`map_inputs`'s keys and values: add map ``c``'s gradients into
@@ -301,7 +306,7 @@ def forward_steps(x: DifferentialInputs, num: Numerics, attend: Callable[[DenseI
     # (D3) The two maps, each dense attention (1)-(7) over its query heads, keys and the shared values.
     maps = [attend(map_x) for map_x in x.maps]
     outs = [np.asarray(m.out, dtype=num.compute) for m in maps]  # 2 x (B, H, Nq, 2D)
-    steps.update(maps=outs, lse=interleave(*(np.asarray(m.lse, dtype=num.compute) for m in maps)))  # (B, 2H, Nq)
+    steps.update(maps=outs, map_lse=interleave(*(np.asarray(m.lse, dtype=num.compute) for m in maps)))  # (B, 2H, Nq)
     # (D4) The difference of the two maps' outputs.
     diff = num.store(outs[0] - steps["lambda_full"] * outs[1])  # (B, H, Nq, 2D)
     steps["diff"] = steps["out"] = diff
@@ -318,10 +323,11 @@ def forward_steps(x: DifferentialInputs, num: Numerics, attend: Callable[[DenseI
     return steps
 
 
-def vjp_steps(x: DifferentialInputs, num: Numerics, f: dict, dout: np.ndarray, dlse,
+def vjp_steps(x: DifferentialInputs, num: Numerics, f: dict, dout: np.ndarray,
               attend_vjp: Callable[[DenseInputs, Cotangents], Grads]) -> Grads:  # fmt: skip
-    """Steps (D7')-(D1') for the forward intermediates ``f``; ``attend_vjp(map_inputs, cotangents)`` is
-    dense attention's VJP. Returns every gradient in the compute dtype."""
+    """Steps (D7')-(D1') for the forward intermediates ``f`` and the cotangent ``dout`` of ``out`` (the
+    maps' log-sum-exps are intermediates, ``aux["map_lse"]``, with no cotangent); ``attend_vjp(map_inputs,
+    cotangents)`` is dense attention's VJP. Returns every gradient in the compute dtype."""
     d_diff, d_norm_weight = dout, None  # (B, H, Nq, 2D)
     if x.apply_norm:
         # (D7') out = (1 − λ_init) · weighted.
@@ -337,13 +343,12 @@ def vjp_steps(x: DifferentialInputs, num: Numerics, f: dict, dout: np.ndarray, d
     # (D4') diff = o_0 − λ o_1: the maps' cotangents, and dλ = −Σ ⟨d diff, o_1⟩.
     d_maps = (d_diff, num.store(-f["lambda_full"] * d_diff))
     d_lambda = num.store(-np.sum(d_diff * f["maps"][1]))
-    # (D3') Each map's dense VJP; dlse of query head 2h + c goes to map c.
+    # (D3') Each map's dense VJP, for its output's cotangent alone.
     dq = []
     dk, dv = np.zeros(x.k.shape, num.compute), np.zeros(x.v.shape, num.compute)
     dbias = None if x.bias is None else np.zeros(x.bias.shape, num.compute)
     for c in (0, 1):
-        map_dlse = None if dlse is None else dlse[:, c::2]
-        g = attend_vjp(x.maps[c], Cotangents(dout=d_maps[c], dlse=map_dlse))
+        g = attend_vjp(x.maps[c], Cotangents(dout=d_maps[c]))
         dq.append(np.asarray(g["q"], num.compute))
         x.add_map_kv_grads(c, dk, dv, np.asarray(g["k"], num.compute), np.asarray(g["v"], num.compute))
         if dbias is not None:
@@ -442,12 +447,12 @@ def differential_attention(
     Returns
     -------
     Result
-        ``out`` (B, H, Nq, 2D) and ``lse`` (B, 2H, Nq), float64: the log-sum-exp
-        of each query head's map (``-inf`` on a fully masked row, whose
-        output is 0). ``aux`` is empty. The lse has 2H heads, not the H of
-        ``out``: output head ``h`` is a difference of two softmax maps, then
-        a norm, not one softmax average, so it has no log-sum-exp of its
-        own; each of its maps, query heads ``2h`` and ``2h + 1``, has one.
+        ``out`` (B, H, Nq, 2D), float64, and ``lse`` None: output head ``h``
+        is a difference of two softmax maps, then a norm, not one softmax
+        average, so it has no log-sum-exp of its own. Each of its maps,
+        query heads ``2h`` and ``2h + 1``, has one: ``aux["map_lse"]``
+        (B, 2H, Nq), float64, in query-head order (``-inf`` on a fully
+        masked row, whose output is 0).
     """
     return registry.call_forward("differential", locals())
 
@@ -455,7 +460,7 @@ def differential_attention(
 def forward(x: DifferentialInputs, num: Numerics) -> Result:
     """The reference backend: steps (D1)-(D7) in precision ``num``, each map by dense attention's reference."""
     f = forward_steps(x, num, lambda map_x: dense_reference.forward(map_x, num))
-    return Result(out=f["out"], lse=f["lse"], aux={})
+    return Result(out=f["out"], lse=None, aux={"map_lse": f["map_lse"]})
 
 
 differential_attention_vjp = registry.vjp_function(
@@ -463,8 +468,8 @@ differential_attention_vjp = registry.vjp_function(
     "differential",
     grads="""    ``q``, ``k``, ``v``, ``lambda_q1``, ``lambda_k1``, ``lambda_q2``,
     ``lambda_k2``, then ``norm_weight`` and ``bias`` (in the bias's own
-    shape) when given. ``lambda_init`` and ``depth`` are constants. ``dlse``
-    is (B, 2H, Nq), the shape of ``lse``.""",
+    shape) when given. ``lambda_init`` and ``depth`` are constants. There
+    is no ``dlse`` (``lse`` is None; ``aux["map_lse"]`` has no cotangent).""",
 )
 
 
@@ -472,6 +477,6 @@ def vjp(x: DifferentialInputs, cotangents: Cotangents, num: Numerics) -> Grads:
     """The reference backend's VJP: steps (D7')-(D1') in precision ``num``."""
     f = forward_steps(x, num, lambda map_x: dense_reference.forward(map_x, num))
     return vjp_steps(
-        x, num, f, num.load(cotangents.dout), cotangents.dlse,
+        x, num, f, num.load(cotangents.dout),
         lambda map_x, map_cotangents: dense_reference.vjp(map_x, map_cotangents, num),
     )  # fmt: skip

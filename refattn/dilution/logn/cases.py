@@ -32,6 +32,12 @@ FLAGS: dict[str, str] = {
         "An explicit n (a training length) replaces Nk in log n, on every row. Fails implementations that ignore "
         "it, use log(Nk) / log(n) (Qwen's log_n(i) with the training length as base) or clamp the factor at 1."
     ),
+    "LOGN_TRAINING_LENGTH": (
+        "With training_length L (Qwen's use_logn_attn at inference; QwenLM/Qwen-Audio 0b0e882, modeling_qwen.py, "
+        "QWenAttention): row i at position p_i = i + Nk - Nq gets log(p_i + 1) / log L where p_i + 1 > L and 1 "
+        "elsewhere, a factor per row. Cases decode past L. Fails one n for every row, the factor without the 1 floor, "
+        "positions counted from the first query instead of the sequence, or natural log n without the base L."
+    ),
 }
 
 
@@ -64,6 +70,10 @@ def cases() -> list[Case]:
               softcap=2.0),
         _case("fully_masked_rows", "6 queries over 3 keys, causal bottom-right: rows 0-2 see no key; n = 3.",
               ("FULLY_MASKED_ROW", "LOGN_LENGTH", "CAUSAL_ALIGNMENT"), Dims(1, 4, 2, 6, 3, 8), causal=True),
+        _case("qwen_training_length", "Qwen's rule, L = 8: 6 queries over 14 cached keys, causal, positions 8-13: "
+              "rows at p + 1 <= 8 keep factor 1, later rows log(p + 1) / log 8.",
+              ("LOGN_TRAINING_LENGTH", "CAUSAL_ALIGNMENT", "UNEQUAL_LENGTHS"), Dims(1, 4, 2, 6, 14, 8), causal=True,
+              training_length=8),
         _case("decode_single_query", "One query over 40 keys, MQA 4:1, n = 4096 given: ln 4096 = 8.32.",
               ("LOGN_EXPLICIT_N", "SINGLE_TOKEN", "MULTI_QUERY"), Dims(1, 4, 1, 1, 40, 8), std=0.5, n=4096),
     ]  # fmt: skip

@@ -17,7 +17,7 @@ import numpy as np
 from ...core.results import Cotangents, Grads, Result
 from ...dense import numba as dense_numba
 from ...dense.inputs import DenseInputs
-from .reference import LognInputs
+from .reference import LognInputs, row_positions
 
 
 def forward(x: LognInputs) -> Result:
@@ -38,8 +38,13 @@ def vjp(x: LognInputs, cotangents: Cotangents, saved: Result | None = None) -> G
     return grads
 
 
-def _folded(x: LognInputs) -> tuple[np.floating, DenseInputs]:
-    """Steps (L1)-(L2): ``log n`` and the dense inputs with ``q' = log n · q`` (B, Hq, Nq, D), in the compute dtype."""
+def _folded(x: LognInputs) -> tuple[np.floating | np.ndarray, DenseInputs]:
+    """Steps (L1)-(L2): ``log n`` (per row, (Nq, 1), with ``training_length``) and the dense inputs with
+    ``q' = log n · q`` (B, Hq, Nq, D), in the compute dtype."""
     dtype = dense_numba._compute_dtype(x.dense.q)
     factor = np.log(dtype.type(x.n))  # (L1)
+    if x.training_length is not None:  # (L1) Qwen: log(p_i + 1) / log L beyond L, else 1
+        count = row_positions(x.dense.shape.q_len, x.dense.shape.kv_len) + 1
+        ratio = np.log(count.astype(dtype)) / np.log(dtype.type(x.training_length))
+        factor = np.where(count > x.training_length, ratio, dtype.type(1)).astype(dtype)[:, None]  # (Nq, 1)
     return factor, replace(x.dense, q=factor * np.asarray(x.dense.q, dtype=dtype))  # (L2)

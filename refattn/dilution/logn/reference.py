@@ -42,9 +42,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ...core import registry
+from ...core import checks, registry
 from ...core.errors import SpecError
-from ...core.precision import Numerics
+from ...core.precision import FLOAT64, Numerics
 from ...core.results import Cotangents, Grads, Result
 from ...dense import reference as dense_reference
 from ...dense.inputs import DenseInputs, check_dense_inputs
@@ -58,6 +58,7 @@ class LognInputs:
 
     dense: DenseInputs
     n: int  # >= 1
+    training_length: int | None  # >= 1: Qwen's per-row rule instead of one n
 
     def cotangent_shapes(self) -> dict:
         """Shapes of ``dout`` and ``dlse``: dense attention's."""
@@ -69,29 +70,52 @@ def length(n, kv_len: int) -> int:
     if n is None:
         return kv_len
     if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral) or n < 1:
-        raise SpecError("n", "an integer >= 1 (the length whose log scales the logits), or None for Nk", repr(n))
+        raise SpecError("n", "an integer >= 1 (the length whose log scales the logits), or None for Nk", checks.summary(n))
     return int(n)
 
 
-def check_logn_inputs(q, k, v, *, n, **dense_arguments) -> LognInputs:
+def check_logn_inputs(q, k, v, *, n, training_length, **dense_arguments) -> LognInputs:
     """Check every argument of :func:`logn_attention`; raise :class:`SpecError` on the first bad one.
 
     ``dense_arguments`` are :func:`refattn.dense_attention`'s keywords, checked by its own check.
     """
     dense = check_dense_inputs(q, k, v, **dense_arguments)
-    return LognInputs(dense=dense, n=length(n, dense.shape.kv_len))
+    if training_length is not None:
+        if n is not None:
+            raise SpecError("n", "None when training_length is given (the factor is then per row)", checks.summary(n))
+        if isinstance(training_length, (bool, np.bool_)) or not isinstance(training_length, numbers.Integral) \
+                or training_length < 2:  # fmt: skip
+            raise SpecError("training_length", "an integer >= 2 (the base of Qwen's log), or None", checks.summary(training_length))
+        training_length = int(training_length)
+    inputs = LognInputs(dense=dense, n=length(n, dense.shape.kv_len), training_length=training_length)
+    largest = np.log(inputs.n) if training_length is None else float(np.max(factor_of(inputs, FLOAT64)))
+    checks.scores_within_range(dense.q, dense.k, dense.scale, q_factor=largest)  # (L2) q' = log n · q
+    return inputs
 
 
 # --- the steps ------------------------------------------------------------------
 
 
+def row_positions(q_len: int, kv_len: int) -> np.ndarray:
+    """``p_i = i + Nk - Nq``, each query row's position in the sequence (its last ``Nq`` tokens), (Nq,) int64."""
+    return np.arange(q_len, dtype=np.int64) + kv_len - q_len
+
+
 def factor_of(x: LognInputs, num: Numerics) -> np.ndarray:
-    """Step (L1): ``log n``, natural, a scalar in ``num``'s compute dtype, stored in its precision."""
-    return num.store(np.log(np.asarray(x.n, dtype=num.compute)))
+    """Step (L1): ``log n``, natural, a scalar in ``num``'s compute dtype, stored in its precision.
+
+    With ``training_length`` L (Qwen's ``use_logn_attn``): per row,
+    ``log(p_i + 1) / log L`` where ``p_i + 1 > L`` and 1 elsewhere, shaped (Nq, 1).
+    """
+    if x.training_length is None:
+        return num.store(np.log(np.asarray(x.n, dtype=num.compute)))
+    count = row_positions(x.dense.shape.q_len, x.dense.shape.kv_len) + 1  # (Nq,) p_i + 1
+    ratio = np.log(count.astype(num.compute)) / np.log(np.asarray(x.training_length, dtype=num.compute))
+    return num.store(np.where(count > x.training_length, ratio, 1.0).astype(num.compute))[:, None]
 
 
 def _scaled_query(factor: np.ndarray, q: np.ndarray, num: Numerics) -> np.ndarray:
-    """Step (L2): ``q' = log n · q``, (B, Hq, Nq, D)."""
+    """Step (L2): ``q' = log n · q`` (the row's factor with ``training_length``), (B, Hq, Nq, D)."""
     return num.store(factor * num.load(q))
 
 
@@ -104,6 +128,7 @@ def logn_attention(
     v,
     *,
     n=None,
+    training_length=None,
     mask=None,
     bias=None,
     causal=False,
@@ -126,6 +151,11 @@ def logn_attention(
     n : int >= 1, optional
         The length whose natural log scales the logits, the same for every
         row; default ``Nk``. Not differentiated.
+    training_length : int >= 2, optional
+        Qwen's per-row rule (``use_logn_attn`` at inference) instead of one
+        ``n``: row ``i`` at position ``p_i = i + Nk - Nq`` gets the factor
+        ``log(p_i + 1) / log(training_length)`` where ``p_i + 1 >
+        training_length``, and 1 elsewhere. ``n`` must then be None.
     mask, bias, causal, causal_alignment, window, scale, softcap, dropout_keep, dropout_p
         As :func:`refattn.dense_attention`. Masks do not change ``n``;
         ``bias`` is added after the soft-cap and is not multiplied.

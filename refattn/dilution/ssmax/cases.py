@@ -57,6 +57,11 @@ FLAGS: dict[str, str] = {
         "backwards that treat s and s_bias as constants, drop log n_i, use q' (or dq = f dq') in place of q (or dq'), "
         "or sum over one batch element or by kv head."
     ),
+    "SSMAX_AXIS_LENGTH": (
+        "n_rule='axis_length' takes n = Nk, the full last axis with masked keys counted, on every row, as the "
+        "ScalableSoftmax package (x.size(dim)) does; the canonical n_i counts the attended keys. Cases are causal. "
+        "Fails the per-row count under this rule."
+    ),
 }
 
 
@@ -119,6 +124,9 @@ def cases() -> list[Case]:
         _case("decode_single_query_padding", "One query over 33 keys, batch 1 padded to 20, MQA 4:1: n = 33 and 20.",
               ("SSMAX_MASKED_N", "SINGLE_TOKEN", "PADDING_MASK", "MULTI_QUERY"), Dims(2, 4, 1, 1, 33, 8),
               mask=key_padding((33, 20))),
+        _case("axis_length_causal", "n_rule='axis_length': causal N = 10, n = 10 on every row (ScalableSoftmax's "
+              "x.size(dim)), not i + 1.",
+              ("SSMAX_AXIS_LENGTH", "CAUSAL_MASK"), Dims(1, 4, 2, 10, 10, 8), causal=True, n_rule="axis_length"),
         # --- rows with no key or one key -----------------------------------------------
         _case("fully_masked_rows", "7 queries over 4 keys, causal bottom-right: rows 0-2 see no key, row 3 one key.",
               ("FULLY_MASKED_ROW", "SSMAX_MASKED_N", "SSMAX_SINGLE_KEY", "CAUSAL_ALIGNMENT"), Dims(1, 4, 2, 7, 4, 8),

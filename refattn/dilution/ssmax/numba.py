@@ -70,7 +70,7 @@ def _folded(x: SSMaxInputs) -> tuple[np.ndarray, np.ndarray, DenseInputs]:
     in the compute dtype."""
     dtype = dense_numba._compute_dtype(x.dense.q)
     # (S1) Keys each row attends to, from intervals and the user's mask.
-    counts = counts_of(x.dense)  # (B, Hq, Nq) int64
+    counts = counts_of(x.dense) if x.n_rule == "attended" else np.full(x.dense.shape.scores[:3], x.dense.shape.kv_len)
     # (S2) f_i = s_h log n_i + s_bias_h, 0 on fully masked rows.
     s, s_bias = (np.asarray(p, dtype=dtype) for p in (x.s, x.s_bias))
     s, s_bias = (p[:, None] if p.ndim == 1 else p for p in (s, s_bias))  # (Hq, 1) or ()

@@ -80,6 +80,7 @@ class SSMaxInputs:
     dense: DenseInputs
     s: float | np.ndarray  # > 0
     s_bias: float | np.ndarray
+    n_rule: str  # "attended" (canonical) or "axis_length"
 
     def cotangent_shapes(self) -> dict:
         """Shapes of ``dout`` and ``dlse``: dense attention's."""
@@ -101,7 +102,7 @@ def per_head_parameter(x, name: str, num_heads: int, *, positive: bool) -> float
         values = x
     elif isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_)):
         if not math.isfinite(x):
-            raise SpecError(name, wanted, repr(x))
+            raise SpecError(name, wanted, checks.summary(x))
         values = np.asarray(x)
     else:
         raise SpecError(name, wanted, f"{type(x).__name__} {x!r}")
@@ -115,18 +116,27 @@ def per_head_parameter(x, name: str, num_heads: int, *, positive: bool) -> float
     return x
 
 
-def check_ssmax_inputs(q, k, v, *, s, s_bias, **dense_arguments) -> SSMaxInputs:
+#: Values of ``n_rule``: which n the factor's log takes.
+N_RULES = ("attended", "axis_length")
+
+
+def check_ssmax_inputs(q, k, v, *, s, s_bias, n_rule, **dense_arguments) -> SSMaxInputs:
     """Check every argument of :func:`ssmax_attention`; raise :class:`SpecError` on the first bad one.
 
     ``dense_arguments`` are :func:`refattn.dense_attention`'s keywords, checked by its own check.
     """
     dense = check_dense_inputs(q, k, v, **dense_arguments)
     heads = dense.shape.q_heads
-    return SSMaxInputs(
+    inputs = SSMaxInputs(
         dense=dense,
         s=per_head_parameter(s, "s", heads, positive=True),
         s_bias=per_head_parameter(s_bias, "s_bias", heads, positive=False),
+        n_rule=checks.choice(n_rule, "n_rule", N_RULES),
     )
+    # (S3) q' = f_i · q with |f_i| <= max s · log Nk + max |s_bias| (n_i <= Nk).
+    checks.scores_within_range(dense.q, dense.k, dense.scale, q_factor=np.max(np.abs(np.asarray(inputs.s, np.float64)))
+                               * np.log(dense.shape.kv_len) + np.max(np.abs(np.asarray(inputs.s_bias, np.float64))))  # fmt: skip
+    return inputs
 
 
 # --- the steps ------------------------------------------------------------------
@@ -142,6 +152,14 @@ def counts_of(x: DenseInputs) -> np.ndarray:
     if allowed is None:
         return np.full(x.shape.scores[:3], x.shape.kv_len, dtype=np.int64)
     return np.broadcast_to(allowed, x.shape.scores).sum(axis=-1, dtype=np.int64)
+
+
+def row_counts(x: SSMaxInputs) -> np.ndarray:
+    """Step (S1) by ``x.n_rule``: ``n_i`` (:func:`counts_of`), or ``Nk`` on every row for
+    ``"axis_length"`` (the ``ScalableSoftmax`` package's ``x.size(dim)``), (B, Hq, Nq) int64."""
+    if x.n_rule == "axis_length":
+        return np.full(x.dense.shape.scores[:3], x.dense.shape.kv_len, dtype=np.int64)
+    return counts_of(x.dense)
 
 
 def log_counts(counts: np.ndarray, dtype) -> np.ndarray:
@@ -198,6 +216,7 @@ def ssmax_attention(
     *,
     s,
     s_bias=0.0,
+    n_rule="attended",
     mask=None,
     bias=None,
     causal=False,
@@ -224,6 +243,11 @@ def ssmax_attention(
     s_bias : float or ndarray (Hq,)
         The paper's optional bias ``b`` inside the factor, added to
         ``s_h · log n_i``; default 0. Differentiated when an array.
+    n_rule : {"attended", "axis_length"}
+        ``"attended"`` (the paper's: n is the size of the vector the softmax
+        runs over): ``n_i``, the keys row ``i`` attends to. ``"axis_length"``:
+        ``Nk`` on every row, masked keys counted, as the ``ScalableSoftmax``
+        package (``x.size(dim)``) computes it; ``aux["counts"]`` is then ``Nk``.
     mask, bias, causal, causal_alignment, window, scale, softcap, dropout_keep, dropout_p
         As :func:`refattn.dense_attention`. The masks and the window decide
         ``n_i``; ``bias`` is added after the soft-cap and is not multiplied
@@ -245,7 +269,7 @@ def ssmax_attention(
 def forward(x: SSMaxInputs, num: Numerics) -> Result:
     """The reference backend: steps (S1)-(S3), then dense (1)-(7) on ``q'``, in precision ``num``."""
     # (S1) How many keys each row attends to.
-    counts = counts_of(x.dense)  # (B, Hq, Nq)
+    counts = row_counts(x)  # (B, Hq, Nq)
     # (S2) The row's factor s_h log n_i + s_bias_h.
     factor = factor_of(x, counts, num)  # (B, Hq, Nq)
     # (S3) Folded into the query: scale · q'_i · k_j = f_i · scale · q_i · k_j.
@@ -268,7 +292,7 @@ ssmax_attention_vjp = registry.vjp_function(
 
 def vjp(x: SSMaxInputs, cotangents: Cotangents, num: Numerics) -> Grads:
     """The reference backend's VJP: dense (7')-(1') on ``q'``, then (S3')-(S1'), in precision ``num``."""
-    counts = counts_of(x.dense)  # (S1)
+    counts = row_counts(x)  # (S1)
     factor = factor_of(x, counts, num)  # (S2)
     q_scaled = _scaled_query(factor, x.dense.q, num)  # (S3)
 

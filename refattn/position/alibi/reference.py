@@ -75,7 +75,7 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
     ndarray (num_heads,), float64
     """
     if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral) or num_heads < 1:
-        raise SpecError("num_heads", "an integer >= 1", repr(num_heads))
+        raise SpecError("num_heads", "an integer >= 1", checks.summary(num_heads))
     n = int(num_heads)
     if n & (n - 1) == 0:
         start = 2 ** (-(2 ** -(math.log2(n) - 3)))

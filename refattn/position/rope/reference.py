@@ -84,9 +84,9 @@ def check_rotary_dim(rotary_dim, head_dim: int | None) -> int:
     bound = "" if head_dim is None else f" and at most the head dim {head_dim}"
     expected = f"an even int >= 2{bound}"
     if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, numbers.Integral):
-        raise SpecError("rotary_dim", expected, repr(rotary_dim))
+        raise SpecError("rotary_dim", expected, checks.summary(rotary_dim))
     if rotary_dim < 2 or rotary_dim % 2 or (head_dim is not None and rotary_dim > head_dim):
-        raise SpecError("rotary_dim", expected, repr(rotary_dim))
+        raise SpecError("rotary_dim", expected, checks.summary(rotary_dim))
     return int(rotary_dim)
 
 

@@ -60,7 +60,7 @@ def check_shaw_inputs(
     dense = check_dense_inputs(q, k, v, **dense_arguments)
     s = dense.shape
     clip = check_clip_distance(max_relative_position)
-    return ShawInputs(
+    inputs = ShawInputs(
         dense=dense,
         rel_k=check_table(rel_k, "rel_k", 2 * clip + 1, s.head_dim, "D"),
         rel_v=check_table(rel_v, "rel_v", 2 * clip + 1, s.value_dim, "Dv"),
@@ -68,3 +68,5 @@ def check_shaw_inputs(
         k_positions=checks.positions(k_positions, "k_positions", s.kv_len),
         max_relative_position=clip,
     )
+    checks.scores_within_range(dense.q, (dense.k, inputs.rel_k), dense.scale, "q, k, rel_k")  # q·k_j + q·a_ij
+    return inputs

@@ -88,11 +88,11 @@ def check_bucketing(bidirectional, num_buckets, max_distance) -> Bucketing:
     smallest = 4 if bidirectional else 2
     if not _is_int(num_buckets) or num_buckets < smallest or (bidirectional and num_buckets % 2):
         wanted = "an even integer >= 4 (bidirectional)" if bidirectional else "an integer >= 2"
-        raise SpecError("num_buckets", wanted, repr(num_buckets))
+        raise SpecError("num_buckets", wanted, checks.summary(num_buckets))
     max_exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
     if not _is_int(max_distance) or max_distance <= max_exact:
         wanted = f"an integer > max_exact = {max_exact} (the distances with a bucket each)"
-        raise SpecError("max_distance", wanted, repr(max_distance))
+        raise SpecError("max_distance", wanted, checks.summary(max_distance))
     return Bucketing(bidirectional, int(num_buckets), int(max_distance))
 
 

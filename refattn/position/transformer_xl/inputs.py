@@ -78,6 +78,8 @@ def check_transformer_xl_inputs(
     v_bias = _float_table(v_bias, "v_bias", f"(Hq, D) = ({heads}, {head_dim})", 2, (heads, head_dim))
     q_positions = checks.positions(q_positions, "q_positions", dense.shape.q_len)
     k_positions = checks.positions(k_positions, "k_positions", dense.shape.kv_len)
+    # (q + u)·k_j + (q + v_bias)·r_t: both terms at most (|q| + |u| + |v_bias|)(|k| + |r|).
+    checks.scores_within_range((dense.q, u, v_bias), (dense.k, r), dense.scale, "q, k, r, u, v_bias")
     return TransformerXLInputs(dense, r, u, v_bias, q_positions, k_positions)
 
 

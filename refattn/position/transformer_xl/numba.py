@@ -1,12 +1,11 @@
 """Transformer-XL relative attention on CPU: tiled online-softmax kernels in Numba.
 
 The same function as :mod:`refattn.position.transformer_xl.reference`, with
-the same names, parameters and step numbers, computed the way
-:mod:`refattn.dense.numba` computes dense attention. Read that module's
-docstring first: the online softmax, the FlashAttention-2 backward, the tile
-bounds from causality and windows, the precision rules and the ``exp`` are
-the same here, and so are the small pieces, imported from it. No score-sized
-array is ever allocated: memory is O(N), never O(Nq * Nk).
+the same names, parameters and step numbers, computed by the tile library
+:mod:`refattn.core.tiles`. Read its docstring first: the online softmax, the
+FlashAttention-2 backward, the tile bounds from causality and windows, the
+precision rules and the ``exp`` are the library's. No score-sized array is
+ever allocated: memory is O(N), never O(Nq * Nk).
 
 What differs is how a tile of raw scores is formed. For a tile of queries
 ``i`` and keys ``j``, the content term (1a) plus the position term (1b)::
@@ -22,8 +21,8 @@ pair picks ``G[row(i, j) - lo, i]``: the original's ``(q + v_bias) rᵀ`` and
 ``_rel_shift``, restricted to the tile and without the shift. When positions
 have gaps a tile may span more than ``SPAN_MAX`` rows; each pair's dot product
 is then taken on its own (the same value, more slowly). Steps (1c)-(4) --
-scale, soft-cap, bias, mask -- follow dense's ``_logits_tile`` line for line
-(``_scores_tile``).
+scale, soft-cap, bias, mask -- are the library's
+:func:`~refattn.core.tiles.logits_tile`.
 
 Backward
 --------
@@ -34,13 +33,16 @@ With ``dscore = dS`` times the soft-cap's derivative, as in dense::
     dk_j            = scale * sum_i dscore_ij (q_i + u)        (1a')
     dr[h, t]        = scale * sum over b and the pairs with row(i, j) = t of dscore_ij (q_i + v_bias)   (1b')
 
-Three kernels, none with atomics:
+Three kernels, none with atomics, given the forward's ``out`` and ``lse``
+(``saved``, or the forward once more):
 
-* ``_dq_kernel``, parallel over (batch, query head, query block) like
-  dense's, gives the two query gradients separately; their sums over batch
-  and queries are du and dv_bias.
-* ``_dkv_kernel``, parallel over (batch, kv head, key block) like dense's:
-  dk, dv and the user bias's gradient.
+* ``_dq_kernel``, parallel over (batch, query head, query block), gives the
+  two query gradients separately; their sums over batch and queries are du
+  and dv_bias.
+* ``_dkv_kernel``, parallel over (batch, kv head, key block): dk, dv and the
+  user bias's gradient, by the library's
+  :func:`~refattn.core.tiles.pair_grads` and
+  :func:`~refattn.core.tiles.pair_products`.
 * ``_dr_kernel``, parallel over (query head, block of ``BLOCK_R`` rows of
   r): a work item owns its rows of dr and sweeps the (query block, key block)
   tiles whose distances reach them, recomputing the tile's ``dscore``. With
@@ -52,156 +54,71 @@ each tile after masking and records, per query row, the first key that
 breaks this; the caller then raises the reference's error
 (:func:`~refattn.position.transformer_xl.inputs.missing_row`).
 
-Precision: float64 inputs run in float64; float32, float16 and bfloat16 run
-in float32, ``q + u`` and ``q + v_bias`` included (formed once, before the kernels).
+Precision: as the library's; ``q + u`` and ``q + v_bias`` are formed once, in
+the compute dtype, before the kernels.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 from numba import njit, prange
 
-from ...core.checks import cotangent
-from ...core.results import Grads, Result
-from ...dense.numba import (
-    BLOCK_K,
-    BLOCK_Q,
-    _at,
-    _block_order,
-    _compute_dtype,
-    _exp_nonpositive,
-    _KernelArgs,
-    _key_range,
-    _query_range,
-    _read_only,
-    _softcap_slope,
-    _transposed,
-)
-from .inputs import TransformerXLInputs, check_transformer_xl_inputs, missing_row
+from ...core import tiles
+from ...core.results import Cotangents, Grads, Result
+from ...core.tiles import BLOCK_K, BLOCK_Q, TileArgs, compute_dtype, read_only
+from .inputs import TransformerXLInputs, missing_row
 
 SPAN_MAX = BLOCK_Q + BLOCK_K - 1  # rows of r one tile of consecutive positions can read
 BLOCK_R = 256  # rows of r per work item of the dr kernel
 
 # --------------------------------------------------------------------------
-# Public functions: the same keyword parameters as reference.py.
+# The backend: forward and VJP over checked inputs (refattn/core/registry.py).
 # --------------------------------------------------------------------------
 
 
-def transformer_xl_attention(
-    q,
-    k,
-    v,
-    *,
-    r,
-    u,
-    v_bias,
-    q_positions,
-    k_positions,
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    dropout_keep=None,
-    dropout_p=0.0,
-) -> Result:
-    """Transformer-XL attention, tiled; see :func:`refattn.position.transformer_xl.transformer_xl_attention`.
+def forward(x: TransformerXLInputs) -> Result:
+    """Steps (1a)-(7), tiled: ``out`` (B, Hq, Nq, Dv) and ``lse`` (B, Hq, Nq) in the compute dtype
+    (float32 for float32/float16/bfloat16 ``q``, float64 otherwise)."""
+    return _run_forward(_XLArgs.build(x), x)
 
-    Returns
-    -------
-    Result
-        ``out`` (B, Hq, Nq, Dv) and ``lse`` (B, Hq, Nq) in the compute dtype:
-        float32 for float32/float16/bfloat16 ``q``, float64 otherwise.
+
+def vjp(x: TransformerXLInputs, cotangents: Cotangents, saved: Result | None = None) -> Grads:
+    """Steps (7')-(1'), tiled: ``q``, ``k``, ``v``, ``r``, ``u``, ``v_bias`` and (with a bias)
+    ``bias`` in its own shape, in the compute dtype.
+
+    ``saved``, this backend's forward of the same inputs, spares running the forward again.
     """
-    x = check_transformer_xl_inputs(
-        q, k, v, r=r, u=u, v_bias=v_bias, q_positions=q_positions, k_positions=k_positions,
-        mask=mask, bias=bias, causal=causal, causal_alignment=causal_alignment, window=window,
-        scale=scale, softcap=softcap, dropout_keep=dropout_keep, dropout_p=dropout_p,
-    )  # fmt: skip
-    args = _XLArgs.build(x, _compute_dtype(q), (q, k, v))
-    out, lse = _run_forward(args, x)
-    return Result(out=out, lse=lse, aux={})
-
-
-def transformer_xl_attention_vjp(
-    dout,
-    q,
-    k,
-    v,
-    *,
-    dlse=None,
-    r,
-    u,
-    v_bias,
-    q_positions,
-    k_positions,
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    dropout_keep=None,
-    dropout_p=0.0,
-) -> Grads:
-    """Gradients of :func:`transformer_xl_attention`; see the reference's ``transformer_xl_attention_vjp``.
-
-    Returns
-    -------
-    Grads
-        ``q``, ``k``, ``v``, ``r``, ``u``, ``v_bias`` and (when a bias was
-        given) ``bias`` in its own shape, in the compute dtype.
-    """
-    x = check_transformer_xl_inputs(
-        q, k, v, r=r, u=u, v_bias=v_bias, q_positions=q_positions, k_positions=k_positions,
-        mask=mask, bias=bias, causal=causal, causal_alignment=causal_alignment, window=window,
-        scale=scale, softcap=softcap, dropout_keep=dropout_keep, dropout_p=dropout_p,
-    )  # fmt: skip
-    s = x.dense.shape
-    dout = cotangent(dout, "dout", (s.batch, s.q_heads, s.q_len, s.value_dim))
-    dlse = None if dlse is None else cotangent(dlse, "dlse", (s.batch, s.q_heads, s.q_len))
-    dtype = _compute_dtype(q)
-    args = _XLArgs.build(x, dtype, (q, k, v))
-
-    # The forward once more, for out (delta) and lse (to recompute P tile by tile).
-    out, lse = _run_forward(args, x)
-    dout = np.ascontiguousarray(dout, dtype=dtype)  # (B, Hq, Nq, Dv)
-    dlse = np.zeros(lse.shape, dtype) if dlse is None else np.ascontiguousarray(dlse, dtype=dtype)
-    delta = np.einsum("bhqe,bhqe->bhq", dout, out)  # (B, Hq, Nq): sum_j P_ij dW_ij
-    lse_for_p = np.where(np.isneginf(lse), np.inf, lse).astype(dtype)  # P = exp(s - inf) = 0 on fully masked rows
-    per_row = (dout, lse_for_p, delta, dlse)
+    args = _XLArgs.build(x)
+    t = args.tiles
+    dtype = t.q.dtype
+    if not tiles.reusable(saved, dtype, cotangents.dout.shape):
+        saved = _run_forward(args, x)
+    per_row = tiles.backward_rows(cotangents.dout, cotangents.dlse, saved.out, saved.lse, dtype)
 
     dq_content = np.empty(args.q_content.shape, dtype)
     dq_position = np.empty(args.q_content.shape, dtype)
-    _dq_kernel(*args.tiles(), *per_row, *args.logits(), *args.dropout(), dq_content, dq_position)
+    _dq_kernel(*args.arrays(), *per_row, *t.logits(), *t.dropout(), dq_content, dq_position)
 
-    dk = np.empty(args.dense.k.shape, dtype)
-    dv = np.empty(args.dense.v.shape, dtype)
-    dbias = np.zeros(args.dense.bias_own_shape, dtype)  # the bias's own shape, as 4-D
-    serial = args.dense.serial_axes()
-    _dkv_kernel(*args.tiles(), *per_row, *args.logits(), *args.dropout(), *serial, dk, dv, dbias)
+    dk = np.empty(t.k.shape, dtype)
+    dv = np.empty(t.v.shape, dtype)
+    dbias = np.zeros(t.bias_own_shape, dtype)  # the bias's own shape, as 4-D
+    _dkv_kernel(*args.arrays(), *per_row, *t.logits(), *t.dropout(), *t.serial_axes(), dk, dv, dbias)
 
     dr = np.empty(args.r.shape, dtype)
-    _dr_kernel(*args.tiles(), *per_row, *args.logits(), *args.dropout(), *args.block_extremes(), dr)
+    _dr_kernel(*args.arrays(), *per_row, *t.logits(), *t.dropout(), *args.block_extremes(), dr)
 
     # q enters both terms; u and v_bias are added to every query of every batch element.
-    grads = Grads(
+    return Grads(
         q=dq_content + dq_position,
         k=dk,
         v=dv,
         r=dr,
         u=dq_content.sum(axis=(0, 2)),
         v_bias=dq_position.sum(axis=(0, 2)),
+        **t.bias_grad(dbias, x.dense),
     )
-    if x.dense.bias is not None:
-        grads["bias"] = dbias.reshape(x.dense.bias.shape)
-    return grads
 
 
 # --------------------------------------------------------------------------
@@ -211,15 +128,10 @@ def transformer_xl_attention_vjp(
 
 @dataclass(frozen=True)
 class _XLArgs:
-    """Checked inputs in the form the kernels take them.
+    """The dense part as the library's :class:`~refattn.core.tiles.TileArgs` (whose
+    ``q`` is unused: the kernels take the two shifted queries of steps (1a) and (1b))."""
 
-    ``dense`` holds k, v, the mask, bias and keep-mask (flat, with broadcast
-    strides) and the causal/window bounds exactly as dense's kernels take
-    them (:class:`refattn.dense.numba._KernelArgs`); the queries are replaced
-    by the two shifted queries of steps (1a) and (1b).
-    """
-
-    dense: _KernelArgs
+    tiles: TileArgs
     q_content: np.ndarray  # (B, Hq, Nq, D): q + u, compute dtype
     q_position: np.ndarray  # (B, Hq, Nq, D): q + v_bias
     r: np.ndarray  # (Hq, R, D), read-only
@@ -227,32 +139,21 @@ class _XLArgs:
     k_positions: np.ndarray  # (Nk,) int64
 
     @staticmethod
-    def build(x: TransformerXLInputs, dtype: np.dtype, given: tuple) -> "_XLArgs":
-        """From checked inputs ``x``; ``given`` are the caller's q, k, v (used without a copy when they can be)."""
-        dense = _KernelArgs.build(x.dense, dtype, given)
+    def build(x: TransformerXLInputs) -> "_XLArgs":
+        dtype = compute_dtype(x.dense.q)
+        dense = TileArgs.build(x.dense, dtype, (x.dense.q, x.dense.k, x.dense.v))
         return _XLArgs(
-            dense=dense,
+            tiles=dense,
             q_content=dense.q + np.asarray(x.u, dtype)[None, :, None, :],
             q_position=dense.q + np.asarray(x.v_bias, dtype)[None, :, None, :],
-            r=_read_only(x.r, x.r, dtype),
+            r=read_only(x.r, x.r, dtype),
             q_positions=x.q_positions,
             k_positions=x.k_positions,
         )
 
-    def tiles(self) -> tuple:
+    def arrays(self) -> tuple:
         """The arrays every kernel reads tiles of, in the kernels' order."""
-        return (self.q_content, self.dense.k, self.dense.v, self.q_position, self.r, self.q_positions, self.k_positions)
-
-    def logits(self) -> tuple:
-        """Arguments of steps (1c)-(4), in the kernels' order."""
-        d = self.dense
-        return (d.scale, d.softcap, d.has_bias, d.bias, d.bias_strides,
-                d.has_mask, d.mask, d.mask_strides, d.offset, d.left, d.right)  # fmt: skip
-
-    def dropout(self) -> tuple:
-        """Arguments of step (6)."""
-        d = self.dense
-        return (d.has_keep, d.keep, d.keep_strides, d.keep_scale)
+        return (self.q_content, self.tiles.k, self.tiles.v, self.q_position, self.r, self.q_positions, self.k_positions)
 
     def block_extremes(self) -> tuple[np.ndarray, np.ndarray]:
         """Smallest and largest position of each query block and each key block, (n_blocks, 2) int64 each."""
@@ -264,23 +165,35 @@ def _extremes(positions: np.ndarray, block: int) -> np.ndarray:
     return np.stack([np.minimum.reduceat(positions, starts), np.maximum.reduceat(positions, starts)], axis=1)
 
 
-def _run_forward(args: _XLArgs, x: TransformerXLInputs) -> tuple[np.ndarray, np.ndarray]:
+def _run_forward(args: _XLArgs, x: TransformerXLInputs) -> Result:
     """out and lse by the forward kernel; raises if an unmasked pair had no row of r."""
-    batch, q_heads, q_len, _ = args.q_content.shape
-    dtype = args.q_content.dtype
-    out = np.empty((batch, q_heads, q_len, args.dense.v.shape[3]), dtype)
-    lse = np.empty((batch, q_heads, q_len), dtype)
-    missing = np.full((batch, q_heads, q_len), -1, np.int64)  # per query row: a key without a row, or -1
-    _forward_kernel(*args.tiles(), *args.logits(), *args.dropout(), out, lse, missing)
+    out, lse = tiles.forward_outputs(args.q_content, args.tiles.v.shape[3])
+    missing = np.full(lse.shape, -1, np.int64)  # per query row: a key without a row, or -1
+    _forward_kernel(*args.arrays(), *args.tiles.logits(), *args.tiles.dropout(), out, lse, missing)
     if np.any(missing >= 0):
         b, h, i = np.argwhere(missing >= 0)[0]
         raise missing_row(x, int(i), int(missing[b, h, i]))
-    return out, lse
+    return Result(out=out, lse=lse, aux={})
 
 
 # --------------------------------------------------------------------------
 # Steps (1b)-(4) of one tile, and the adjoint of (1b).
 # --------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _logits(
+    t, dcap, g, key_major, n_q, n_k, b, h, i0, j0, qp_t, r_h, q_positions, k_positions,
+    scale, softcap, has_bias, bias, bias_strides, has_mask, mask, mask_strides, offset, left, right,
+):  # fmt: skip
+    """Steps (1b)-(4) in place on a tile ``t`` that holds the content term (1a): the
+    position term (``qp_t`` the (D, BLOCK_Q) transposed tile of q + v_bias, ``g`` a
+    (SPAN_MAX, BLOCK_Q) buffer), then the library's (1c)-(4), the scale multiplying both terms."""
+    _add_position_term(t, key_major, n_q, n_k, i0, j0, qp_t, r_h, q_positions, k_positions, g)
+    tiles.logits_tile(
+        t, dcap, key_major, n_q, n_k, b, h, i0, j0,
+        scale, softcap, has_bias, bias, bias_strides, has_mask, mask, mask_strides, offset, left, right,
+    )  # fmt: skip
 
 
 @njit(cache=True)
@@ -303,59 +216,6 @@ def _tile_rows(q_positions, k_positions, i0, n_q, j0, n_k, n_rows):
     """:func:`_row_span` of the queries [i0, i0 + n_q) and the keys [j0, j0 + n_k)."""
     q_tile, k_tile = q_positions[i0 : i0 + n_q], k_positions[j0 : j0 + n_k]
     return _row_span(q_tile.min(), q_tile.max(), k_tile.min(), k_tile.max(), n_rows)
-
-
-@njit(cache=True)
-def _scores_tile(
-    t, dcap, g, key_major, n_q, n_k, b, h, i0, j0, qp_t, r_h, q_positions, k_positions,
-    scale, softcap, has_bias, bias, bias_strides, has_mask, mask, mask_strides, offset, left, right,
-):  # fmt: skip
-    """Steps (1b)-(4) in place on a tile ``t`` that holds the content term (1a).
-
-    ``key_major``: ``t[a, c]`` is (query ``i0 + c``, key ``j0 + a``), else
-    (query ``i0 + a``, key ``j0 + c``). ``n_q`` queries and ``n_k`` keys are
-    real; padding columns become -inf, padding rows are not touched. ``qp_t``
-    is the (D, BLOCK_Q) transposed tile of q + v_bias, ``g`` a (SPAN_MAX,
-    BLOCK_Q) buffer. With a soft-cap, ``dcap`` receives its derivative
-    ``sech²(s / c)``. Steps (1c)-(4) are those of dense's ``_logits_tile``.
-    """
-    neg_inf = -np.inf
-    _add_position_term(t, key_major, n_q, n_k, i0, j0, qp_t, r_h, q_positions, k_positions, g)
-    n_rows, n_cols = (n_k, n_q) if key_major else (n_q, n_k)
-    for a in range(n_rows):
-        # (1c) Scaled scores: the scale multiplies both terms.
-        for c in range(t.shape[1]):
-            t[a, c] *= scale
-        # (2) Soft-capping c * tanh(s / c) of the whole score, before bias and mask.
-        if softcap > 0:
-            for c in range(n_cols):
-                dcap[a, c] = _softcap_slope(t[a, c] / softcap)
-                t[a, c] = softcap * math.tanh(t[a, c] / softcap)
-        # (3) The user's bias, read through its broadcast view.
-        if has_bias:
-            for c in range(n_cols):
-                i, j = (i0 + c, j0 + a) if key_major else (i0 + a, j0 + c)
-                t[a, c] += bias[_at(bias_strides, b, h, i, j)]
-        # (4) Mask, exactly -inf. Position (causal, window): key j is allowed
-        #     for query i iff i + offset - left <= j <= i + offset + right, an
-        #     interval [lo, hi) of this row's columns.
-        if key_major:
-            j = j0 + a
-            lo, hi = j - right - offset - i0, j + left - offset - i0 + 1
-        else:
-            aligned = i0 + a + offset
-            lo, hi = aligned - left - j0, aligned + right - j0 + 1
-        lo = min(max(lo, 0), n_cols)
-        hi = max(min(hi, n_cols), lo)
-        for c in range(lo):
-            t[a, c] = neg_inf
-        for c in range(hi, t.shape[1]):
-            t[a, c] = neg_inf
-        if has_mask:
-            for c in range(lo, hi):
-                i, j = (i0 + c, j0 + a) if key_major else (i0 + a, j0 + c)
-                if not mask[_at(mask_strides, b, h, i, j)]:
-                    t[a, c] = neg_inf
 
 
 @njit(cache=True)
@@ -424,47 +284,22 @@ def _record_missing_rows(s_t, n_q, n_k, b, h, i0, j0, q_positions, k_positions, 
 @njit(cache=True)
 def _dscore_tile(
     p_t, dcap, ds_t, g, n_q, n_k, b, h, i0, j0, k_tile, v_tile, qc_t, qp_t, dout_t, r_h, q_positions, k_positions,
-    row_lse, row_delta, row_dlse,
+    rows,
     scale, softcap, has_bias, bias, bias_strides, has_mask, mask, mask_strides, offset, left, right,
     has_keep, keep, keep_strides, keep_scale,
 ):  # fmt: skip
     """Key-major tile of the keys [j0, j0 + n_k): P into ``p_t``, dscore (unscaled) into ``ds_t``."""
     # (1)-(4) Logits, and (5) P = exp(s - lse).
     np.dot(k_tile, qc_t, p_t[:n_k])  # (1a) (n_k, BQ) = k (q + u)^T
-    _scores_tile(
+    _logits(
         p_t, dcap, g, True, n_q, n_k, b, h, i0, j0, qp_t, r_h, q_positions, k_positions,
         scale, softcap, has_bias, bias, bias_strides, has_mask, mask, mask_strides, offset, left, right,
     )  # fmt: skip
-    for a in range(n_k):
-        for c in range(BLOCK_Q):
-            p_t[a, c] = _exp_nonpositive(p_t[a, c] - row_lse[c])
-    # (7') dP = v dout^T; (6') dW = z * dP.
+    tiles.probabilities(p_t, True, n_q, n_k, rows)
+    # (7') dP = v dout^T; (6')-(5') dS; (2') times the soft-cap's derivative.
     np.dot(v_tile, dout_t, ds_t[:n_k])
-    if has_keep:
-        for a in range(n_k):
-            for c in range(n_q):
-                kept = keep[_at(keep_strides, b, h, i0 + c, j0 + a)]
-                ds_t[a, c] = ds_t[a, c] * keep_scale if kept else 0
-    # (5') dS = P (dW - delta) + P dlse; (2') times the soft-cap's derivative.
-    for a in range(n_k):
-        for c in range(BLOCK_Q):
-            ds_t[a, c] = p_t[a, c] * (ds_t[a, c] - row_delta[c]) + p_t[a, c] * row_dlse[c]
-    if softcap > 0:
-        for a in range(n_k):
-            for c in range(BLOCK_Q):
-                ds_t[a, c] *= dcap[a, c]
-
-
-@njit(cache=True)
-def _query_rows(lse, delta, dlse, b, h, i0, n_q):
-    """lse (+inf on padding, so P = 0 there), delta and dlse of the queries [i0, i0 + n_q), padded to BLOCK_Q."""
-    dtype = lse.dtype
-    row_lse = np.full(BLOCK_Q, np.inf, dtype)
-    row_delta = np.zeros(BLOCK_Q, dtype)
-    row_dlse = np.zeros(BLOCK_Q, dtype)
-    for c in range(n_q):
-        row_lse[c], row_delta[c], row_dlse[c] = lse[b, h, i0 + c], delta[b, h, i0 + c], dlse[b, h, i0 + c]
-    return row_lse, row_delta, row_dlse
+    tiles.score_grad(ds_t, p_t, True, n_q, n_k, b, h, i0, j0, rows, has_keep, keep, keep_strides, keep_scale)
+    tiles.softcap_grad(ds_t, dcap, True, n_q, n_k, softcap)
 
 
 # --------------------------------------------------------------------------
@@ -484,83 +319,30 @@ def _forward_kernel(
     ``missing[b, h, i]`` receives the first key j that query i may attend to
     but whose distance has no row of r (it stays -1 when there is none).
     """
-    batch, q_heads, q_len, head_dim = q_content.shape
     kv_heads, kv_len, value_dim = k.shape[1], k.shape[2], v.shape[3]
     n_rows = r.shape[1]
-    group = q_heads // kv_heads
-    n_blocks = (q_len + BLOCK_Q - 1) // BLOCK_Q
     dtype = q_content.dtype
-    for item in prange(batch * q_heads * n_blocks):
-        bh, block = _block_order(item, n_blocks)
-        b, h = bh // q_heads, bh % q_heads
-        kvh = h // group  # GQA: query head h reads kv head h // group
-        i0 = block * BLOCK_Q
-        n_q = min(BLOCK_Q, q_len - i0)
-
-        qc_t = _transposed(q_content, b, h, i0, n_q, BLOCK_Q)  # (D, BQ)
-        qp_t = _transposed(q_position, b, h, i0, n_q, BLOCK_Q)  # (D, BQ)
-        s_t = np.empty((BLOCK_K, BLOCK_Q), dtype)  # logits, then weights; key-major
-        dcap = np.empty((BLOCK_K, BLOCK_Q), dtype)  # unused by the forward
+    for item in prange(tiles.query_blocks(q_content)):
+        b, h, kvh, i0, n_q = tiles.query_block(item, q_content, kv_heads)
+        qc_t = tiles.transposed(q_content, b, h, i0, n_q, BLOCK_Q)  # (D, BQ)
+        qp_t = tiles.transposed(q_position, b, h, i0, n_q, BLOCK_Q)  # (D, BQ)
+        s_t, dcap, acc_t, pv_t, state = tiles.forward_buffers(value_dim, dtype)
         g = np.empty((SPAN_MAX, BLOCK_Q), dtype)  # position scores by row of r
-        acc_t = np.zeros((value_dim, BLOCK_Q), dtype)  # unnormalised out, transposed
-        pv_t = np.empty((value_dim, BLOCK_Q), dtype)  # this tile's v^T p
-        m = np.full(BLOCK_Q, -np.inf, dtype)  # running max
-        l = np.zeros(BLOCK_Q, dtype)  # running sum of exp(s - m)
-        shift = np.empty(BLOCK_Q, dtype)
-        alpha = np.empty(BLOCK_Q, dtype)
-
-        key_lo, key_hi = _key_range(i0, i0 + n_q, offset, left, right, kv_len)
+        key_lo, key_hi = tiles.key_range(i0, i0 + n_q, offset, left, right, kv_len)
         for j0 in range(key_lo, key_hi, BLOCK_K):
             n_k = min(BLOCK_K, key_hi - j0)
             # (1a) Content term; (1b)-(4) position term, scale, soft-cap, bias, mask.
             np.dot(k[b, kvh, j0 : j0 + n_k], qc_t, s_t[:n_k])  # (n_k, BQ) = k (q + u)^T
-            _scores_tile(
+            _logits(
                 s_t, dcap, g, True, n_q, n_k, b, h, i0, j0, qp_t, r[h], q_positions, k_positions,
                 scale, softcap, has_bias, bias, bias_strides, has_mask, mask, mask_strides, offset, left, right,
             )  # fmt: skip
             _record_missing_rows(s_t, n_q, n_k, b, h, i0, j0, q_positions, k_positions, n_rows, missing)
-            # (5) Online softmax: new maxima, rescale factors, exponentials, sums.
-            for c in range(BLOCK_Q):
-                shift[c] = m[c]
-            for a in range(n_k):
-                for c in range(BLOCK_Q):
-                    shift[c] = max(shift[c], s_t[a, c])
-            for c in range(BLOCK_Q):
-                m_new = shift[c]
-                if m_new == -np.inf:  # nothing allowed yet: shift by 0, never -inf - (-inf)
-                    shift[c] = 0
-                alpha[c] = _exp_nonpositive(m[c] - shift[c])
-                m[c] = m_new
-                l[c] *= alpha[c]
-            for a in range(n_k):
-                for c in range(BLOCK_Q):
-                    p = _exp_nonpositive(s_t[a, c] - shift[c])
-                    s_t[a, c] = p
-                    l[c] += p
-            # (6) Dropout: the keep-mask zeroes weights (1 / (1 - p) is applied at the end).
-            if has_keep:
-                for a in range(n_k):
-                    for c in range(n_q):
-                        if not keep[_at(keep_strides, b, h, i0 + c, j0 + a)]:
-                            s_t[a, c] = 0
-            # (7) acc = alpha * acc + v^T p
-            np.dot(v[b, kvh, j0 : j0 + n_k].T, s_t[:n_k], pv_t)  # (Dv, BQ)
-            for e in range(value_dim):
-                for c in range(BLOCK_Q):
-                    acc_t[e, c] = alpha[c] * acc_t[e, c] + pv_t[e, c]
-
-        # Normalise: out = acc / l * 1/(1-p), lse = m + log l; a fully masked row has l = 0.
-        for c in range(n_q):
-            i = i0 + c
-            if l[c] > 0:
-                norm = keep_scale / l[c]
-                for e in range(value_dim):
-                    out[b, h, i, e] = acc_t[e, c] * norm
-                lse[b, h, i] = m[c] + math.log(l[c])
-            else:
-                for e in range(value_dim):
-                    out[b, h, i, e] = 0
-                lse[b, h, i] = -np.inf
+            # (5)-(7) Online softmax, dropout, acc = alpha * acc + v^T p.
+            tiles.attend_tile(
+                s_t, n_q, n_k, b, h, i0, j0, v[b, kvh, j0 : j0 + n_k], state, acc_t, pv_t, has_keep, keep, keep_strides
+            )
+        tiles.finish_rows(acc_t, state, n_q, keep_scale, b, h, i0, out, lse)
 
 
 # --------------------------------------------------------------------------
@@ -579,48 +361,39 @@ def _dq_kernel(
 
     ``lse`` is the forward's, with +inf on fully masked rows.
     """
-    batch, q_heads, q_len, head_dim = q_content.shape
-    kv_heads, kv_len = k.shape[1], k.shape[2]
+    kv_heads, kv_len, head_dim = k.shape[1], k.shape[2], q_content.shape[3]
     n_rows = r.shape[1]
-    group = q_heads // kv_heads
-    n_blocks = (q_len + BLOCK_Q - 1) // BLOCK_Q
     dtype = q_content.dtype
-    for item in prange(batch * q_heads * n_blocks):
-        bh, block = _block_order(item, n_blocks)
-        b, h = bh // q_heads, bh % q_heads
-        kvh = h // group
-        i0 = block * BLOCK_Q
-        n_q = min(BLOCK_Q, q_len - i0)
+    for item in prange(tiles.query_blocks(q_content)):
+        b, h, kvh, i0, n_q = tiles.query_block(item, q_content, kv_heads)
         r_h = r[h]
-
-        qc_t = _transposed(q_content, b, h, i0, n_q, BLOCK_Q)  # (D, BQ)
-        qp_t = _transposed(q_position, b, h, i0, n_q, BLOCK_Q)  # (D, BQ)
-        dout_t = _transposed(dout, b, h, i0, n_q, BLOCK_Q)  # (Dv, BQ)
-        row_lse, row_delta, row_dlse = _query_rows(lse, delta, dlse, b, h, i0, n_q)
+        qc_t = tiles.transposed(q_content, b, h, i0, n_q, BLOCK_Q)  # (D, BQ)
+        qp_t = tiles.transposed(q_position, b, h, i0, n_q, BLOCK_Q)  # (D, BQ)
+        dout_t = tiles.transposed(dout, b, h, i0, n_q, BLOCK_Q)  # (Dv, BQ)
+        rows = tiles.backward_row_buffer(BLOCK_Q, dtype)
+        tiles.load_rows(rows, lse, delta, dlse, b, h, i0, n_q)
         p_t = np.empty((BLOCK_K, BLOCK_Q), dtype)  # logits, then P; key-major
         dcap = np.empty((BLOCK_K, BLOCK_Q), dtype)
-        ds_t = np.empty((BLOCK_K, BLOCK_Q), dtype)  # dW, then dS, then dscore
+        ds_t = np.empty((BLOCK_K, BLOCK_Q), dtype)  # dP, then dS, then dscore
         g = np.empty((SPAN_MAX, BLOCK_Q), dtype)
         dg = np.empty((SPAN_MAX, BLOCK_Q), dtype)  # dscore moved to the row of r each pair read
         dqc_t = np.zeros((head_dim, BLOCK_Q), dtype)
         dqp_t = np.zeros((head_dim, BLOCK_Q), dtype)
         tile = np.empty((head_dim, BLOCK_Q), dtype)
 
-        key_lo, key_hi = _key_range(i0, i0 + n_q, offset, left, right, kv_len)
+        key_lo, key_hi = tiles.key_range(i0, i0 + n_q, offset, left, right, kv_len)
         for j0 in range(key_lo, key_hi, BLOCK_K):
             n_k = min(BLOCK_K, key_hi - j0)
             k_tile = k[b, kvh, j0 : j0 + n_k]  # (n_k, D), a view
             _dscore_tile(
                 p_t, dcap, ds_t, g, n_q, n_k, b, h, i0, j0, k_tile, v[b, kvh, j0 : j0 + n_k], qc_t, qp_t, dout_t,
-                r_h, q_positions, k_positions, row_lse, row_delta, row_dlse,
+                r_h, q_positions, k_positions, rows,
                 scale, softcap, has_bias, bias, bias_strides, has_mask, mask, mask_strides, offset, left, right,
                 has_keep, keep, keep_strides, keep_scale,
             )  # fmt: skip
             # (1a') d(q + u)^T += k^T dscore  (scale applied once, below)
             np.dot(k_tile.T, ds_t[:n_k], tile)
-            for d in range(head_dim):
-                for c in range(BLOCK_Q):
-                    dqc_t[d, c] += tile[d, c]
+            tiles.accumulate(dqc_t, tile)
             # (1b') d(q + v_bias)^T += r[lo:hi]^T dG, dG the dscore moved to each pair's row.
             lo, hi, _ = _tile_rows(q_positions, k_positions, i0, n_q, j0, n_k, n_rows)
             if hi - lo > SPAN_MAX:
@@ -629,14 +402,10 @@ def _dq_kernel(
                 dg[: hi - lo] = 0
                 _scatter_to_rows(ds_t, n_q, n_k, i0, j0, q_positions, k_positions, n_rows, lo, hi, dg)
                 np.dot(r_h[lo:hi].T, dg[: hi - lo], tile)
-                for d in range(head_dim):
-                    for c in range(BLOCK_Q):
-                        dqp_t[d, c] += tile[d, c]
+                tiles.accumulate(dqp_t, tile)
 
-        for c in range(n_q):
-            for d in range(head_dim):
-                dq_content[b, h, i0 + c, d] = scale * dqc_t[d, c]
-                dq_position[b, h, i0 + c, d] = scale * dqp_t[d, c]
+        tiles.write_rows(dq_content, b, h, i0, n_q, dqc_t, scale)
+        tiles.write_rows(dq_position, b, h, i0, n_q, dqp_t, scale)
 
 
 @njit(parallel=True, cache=True, fastmath=False)
@@ -649,105 +418,52 @@ def _dkv_kernel(
 ):  # fmt: skip
     """dk, dv (B, Hkv, Nk, ·), dbias (the bias's own shape, 4-D); parallel over (b, kv head, key block).
 
-    Dense's ``_dkv_kernel`` with the scores of steps (1a)-(1b); see there for
-    the sweep over a GQA group and the serial axes that keep dbias race-free.
+    Each work item sweeps the query heads of its GQA group and their query
+    tiles; it walks the axes the bias is broadcast along itself
+    (``serial_*``), so that every dbias entry has one owner.
     """
     batch, q_heads, q_len, head_dim = q_content.shape
     kv_heads, kv_len, value_dim = k.shape[1], k.shape[2], v.shape[3]
     group = q_heads // kv_heads
     n_blocks = (kv_len + BLOCK_K - 1) // BLOCK_K
     dtype = q_content.dtype
-    items_b = 1 if serial_batch else batch
-    items_h = 1 if serial_heads else kv_heads
-    items_k = 1 if serial_blocks else n_blocks
-    full_b, full_h, full_q, full_k = dbias.shape[0] > 1, dbias.shape[1] > 1, dbias.shape[2] > 1, dbias.shape[3] > 1
+    serial = (serial_batch, serial_heads, serial_blocks)
+    items_b, items_h, items_k = tiles.key_block_items(batch, kv_heads, n_blocks, *serial)
     for item in prange(items_b * items_h * items_k):
-        outer, item_k = _block_order(item, items_k)
-        item_b, item_h = outer // items_h, outer % items_h
-        s = np.empty((BLOCK_Q, BLOCK_K), dtype)  # logits, then P; query-major
-        dcap = np.empty((BLOCK_Q, BLOCK_K), dtype)
-        pz = np.empty((BLOCK_Q, BLOCK_K), dtype)  # dropped weights P * z
-        ds = np.empty((BLOCK_Q, BLOCK_K), dtype)  # dW, then dS, then dscore
+        outer, item_k = tiles.block_order(item, items_k)
+        b_lo, b_hi, h_lo, h_hi, k_lo, k_hi = tiles.item_ranges(
+            outer // items_h, outer % items_h, item_k, batch, kv_heads, n_blocks, *serial
+        )
+        s, dcap, pz, ds, dk_tile, dv_tile, rows = tiles.pair_buffers(head_dim, value_dim, dtype)
         g = np.empty((SPAN_MAX, BLOCK_Q), dtype)
-        dk_tile = np.empty((head_dim, BLOCK_K), dtype)  # one query tile's (q + u)^T dscore
-        dv_tile = np.empty((value_dim, BLOCK_K), dtype)  # one query tile's dout^T (P z)
-        b_lo, b_hi = (0, batch) if serial_batch else (item_b, item_b + 1)
-        h_lo, h_hi = (0, kv_heads) if serial_heads else (item_h, item_h + 1)
-        k_lo, k_hi = (0, n_blocks) if serial_blocks else (item_k, item_k + 1)
         for b in range(b_lo, b_hi):
             for kvh in range(h_lo, h_hi):
                 for block in range(k_lo, k_hi):
-                    j0 = block * BLOCK_K
-                    n_k = min(BLOCK_K, kv_len - j0)
-                    k_t = _transposed(k, b, kvh, j0, n_k, BLOCK_K)  # (D, BK)
-                    v_t = _transposed(v, b, kvh, j0, n_k, BLOCK_K)  # (Dv, BK)
-                    dk_t = np.zeros((head_dim, BLOCK_K), dtype)
-                    dv_t = np.zeros((value_dim, BLOCK_K), dtype)
-                    query_lo, query_hi = _query_range(j0, j0 + n_k, offset, left, right, q_len)
+                    j0, n_k, k_t, v_t, dk_t, dv_t = tiles.key_block(k, v, b, kvh, block)  # (D, BK), (Dv, BK)
+                    query_lo, query_hi = tiles.query_range(j0, j0 + n_k, offset, left, right, q_len)
                     for h in range(kvh * group, (kvh + 1) * group):
                         for i0 in range(query_lo, query_hi, BLOCK_Q):
                             n_q = min(BLOCK_Q, query_hi - i0)
                             qc_tile = q_content[b, h, i0 : i0 + n_q]  # (n_q, D), a view
-                            qp_t = _transposed(q_position, b, h, i0, n_q, BLOCK_Q)  # (D, BQ)
+                            qp_t = tiles.transposed(q_position, b, h, i0, n_q, BLOCK_Q)  # (D, BQ)
                             dout_tile = dout[b, h, i0 : i0 + n_q]  # (n_q, Dv), a view
-                            # (1)-(4) Logits, and (5) P = exp(s - lse), row by row.
+                            tiles.load_rows(rows, lse, delta, dlse, b, h, i0, n_q)
+                            # (1)-(4) Logits; (7') dP = dout v^T.
                             np.dot(qc_tile, k_t, s[:n_q])  # (1a) (n_q, BK) = (q + u) k^T
-                            _scores_tile(
+                            _logits(
                                 s, dcap, g, False, n_q, n_k, b, h, i0, j0, qp_t, r[h], q_positions, k_positions,
                                 scale, softcap, has_bias, bias, bias_strides,
                                 has_mask, mask, mask_strides, offset, left, right,
                             )  # fmt: skip
-                            for a in range(n_q):
-                                row_lse = lse[b, h, i0 + a]
-                                for c in range(BLOCK_K):
-                                    s[a, c] = _exp_nonpositive(s[a, c] - row_lse)
-                            # (6) Dropped weights P * z; (7') dv^T += dout^T (P z).
-                            for a in range(n_q):
-                                for c in range(BLOCK_K):
-                                    pz[a, c] = s[a, c]
-                                if has_keep:
-                                    for c in range(n_k):
-                                        kept = keep[_at(keep_strides, b, h, i0 + a, j0 + c)]
-                                        pz[a, c] = pz[a, c] * keep_scale if kept else 0
-                            np.dot(dout_tile.T, pz[:n_q], dv_tile)
-                            for e in range(value_dim):
-                                for c in range(BLOCK_K):
-                                    dv_t[e, c] += dv_tile[e, c]
-                            # (7') dP = dout v^T; (6') dW = z * dP.
                             np.dot(dout_tile, v_t, ds[:n_q])
-                            if has_keep:
-                                for a in range(n_q):
-                                    for c in range(n_k):
-                                        kept = keep[_at(keep_strides, b, h, i0 + a, j0 + c)]
-                                        ds[a, c] = ds[a, c] * keep_scale if kept else 0
-                            # (5') dS = P (dW - delta) + P dlse.
-                            for a in range(n_q):
-                                row_delta, row_dlse = delta[b, h, i0 + a], dlse[b, h, i0 + a]
-                                for c in range(BLOCK_K):
-                                    ds[a, c] = s[a, c] * (ds[a, c] - row_delta) + s[a, c] * row_dlse
-                            # (3') dbias: dS summed over the bias's broadcast axes.
-                            if has_bias:
-                                bb = b if full_b else 0
-                                bh = h if full_h else 0
-                                for a in range(n_q):
-                                    bi = i0 + a if full_q else 0
-                                    for c in range(n_k):
-                                        dbias[bb, bh, bi, j0 + c if full_k else 0] += ds[a, c]
-                            # (2') Soft-cap derivative; (1a') dk^T += (q + u)^T dscore.
-                            if softcap > 0:
-                                for a in range(n_q):
-                                    for c in range(BLOCK_K):
-                                        ds[a, c] *= dcap[a, c]
-                            np.dot(qc_tile.T, ds[:n_q], dk_tile)
-                            for d in range(head_dim):
-                                for c in range(BLOCK_K):
-                                    dk_t[d, c] += dk_tile[d, c]
-
-                    for c in range(n_k):
-                        for d in range(head_dim):
-                            dk[b, kvh, j0 + c, d] = scale * dk_t[d, c]
-                        for e in range(value_dim):
-                            dv[b, kvh, j0 + c, e] = dv_t[e, c]
+                            # (5)-(3') P, dv, dS, dbias; (2')-(1a') dk^T += (q + u)^T dscore.
+                            tiles.pair_grads(
+                                s, pz, ds, dv_t, dv_tile, dout_tile, n_q, n_k, b, h, i0, j0, rows,
+                                has_bias, dbias, has_keep, keep, keep_strides, keep_scale,
+                            )  # fmt: skip
+                            tiles.pair_products(ds, dcap, dk_t, dk_tile, qc_tile, n_q, n_k, softcap)
+                    tiles.write_rows(dk, b, kvh, j0, n_k, dk_t, scale)
+                    tiles.write_rows(dv, b, kvh, j0, n_k, dv_t, 1)
 
 
 @njit(parallel=True, cache=True, fastmath=False)
@@ -773,7 +489,7 @@ def _dr_kernel(
     n_row_blocks = (n_rows + BLOCK_R - 1) // BLOCK_R
     dtype = q_content.dtype
     for item in prange(q_heads * n_row_blocks):
-        h, row_block = _block_order(item, n_row_blocks)
+        h, row_block = tiles.block_order(item, n_row_blocks)
         kvh = h // group
         t0 = row_block * BLOCK_R
         t1 = min(t0 + BLOCK_R, n_rows)
@@ -785,11 +501,12 @@ def _dr_kernel(
         dg = np.empty((BLOCK_R, BLOCK_Q), dtype)  # one query block's dscore, by row t0 + ...
         tile = np.empty((BLOCK_R, head_dim), dtype)
         dr_t = np.zeros((BLOCK_R, head_dim), dtype)
+        rows = tiles.backward_row_buffer(BLOCK_Q, dtype)  # one query block's lse, delta, dlse
         for b in range(batch):
             for i0 in range(0, q_len, BLOCK_Q):
                 n_q = min(BLOCK_Q, q_len - i0)
                 q_low, q_high = q_extremes[i0 // BLOCK_Q, 0], q_extremes[i0 // BLOCK_Q, 1]
-                key_lo, key_hi = _key_range(i0, i0 + n_q, offset, left, right, kv_len)
+                key_lo, key_hi = tiles.key_range(i0, i0 + n_q, offset, left, right, kv_len)
                 first_key_block = key_lo // BLOCK_K  # whole key blocks: their extremes are known
                 reached = False
                 for j0 in range(first_key_block * BLOCK_K, key_hi, BLOCK_K):
@@ -799,16 +516,16 @@ def _dr_kernel(
                         continue  # no pair of this tile reads rows [t0, t1)
                     if not reached:
                         reached = True
-                        qc_t = _transposed(q_content, b, h, i0, n_q, BLOCK_Q)
-                        qp_t = _transposed(q_position, b, h, i0, n_q, BLOCK_Q)
-                        dout_t = _transposed(dout, b, h, i0, n_q, BLOCK_Q)
-                        row_lse, row_delta, row_dlse = _query_rows(lse, delta, dlse, b, h, i0, n_q)
+                        qc_t = tiles.transposed(q_content, b, h, i0, n_q, BLOCK_Q)
+                        qp_t = tiles.transposed(q_position, b, h, i0, n_q, BLOCK_Q)
+                        dout_t = tiles.transposed(dout, b, h, i0, n_q, BLOCK_Q)
+                        tiles.load_rows(rows, lse, delta, dlse, b, h, i0, n_q)
                         dg[:, :] = 0
                     n_k = min(BLOCK_K, kv_len - j0)
                     _dscore_tile(
                         p_t, dcap, ds_t, g, n_q, n_k, b, h, i0, j0, k[b, kvh, j0 : j0 + n_k],
                         v[b, kvh, j0 : j0 + n_k], qc_t, qp_t, dout_t, r_h, q_positions, k_positions,
-                        row_lse, row_delta, row_dlse,
+                        rows,
                         scale, softcap, has_bias, bias, bias_strides, has_mask, mask, mask_strides, offset, left, right,
                         has_keep, keep, keep_strides, keep_scale,
                     )  # fmt: skip
@@ -816,9 +533,7 @@ def _dr_kernel(
                     _scatter_to_rows(ds_t, n_q, n_k, i0, j0, q_positions, k_positions, n_rows, t0, t1, dg)
                 if reached:
                     np.dot(dg, qp_t.T, tile)  # (BLOCK_R, D) = dG (q + v_bias)
-                    for t in range(t1 - t0):
-                        for d in range(head_dim):
-                            dr_t[t, d] += tile[t, d]
+                    tiles.accumulate(dr_t, tile)
         for t in range(t0, t1):
             for d in range(head_dim):
                 dr[h, t, d] = scale * dr_t[t - t0, d]

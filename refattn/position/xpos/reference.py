@@ -115,12 +115,19 @@ def check_xpos_inputs(q, k, v, *, q_positions, k_positions, rotary_dim, base, sc
     q_positions = checks.positions(q_positions, "q_positions", dense.shape.q_len)
     k_positions = checks.positions(k_positions, "k_positions", dense.shape.kv_len)
     xpos = check_xpos_params(rotary_dim, base, scale_base, gamma, layout, dense.shape.head_dim)
-    return XposInputs(
+    inputs = XposInputs(
         dense=dense,
         q_positions=check_scaled_positions(q_positions, "q_positions", xpos),
         k_positions=check_scaled_positions(k_positions, "k_positions", xpos),
         xpos=xpos,
     )
+    # (X3) lengthens a vector by at most its largest factor (unrotated dims: 1); the rotation keeps norms.
+    checks.scores_within_range(
+        dense.q, dense.k, dense.scale, "q, k, q_positions, k_positions",
+        q_factor=np.max(scales(q_positions, xpos, False), axis=1, initial=1.0),
+        k_factor=np.max(scales(k_positions, xpos, True), axis=1, initial=1.0),
+    )  # fmt: skip
+    return inputs
 
 
 # --------------------------------------------------------------------------

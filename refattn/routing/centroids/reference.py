@@ -42,6 +42,7 @@ from ..presets import resolve
 from ..reference import cluster_similarity, nearest_cluster, normalize
 
 UPDATES = ("vq_ema", "normalized_mean_ema")
+COUNT_RULES = ("per_head", "google_research")
 LOSS_REDUCTIONS = ("sum_of_means", "mean")
 #: lucidrains ``KMEAN_INIT_ITERS``.
 KMEANS_INIT_ITERATIONS = 10
@@ -51,9 +52,9 @@ KMEANS_INIT_ITERATIONS = 10
 
 
 def centroid_ema(q, k, v, *, centroids, shared_qk=False, key_padding_mask=None, ema_counts=None, ema_sums=None,
-                 preset=None, centroid_update=FROM_PRESET, decay=FROM_PRESET, ema_eps=FROM_PRESET,
-                 routing_norm=FROM_PRESET, norm_eps=FROM_PRESET, query_prescale=FROM_PRESET, precision=None,
-                 backend="reference") -> Result:  # fmt: skip
+                 preset=None, centroid_update=FROM_PRESET, count_rule=FROM_PRESET, decay=FROM_PRESET,
+                 ema_eps=FROM_PRESET, routing_norm=FROM_PRESET, norm_eps=FROM_PRESET, query_prescale=FROM_PRESET,
+                 precision=None, backend="reference") -> Result:  # fmt: skip
     """One centroid update from a routing layer's queries and keys, as a mechanism (registry name "centroid_ema").
 
     The routing vectors of q (and, unless ``shared_qk``, of k, concatenated
@@ -75,8 +76,10 @@ def centroid_ema(q, k, v, *, centroids, shared_qk=False, key_padding_mask=None, 
         True = real token; padded tokens are left out of the update (of q and of k).
     ema_counts, ema_sums : optional
         ``"vq_ema"`` state (see :func:`centroid_ema_vq`); not used by ``"normalized_mean_ema"``.
-    preset, centroid_update, decay, ema_eps, routing_norm, norm_eps, query_prescale
-        As in refattn/routing/presets.py.
+    preset, centroid_update, count_rule, decay, ema_eps, routing_norm, norm_eps, query_prescale
+        As in refattn/routing/presets.py. With ``count_rule="google_research"``
+        the queries' and the keys' counts are each formed as one
+        ``online_kmeans`` call forms them (two calls, ``N`` tokens each).
     precision, backend
         As for :func:`~refattn.routing.reference.routing_attention` (backend "reference" only).
 
@@ -109,6 +112,7 @@ class CentroidEMAInputs:
     shared_qk: bool
     key_padding_mask: np.ndarray | None  # (B, N) bool, True = real token
     update: str
+    count_rule: str
     decay: float
     ema_eps: float
     routing_norm: str
@@ -123,13 +127,14 @@ class CentroidEMAInputs:
 
 
 def check_centroid_ema_inputs(q, k, v, *, centroids, shared_qk, key_padding_mask, ema_counts, ema_sums, preset,
-                              centroid_update, decay, ema_eps, routing_norm, norm_eps,
+                              centroid_update, count_rule, decay, ema_eps, routing_norm, norm_eps,
                               query_prescale) -> CentroidEMAInputs:  # fmt: skip
     """Check every argument of :func:`centroid_ema`; raise :class:`SpecError` on the first bad one."""
     q, k, _, shape = checks.qkv(q, k, v)
-    p = resolve(preset, centroid_update=centroid_update, decay=decay, ema_eps=ema_eps, routing_norm=routing_norm,
-                norm_eps=norm_eps, query_prescale=query_prescale)  # fmt: skip
+    p = resolve(preset, centroid_update=centroid_update, count_rule=count_rule, decay=decay, ema_eps=ema_eps,
+                routing_norm=routing_norm, norm_eps=norm_eps, query_prescale=query_prescale)  # fmt: skip
     update = checks.choice(p["centroid_update"], "centroid_update", UPDATES)
+    rule = checks.choice(p["count_rule"], "count_rule", COUNT_RULES)
     norm = checks.choice(p["routing_norm"], "routing_norm", ROUTING_NORMS)
     eps = checks.real_number(p["norm_eps"], "norm_eps", minimum=0.0, inclusive=False)
     prescale = check_query_prescale(p["query_prescale"], shape.head_dim)
@@ -146,8 +151,11 @@ def check_centroid_ema_inputs(q, k, v, *, centroids, shared_qk, key_padding_mask
     ema_eps = checks.real_number(p["ema_eps"], "ema_eps", minimum=0.0, inclusive=False)
     if update == "vq_ema":
         _check_vq_counts(ema_counts, decay, real)
-    return CentroidEMAInputs(q, k, centroids, shared_qk, mask, update, decay, ema_eps, norm, eps, prescale, ema_counts,
-                             ema_sums)  # fmt: skip
+    # Routing steps (1)-(3): |prescale · x|² to normalise, then r·μ with |r| <= sqrt(D) (layer norm) or 1 (L2).
+    checks.scores_within_range(np.sqrt(shape.head_dim) if norm == "layer" else 1.0, centroids, 1.0, "q, k, centroids",
+                               normalised=((q, prescale),) + (() if shared_qk else ((k, prescale),)))  # fmt: skip
+    return CentroidEMAInputs(q, k, centroids, shared_qk, mask, update, rule, decay, ema_eps, norm, eps, prescale,
+                             ema_counts, ema_sums)  # fmt: skip
 
 
 def forward(x: CentroidEMAInputs, num: Numerics) -> Result:
@@ -161,7 +169,7 @@ def forward(x: CentroidEMAInputs, num: Numerics) -> Result:
         mask = None if mask is None else np.concatenate([mask, mask], axis=1)  # (B, 2N)
     if x.update == "vq_ema":
         update = _vq_ema(num.load(vectors), num.load(x.centroids), num.load(x.ema_counts), num.load(x.ema_sums),
-                         x.decay, x.ema_eps, mask, num)  # fmt: skip
+                         x.decay, x.ema_eps, mask, num, x.count_rule, 1 if x.shared_qk else 2)  # fmt: skip
     else:
         centroids = num.load(x.centroids)
         update = _normalized_mean_ema(num.load(vectors), centroids, x.decay, x.ema_eps, mask, num)
@@ -203,7 +211,7 @@ class CentroidUpdate:
 def _check_decay(decay) -> float:
     """``decay``: a real number in [0, 1] (1 leaves the centroids where they are)."""
     if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0.0 <= decay <= 1.0:
-        raise SpecError("decay", "a finite number in [0.0, 1.0]", repr(decay))
+        raise SpecError("decay", "a finite number in [0.0, 1.0]", checks.summary(decay))
     return float(decay)
 
 
@@ -243,12 +251,28 @@ def _assigned(x: np.ndarray, centroids: np.ndarray, key_padding_mask, num: Numer
     return assignment, one_hot
 
 
-def _vq_ema(x, centroids, ema_counts, ema_sums, decay, eps, key_padding_mask, num: Numerics) -> CentroidUpdate:
-    """Steps (E1)-(E5)."""
+def batch_counts(one_hot: np.ndarray, count_rule: str, calls: int = 1) -> np.ndarray:
+    """Step (E2)'s count per centroid (H, K) from one-hot assignments (B, H, N, K).
+
+    ``"per_head"``: summed over the batch and the tokens of each head.
+    ``"google_research"``: as ``online_kmeans`` sums them, each of ``calls``
+    equal token segments (one call each: the queries, then the keys) reshaped
+    to ``[-1, H, K]`` without a transpose, so head ``h`` is credited with
+    token ``s`` of head ``h'`` where ``(h'·S + s) mod H = h``.
+    """
+    if count_rule == "per_head":
+        return one_hot.sum(axis=(0, 2))
+    heads, clusters = one_hot.shape[1], one_hot.shape[3]
+    return sum(part.reshape(-1, heads, clusters).sum(axis=0) for part in np.split(one_hot, calls, axis=2))
+
+
+def _vq_ema(x, centroids, ema_counts, ema_sums, decay, eps, key_padding_mask, num: Numerics,
+            count_rule: str = "per_head", calls: int = 1) -> CentroidUpdate:  # fmt: skip
+    """Steps (E1)-(E5); ``count_rule`` and ``calls`` as in :func:`batch_counts`."""
     # (E1) Nearest centroid of every vector, by the centroids before the update; padding excluded.
     assignment, one_hot = _assigned(x, centroids, key_padding_mask, num)
     # (E2) This batch's count and sum of vectors per centroid.
-    count = num.store(one_hot.sum(axis=(0, 2)))  # (H, K)
+    count = num.store(batch_counts(one_hot, count_rule, calls))  # (H, K)
     total = num.store(np.einsum("bhnc,bhnd->hcd", one_hot, x, optimize=True))  # (H, K, D)
     # (E3) Exponential moving averages (assign_moving_average, zero_debias=False).
     ema_counts = num.store(decay * ema_counts + (1.0 - decay) * count)
@@ -282,7 +306,7 @@ def _normalized_mean_ema(x, centroids, decay, eps, key_padding_mask, num: Numeri
 
 
 def centroid_ema_vq(x, centroids, *, ema_counts=None, ema_sums=None, decay=0.999, eps=1e-5, key_padding_mask=None,
-                    precision=None) -> CentroidUpdate:  # fmt: skip
+                    count_rule="per_head", precision=None) -> CentroidUpdate:  # fmt: skip
     """google-research's VQ-style EMA update (``online_kmeans`` with ``ema=True``), steps (E1)-(E5).
 
     Parameters
@@ -302,6 +326,8 @@ def centroid_ema_vq(x, centroids, *, ema_counts=None, ema_sums=None, decay=0.999
         Laplace smoothing of the counts (``online_kmeans``'s ``epsilon=1e-5``).
     key_padding_mask : bool ndarray (B, N), optional
         True = real token; padded tokens neither count nor add.
+    count_rule : {"per_head", "google_research"}
+        :func:`batch_counts`; ``"google_research"`` reproduces ``online_kmeans``' head mixing.
     precision : optional
         As for :func:`~refattn.routing.reference.routing_attention`.
 
@@ -318,7 +344,9 @@ def centroid_ema_vq(x, centroids, *, ema_counts=None, ema_sums=None, decay=0.999
     eps = checks.real_number(eps, "eps", minimum=0.0, inclusive=False)
     _check_vq_counts(ema_counts, decay, x.shape[0] * x.shape[2] if mask is None else int(mask.sum()))
     num = numerics(precision)
-    update = _vq_ema(num.load(x), num.load(centroids), num.load(ema_counts), num.load(ema_sums), decay, eps, mask, num)
+    rule = checks.choice(count_rule, "count_rule", COUNT_RULES)
+    update = _vq_ema(num.load(x), num.load(centroids), num.load(ema_counts), num.load(ema_sums), decay, eps, mask, num,
+                     rule)  # fmt: skip
     as_float64 = (update.centroids, update.ema_counts, update.ema_sums)
     centroids, ema_counts, ema_sums = (a.astype(np.float64) for a in as_float64)
     return CentroidUpdate(centroids, update.assignment, ema_counts, ema_sums)
@@ -395,7 +423,7 @@ def kmeans_init(x, sample_indices, *, iterations=KMEANS_INIT_ITERATIONS, eps=1e-
         raise SpecError("sample_indices", f"indices in [0, B·N) = [0, {batch * length})",
                         f"values {sample_indices.min()} to {sample_indices.max()}")  # fmt: skip
     if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 0:
-        raise SpecError("iterations", "an integer >= 0", repr(iterations))
+        raise SpecError("iterations", "an integer >= 0", checks.summary(iterations))
     eps = checks.real_number(eps, "eps", minimum=0.0, inclusive=False)
     x = np.asarray(x, np.float64)
     centroids = np.swapaxes(x, 0, 1).reshape(heads, batch * length, dim)[:, sample_indices]  # (H, K, D)
@@ -409,11 +437,15 @@ def commitment_loss(q, k, centroids, *, shared_qk=False, preset=None, routing_no
     """The commitment loss that pulls routing vectors toward their nearest centroid.
 
     ``e = mean over (B, H, N, D) of (r - centroids[nearest])²`` for the
-    queries' routing vectors and, unless ``shared_qk``, the keys'. The total is
+    queries' routing vectors and the keys'. The total is
     ``commitment · (e_q + e_k)`` (``"sum_of_means"``: google-research adds
     ``q_clustering_loss + k_clustering_loss``) or ``commitment · mean over
     queries and keys together`` = ``commitment · (e_q + e_k) / 2`` (``"mean"``:
-    lucidrains ``F.mse_loss`` on ``cat(q, k)``). Padded tokens count, in both.
+    lucidrains ``F.mse_loss`` on ``cat(q, k)``). Under ``shared_qk`` the keys
+    are the queries: ``"sum_of_means"`` gives ``2 · commitment · e_q``
+    (google-research sets ``k_clustering_loss = q_clustering_loss`` and adds
+    both), ``"mean"`` gives ``commitment · e_q`` (lucidrains routes ``q``
+    alone). Padded tokens count, in both.
 
     Parameters
     ----------
@@ -441,7 +473,7 @@ def commitment_loss(q, k, centroids, *, shared_qk=False, preset=None, routing_no
     shared_qk = checks.flag(shared_qk, "shared_qk")
     centroids = np.asarray(centroids, np.float64)
     errors = []
-    for x, factor in ((q, prescale), (k, prescale if shared_qk else 1.0))[: 1 if shared_qk else 2]:
+    for x, factor in ((q, prescale), (q, prescale) if shared_qk else (k, 1.0)):  # under shared-QK the keys are q
         r = normalize(factor * np.asarray(x, np.float64), norm=norm, eps=eps)[0]  # (B, H, N, D)
         nearest = nearest_cluster(cluster_similarity(r, centroids))  # (B, H, N)
         routed = np.take_along_axis(centroids[None], nearest[..., None], axis=2)  # (B, H, N, D)

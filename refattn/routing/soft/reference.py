@@ -30,6 +30,7 @@ from ...dense.inputs import DenseInputs, check_dense_inputs
 
 def routing_probabilities(x, routing_weights, num: Numerics = FLOAT64) -> np.ndarray:
     """Steps (S1)-(S2): ``π = softmax over paths of x · W_r``, (B, N, P)."""
+    x, routing_weights = _check_router(x, routing_weights)
     logits = num.store(np.einsum("bnx,xp->bnp", num.load(x), num.load(routing_weights), optimize=True))
     return masked_softmax(logits, None, num)[0]
 

@@ -1,0 +1,31 @@
+"""The Compressive Transformer (spec/memory.md, Compressive Transformer)."""
+
+from ...core import registry
+from .reference import (
+    attention_reconstruction_loss,
+    attention_reconstruction_loss_vjp,
+    check_compressive_inputs,
+    compressive_attention,
+    compressive_attention_vjp,
+    compressive_step,
+)
+
+MECHANISM = registry.register(
+    registry.Mechanism(
+        name="compressive",
+        package="refattn.memory.compressive",
+        forward=compressive_attention,
+        vjp=compressive_attention_vjp,
+        check_inputs=check_compressive_inputs,
+        backends=("reference", "numba"),
+        spec="spec/memory.md",
+    )
+)
+
+__all__ = [
+    "compressive_attention",
+    "compressive_attention_vjp",
+    "compressive_step",
+    "attention_reconstruction_loss",
+    "attention_reconstruction_loss_vjp",
+]

@@ -1,0 +1,23 @@
+"""Transformer-XL segment-level recurrence (spec/memory.md, Transformer-XL)."""
+
+from ...core import registry
+from .reference import (
+    check_xl_recurrence_inputs,
+    xl_recurrence_attention,
+    xl_recurrence_attention_vjp,
+    xl_recurrence_step,
+)
+
+MECHANISM = registry.register(
+    registry.Mechanism(
+        name="xl_recurrence",
+        package="refattn.memory.xl_recurrence",
+        forward=xl_recurrence_attention,
+        vjp=xl_recurrence_attention_vjp,
+        check_inputs=check_xl_recurrence_inputs,
+        backends=("reference", "numba"),
+        spec="spec/memory.md",
+    )
+)
+
+__all__ = ["xl_recurrence_attention", "xl_recurrence_attention_vjp", "xl_recurrence_step"]
