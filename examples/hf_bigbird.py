@@ -19,7 +19,7 @@
 
 HF counts a block listed twice twice, so the canonical cases (the paper's
 union, ``count_repeated_blocks=False``) raise ``NotImplementedError``, as do
-grouped kv heads and ``Dv != D``::
+ETC (``extra_global_tokens > 0``: HF has none), grouped kv heads and ``Dv != D``::
 
     refattn verify --mechanism bigbird --impl examples.hf_bigbird:hf_bigbird \\
         --vjp examples.hf_bigbird:hf_bigbird_vjp --grad
@@ -50,8 +50,10 @@ class _Rows(torch.nn.Module):
         return self.table[index[..., 0], index[..., 1]]
 
 
-def _forward(tensors: dict, *, block_size, random_blocks, count_repeated_blocks=True, short_sequence_full=True,
-             random_blocks_avoid_pattern=False, preset=None, scale=None):  # fmt: skip
+def _forward(tensors: dict, *, block_size, random_blocks, extra_global_tokens=0, count_repeated_blocks=True,
+             short_sequence_full=True, random_blocks_avoid_pattern=False, preset=None, scale=None):  # fmt: skip
+    if extra_global_tokens:
+        raise NotImplementedError("HF's BigBird has no ETC (\"Currently, ETC is not supported\")")
     q = tensors["q"]
     b, h, n, d = q.shape
     if scale is not None and scale != d**-0.5:

@@ -173,7 +173,9 @@ class FuzzReport:
         if self.counterexample.saved is not None:
             folder = self.counterexample.saved.parent.parent
             lines.append(f"saved: {self.counterexample.saved}")
-            lines.append(f"replay: refattn verify --suite {folder} --mechanism {self.mechanism} --impl ...")
+            tested = self.impl.split(" ", 1)[1] if " --backend " in self.impl else f"--impl {self.impl}"
+            options = (f" --dtype {self.dtype}" if self.dtype != "float64" else "") + (" --grad" if self.grad else "")
+            lines.append(f"replay: refattn verify --suite {folder} --mechanism {self.mechanism} {tested}{options}")
         return "\n".join(lines)
 
 
@@ -190,7 +192,8 @@ def as_case(problem: strategies.MechanismProblem, grad: bool, description: str =
     mechanism = registry.get(problem.mechanism)
     arrays = {name: np.ascontiguousarray(x) for name, x in problem.arrays.items()}
     case_id = f"{mechanism.name}/{CASE_PREFIX}{_digest(arrays, problem.params)}"
-    differentiable = tuple(_differentiable(mechanism, problem)) if grad else tuple(problem.positional)
+    differentiable = _differentiable(mechanism, problem) if grad else None
+    grad = differentiable is not None
     return Case(
         id=case_id,
         mechanism=mechanism.name,
@@ -199,7 +202,7 @@ def as_case(problem: strategies.MechanismProblem, grad: bool, description: str =
         seed=case_seed(case_id),
         arrays=lambda rng: {name: x.copy() for name, x in arrays.items()},
         params=dict(problem.params),
-        differentiable=differentiable,
+        differentiable=tuple(problem.positional) if differentiable is None else tuple(differentiable),
         preset=problem.preset,
         grad=grad,
     )
@@ -214,10 +217,15 @@ def _digest(arrays: dict, params: dict) -> str:
     return digest.hexdigest()[:12]
 
 
-def _differentiable(mechanism: registry.Mechanism, problem: strategies.MechanismProblem) -> list[str]:
-    """The array arguments the reference VJP returns gradients for."""
+def _differentiable(mechanism: registry.Mechanism, problem: strategies.MechanismProblem) -> list[str] | None:
+    """The array arguments the reference VJP returns gradients for; None where it gives none (a forward-only
+    mechanism such as the centroid update, or a problem it cannot differentiate)."""
     result = problem.call(mechanism.forward)
-    return [name for name in problem.arrays if name in problem.call(mechanism.vjp, np.zeros_like(result.out))]
+    try:
+        grads = problem.call(mechanism.vjp, np.zeros_like(result.out))
+    except (SpecError, NotImplementedError):
+        return None
+    return [name for name in problem.arrays if name in grads]
 
 
 def is_large(problem: strategies.MechanismProblem) -> bool:
@@ -511,7 +519,10 @@ def fuzz_suite_entries(folder) -> list[dict]:
         if folder.is_dir() and any(folder.iterdir()):
             raise SuiteError(f"--save {folder}: holds files but no {MANIFEST_NAME}; name a new or empty folder, or a fuzz suite")
         return []
-    suite = load_suite(folder)
+    try:
+        suite = load_suite(folder)
+    except SuiteError as error:
+        raise SuiteError(f"--save {folder}: holds a suite that does not load ({error})") from None
     foreign = [case.id for case in suite.cases if FUZZ_FLAG not in case.flags]
     if foreign:
         raise SuiteError(f"--save {folder}: holds a different suite (case {foreign[0]} was not written by refattn fuzz)")
@@ -531,7 +542,7 @@ def save_case(folder, counterexample: Counterexample, impl_name: str) -> Path:
     mechanism = registry.get(counterexample.problem.mechanism)
     stage = counterexample.report.first_stage or (counterexample.violations[0].name if counterexample.violations else "")
     description = printable(f"Found by refattn fuzz: {impl_name} differed at {stage or counterexample.report.status}.", limit=300)
-    case = as_case(counterexample.problem, grad=_has_gradients(counterexample.problem), description=description)
+    case = as_case(counterexample.problem, grad=True, description=description)
     tensors, tolerances = export.compute_case(mechanism, case)
     data = safetensors.numpy.save(tensors)
     file = f"{case.id}.safetensors"
@@ -549,14 +560,6 @@ def save_case(folder, counterexample: Counterexample, impl_name: str) -> Path:
     manifest_module.validate(manifest)
     (folder / MANIFEST_NAME).write_text(manifest_module.dumps(manifest), encoding="ascii")
     return path
-
-
-def _has_gradients(problem: strategies.MechanismProblem) -> bool:
-    """Whether the reference VJP runs on ``problem`` (a saved case then stores gradients)."""
-    try:
-        return bool(_differentiable(registry.get(problem.mechanism), problem))
-    except NotImplementedError:
-        return False
 
 
 # --------------------------------------------------------------------------

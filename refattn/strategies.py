@@ -153,6 +153,19 @@ def case_problems(draw, mechanism: str) -> MechanismProblem:
     return MechanismProblem(mechanism, {**arrays, **case.params})
 
 
+def case_strategy(mechanism: str):
+    """The ``problems(precision=...)`` of a mechanism whose strategy is :func:`case_problems` (its
+    ``strategies.py`` is then one line: ``problems = case_strategy("<name>")``)."""
+
+    def problems(precision: str = "float64") -> st.SearchStrategy[MechanismProblem]:
+        checks.choice(precision, "precision", PRECISIONS)
+        return case_problems(mechanism)
+
+    problems.__doc__ = f"{mechanism} problems shaped like its conformance cases (refattn.strategies.case_problems)."
+    return problems
+
+
+
 @dataclass(frozen=True)
 class Shape:
     """Sizes of one attention call."""

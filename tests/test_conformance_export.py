@@ -21,7 +21,7 @@ from refattn.conformance import manifest as manifest_module
 from refattn.conformance import tolerance
 from refattn.conformance.case import Case
 from refattn.conformance.export import check, export
-from refattn.conformance.flags import FLAGS
+from refattn.conformance.flags import catalogue
 from refattn.conformance.suite import load_suite
 from refattn.conformance.tolerance import normwise_error
 from refattn.core import registry
@@ -80,7 +80,7 @@ def test_export_twice_gives_identical_bytes(exported, tmp_path):
 def test_export_returns_the_manifest_it_writes(tmp_path):
     manifest = export(tmp_path, mechanisms=DENSE)
     assert (tmp_path / "manifest.json").read_text() == manifest_module.dumps(manifest)
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert sorted(manifest["flags"]) == sorted({flag for case in manifest["cases"] for flag in case["flags"]})
 
 
@@ -106,8 +106,8 @@ def test_check_reports_an_altered_file(exported, tmp_path):
     "change, expected",
     [
         (lambda t: t.__setitem__("expected.out", t["expected.out"] * 1.001), "expected.out differs"),
-        (lambda t: t.__setitem__("input.q", t["input.q"] + 1e-15), "input.q differs"),
-        (lambda t: t.pop("expected.lse"), "tensors"),
+        (lambda t: t.__setitem__("input.q", t["input.q"] + 1e-9), "input.q differs"),
+        (lambda t: t.__setitem__("aux.extra", np.zeros(2, np.int64)), "tensors"),
     ],
     ids=["expected", "input", "tensor_set"],
 )
@@ -116,8 +116,9 @@ def test_check_reports_a_consistent_but_outdated_case(exported, tmp_path, change
     if expected == "tensors":  # the manifest must agree with the file for the suite to load
         manifest = manifest_module.loads((folder / "manifest.json").read_bytes())
         entry = next(case for case in manifest["cases"] if case["id"] == "dense/causal")
-        entry["tensors"].remove("expected.lse")
-        del entry["shapes"]["expected.lse"], entry["tolerances"]["lse"]
+        entry["tensors"] = sorted([*entry["tensors"], "aux.extra"])
+        entry["shapes"]["aux.extra"] = [2]
+        entry["tolerances"]["aux.extra"] = {p: 0.0 for p in entry["tolerances"]["out"]}
         (folder / "manifest.json").write_text(manifest_module.dumps(manifest))
     _rewrite_case(folder, "dense/causal", change)
     drift = check(folder, mechanisms=DENSE)
@@ -135,7 +136,7 @@ def test_check_tolerates_last_bit_differences(exported, tmp_path):
 def test_check_reports_budgets_stale_and_missing_files(exported, tmp_path):
     folder = _copy(exported, tmp_path / "suite")
     manifest = manifest_module.loads((folder / "manifest.json").read_bytes())
-    manifest["cases"][0]["tolerances"]["out"]["float16"] *= 2
+    manifest["cases"][0]["tolerances"]["out"]["float16"] *= 8  # beyond the factor of 4 check tolerates
     (folder / "manifest.json").write_text(manifest_module.dumps(manifest))
     (folder / "dense" / "renamed_case.safetensors").write_bytes(b"")
     drift = check(folder, mechanisms=DENSE)
@@ -165,8 +166,10 @@ def test_progress_bar_is_drawn_only_when_asked(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(dense_cases, "cases", lambda: first_two)
     export(tmp_path / "quiet", mechanisms=DENSE, progress=False)
     assert capsys.readouterr().err == ""
+    monkeypatch.setattr("refattn.conformance.progress.DELAY_SECONDS", 0.0)  # drawn at once, not after a second
     export(tmp_path / "loud", mechanisms=DENSE, progress=True)
-    assert "2/2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "export" in err and "2/2" in err and first_two[1].id in err
 
 
 def test_suite_stays_small():
@@ -298,13 +301,24 @@ def _permuted_evaluation(case, precision: str, seed: int) -> dict:
     return got
 
 
+def ratio(case, output: str, value, precision: str) -> float:
+    """error / budget of ``value`` for ``output`` as the verifier judges it: a gradient ``grad.<x>`` (for both
+    cotangents) against the sum of the stored parts, within the sum of their budgets."""
+    if not output.startswith("grad."):
+        return tolerance.error(output, value, case.expected[output]) / case.tolerances[output][precision]
+    name = output.split(".", 1)[1]
+    parts = [f"grad_dout.{name}", f"grad_dlse.{name}"]
+    scale = tolerance.gradient_scales({part: case.expected[part] for part in parts})[parts[0]]
+    want = sum(case.expected[part] for part in parts)
+    return tolerance.error(output, value, want, scale) / sum(case.tolerances[part][precision] for part in parts)
+
+
 @pytest.mark.parametrize("precision", ["float64", "float32", "float16", "bfloat16"])
 def test_budgets_admit_another_summation_order(suite, precision):
     for case in suite.cases:
         for seed in (1, 2):
             for output, value in _permuted_evaluation(case, precision, seed).items():
-                error = normwise_error(value, case.expected[output])
-                assert error <= case.tolerances[output][precision], (case.id, output, error)
+                assert ratio(case, output, value, precision) <= 1, (case.id, output)
 
 
 # --- the dense cases ----------------------------------------------------------
@@ -318,13 +332,14 @@ def test_every_flag_used_is_described_and_every_flag_described_is_used():
     mechanisms = [registry.get(name) for name in registry.names()]
     every_case = [case for m in mechanisms for case in m.cases() + export_module.large_cases(m)]
     used = {flag for case in every_case for flag in case.flags}
-    assert used <= set(FLAGS), sorted(used - set(FLAGS))
-    assert set(FLAGS) <= used, sorted(set(FLAGS) - used)
+    described = set(catalogue())
+    assert used <= described, sorted(used - described)
+    assert described <= used, sorted(described - used)
 
 
 def test_the_suite_readme_lists_every_flag():
     readme = (COMMITTED / "README.md").read_text()
-    assert [flag for flag in FLAGS if f"| `{flag}` |" not in readme] == []
+    assert [flag for flag in catalogue() if f"| `{flag}` |" not in readme] == []
 
 
 def test_case_ids_seeds_and_sizes():
@@ -524,7 +539,7 @@ def test_the_mistake_a_flag_names_fails_its_cases(suite, flag):
             else:
                 got = _mutant_forward({**case.inputs, **case.array_params}, case.params, bug)
             for precision in ("float64", *tolerance.LOWER_PRECISIONS):
-                worst = max(normwise_error(v, case.expected[o]) / case.tolerances[o][precision] for o, v in got.items())
+                worst = max(ratio(case, o, v, precision) for o, v in got.items())
                 assert worst > 1, f"{case.id}: mistake {bug} passes at {precision}"
 
 
@@ -571,5 +586,4 @@ def _flash_style(case, precision: str) -> dict:
 def test_budgets_admit_a_flash_attention_style_implementation(suite, precision):
     for case in suite.cases:
         for output, value in _flash_style(case, precision).items():
-            error = normwise_error(value, case.expected[output])
-            assert error <= case.tolerances[output][precision], (case.id, output, error)
+            assert ratio(case, output, value, precision) <= 1, (case.id, output)

@@ -39,6 +39,18 @@ FLAG_TESTS = {
     "linformer": "tests/test_lowrank_flags.py",
     "nystrom": "tests/test_lowrank_flags.py",
     "performer": "tests/test_lowrank_flags.py",
+    "segmented": "tests/test_segmented_flags.py",
+    "sliding_window": "tests/test_segmented_flags.py",
+    "longformer": "tests/test_segmented_flags.py",
+    "bigbird": "tests/test_segmented_flags.py",
+    "local": "tests/test_segmented_flags.py",
+    "h1d": "tests/test_hierarchical_h1d.py",
+    "multilevel": "tests/test_hierarchical_multilevel.py",
+    "xl_recurrence": "tests/test_memory_flags.py",
+    "sinks": "tests/test_memory_flags.py",
+    "infini": "tests/test_memory_flags.py",
+    "memory_tokens": "tests/test_memory_flags.py",
+    "compressive": "tests/test_memory_flags.py",
 }
 
 

@@ -43,6 +43,7 @@ BUGS = {
     "LSH_TRAX_PADDING_MARKS": "gives every i == j the self value and masks padded keys by the mask alone under trax",
     "LSH_REFORMER_PYTORCH_DUP_COUNT": "counts every occurrence under the lucidrains preset (not reformer-pytorch's count)",
     "LSH_TIES": "takes the last index on a tied argmax",
+    "LSH_PADDING_BUCKET_IF_MASK": "adds the padding bucket only when a token is padded, whatever padding_bucket says",
 }
 
 
@@ -113,6 +114,8 @@ class SmallLSH:
         total = int(np.prod(factors))
         rule = behaviours["padding_bucket"]
         padding = valid is not None and (rule == "if_mask" or (rule == "if_padded" and not valid.all()))
+        if self.bug == "LSH_PADDING_BUCKET_IF_MASK":
+            padding = valid is not None and rule != "none" and not valid.all()  # bug LSH_PADDING_BUCKET_IF_MASK
         per_round = total + 1 if padding else total
         if self.bug == "PADDING_BUCKET":
             per_round = total  # bug PADDING_BUCKET

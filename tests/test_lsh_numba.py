@@ -180,16 +180,17 @@ numba_lsh = functools.partial(lsh_attention, backend="numba")
 numba_lsh_vjp = functools.partial(lsh_attention_vjp, backend="numba")
 
 
-def numba_lsh_q_k(q, k, v, **params):
+def numba_lsh_q_k(v, *, q, k, **params):
+    """verify() passes the mechanism's positional inputs present (``v``) by position, ``q`` and ``k`` by name."""
     return numba_lsh(q, v, **params)
 
 
-def numba_lsh_q_k_vjp(dout, q, k, v, *, dlse=None, **params):
+def numba_lsh_q_k_vjp(dout, v, *, q, k, dlse=None, **params):
     return numba_lsh_vjp(dout, q, v, dlse=dlse, **params)  # grads of qk and v, as stored
 
 
 def _check_report(report):
-    assert len(report.cases) == 21
+    assert len(report.cases) == 22
     assert report.ok, report.format()
     assert all(check.status == "pass" for case in report.cases for check in case.checks if check.name.startswith("aux."))
 

@@ -162,3 +162,23 @@ def test_lucidrains_preset_is_reformer_pytorch(name, monkeypatch):
             out, _, _ = attention(torch.from_numpy(qk[:, h]), torch.from_numpy(v[:, h]),
                                   input_mask=None if mask is None else torch.from_numpy(mask))  # fmt: skip
         np.testing.assert_allclose(got[:, h], out.numpy(), rtol=0, atol=1e-10)
+
+
+# --- item 8: the padding bucket with a mask and no padded token ------------------------------
+
+
+def test_if_mask_adds_the_padding_bucket_without_padded_tokens():
+    """trax's hash_vectors adds the bucket whenever a mask is given; HF's only when some token is padded."""
+    qk, v, params = _case("mask_without_padding")
+    mask = params["key_padding_mask"]
+    assert mask.all() and params.get("padding_bucket", "if_mask") == "if_mask"
+    got = lsh_attention(qk, v, **params).aux["buckets"]
+    # The rule, written out (trax): n_buckets + 1 ids per round, so round r is offset by r (F + 1).
+    num_buckets, rounds = params["num_buckets"], params["num_hashes"]
+    rotated = np.einsum("bhnd,hrdp->bhrnp", qk, params["rotations"])
+    plain = np.argmax(np.concatenate([rotated, -rotated], axis=-1), axis=-1)  # (B, H, R, N)
+    offsets = np.arange(rounds)[:, None]
+    np.testing.assert_array_equal(got, plain + offsets * (num_buckets + 1))
+    # The wrong reading, written out (HF's "if_padded": no padded token, no extra bucket): offsets r F.
+    assert not np.array_equal(got, plain + offsets * num_buckets)
+    assert not np.array_equal(got, lsh_attention(qk, v, **dict(params, padding_bucket="if_padded")).aux["buckets"])

@@ -112,8 +112,9 @@ def test_google_commitment_loss_counts_shared_queries_twice():
 # --- item 4: google's padding is zero vectors --------------------------------------------
 
 
-def _google_clustered_attention(q, k, v, centroids, window, causal):
-    """clustered_local_attention_helper without a padding mask (padding = zero vectors), NumPy float64."""
+def _google_clustered_attention(q, k, v, centroids, window, causal, bias_value=-1e9):
+    """clustered_local_attention_helper without a padding mask (padding = zero vectors), NumPy float64;
+    ``bias_value`` is google's -1e9 unless a case overrides it."""
     q = _layer_norm(q * q.shape[-1] ** -0.5)  # multihead_attention_nd scales q, then the helper layer-norms
     k = _layer_norm(k)
     out = np.zeros(v.shape)
@@ -124,9 +125,9 @@ def _google_clustered_attention(q, k, v, centroids, window, causal):
                 # top_k(-dist) puts the lower index first among equal values; then tf.sort(idx)
                 q_idx = np.sort(np.argsort(-(q[b, h] @ centroids[h, c]), kind="stable")[:window])
                 k_idx = np.sort(np.argsort(-(k[b, h] @ centroids[h, c]), kind="stable")[:window])
-                bias = np.where(np.abs(v[b, h, k_idx]).sum(-1) == 0, -1e9, 0.0)[None, :]  # embedding_to_padding
+                bias = np.where(np.abs(v[b, h, k_idx]).sum(-1) == 0, bias_value, 0.0)[None, :]  # embedding_to_padding
                 if causal:
-                    bias = np.minimum(bias, np.where(np.tri(window, dtype=bool), 0.0, -1e9))
+                    bias = np.minimum(bias, np.where(np.tri(window, dtype=bool), 0.0, bias_value))
                 logits = q[b, h, q_idx] @ k[b, h, k_idx].T + bias
                 weights = np.exp(logits - logits.max(-1, keepdims=True))
                 weights /= weights.sum(-1, keepdims=True)
@@ -194,3 +195,75 @@ def test_lucidrains_preset_is_routing_transformer(case_id):
         k = arrays["q"] if params["shared_qk"] else arrays["k"]
         out, _ = attention(*(torch.from_numpy(x) for x in (arrays["q"], k, arrays["v"])))
     np.testing.assert_allclose(got, out.numpy(), rtol=0, atol=1e-10)
+
+
+# --- item 8: behaviours the spec defines, each decided by a case ------------------------------
+
+
+def test_google_adds_the_mask_bias_on_rows_with_no_allowed_key():
+    """google's rule (the transcription above adds -1e9) reproduces the case; the replacing reading does not."""
+    arrays, params = _case("routing/google_add_empty_rows")
+    got = routing_attention(**arrays, **params).out
+    want = _google_clustered_attention(arrays["q"], arrays["k"], arrays["v"], params["centroids"],
+                                       params["cluster_size"], params["causal"], params["mask_value"])  # fmt: skip
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    google = _google_clustered_attention(arrays["q"], arrays["k"], arrays["v"], params["centroids"],
+                                         params["cluster_size"], params["causal"])  # fmt: skip
+    np.testing.assert_allclose(got, google, rtol=0, atol=1e-6)  # -1e9 + s keeps s to its ulp, 1.2e-7
+    # The wrong reading, written out: every masked logit becomes -1e9, so an empty row is uniform.
+    q = _layer_norm(arrays["q"] * arrays["q"].shape[-1] ** -0.5)
+    k = _layer_norm(arrays["k"])
+    similarity = np.einsum("bhnd,hcd->bhcn", q, params["centroids"])
+    window = params["cluster_size"]
+    q_idx = np.sort(np.argsort(-similarity, axis=-1, kind="stable")[..., :window], axis=-1)  # (B, H, K, W)
+    k_idx = np.sort(np.argsort(-np.einsum("bhnd,hcd->bhcn", k, params["centroids"]), -1, kind="stable")[..., :window], -1)
+    real = params["key_padding_mask"][0]
+    empty = ~np.any(np.tri(window, dtype=bool) & real[k_idx[0]][..., None, :], axis=-1) & real[q_idx[0]]  # (H, K, W)
+    b, h, c, s = 0, *np.argwhere(empty)[0]  # a real query whose key slots up to its own are all padded
+    scores = q[b, h, q_idx[b, h, c, s]] @ k[b, h, k_idx[b, h, c]].T
+    added = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
+    assert np.abs(added - 1.0 / window).max() > 0.01  # the row this case holds: softmax(scores) is not uniform
+    replaced = routing_attention(**arrays, **params, mask_mode="replace").out
+    assert np.abs(replaced - want).max() > 0.1
+
+
+def test_shared_qk_keys_are_k_not_q():
+    arrays, params = _case("routing/canonical_shared_own_k")
+    assert np.abs(arrays["k"] - arrays["q"]).max() > 0.1
+    got = routing_attention(**arrays, **params)
+    # The key vectors, written out: layer-normalised k in the query lists' slots (the Reformer self rule).
+    r_q, r_k = _layer_norm(arrays["q"]), _layer_norm(arrays["k"])
+    members = got.aux["membership"]
+    d = r_q.shape[-1]
+    out = np.zeros(arrays["v"].shape)
+    for h in range(r_q.shape[1]):
+        for c in range(members.shape[2]):
+            idx = members[0, h, c]
+            z = r_q[0, h, idx] @ r_k[0, h, idx].T / np.sqrt(d)
+            np.fill_diagonal(z, -np.inf)
+            w = np.exp(z - z.max(-1, keepdims=True))
+            out[0, h, idx] += (w / w.sum(-1, keepdims=True)) @ arrays["v"][0, h, idx]
+    counts = got.aux["counts"][..., None]
+    np.testing.assert_allclose(got.out, np.where(counts > 0, out / np.maximum(counts, 1), 0.0), rtol=0, atol=1e-12)
+    from_q = routing_attention(**dict(arrays, k=arrays["q"]), **params).out  # the wrong reading: keys from q
+    assert np.abs(from_q - got.out).max() > 0.1
+
+
+def test_lucidrains_self_value_is_written_last(monkeypatch):
+    from refattn.routing import reference
+
+    arrays, params = _case("routing/lucidrains_shared_padding")
+    assert not params["key_padding_mask"].all()
+    got = routing_attention(**arrays, **params).out
+    padded = ~params["key_padding_mask"][0]
+    # A padded token's rows hold only itself: its output is its own value, whichever clusters picked it.
+    routed = routing_attention(**arrays, **params).aux["counts"][0] > 0  # (H, N)
+    for h in range(arrays["q"].shape[1]):
+        rows = padded & routed[h]
+        np.testing.assert_allclose(got[0, h, rows], arrays["v"][0, h, rows] * (1 / (1 + 1e-5)), rtol=1e-4)  # fmt: skip
+    # The wrong reading, written out: the self value only where the self key was not masked.
+    original = reference.slot_logits
+    monkeypatch.setattr(reference, "slot_logits", lambda scores, masked, is_self, **kw: original(
+        scores, masked, is_self & ~masked, **kw))  # fmt: skip
+    wrong = routing_attention(**arrays, **params).out
+    assert np.abs(wrong - got).max() > 0.1

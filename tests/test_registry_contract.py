@@ -174,7 +174,16 @@ def _loss(mechanism, case, arrays, dout, dlse) -> float:
 
 
 def _gradient_cases():
-    return [pytest.param(name, case, id=case.id) for name in MECHANISMS for case in _cases(name) if case.grad]
+    """Every case with gradients, except where the VJP is by definition not the forward's derivative:
+    mechanisms whose VJP holds the streamed state fixed (``Mechanism.state_held_fixed``) and cases that say
+    why (``Case.not_a_derivative``: a decision on an exact tie, a preset reproducing a detached term)."""
+    return [
+        pytest.param(name, case, id=case.id)
+        for name in MECHANISMS
+        if not registry.get(name).state_held_fixed
+        for case in _cases(name)
+        if case.grad and case.not_a_derivative is None
+    ]
 
 
 @pytest.mark.parametrize("name, case", _gradient_cases())
@@ -196,7 +205,11 @@ def test_vjp_matches_finite_differences_on_every_case(name, case):
         direction /= np.linalg.norm(direction)
         plus = {**arrays, input_name: arrays[input_name] + FD_STEP * direction}
         minus = {**arrays, input_name: arrays[input_name] - FD_STEP * direction}
-        numeric = (_loss(mechanism, case, plus, dout, dlse) - _loss(mechanism, case, minus, dout, dlse)) / (2 * FD_STEP)
+        loss_plus, loss_minus = _loss(mechanism, case, plus, dout, dlse), _loss(mechanism, case, minus, dout, dlse)
+        numeric = (loss_plus - loss_minus) / (2 * FD_STEP)
         analytic = float(np.sum(grads[input_name] * direction))
-        scale = max(np.linalg.norm(grads[input_name]), 1.0)
-        assert abs(numeric - analytic) <= FD_RTOL * scale, f"{case.id} d/d{input_name}: fd {numeric!r}, vjp {analytic!r}"
+        # The difference quotient's own rounding: each loss is a sum of terms as large as |L| (a row whose
+        # logits are a finite mask constant such as -1e9 has an lse near -1e9), known to ~4 ulps.
+        rounding = 8 * np.finfo(np.float64).eps * max(abs(loss_plus), abs(loss_minus)) / (2 * FD_STEP)
+        allowed = FD_RTOL * max(np.linalg.norm(grads[input_name]), 1.0) + rounding
+        assert abs(numeric - analytic) <= allowed, f"{case.id} d/d{input_name}: fd {numeric!r}, vjp {analytic!r}"

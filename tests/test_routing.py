@@ -346,6 +346,8 @@ def test_routing_vjp_matches_finite_differences(preset, shared_qk, causal, extra
         arrays.update(mem_k=rng.standard_normal((2, 3, 2, 6)), mem_v=rng.standard_normal((2, 3, 2, 5)))
     if "padding" in extras:
         params["key_padding_mask"] = rng.random((2, 12)) > 0.3
+    if preset == "google_research":  # mask_mode "add": -1e9 + s keeps s to 1.2e-7, too coarse for the differences
+        params["mask_value"] = -1e4
     _directional_check(routing_attention, routing_attention_vjp, arrays, params, rng)
 
 
@@ -542,7 +544,8 @@ def test_cases_are_small_and_their_routing_has_the_recorded_margin():
         if case.mechanism == "routing_hybrid":
             local = case.params["num_local_heads"]
             heads = slice(None, -local) if preset.head_order == "routing_first" else slice(local, None)
-        for x, scale in ((arrays["q"], prescale), (arrays["k"], prescale if case.params.get("shared_qk") else 1.0)):
+        routed = ((arrays["q"], prescale),) + (() if case.params.get("shared_qk") else ((arrays["k"], 1.0),))
+        for x, scale in routed:  # under shared-QK only q is routed
             r = normalize(scale * x[:, heads], norm=preset.routing_norm, eps=preset.norm_eps)[0]
             similarity = cluster_similarity(r, arrays["centroids"])
             margins = decision_margins(similarity, case.params["cluster_size"], preset.order)
@@ -550,6 +553,11 @@ def test_cases_are_small_and_their_routing_has_the_recorded_margin():
             if zero.any():
                 real = similarity[~zero][None, None]  # (1, 1, tokens, K)
                 margins["assignment"] = decision_margins(real, 1, preset.order)["assignment"]
+                w = case.params["cluster_size"]
+                ranked = -np.sort(-np.moveaxis(similarity, -1, -2), axis=-1)  # (B, H, K, N), descending
+                if w < ranked.shape[-1]:  # a cut between two zero tokens is an exact tie, to the lower position
+                    both_zero = (ranked[..., w - 1] == 0) & (ranked[..., w] == 0)
+                    margins["selection"] = float(np.min(np.where(both_zero, np.inf, ranked[..., w - 1] - ranked[..., w])))
             assert min(margins.values()) >= MIN_RELATIVE_MARGIN * radius, (case.id, margins)
 
 
@@ -567,3 +575,21 @@ def test_every_precision_reproduces_the_decisions_of_every_case():
                 got = mechanism.forward(**arrays, **case.params, precision=numerics).aux
                 for name, value in expected.items():
                     assert np.array_equal(got[name], value), (case.id, precision, trial, name)
+
+
+@pytest.mark.parametrize("case", registry.get("routing_hybrid").cases(), ids=lambda c: c.id)
+def test_hybrid_layer_properties_hold_on_every_case_and_catch_a_wrong_local_window(case):
+    from refattn.routing.hybrid import properties as hybrid_properties
+
+    arrays = case.arrays(np.random.default_rng(case.seed))
+    q, k, v = arrays.pop("q"), arrays.pop("k"), arrays.pop("v")
+    params = {**arrays, **case.params}
+    hybrid = registry.get("routing_hybrid").forward
+    hybrid_properties.local_heads_are_dense_attention(hybrid, q, k, v, params)
+    hybrid_properties.routing_heads_ignore_local_options(hybrid, q, k, v, params)
+
+    def local_window_ignored(q, k, v, **params):
+        return hybrid(q, k, v, **{**params, "local_window": (1, 0)})
+
+    with pytest.raises(AssertionError, match="local heads"):
+        hybrid_properties.local_heads_are_dense_attention(local_window_ignored, q, k, v, {**params, "local_window": (3, 0)})

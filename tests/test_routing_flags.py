@@ -49,6 +49,9 @@ BUGS = {
     "CENTROID_COUNT_HEADS_MIXED": "counts per head under the google_research preset (not online_kmeans' reshape)",
     "HYBRID_HEAD_ORDER": "puts the routing heads first whatever head_order says",
     "SOFT_ROUTING": "normalises the routing probabilities over the tokens instead of the paths",
+    "SHARED_QK_KEYS_FROM_K": "takes the key vectors from q under shared-QK",
+    "ROUTING_MASK_ADDED": "replaces a masked logit by mask_value whatever mask_mode says",
+    "LUCIDRAINS_SELF_WRITTEN_LAST": "writes the self value only where the self key was allowed",
 }
 
 #: Every behaviour that differs, per preset, from the sources (google-research routing_transformer/utils.py and
@@ -56,12 +59,12 @@ BUGS = {
 PRESETS = {
     None: dict(routing_norm="layer", norm_eps=1e-6, query_prescale=1.0, attend_on="normalized",
                normalize_shared_keys=False, scale=None, causal_by="position", order="position", mask_value=None,
-               self_mask=True, self_mask_value=None, query_padding="mask_row", scatter_eps=0.0,
+               mask_mode="replace", self_mask=True, self_mask_value=None, query_padding="mask_row", scatter_eps=0.0,
                head_order="routing_first", local_causal=None, centroid_update="vq_ema", count_rule="per_head", decay=0.999,
                ema_eps=1e-5),
 }  # fmt: skip
 PRESETS["google_research"] = dict(PRESETS[None], query_prescale=None, scale=1.0, causal_by="slot", mask_value=-1e9,
-                                  self_mask=False, query_padding="none", scatter_eps=1e-2,
+                                  mask_mode="add", self_mask=False, query_padding="none", scatter_eps=1e-2,
                                   count_rule="google_research")  # fmt: skip
 PRESETS["lucidrains"] = dict(PRESETS[None], routing_norm="l2", norm_eps=1e-12, attend_on="raw",
                              normalize_shared_keys=True, order="similarity", mask_value=-3.4028234663852886e38,
@@ -165,6 +168,8 @@ class SmallRouting:
                 return centred / torch.sqrt((centred**2).mean(-1, keepdim=True) + o["norm_eps"])
             return x / x.norm(dim=-1, keepdim=True).clamp_min(o["norm_eps"])
 
+        if shared_qk and self.bug == "SHARED_QK_KEYS_FROM_K":
+            k = q  # bug SHARED_QK_KEYS_FROM_K
         r_q, r_k = normalize(q * prescale), normalize(k * (prescale if shared_qk else 1.0))
         similarity = torch.einsum("bhnd,hcd->bhnc", r_q, centroids)
         key_similarity = similarity if shared_qk else torch.einsum("bhnd,hcd->bhnc", r_k, centroids)
@@ -202,8 +207,13 @@ class SmallRouting:
         if shared_qk and o["self_mask"] and self.bug != "SHARED_QK_SELF_MASK":  # bug SHARED_QK_SELF_MASK
             is_self[..., memory:] = key_position == query_position
         fill = -math.inf if o["mask_value"] is None else o["mask_value"]
-        logits = dots.masked_fill(~allowed, fill)
+        if o["mask_mode"] == "add" and fill != -math.inf and self.bug != "ROUTING_MASK_ADDED":  # bug ROUTING_MASK_ADDED
+            logits = torch.where(allowed, dots, dots + fill)
+        else:
+            logits = dots.masked_fill(~allowed, fill)
         if o["self_mask_value"] is not None:
+            if self.bug == "LUCIDRAINS_SELF_WRITTEN_LAST":
+                is_self = is_self & allowed  # bug LUCIDRAINS_SELF_WRITTEN_LAST
             logits = logits.masked_fill(is_self, o["self_mask_value"])
         else:
             alone = ~(allowed & ~is_self).any(-1, keepdim=True)

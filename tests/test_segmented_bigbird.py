@@ -113,11 +113,20 @@ def test_three_blocks_are_dense_attention():
     properties.three_blocks_are_dense(bigbird_attention, dense_attention, q, k, v, dict(block_size=2))
 
 
-@pytest.mark.parametrize("preset", [None, "hf"])
-def test_vjp_matches_finite_differences(preset):
-    q, k, v, random_blocks = _problem(6, nb=6, block=1, d=3, r=1)
+@pytest.mark.parametrize("construction, change", [
+    ("itc", dict(preset=None)),
+    ("itc", dict(preset="hf")),
+    ("etc", dict(count_repeated_blocks=False)),
+    ("etc", dict(count_repeated_blocks=True)),
+])  # fmt: skip
+def test_vjp_matches_finite_differences(construction, change):
+    if construction == "itc":
+        q, k, v, random_blocks = _problem(6, nb=6, block=1, d=3, r=1)
+        params = dict(block_size=1, random_blocks=random_blocks, short_sequence_full=False, **change)
+    else:
+        q, k, v, random_blocks = _etc_problem(12, g=2, nb=5, block=1, r=2)
+        params = dict(block_size=1, random_blocks=random_blocks, extra_global_tokens=2, **change)
     arrays = dict(q=q, k=k, v=v)
-    params = dict(block_size=1, random_blocks=random_blocks, preset=preset, short_sequence_full=False)
     rng = np.random.default_rng(7)
     result = bigbird_attention(**arrays, **params)
     dout, dlse = rng.standard_normal(result.out.shape), rng.standard_normal(result.lse.shape)
@@ -134,6 +143,75 @@ def test_output_depends_only_on_the_pattern():
                          for j in range(n)] for i in range(n)])[None, None]  # fmt: skip
     depends_only_on_pattern(bigbird_attention, bigbird_attention_vjp, q, k, v,
                             dict(block_size=2, random_blocks=random_blocks), allowed)  # fmt: skip
+
+
+# --------------------------------------------------------------------------
+# ETC (Zaheer et al. 2020, section 2, "global tokens": BIGBIRD-ETC)
+# --------------------------------------------------------------------------
+
+
+def _etc_problem(seed, g=3, nb=6, block=2, hq=2, hkv=1, r=2):
+    rng = np.random.default_rng(seed)
+    n = g + nb * block
+    q, k, v = rng.standard_normal((1, hq, n, 4)), rng.standard_normal((1, hkv, n, 4)), rng.standard_normal((1, hkv, n, 3))
+    return q, k, v, rng.integers(0, nb, (hq, nb, r))
+
+
+def _etc_mask(g, nb, block, random_blocks):
+    """The paper's B, one (i, j) at a time: B[i, :] = B[:, i] = 1 for the g extra tokens, B[g + i, g + j] = A[i, j]
+    with A the sliding blocks and the random blocks of block(i) (row block(i): every sequence block has one)."""
+    heads, n = random_blocks.shape[0], g + nb * block
+    mask = np.zeros((1, heads, n, n), dtype=bool)
+    for h in range(heads):
+        for i in range(n):
+            for j in range(n):
+                if i < g or j < g:
+                    mask[0, h, i, j] = True
+                    continue
+                t, s = (i - g) // block, (j - g) // block
+                mask[0, h, i, j] = abs(t - s) <= 1 or s in random_blocks[h, t]
+    return mask
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_etc_is_dense_attention_under_the_papers_mask(backend):
+    q, k, v, random_blocks = _etc_problem(10)
+    random_blocks[1, 2, 0] = 3  # a random block that is also sliding: one key, counted once
+    got = bigbird_attention(q, k, v, block_size=2, random_blocks=random_blocks, extra_global_tokens=3, backend=backend)
+    want = dense_attention(q, k, v, mask=_etc_mask(3, 6, 2, random_blocks))
+    np.testing.assert_allclose(got.out, want.out, atol=1e-12)
+    np.testing.assert_allclose(got.lse, want.lse, atol=1e-12)
+
+
+def test_etc_extra_global_tokens_are_dense_attention():
+    q, k, v, random_blocks = _etc_problem(11)
+    properties.extra_global_tokens_are_dense(bigbird_attention, dense_attention, q, k, v,
+                                             dict(block_size=2, random_blocks=random_blocks, extra_global_tokens=3))  # fmt: skip
+
+
+def test_etc_output_depends_only_on_the_pattern():
+    q, k, v, random_blocks = _etc_problem(14, hq=1, r=1)
+    depends_only_on_pattern(bigbird_attention, bigbird_attention_vjp, q, k, v,
+                            dict(block_size=2, random_blocks=random_blocks, extra_global_tokens=3),
+                            _etc_mask(3, 6, 2, random_blocks))  # fmt: skip
+
+
+@pytest.mark.parametrize("change, name", [
+    (dict(extra_global_tokens=-1), "extra_global_tokens"),
+    (dict(extra_global_tokens=15), "extra_global_tokens"),
+    (dict(extra_global_tokens=2), "block_size"),
+    (dict(preset="hf"), "preset"),
+    (dict(short_sequence_full=True), "short_sequence_full"),
+    (dict(random_blocks=np.zeros((2, 4, 1), dtype=int)), "random_blocks"),
+    (dict(random_blocks=np.full((2, 6, 1), 6)), "random_blocks"),
+    (dict(random_blocks=np.full((2, 6, 1), 1), random_blocks_avoid_pattern=True), "random_blocks"),
+])  # fmt: skip
+def test_etc_bad_input(change, name):
+    q, k, v, random_blocks = _etc_problem(15)  # N = 3 + 12
+    params = dict(dict(block_size=2, random_blocks=random_blocks, extra_global_tokens=3), **change)
+    with pytest.raises(SpecError) as error:
+        bigbird_attention(q, k, v, **params)
+    assert error.value.argument == name
 
 
 @pytest.mark.parametrize("change, name", [

@@ -65,6 +65,7 @@ BUGS = {
         "BIGBIRD_RANDOM_PER_HEAD": "uses head 0's random blocks for every head",
         "BIGBIRD_HF_REPEATED_BLOCKS": "counts each listed block once under the hf preset",
         "BIGBIRD_HF_SHORT_FULL": "stays block sparse for short sequences under the hf preset",
+        "BIGBIRD_ETC_GLOBAL_TOKENS": "keeps ITC's global blocks 0 and nb - 1 among the sequence in ETC",
     },
     "local": {
         "LOCAL_LOOK_AROUND": "swaps look_backward and look_forward",
@@ -240,27 +241,31 @@ class Small:
 
     # --- BigBird -------------------------------------------------------------------
 
-    def _bigbird(self, q, k, v, *, block_size, random_blocks=None, count_repeated_blocks=False,
+    def _bigbird(self, q, k, v, *, block_size, random_blocks=None, extra_global_tokens=0, count_repeated_blocks=False,
                  short_sequence_full=False, random_blocks_avoid_pattern=False, preset=None, scale=None):  # fmt: skip
-        n, heads, bug = q.shape[2], q.shape[1], self.bug
+        g, heads, bug = extra_global_tokens, q.shape[1], self.bug
+        n = q.shape[2] - g
         nb, r = n // block_size, random_blocks.shape[2]
         if count_repeated_blocks and bug == "BIGBIRD_HF_REPEATED_BLOCKS":
             count_repeated_blocks = False  # bug BIGBIRD_HF_REPEATED_BLOCKS
         if short_sequence_full and n <= (5 + 2 * r) * block_size and bug != "BIGBIRD_HF_SHORT_FULL":  # bug BIGBIRD_HF_SHORT_FULL
             return _attend(q, k, v, np.ones((n, n)), scale)
+        glob = [] if g and bug != "BIGBIRD_ETC_GLOBAL_TOKENS" else [0, nb - 1]  # bug BIGBIRD_ETC_GLOBAL_TOKENS
         counts = np.zeros((heads, nb, nb))
         for h in range(heads):
             row_of = 0 if bug == "BIGBIRD_RANDOM_PER_HEAD" else h  # bug BIGBIRD_RANDOM_PER_HEAD
             for t in range(nb):
-                if t in (0, nb - 1) and bug != "BIGBIRD_GLOBAL_BLOCKS":  # bug BIGBIRD_GLOBAL_BLOCKS
+                if t in glob and bug != "BIGBIRD_GLOBAL_BLOCKS":  # bug BIGBIRD_GLOBAL_BLOCKS
                     counts[h, t] = 1
                     continue
-                for s in {0, nb - 1, t - 1, t, t + 1} & set(range(nb)):
+                for s in set(glob + [t - 1, t, t + 1]) & set(range(nb)):
                     counts[h, t, s] = 1
-                for s in (random_blocks[row_of, t - 1] if 1 <= t <= nb - 2 else []):
+                row = t if g else t - 1
+                for s in (random_blocks[row_of, row] if 0 <= row < random_blocks.shape[1] else []):
                     repeat = count_repeated_blocks or bug == "BIGBIRD_UNION"  # bug BIGBIRD_UNION
                     counts[h, t, s] = counts[h, t, s] + 1 if repeat else 1
-        weights = np.repeat(np.repeat(counts, block_size, 1), block_size, 2)[None]
+        weights = np.repeat(np.repeat(counts, block_size, 1), block_size, 2)
+        weights = np.pad(weights, ((0, 0), (g, 0), (g, 0)), constant_values=1)[None]  # ETC: extra tokens see all
         return _attend(q, k, v, weights, scale)
 
     # --- local-attention ----------------------------------------------------------

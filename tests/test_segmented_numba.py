@@ -42,6 +42,8 @@ BIGBIRD = [
     dict(block_size=3, random_blocks=np.array([[[2], [4], [1], [6], [3], [0]], [[5], [5], [5], [5], [5], [5]]])),
     dict(block_size=3, preset="hf", random_blocks=np.zeros((2, 6, 2), dtype=int)),  # N = 24 <= (5 + 2 * 2) * 3: full attention
     dict(block_size=2, preset="hf", random_blocks=np.zeros((2, 10, 1), dtype=int)),
+    dict(block_size=2, extra_global_tokens=3, random_blocks=np.array([[[3], [0], [5], [1], [1], [4]],
+                                                                     [[2], [2], [0], [5], [3], [3]]])),  # ETC, nb = 6
 ]
 
 
@@ -49,7 +51,8 @@ BIGBIRD = [
 @pytest.mark.parametrize("index", range(len(BIGBIRD)))
 def test_bigbird(index, precision):
     options = BIGBIRD[index]
-    n = options["block_size"] * (options["random_blocks"].shape[1] + 2)
+    etc = options.get("extra_global_tokens", 0)
+    n = etc + options["block_size"] * (options["random_blocks"].shape[1] + (0 if etc else 2))
     q, k, v = _qkv(2, n)
     check_numba_agreement(bigbird_attention, bigbird_attention_vjp, q, k, v, options, precision, 2)
 

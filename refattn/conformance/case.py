@@ -42,6 +42,12 @@ class Case:
         Compatibility preset, for mechanisms that have them.
     grad : bool
         Whether the case stores gradients.
+    not_a_derivative : str or None
+        Why the stored VJP is, at this case, not the derivative of the forward
+        (so finite differences cannot check it), or None. Two reasons occur:
+        a decision exactly on a tie (the VJP holds the decision fixed, while a
+        perturbation in any direction moves it), and a preset whose source
+        detaches a term from its gradient (the VJP reproduces the source).
     """
 
     id: str
@@ -54,6 +60,7 @@ class Case:
     differentiable: tuple[str, ...] = ("q", "k", "v")
     preset: str | None = None
     grad: bool = True
+    not_a_derivative: str | None = None
 
 
 # --------------------------------------------------------------------------

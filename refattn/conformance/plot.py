@@ -128,8 +128,10 @@ def _bands(aux: dict, batch: int, head: int) -> tuple[np.ndarray | None, np.ndar
     if "buckets" in aux and aux["buckets"].ndim == 4:  # LSH (B, H, R, N)
         buckets = aux["buckets"][batch, head, 0]
         return buckets, buckets, "bucket (round 0)"
-    if "assignment" in aux:  # routing (B, H, N): a token's cluster, -1 when in none
-        queries = aux["assignment"][batch, head]
+    if "assignment" in aux:  # routing (B, H, N): a token's cluster; -1 for a query in no cluster (aux.unrouted)
+        queries = aux["assignment"][batch, head].copy()
+        if "unrouted" in aux:
+            queries[aux["unrouted"][batch, head]] = -1
         keys = aux.get("key_assignment", aux["assignment"])[batch, head]
         return queries, keys, "cluster"
     return None, None, ""
@@ -170,8 +172,7 @@ def draw(picture: Picture, path=None):
     grid = figure.add_gridspec(2, 3, width_ratios=[0.04 if has_bands else 0.001, 1, 0.05],
                                height_ratios=[0.04 if has_bands else 0.001, 1], wspace=0.05, hspace=0.05)  # fmt: skip
     axes = figure.add_subplot(grid[1, 1])
-    colours = plt.get_cmap("viridis").copy()
-    colours.set_bad(UNATTENDED_GREY)
+    colours = plt.get_cmap("viridis").with_extremes(bad=UNATTENDED_GREY)
     shown = np.ma.masked_array(picture.weights, mask=picture.unattended)
     image = axes.imshow(shown, cmap=colours, interpolation="nearest", aspect="auto",
                         extent=(-0.5, num_keys - 0.5, num_queries - 0.5, -0.5))  # fmt: skip
@@ -188,8 +189,7 @@ def draw(picture: Picture, path=None):
     axes.set_ylim(num_queries - 0.5, -0.5)
     if has_bands:
         top, left = figure.add_subplot(grid[0, 1], sharex=axes), figure.add_subplot(grid[1, 0], sharey=axes)
-        bands = plt.get_cmap("tab20").copy()
-        bands.set_bad("white")
+        bands = plt.get_cmap("tab20").with_extremes(bad="white")
         key_strip = top.imshow(np.ma.masked_less(picture.key_bands[None, :], 0), cmap=bands, aspect="auto",
                                interpolation="nearest", extent=(-0.5, num_keys - 0.5, 0.5, -0.5), vmin=0, vmax=19)  # fmt: skip
         key_strip.set_label(f"key {picture.band_label}")

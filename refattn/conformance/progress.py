@@ -25,7 +25,7 @@ def progress_bar(items: list, what: str, *, enabled: bool | None = None, label: 
         return
     from tqdm import tqdm
 
-    with tqdm(items, desc=what, unit="case", delay=DELAY_SECONDS, file=sys.stderr, leave=False) as bar:
+    with tqdm(items, desc=what, unit="case", delay=DELAY_SECONDS, file=sys.stderr) as bar:
         for item in bar:
             if label is not None:
                 bar.set_postfix_str(label(item), refresh=False)

@@ -26,16 +26,25 @@ one. ``dout`` and ``dlse`` are the case's stored cotangents, cast and laid
 out like ``out`` and ``lse``.
 
 Every output is compared with the stored expected value by the normwise
-error of :func:`refattn.conformance.tolerance.error`; the case
-passes when each error is at most the budget stored for that output and
-precision. Integer intermediates (``aux``) must match exactly. Outputs an
-implementation does not return (``lse``, intermediates) are reported as
-"not provided" and do not fail the case; missing gradients do.
+error of :func:`refattn.conformance.tolerance.error`; an output passes when
+its error is at most the budget stored for it and the precision. Integer
+intermediates (``aux``) must match exactly; floating-point ones (routing's
+``slot_lse``) are compared within their budget. Gradients are checked by
+linearity: with an lse, against the sum of the stored parts for ``dout`` and
+for ``dlse`` (check ``grad.<input>``); without one, against the ``dout``
+part alone (check ``grad_dout.<input>``, and ``dlse=None`` is passed).
 
-Cases listed in ``xfail`` are expected to fail: a failure or error there is
-reported as ``xfail`` and a pass as ``xpass``. Neither fails the run
-(non-strict, as pytest's ``xfail(strict=False)`` and array-api-tests' xfail
-files): an ``xpass`` is a hint to remove the id from the list.
+A case's status says what happened: ``pass``; ``partial`` (passed, but
+outputs the case checks, such as ``lse`` or ``aux.buckets``, were not
+returned: :attr:`CaseReport.missing` names them; a failure with
+``require_aux``); ``unsupported`` (the implementation raised
+``NotImplementedError``: it cannot express the case; a failure with
+``strict``); ``fail``; ``error`` (any other exception); ``timeout``.
+Cases listed in ``xfail`` (known bugs, each with a reason) that fail or
+error are ``xfail``, and those that pass ``xpass``; neither fails the run
+(as pytest's ``xfail(strict=False)``). Before any case runs, the
+implementation's signature is checked against every selected case's
+arguments, and the xfail ids against the suite.
 
 The implementation under test is contained: any exception it raises,
 ``SystemExit`` included, is that case's error (only ``KeyboardInterrupt``

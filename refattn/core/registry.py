@@ -96,6 +96,13 @@ class Mechanism:
         intermediates differ from a case's, the verifier compares the
         implementation's output with this, telling a wrong decision (hashing,
         routing) apart from wrong attention given the decision.
+    state_held_fixed : bool
+        The mechanism streams segments through a state (recurrent memory), and
+        its VJP holds the state carried between segments fixed (stop-gradient,
+        as Transformer-XL's memory update): it is the gradient of each segment
+        given its incoming state, not the gradient of the whole stream, so
+        finite differences of the whole-sequence forward do not check it. Its
+        own tests check it segment by segment.
     """
 
     name: str
@@ -107,6 +114,7 @@ class Mechanism:
     check_inputs: Callable | None = None  # TRANSITIONAL: required once every mechanism is migrated
     positional: tuple[str, ...] = ("q", "k", "v")
     implied_output: Callable | None = None
+    state_held_fixed: bool = False
 
     def backend(self, backend_name: str) -> ModuleType:
         """The module implementing this mechanism on ``backend_name``."""

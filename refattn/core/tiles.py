@@ -93,6 +93,10 @@ cannot be vectorised; it flushes results below the smallest normal number
 (exp(-87) in float32) to 0, far below any tolerance next to the exp(0) = 1
 that every row's maximum contributes. Kernels compile on first call
 (``cache=True`` keeps them between sessions); importing compiles nothing.
+Numba's cache is keyed on the file that defines each kernel, not on the
+functions it calls: after editing this module, delete the kernel modules'
+cached ``__pycache__/*.nbi`` and ``*.nbc`` files (or point
+``NUMBA_CACHE_DIR`` at a fresh folder), or they keep running the old pieces.
 
 The tile products (``k qᵀ``, ``vᵀ p``, ...) are ``np.dot`` on tiles, i.e. the
 BLAS that SciPy ships; a 64 x 64 x 64 product is below OpenBLAS's threading

@@ -132,6 +132,12 @@ FLAGS: dict[str, str] = {
         "reformer-pytorch's key N bucket + n). Fails the last index on a tied argmax, and unstable or reversed "
         "sorts of equal buckets."
     ),
+    "LSH_PADDING_BUCKET_IF_MASK": (
+        "padding_bucket='if_mask' (canonical, trax) adds the padding bucket whenever key_padding_mask is given, "
+        "even when no token is padded: round offsets r (n + 1) in aux.buckets; 'if_padded' (HF) adds it only when "
+        "some token of the batch is padded. The case gives a mask with no padded token. Fails 'if_padded' under "
+        "the canonical preset (offsets r n); out and lse cannot tell, only the reported buckets."
+    ),
     "LSH_PADDED_QUERIES": (
         "reformer-pytorch masks a padded query's whole row (the query and key padding masks multiplied), so a "
         "padded token attends only to itself (the self value is written after the mask); HF and trax mask padded "
@@ -209,6 +215,10 @@ def _arrays(dims: Dims, num_buckets, num_hashes: int, std: float, per_example: b
     return arrays
 
 
+#: Why a tie case's VJP is not the derivative of its forward (Case.not_a_derivative).
+TIE = "bucket decisions sit exactly on ties, which any perturbation breaks; the VJP holds the decisions fixed"
+
+
 def _case(name: str, description: str, flags: tuple[str, ...], dims: Dims, *, num_buckets, num_hashes: int,
           chunk_len: int, preset: str | None = None, causal: bool = False, padding: ArrayMaker | None = None,
           per_example: bool = False, std: float = 1.0, ties: bool = False, **overrides) -> Case:  # fmt: skip
@@ -225,6 +235,7 @@ def _case(name: str, description: str, flags: tuple[str, ...], dims: Dims, *, nu
         params=params,
         differentiable=("qk", "v"),
         preset=preset,
+        not_a_derivative=TIE if ties else None,
     )
 
 
@@ -254,6 +265,11 @@ def cases() -> list[Case]:
               "0-7 (equal buckets, sorted by position); buckets [4, 2], N = 16, chunks of 4.",
               ("LSH_TIES", "LSH_STABLE_SORT", "LSH_FACTORISED_BUCKETS"), qk_dims(1, 2, 16, 8), num_buckets=[4, 2],
               num_hashes=2, chunk_len=4, ties=True),
+        _case("mask_without_padding", "A key padding mask with no padded token: padding_bucket='if_mask' still adds "
+              "the padding bucket, so round r's buckets are offset by 5 r, not 4 r (aux.buckets; the sort, and so "
+              "out and lse, are the same either way).",
+              ("LSH_PADDING_BUCKET_IF_MASK", "PADDING_BUCKET"), qk_dims(1, 2, 16, 8), num_buckets=4, num_hashes=3,
+              chunk_len=4, padding=padded_tail((0,))),
         _case("window_repeats_chunk", "N=8 in one chunk of 8 with one chunk before: the window holds the chunk twice, "
               "every key counts twice.",
               ("WRAPPED_LOOKBACK",), qk_dims(1, 2, 8, 8), num_buckets=2, num_hashes=1, chunk_len=8),

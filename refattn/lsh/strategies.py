@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 from hypothesis import reject
 from hypothesis import strategies as st
 

@@ -15,6 +15,8 @@ mask, then the memory key/values.
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..conformance.case import Case, Dims, make_case
 from .problems import preset_problem, random_key_padding, routing_dims, zero_padded_tokens
 
@@ -62,17 +64,57 @@ FLAGS = {
         "by -5e4 (TOKEN_SELF_ATTN_VALUE) after the other masks, google-research does not mask it. Fails no self "
         "mask, an exact self mask that empties first rows, or one preset's rule under another."
     ),
+    "SHARED_QK_KEYS_FROM_K": (
+        "Under shared-QK the key lists are routed by q, but the key vectors are the given k (prescaled like q, "
+        "normalised where the preset says); the published models pass k = q. The case has k != q. Fails keys "
+        "taken from q, which changes the output and moves the key role's gradient into dq."
+    ),
+    "ROUTING_MASK_ADDED": (
+        "mask_mode='add' (google-research, which adds the bias -1e9 to the logits): a masked key's logit is its "
+        "score + mask_value, not mask_value, so a row with no allowed key is the softmax of its scores and its "
+        "masked keys get gradients; rows with an allowed key are unchanged. Fails replacing the logit under "
+        "the google_research preset (a uniform row)."
+    ),
+    "LUCIDRAINS_SELF_WRITTEN_LAST": (
+        "lucidrains writes the self logit (-5e4) after every other mask (masked_fill order), un-masking a padded "
+        "query's own key: with its window keys at -finfo(float32).max it attends to itself alone. Fails writing "
+        "the self value only where the self key was allowed (a uniform row over the masked keys)."
+    ),
 }
 
 
+def leading_padding(count: int):
+    """A ``key_padding_mask`` maker (B, N): the first ``count`` tokens of every batch element padded."""
+
+    def make(rng, dims: Dims) -> np.ndarray:
+        mask = np.ones((dims.b, dims.nq), dtype=bool)
+        mask[:, :count] = False
+        return mask
+
+    return make
+
+
+#: Why a google-research padding case's VJP is not the derivative of its forward (Case.not_a_derivative).
+ZERO_PADDING_TIE = (
+    "padded tokens are zero vectors, whose similarities to every centroid tie exactly; any perturbation breaks "
+    "the tie, while the VJP holds the routing fixed"
+)
+
+
 def _case(name: str, description: str, flags: tuple[str, ...], dims: Dims, *, clusters: int, cluster_size: int,
-          preset=None, shared_qk=False, causal=False, padding=False, memory=0, **params) -> Case:  # fmt: skip
-    """One "routing" case; ``params`` are further JSON keyword arguments (preset overrides)."""
+          preset=None, shared_qk=False, causal=False, padding=False, memory=0, own_k=False, **params) -> Case:  # fmt: skip
+    """One "routing" case; ``params`` are further JSON keyword arguments (preset overrides).
+
+    ``padding`` is True (:func:`random_key_padding`) or a mask maker; ``own_k`` redraws ``k`` (standard normal)
+    after the problem under shared-QK, so that k != q.
+    """
 
     def arrays(rng):
         out = preset_problem(rng, dims, clusters, preset, shared_qk=shared_qk)
+        if own_k:
+            out["k"] = rng.standard_normal(out["k"].shape)
         if padding:
-            out["key_padding_mask"] = random_key_padding(rng, dims)
+            out["key_padding_mask"] = (random_key_padding if padding is True else padding)(rng, dims)
             if preset == "google_research":  # google-research knows padding by zero vectors only
                 out = zero_padded_tokens(out, out["key_padding_mask"])
         if memory:
@@ -84,6 +126,7 @@ def _case(name: str, description: str, flags: tuple[str, ...], dims: Dims, *, cl
         "routing", name, description, flags, arrays,
         params=dict(cluster_size=cluster_size, shared_qk=shared_qk, causal=causal, preset=preset, **params),
         differentiable=("q", "k", "v", "mem_k", "mem_v") if memory else ("q", "k", "v"), preset=preset,
+        not_a_derivative=ZERO_PADDING_TIE if padding and preset == "google_research" else None,
     )  # fmt: skip
 
 
@@ -105,6 +148,10 @@ def cases() -> list[Case]:
         _case("canonical_shared_causal", "Canonical shared-QK, causal: no self-attention unless alone.",
               ("SHARED_QK_SELF_MASK",), routing_dims(1, 2, 32, 16, 16), clusters=4, cluster_size=8,
               shared_qk=True, causal=True),
+        _case("canonical_shared_own_k", "Canonical shared-QK with k != q (k drawn after the problem): the key lists "
+              "are the query lists, the key vectors are layer-normalised k, not q.",
+              ("SHARED_QK_KEYS_FROM_K", "SHARED_QK_SELF_MASK"), routing_dims(1, 2, 16, 16, 16), clusters=3,
+              cluster_size=6, shared_qk=True, own_k=True),
         _case("canonical_padding", "Canonical, B = 2, padded tokens: masked as keys, their rows empty; Dv = 12.",
               ("PADDING_MASK", "MULTI_BATCH", "ROUTING_UNROUTED_TOKEN"), routing_dims(2, 2, 24, 16, 12),
               clusters=3, cluster_size=6, padding=True),
@@ -122,6 +169,13 @@ def cases() -> list[Case]:
               "its own code finds the same padding), padded keys masked by -1e9, padded rows computed.",
               ("ROUTING_SCATTER_MEAN_EPS", "MULTI_BATCH", "ROUTING_ZERO_PADDING"), routing_dims(2, 2, 24, 16, 16), clusters=3,
               cluster_size=8, preset=g, padding=True),
+        _case("google_add_empty_rows", "google-research causal, the first 6 of 16 tokens padded (zero vectors): a "
+              "query slot whose key slots up to its own are all padded has no allowed key, and google adds -1e9 to "
+              "every logit of its row (padded and later keys), so the row is the softmax of its scores, not uniform. "
+              "mask_value -1e4 instead of -1e9, so that float16 holds aux.slot_lse; out and the gradients are "
+              "google's (exp underflows to 0 either way).",
+              ("ROUTING_MASK_ADDED", "ROUTING_SLOT_CAUSAL", "ROUTING_ZERO_PADDING"), routing_dims(1, 2, 16, 8, 8),
+              clusters=3, cluster_size=8, preset=g, causal=True, padding=leading_padding(6), mask_value=-1e4),
         # --- lucidrains -------------------------------------------------------------
         _case("lucidrains_basic", "lucidrains: L2 routing, raw q/k, 1/sqrt(D), slots by similarity, eps 1e-5.",
               ("ROUTING_BALANCED_TOPK", "ROUTING_SCATTER_MEAN_EPS"), routing_dims(1, 2, 32, 16, 16),
@@ -132,6 +186,10 @@ def cases() -> list[Case]:
         _case("lucidrains_shared_causal", "lucidrains shared-QK causal: keys L2-normalised, self logit -5e4.",
               ("SHARED_QK_SELF_MASK",), routing_dims(1, 2, 32, 16, 16), clusters=4, cluster_size=8, preset=l,
               shared_qk=True, causal=True),
+        _case("lucidrains_shared_padding", "lucidrains shared-QK with padding: a padded query's window keys are "
+              "masked, then its self logit is written -5e4, so it attends to itself alone.",
+              ("LUCIDRAINS_SELF_WRITTEN_LAST", "SHARED_QK_SELF_MASK"), routing_dims(1, 2, 24, 16, 16), clusters=3,
+              cluster_size=8, preset=l, shared_qk=True, padding=True),
         _case("lucidrains_unrouted_memory", "lucidrains, B = 2, 2 clusters of 6 over 24, padding, 2 memory slots.",
               ("ROUTING_UNROUTED_TOKEN", "ROUTING_SCATTER_MEAN_EPS", "MULTI_BATCH"), routing_dims(2, 2, 24, 16, 16),
               clusters=2, cluster_size=6, preset=l, padding=True, memory=2),

@@ -22,6 +22,8 @@ ATTEND_ON = ("normalized", "raw")
 CAUSAL_BY = ("position", "slot")
 ORDERS = ("position", "similarity")
 QUERY_PADDING = ("mask_row", "mask_window", "none")
+#: Values of ``mask_mode``: a numeric ``mask_value`` replaces a masked logit or is added to it.
+MASK_MODES = ("replace", "add")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class RoutingInputs:
     causal_by: str
     order: str
     mask_value: float | None
+    mask_mode: str
     self_mask: bool
     self_mask_value: float | None
     query_padding: str
@@ -152,6 +155,7 @@ def check_routing_inputs(q, k, v, *, centroids, cluster_size, shared_qk, causal,
         causal_by=checks.choice(p["causal_by"], "causal_by", CAUSAL_BY),
         order=checks.choice(p["order"], "order", ORDERS),
         mask_value=_optional_number(p["mask_value"], "mask_value"),
+        mask_mode=checks.choice(p["mask_mode"], "mask_mode", MASK_MODES),
         self_mask=checks.flag(p["self_mask"], "self_mask"),
         self_mask_value=_optional_number(p["self_mask_value"], "self_mask_value"),
         query_padding=checks.choice(p["query_padding"], "query_padding", QUERY_PADDING),

@@ -90,6 +90,8 @@ from .inputs import RoutingInputs
 # ``query_padding`` as the kernels take it.
 QUERY_PADDING_CODES = {"mask_row": 0, "mask_window": 1, "none": 2}
 MASK_ROW, NO_QUERY_PADDING = QUERY_PADDING_CODES["mask_row"], QUERY_PADDING_CODES["none"]
+#: Codes of step (8)'s rule for masked logits: excluded, replaced by ``mask_value``, or ``mask_value`` added.
+EXCLUDE_MASKED, REPLACE_MASKED, ADD_MASKED = 0, 1, 2
 
 # Step (5): the sample that estimates a centroid's selection threshold has this many
 # entries per rank of the cluster's share of the row, and the threshold is taken
@@ -203,8 +205,8 @@ class _Arrays:
 
     Arrays are C-contiguous and read-only (one Numba type per dtype). Absent
     memory is an (H, K, 0, ·) array; an absent padding mask a (1, 1)
-    placeholder with ``has_valid`` False; an absent ``mask_value`` or
-    ``self_mask_value`` a 0 with its ``has_*`` flag False.
+    placeholder with ``has_valid`` False; an absent ``mask_value`` a 0 with
+    ``mask_rule`` EXCLUDE_MASKED, an absent ``self_mask_value`` a 0 with ``has_self_value`` False.
     """
 
     q: np.ndarray  # (B, H, N, D)
@@ -220,7 +222,7 @@ class _Arrays:
     valid: np.ndarray  # (B, N) bool, True = real token
     query_padding: int
     self_mask: bool
-    has_mask_value: bool
+    mask_rule: int
     mask_value: np.floating
     has_self_value: bool
     self_value: np.floating
@@ -245,7 +247,7 @@ class _Arrays:
             valid=_contiguous(np.ones((1, 1), np.bool_) if x.key_padding_mask is None else x.key_padding_mask, np.bool_),
             query_padding=QUERY_PADDING_CODES[x.query_padding],
             self_mask=x.shared_qk and x.self_mask,
-            has_mask_value=x.mask_value is not None,
+            mask_rule=EXCLUDE_MASKED if x.mask_value is None else (ADD_MASKED if x.mask_mode == "add" else REPLACE_MASKED),
             mask_value=real(0.0 if x.mask_value is None else x.mask_value),
             has_self_value=x.self_mask_value is not None,
             self_value=real(0.0 if x.self_mask_value is None else x.self_mask_value),
@@ -258,7 +260,7 @@ class _Arrays:
     def logits(self) -> tuple:
         """Arguments of steps (7)-(8), in the kernels' order."""
         return (self.scale, self.causal, self.by_slot, self.has_valid, self.valid, self.query_padding, self.self_mask,
-                self.has_mask_value, self.mask_value, self.has_self_value, self.self_value)  # fmt: skip
+                self.mask_rule, self.mask_value, self.has_self_value, self.self_value)  # fmt: skip
 
 
 def _contiguous(x: np.ndarray, dtype) -> np.ndarray:
@@ -499,7 +501,7 @@ def _gather(x, b, h, tokens, tile, first):
 @njit(cache=True)
 def _mask_tile(
     logits, constant, members, key_members, n_memory, b,
-    causal, by_slot, has_valid, valid, query_padding, self_mask, has_mask_value, mask_value, has_self_value, self_value,
+    causal, by_slot, has_valid, valid, query_padding, self_mask, mask_rule, mask_value, has_self_value, self_value,
 ):  # fmt: skip
     """Step (8) in place on a cluster's (W, M + W) tile of scores: excluded entries become -inf,
     replaced ones their constant, marked in ``constant``; returns whether any was replaced.
@@ -507,7 +509,7 @@ def _mask_tile(
     Window key ``t`` of query slot ``s`` is masked when causal (a later position,
     or ``t > s`` by slot), when its token is padded, or when the query is padded
     and ``query_padding`` is not "none"; memory keys only for a padded query under
-    "mask_row". Masked entries are excluded, or replaced by ``mask_value``. The
+    "mask_row". Masked entries are excluded, replaced by ``mask_value``, or get it added (``mask_rule``). The
     self key (``self_mask``) gets ``self_value`` after every other mask, or, by
     the Reformer rule, is excluded when the row has another real logit.
     """
@@ -534,7 +536,9 @@ def _mask_tile(
                     self_slot = t
             if not masked:
                 has_other = has_other or t != self_slot
-            elif has_mask_value:
+            elif mask_rule == ADD_MASKED:
+                logits[s, t] += mask_value
+            elif mask_rule == REPLACE_MASKED:
                 logits[s, t] = mask_value
                 constant[s, t] = replaced = True
             else:
@@ -578,7 +582,7 @@ def _softmax_rows(logits, lse):
 @njit(cache=True)
 def _cluster_weights(
     attend_q, attend_k, v, mem_k, mem_v, membership, key_membership, b, h, c,
-    scale, causal, by_slot, has_valid, valid, query_padding, self_mask, has_mask_value, mask_value,
+    scale, causal, by_slot, has_valid, valid, query_padding, self_mask, mask_rule, mask_value,
     has_self_value, self_value, lse,
 ):  # fmt: skip
     """Steps (6)-(9) for cluster ``c`` of (b, h): its query, key and value tiles, weights and replaced logits.
@@ -609,7 +613,7 @@ def _cluster_weights(
     constant = np.empty((cluster_size, n_memory + cluster_size), np.bool_)
     replaced = _mask_tile(
         weights, constant, members, key_members, n_memory, b,
-        causal, by_slot, has_valid, valid, query_padding, self_mask, has_mask_value, mask_value, has_self_value, self_value,
+        causal, by_slot, has_valid, valid, query_padding, self_mask, mask_rule, mask_value, has_self_value, self_value,
     )  # fmt: skip
     _softmax_rows(weights, lse)
     return queries, keys, values, weights, constant, replaced
@@ -618,7 +622,7 @@ def _cluster_weights(
 @njit(parallel=True, cache=True, fastmath=False)
 def _attend_kernel(
     attend_q, attend_k, v, mem_k, mem_v, membership, key_membership,
-    scale, causal, by_slot, has_valid, valid, query_padding, self_mask, has_mask_value, mask_value,
+    scale, causal, by_slot, has_valid, valid, query_padding, self_mask, mask_rule, mask_value,
     has_self_value, self_value,
     first, count, slot_out, slot_lse,
 ):  # fmt: skip
@@ -630,7 +634,7 @@ def _attend_kernel(
         b, h, j = item // (heads * count), (item // count) % heads, item % count
         _, _, values, weights, _, _ = _cluster_weights(
             attend_q, attend_k, v, mem_k, mem_v, membership, key_membership, b, h, first + j,
-            scale, causal, by_slot, has_valid, valid, query_padding, self_mask, has_mask_value, mask_value,
+            scale, causal, by_slot, has_valid, valid, query_padding, self_mask, mask_rule, mask_value,
             has_self_value, self_value, slot_lse[b, h, first + j],
         )  # fmt: skip
         # (10) Weighted values.
@@ -659,7 +663,7 @@ def _scatter_add_kernel(slots, tokens, first, count, skip, target):
 @njit(parallel=True, cache=True, fastmath=False)
 def _attend_vjp_kernel(
     attend_q, attend_k, v, mem_k, mem_v, membership, key_membership,
-    scale, causal, by_slot, has_valid, valid, query_padding, self_mask, has_mask_value, mask_value,
+    scale, causal, by_slot, has_valid, valid, query_padding, self_mask, mask_rule, mask_value,
     has_self_value, self_value,
     dout, counts, eps, first, count, d_q_slots, d_k_slots, d_v_slots,
 ):  # fmt: skip
@@ -675,7 +679,7 @@ def _attend_vjp_kernel(
         row_lse = np.empty(cluster_size, dtype)
         queries, keys, values, weights, constant, replaced = _cluster_weights(
             attend_q, attend_k, v, mem_k, mem_v, membership, key_membership, b, h, c,
-            scale, causal, by_slot, has_valid, valid, query_padding, self_mask, has_mask_value, mask_value,
+            scale, causal, by_slot, has_valid, valid, query_padding, self_mask, mask_rule, mask_value,
             has_self_value, self_value, row_lse,
         )  # fmt: skip
         # (11') Each slot receives its token's cotangent over count + eps (count >= 1).

@@ -70,7 +70,16 @@ class RoutingPreset:
         ``topk``).
     mask_value : float or None
         None excludes masked keys exactly; a number replaces their logits
-        (google-research -1e9, lucidrains ``-finfo(float32).max``).
+        (google-research -1e9, lucidrains ``-finfo(float32).max``), as
+        ``mask_mode`` says.
+    mask_mode : {"replace", "add"}
+        How a numeric ``mask_value`` enters a masked logit: ``"replace"`` sets
+        it to ``mask_value`` (canonical, lucidrains ``masked_fill``; a
+        constant, no gradient); ``"add"`` adds it to the score (google-research
+        adds the bias ``-1e9`` to the logits: ``attention_bias_lower_triangle``
+        and ``embedding_to_padding`` biases), so a row with no allowed key is
+        the softmax of its scores and its masked keys get gradients. The two
+        differ only on such rows.
     self_mask : bool
         Under shared-QK, keep a token from attending to itself (lucidrains);
         google-research has no self mask.
@@ -128,6 +137,7 @@ class RoutingPreset:
     causal_by: str
     order: str
     mask_value: float | None
+    mask_mode: str
     self_mask: bool
     self_mask_value: float | None
     query_padding: str
@@ -154,6 +164,7 @@ CANONICAL = RoutingPreset(
     causal_by="position",
     order="position",
     mask_value=None,
+    mask_mode="replace",
     self_mask=True,
     self_mask_value=None,
     query_padding="mask_row",
@@ -176,6 +187,7 @@ PRESETS: dict[str, RoutingPreset] = {
         scale=1.0,
         causal_by="slot",
         mask_value=-1e9,
+        mask_mode="add",
         self_mask=False,
         query_padding="none",
         scatter_eps=1e-2,

@@ -210,10 +210,12 @@ def slot_masks(membership, key_membership, *, num_memory: int, causal: bool, cau
     return masked, is_self
 
 
-def slot_logits(scores, masked, is_self, *, mask_value, self_mask_value):
+def slot_logits(scores, masked, is_self, *, mask_value, self_mask_value, mask_mode="replace"):
     """Step (8b): the logits, the keys that take part, and the logits that are constants.
 
-    * ``mask_value=None`` excludes masked keys exactly; a number replaces their logits.
+    * ``mask_value=None`` excludes masked keys exactly; a number replaces their
+      logits (``mask_mode="replace"``: constants) or is added to their scores
+      (``"add"``, google-research's bias: they keep their gradients).
     * ``self_mask_value=None`` (the Reformer rule): the self key is excluded
       when its row has another key with a real (not replaced) logit, and kept
       with its own logit otherwise. A number replaces the self logit after
@@ -230,12 +232,14 @@ def slot_logits(scores, masked, is_self, *, mask_value, self_mask_value):
     """
     if mask_value is None:
         logits, allowed, constant = scores, ~masked, np.zeros_like(masked)
+    elif mask_mode == "add":
+        logits, allowed, constant = np.where(masked, scores + mask_value, scores), np.ones_like(masked), np.zeros_like(masked)
     else:
         logits, allowed, constant = np.where(masked, mask_value, scores), np.ones_like(masked), masked
     if self_mask_value is not None:
         logits = np.where(is_self, self_mask_value, logits)
         return logits, allowed | is_self, constant | is_self
-    others = allowed & ~constant & ~is_self
+    others = ~masked & ~is_self
     last_resort = ~np.any(others, axis=-1, keepdims=True)  # (B, H, K, W, 1)
     return logits, allowed & ~(is_self & ~last_resort), constant
 
@@ -269,7 +273,7 @@ def routing_attention(
     q, k, v, *, centroids, cluster_size, shared_qk=False, causal=False, key_padding_mask=None, mem_k=None,
     mem_v=None, preset=None, routing_norm=FROM_PRESET, norm_eps=FROM_PRESET, query_prescale=FROM_PRESET,
     attend_on=FROM_PRESET, normalize_shared_keys=FROM_PRESET, scale=FROM_PRESET, causal_by=FROM_PRESET,
-    order=FROM_PRESET, mask_value=FROM_PRESET, self_mask=FROM_PRESET, self_mask_value=FROM_PRESET,
+    order=FROM_PRESET, mask_value=FROM_PRESET, mask_mode=FROM_PRESET, self_mask=FROM_PRESET, self_mask_value=FROM_PRESET,
     query_padding=FROM_PRESET, scatter_eps=FROM_PRESET, precision=None, backend="reference",
 ) -> Result:  # fmt: skip
     """Routing attention: balanced k-means routing, attention inside each cluster, mean scatter back.
@@ -301,7 +305,7 @@ def routing_attention(
     preset : {None, "google_research", "lucidrains"}
         None is the canonical semantics; "google-research" is accepted too.
     routing_norm, norm_eps, query_prescale, attend_on, normalize_shared_keys, scale,
-    causal_by, order, mask_value, self_mask, self_mask_value, query_padding, scatter_eps
+    causal_by, order, mask_value, mask_mode, self_mask, self_mask_value, query_padding, scatter_eps
         Override the preset (refattn/routing/presets.py documents each).
         ``query_prescale`` acts on the routing vectors only; with
         ``attend_on="raw"`` attention uses q and k as given.
@@ -370,7 +374,7 @@ def _forward_steps(x: RoutingInputs, num: Numerics) -> dict:
         key_padding_mask=x.key_padding_mask, query_padding=x.query_padding, self_mask=x.shared_qk and x.self_mask,
     )  # fmt: skip
     logits, allowed, constant = slot_logits(scores, masked, is_self, mask_value=x.mask_value,
-                                            self_mask_value=x.self_mask_value)  # fmt: skip
+                                            self_mask_value=x.self_mask_value, mask_mode=x.mask_mode)  # fmt: skip
     # (9) Softmax over each query slot's keys, and its log-sum-exp (one per slot, not per token).
     weights, slot_lse = masked_softmax(logits, allowed, num)  # (B, H, K, W, M+W), (B, H, K, W)
     # (10) Weighted values.

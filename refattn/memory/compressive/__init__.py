@@ -19,6 +19,7 @@ MECHANISM = registry.register(
         check_inputs=check_compressive_inputs,
         backends=("reference", "numba"),
         spec="spec/memory.md",
+        state_held_fixed=True,
     )
 )
 

@@ -12,6 +12,7 @@ MECHANISM = registry.register(
         check_inputs=check_infini_inputs,
         backends=("reference", "numba"),
         spec="spec/memory.md",
+        state_held_fixed=True,
     )
 )
 

@@ -17,6 +17,7 @@ MECHANISM = registry.register(
         check_inputs=check_xl_recurrence_inputs,
         backends=("reference", "numba"),
         spec="spec/memory.md",
+        state_held_fixed=True,
     )
 )
 

@@ -37,8 +37,9 @@ def cases() -> list[Case]:
         _case("state_in_out_gqa", "GQA 4:2, D=59, segments of 5 over 10 tokens from a given memory of 6 (memory 6).",
               ("STREAM_STATE", "GQA_HEAD_MAP", "AWKWARD_HEAD_DIM"), Dims(1, 4, 2, 10, 10, 59), _memory(6),
               segment_len=5, mem_len=6),
-        _case("memory_longer_than_segment", "Memory 7 over segments of 3, B=2: the memory spans two past segments.",
-              ("MEMORY_MASK_OFF_BY_ONE", "MULTI_BATCH"), Dims(2, 2, 1, 9, 9, 8), segment_len=3, mem_len=7),
+        _case("memory_longer_than_segment", "Memory 7 over segments of 3 and 12 tokens, B=2: the memory spans parts "
+              "of three past segments; the last segment sees from token 2.", ("MEMORY_MASK_OFF_BY_ONE", "MULTI_BATCH"),
+              Dims(2, 2, 1, 12, 12, 8), segment_len=3, mem_len=7),
         _case("hf_zero_memory", "HF TransfoXL: memory 4 of zeros at the start, segments of 4 over 8 tokens.",
               ("MEMORY_ZERO_INIT",), Dims(1, 2, 2, 8, 8, 8), segment_len=4, mem_len=4, hf_zero_memory=True),
         _case("same_length", "same_length with memory 3 and segments of 4: a window of 3 tokens.",

@@ -195,7 +195,7 @@ def _add_relative(t, rel_t, lo, key_major, n_q, n_k, i0, j0, q_pos, k_pos, clip)
 
     ``rel_t`` (rows, queries) holds, per table row from ``lo`` on, a dot
     product with each query's row (``q · rel_k[r]``, or ``dout · rel_v[r]``).
-    ``key_major`` orients ``t`` as in ``_logits_tile``.
+    ``key_major`` orients ``t`` as in :func:`refattn.core.tiles.logits_tile`.
     """
     if key_major:
         for r in range(n_k):

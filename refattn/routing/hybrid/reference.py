@@ -39,13 +39,18 @@ from ..presets import resolve
 HEAD_ORDERS = ("routing_first", "local_first")
 #: Preset parameters of the routing heads.
 ROUTING_PARAMETERS = ("routing_norm", "norm_eps", "query_prescale", "attend_on", "normalize_shared_keys", "scale",
-                       "causal_by", "order", "mask_value", "self_mask", "self_mask_value", "query_padding",
+                       "causal_by", "order", "mask_value", "mask_mode", "self_mask", "self_mask_value", "query_padding",
                        "scatter_eps")  # fmt: skip
 
 
 def hybrid_attention(q, k, v, *, num_local_heads, centroids, cluster_size, local_window=None, local_causal=FROM_PRESET,
                      head_order=FROM_PRESET, causal=False, shared_qk=False, key_padding_mask=None, mem_k=None,
-                     mem_v=None, preset=None, precision=None, backend="reference", **routing_options) -> Result:  # fmt: skip
+                     mem_v=None, preset=None, routing_norm=FROM_PRESET, norm_eps=FROM_PRESET,
+                     query_prescale=FROM_PRESET, attend_on=FROM_PRESET, normalize_shared_keys=FROM_PRESET,
+                     scale=FROM_PRESET, causal_by=FROM_PRESET, order=FROM_PRESET, mask_value=FROM_PRESET,
+                     mask_mode=FROM_PRESET, self_mask=FROM_PRESET, self_mask_value=FROM_PRESET,
+                     query_padding=FROM_PRESET, scatter_eps=FROM_PRESET, precision=None,
+                     backend="reference") -> Result:  # fmt: skip
     """A layer of ``num_local_heads`` local heads and ``H - num_local_heads`` routing heads, steps (H1)-(H3).
 
     Parameters
@@ -70,8 +75,10 @@ def hybrid_attention(q, k, v, *, num_local_heads, centroids, cluster_size, local
     precision : optional
         As for :func:`~refattn.routing.reference.routing_attention` (tolerances only).
     backend : {"reference"}
-    **routing_options
-        Preset parameters of the routing heads (``scatter_eps``, ``causal_by``, ...).
+    routing_norm, norm_eps, query_prescale, attend_on, normalize_shared_keys, scale, causal_by, order,
+    mask_value, mask_mode, self_mask, self_mask_value, query_padding, scatter_eps
+        The routing heads' preset parameters, as for
+        :func:`~refattn.routing.reference.routing_attention`.
 
     Returns
     -------
@@ -110,12 +117,12 @@ class HybridInputs:
 
 
 def check_hybrid_inputs(q, k, v, *, num_local_heads, centroids, cluster_size, local_window, local_causal, head_order,
-                        causal, shared_qk, key_padding_mask, mem_k, mem_v, preset, routing_options) -> HybridInputs:  # fmt: skip
-    """Check every argument of :func:`hybrid_attention`; raise :class:`SpecError` on the first bad one."""
-    unknown = sorted(set(routing_options) - set(ROUTING_PARAMETERS))
-    if unknown:
-        raise SpecError(unknown[0], f"a parameter of the routing heads ({', '.join(ROUTING_PARAMETERS)})",
-                        f"{unknown[0]}={routing_options[unknown[0]]!r}")  # fmt: skip
+                        causal, shared_qk, key_padding_mask, mem_k, mem_v, preset, **routing_options) -> HybridInputs:  # fmt: skip
+    """Check every argument of :func:`hybrid_attention`; raise :class:`SpecError` on the first bad one.
+
+    ``routing_options`` are the routing heads' preset parameters (:data:`ROUTING_PARAMETERS`), passed on to
+    :func:`~refattn.routing.inputs.check_routing_inputs`.
+    """
     q, k, v, shape = checks.qkv(q, k, v)
     heads = shape.q_heads
     if isinstance(num_local_heads, bool) or not isinstance(num_local_heads, numbers.Integral) or not 0 <= num_local_heads < heads:
@@ -129,7 +136,7 @@ def check_hybrid_inputs(q, k, v, *, num_local_heads, centroids, cluster_size, lo
         routing_heads, local_heads = slice(0, count), slice(count, heads)
     else:
         routing_heads, local_heads = slice(heads - count, heads), slice(0, heads - count)
-    options = {name: routing_options.get(name, FROM_PRESET) for name in ROUTING_PARAMETERS}
+    options = {name: routing_options[name] for name in ROUTING_PARAMETERS}
     routed = check_routing_inputs(
         q[:, routing_heads], k[:, routing_heads], v[:, routing_heads], centroids=centroids, cluster_size=cluster_size,
         shared_qk=shared_qk, causal=causal, key_padding_mask=key_padding_mask, mem_k=mem_k, mem_v=mem_v,

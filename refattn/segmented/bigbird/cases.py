@@ -1,7 +1,7 @@
 """Conformance cases for BigBird: the paper's union (a random block that is also a
 sliding block counts once), random blocks that differ per head, HF eval mode's
 all-zero random blocks (key block 0 weighted 1 + r times), HF training-mode draws
-and HF's full attention for short sequences."""
+HF's full attention for short sequences, and ETC's extra global tokens."""
 
 from __future__ import annotations
 
@@ -24,6 +24,11 @@ FLAGS: dict[str, str] = {
         "Fails the paper's union, or ignoring the random columns."
     ),
     "BIGBIRD_HF_SHORT_FULL": "preset 'hf': N <= (5 + 2 r) * block_size is full attention (BigBirdModel's switch).",
+    "BIGBIRD_ETC_GLOBAL_TOKENS": (
+        "ETC (extra_global_tokens = g): the first g tokens attend to every token and every token attends to them; "
+        "the sequence has sliding and random blocks (row t for every block t) and no global blocks. Fails sequence "
+        "rows that do not see the extra tokens, or ITC's global blocks kept."
+    ),
 }
 
 
@@ -37,6 +42,16 @@ def _uniform(block: int, r: int):
     def make(rng, dims):
         nb = dims.nq // block
         return rng.integers(0, nb, (dims.hq, nb - 2, r))
+
+    return make
+
+
+def _etc_uniform(block: int, r: int, extra: int):
+    """ETC: one row of r random blocks for every block of the sequence (the g extra tokens excluded)."""
+
+    def make(rng, dims):
+        nb = (dims.nq - extra) // block
+        return rng.integers(0, nb, (dims.hq, nb, r))
 
     return make
 
@@ -77,4 +92,7 @@ def cases() -> list[Case]:
         _case("hf_short_full", "preset 'hf': N = 14 <= (5 + 2) * 2: full attention.",
               ("BIGBIRD_HF_SHORT_FULL",), Dims(1, 2, 2, 14, 14, 8), _uniform(2, 1), block_size=2, preset="hf",
               count_repeated_blocks=True, short_sequence_full=True, random_blocks_avoid_pattern=False),
+        _case("etc_extra_global", "ETC: g = 3 extra global tokens, blocks of 2, nb = 8, r = 1, GQA 2:1.",
+              ("BIGBIRD_ETC_GLOBAL_TOKENS", "BIGBIRD_RANDOM_PER_HEAD", "GQA_HEAD_MAP"), Dims(1, 2, 1, 19, 19, 8),
+              _etc_uniform(2, 1, 3), block_size=2, extra_global_tokens=3),
     ]  # fmt: skip

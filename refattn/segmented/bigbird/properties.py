@@ -23,3 +23,11 @@ def three_blocks_are_dense(attend, dense, q, k, v, params, rtol=1e-10):
     got, want = attend(q, k, v, **{**params, "block_size": block}), dense(q, k, v)
     close("out", got.out, want.out, rtol)
     close("lse", got.lse, want.lse, rtol)
+
+
+def extra_global_tokens_are_dense(attend, dense, q, k, v, params, rtol=1e-10):
+    """ETC: the rows of the ``extra_global_tokens`` extra tokens attend to every token: dense attention's rows."""
+    rows = slice(0, params["extra_global_tokens"])
+    got, want = attend(q, k, v, **params), dense(q, k, v)
+    close("out", got.out[:, :, rows], want.out[:, :, rows], rtol)
+    close("lse", got.lse[:, :, rows], want.lse[:, :, rows], rtol)

@@ -1,8 +1,8 @@
-"""BigBird block-sparse attention (ITC), the executable specification.
+"""BigBird block-sparse attention (ITC and ETC), the executable specification.
 
 Zaheer et al. 2020, "Big Bird: Transformers for Longer Sequences", section 2
 and appendix D: the sequence is cut into blocks of ``block_size`` tokens;
-with ``nb`` blocks,
+with ``nb`` blocks, ITC (``extra_global_tokens = 0``) is
 
 * (1) global blocks (ITC, internal transformer construction): query blocks
   0 and ``nb - 1`` attend to every key, and every query block attends to key
@@ -12,6 +12,17 @@ with ``nb`` blocks,
   ``r`` key blocks ``random_blocks[h, t - 1, :]``, given explicitly (the
   oracle never draws them);
 * (4) canonical: the union of (1)-(3), each key once, then softmax.
+
+ETC (extended transformer construction, section 2 "global tokens",
+``extra_global_tokens = g > 0``): the first ``g`` rows of q, k, v are extra
+global tokens (their own inputs, no tokens of the sequence), the other
+``N - g = nb * block_size`` rows the sequence;
+
+* (5) the paper's ``B``: ``B[i, :] = B[:, i] = 1`` for ``i < g`` (the extra
+  tokens attend to every token and every token attends to them) and
+  ``B[g + i, g + j] = A[i, j]``, ``A`` the sliding blocks (2) and the random
+  blocks (3) of every sequence block ``t`` (``random_blocks[h, t, :]``,
+  ``0 <= t < nb``): ETC has no global blocks (1) among the sequence.
 
 HF transformers' ``BigBirdBlockSparseAttention`` (the ``"hf"`` presets)
 differs in ways the parameters name (spec/segmented.md, "BigBird"):
@@ -54,6 +65,7 @@ def bigbird_attention(
     *,
     block_size,
     random_blocks=None,
+    extra_global_tokens=0,
     preset=None,
     count_repeated_blocks=FROM_PRESET,
     short_sequence_full=FROM_PRESET,
@@ -62,18 +74,23 @@ def bigbird_attention(
     precision=None,
     backend="reference",
 ) -> Result:
-    """BigBird ITC block-sparse attention: global, sliding and given random blocks.
+    """BigBird block-sparse attention (ITC or ETC): global, sliding and given random blocks.
 
     Parameters
     ----------
     q : ndarray (B, Hq, N, D)
     k : ndarray (B, Hkv, N, D)
     v : ndarray (B, Hkv, N, Dv)
-        ``N`` a multiple of ``block_size``.
+        ``N - extra_global_tokens`` a positive multiple of ``block_size``.
     block_size : int >= 1
-    random_blocks : int ndarray (Hq, nb - 2, r), optional
-        Key blocks each middle query block ``t`` (row ``t - 1``) attends to,
-        in ``[0, nb)``; None means ``r = 0``. HF in eval mode uses all zeros.
+    random_blocks : int ndarray (Hq, nb - 2, r) (ITC) or (Hq, nb, r) (ETC), optional
+        Key blocks each query block ``t`` attends to, in ``[0, nb)`` (blocks
+        of the sequence): ITC, middle block ``t`` reads row ``t - 1``; ETC,
+        every block ``t`` reads row ``t``. None means ``r = 0``. HF in eval
+        mode uses all zeros.
+    extra_global_tokens : int >= 0
+        ``g``: 0 is ITC; ``g > 0`` is ETC, the first ``g`` tokens of q, k, v
+        being extra global tokens (HF has no ETC: only ``preset=None``).
     preset : {None, "hf", "hf_train"}
         None: the paper's union. ``"hf"``: HF eval mode's counting and
         short-sequence rule; ``"hf_train"``: also HF's training-mode draw rule.
@@ -91,7 +108,7 @@ def bigbird_attention(
     Returns
     -------
     Result
-        ``out`` (B, Hq, N, Dv) and ``lse`` (B, Hq, N) (the log-sum-exp of the
+        ``out`` (B, Hq, N, Dv) (ETC: the extra global tokens' rows first) and ``lse`` (B, Hq, N) (the log-sum-exp of the
         weighted logits: a block counted m times contributes ``m exp(s)``).
     """
     return registry.call_forward("bigbird", locals())
@@ -113,14 +130,26 @@ class BigBirdInputs(SelfAttentionOutputs):
     v: np.ndarray
     shape: checks.AttentionShape
     block_size: int
-    random_blocks: np.ndarray  # (Hq, max(nb - 2, 0), r) int64
+    random_blocks: np.ndarray  # (Hq, len(random_query_blocks), r) int64
+    extra_global_tokens: int
     count_repeated_blocks: bool
     short_sequence_full: bool
     scale: float
 
     @property
     def num_blocks(self) -> int:
-        return self.shape.q_len // self.block_size
+        """``nb``: blocks of the sequence (the extra global tokens excluded)."""
+        return (self.shape.q_len - self.extra_global_tokens) // self.block_size
+
+    @property
+    def random_query_blocks(self) -> np.ndarray:
+        """The query blocks with random blocks, in ``random_blocks`` row order: ITC ``1 ... nb - 2``, ETC all."""
+        return random_query_blocks(self.num_blocks, self.extra_global_tokens)
+
+    @property
+    def global_blocks(self) -> tuple[int, ...]:
+        """The sequence's global blocks (1): ITC ``0, nb - 1``; ETC none."""
+        return () if self.extra_global_tokens else (0, self.num_blocks - 1)
 
     @property
     def full_attention(self) -> bool:
@@ -129,8 +158,13 @@ class BigBirdInputs(SelfAttentionOutputs):
         return self.short_sequence_full and self.shape.q_len <= (5 + 2 * r) * self.block_size
 
 
-def check_bigbird_inputs(q, k, v, *, block_size, random_blocks, preset, count_repeated_blocks, short_sequence_full,
-                         random_blocks_avoid_pattern, scale) -> BigBirdInputs:  # fmt: skip
+def random_query_blocks(num_blocks: int, extra_global_tokens: int) -> np.ndarray:
+    """ITC: the middle blocks ``1 ... nb - 2``; ETC: every block ``0 ... nb - 1``."""
+    return np.arange(num_blocks) if extra_global_tokens else np.arange(1, max(num_blocks - 1, 1))
+
+
+def check_bigbird_inputs(q, k, v, *, block_size, random_blocks, extra_global_tokens, preset, count_repeated_blocks,
+                         short_sequence_full, random_blocks_avoid_pattern, scale) -> BigBirdInputs:  # fmt: skip
     """Check every argument of ``bigbird_attention``; raise :class:`SpecError` on the first bad one."""
     q, k, v, shape = self_attention_qkv(q, k, v)
     if preset not in PRESETS:
@@ -138,84 +172,109 @@ def check_bigbird_inputs(q, k, v, *, block_size, random_blocks, preset, count_re
     given = dict(zip(PRESET_PARAMETERS, (count_repeated_blocks, short_sequence_full, random_blocks_avoid_pattern)))
     chosen = {name: checks.flag(value, name) if value is not FROM_PRESET else default
               for (name, value), default in zip(given.items(), PRESETS[preset])}  # fmt: skip
-    n = shape.q_len
+    extra = _check_extra_global_tokens(extra_global_tokens, preset, chosen["short_sequence_full"], shape.q_len)
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
         raise SpecError("block_size", "an int >= 1", checks.summary(block_size))
+    n = shape.q_len - extra  # tokens of the sequence
     if n % block_size:
-        raise SpecError("block_size", f"a divisor of N = {n} (BigBird takes whole blocks)", checks.summary(block_size))
+        raise SpecError("block_size", f"a divisor of N - extra_global_tokens = {n} (BigBird takes whole blocks)",
+                        checks.summary(block_size))  # fmt: skip
     num_blocks = n // int(block_size)
-    middle = max(num_blocks - 2, 0)
+    rows = len(random_query_blocks(num_blocks, extra))
     if random_blocks is None:
-        random_blocks = np.zeros((shape.q_heads, middle, 0), dtype=np.int64)
-    random_blocks = _check_random_blocks(random_blocks, shape.q_heads, middle, num_blocks,
+        random_blocks = np.zeros((shape.q_heads, rows, 0), dtype=np.int64)
+    random_blocks = _check_random_blocks(random_blocks, shape.q_heads, num_blocks, extra,
                                          chosen["random_blocks_avoid_pattern"])  # fmt: skip
     scale = checks.scale(scale, shape.head_dim)
     checks.scores_within_range(q, k, scale)
-    return BigBirdInputs(q, k, v, shape, int(block_size), random_blocks, chosen["count_repeated_blocks"],
+    return BigBirdInputs(q, k, v, shape, int(block_size), random_blocks, extra, chosen["count_repeated_blocks"],
                          chosen["short_sequence_full"], scale)  # fmt: skip
 
 
-def _check_random_blocks(random_blocks, heads: int, middle: int, num_blocks: int, avoid_pattern: bool) -> np.ndarray:
+def _check_extra_global_tokens(extra_global_tokens, preset, short_sequence_full: bool, n: int) -> int:
+    """ETC's ``g``: an int in ``[0, N)``; with ``g > 0`` no HF preset and no short-sequence rule (HF has no ETC)."""
+    extra = checks.integer(extra_global_tokens, "extra_global_tokens", minimum=0)
+    if extra >= n:
+        raise SpecError("extra_global_tokens", f"fewer than N = {n} tokens (ETC needs a sequence)", str(extra))
+    if extra and preset is not None:
+        raise SpecError("preset", "None with extra_global_tokens > 0 (HF implements ITC only)", checks.summary(preset))
+    if extra and short_sequence_full:
+        raise SpecError("short_sequence_full", "False with extra_global_tokens > 0 (an HF rule; HF has no ETC)",
+                        "True")  # fmt: skip
+    return extra
+
+
+def _check_random_blocks(random_blocks, heads: int, num_blocks: int, extra: int, avoid_pattern: bool) -> np.ndarray:
+    query_blocks = random_query_blocks(num_blocks, extra)
+    rows, shape = len(query_blocks), "(Hq, nb, r)" if extra else "(Hq, nb - 2, r)"
     if not isinstance(random_blocks, np.ndarray) or random_blocks.dtype.kind not in "iu" or random_blocks.ndim != 3 \
-            or random_blocks.shape[:2] != (heads, middle):  # fmt: skip
-        raise SpecError("random_blocks", f"an int array (Hq, nb - 2, r) = ({heads}, {middle}, r)",
+            or random_blocks.shape[:2] != (heads, rows):  # fmt: skip
+        raise SpecError("random_blocks", f"an int array {shape} = ({heads}, {rows}, r)",
                         checks.summary(random_blocks))  # fmt: skip
     random_blocks = random_blocks.astype(np.int64)
     if random_blocks.size and (random_blocks.min() < 0 or random_blocks.max() >= num_blocks):
         raise SpecError("random_blocks", f"block indices in [0, {num_blocks})",
                         f"values {random_blocks.min()} to {random_blocks.max()}")  # fmt: skip
     if avoid_pattern and random_blocks.size:
-        t = np.arange(1, middle + 1)[None, :, None]  # query block of each row
-        taken = (np.abs(random_blocks - t) <= 1) | (random_blocks == 0) | (random_blocks == num_blocks - 1)
+        t = query_blocks[None, :, None]  # query block of each row
+        taken = np.abs(random_blocks - t) <= 1
+        if not extra:
+            taken |= (random_blocks == 0) | (random_blocks == num_blocks - 1)
         if np.any(taken):
             h, row, e = (int(i) for i in np.argwhere(taken)[0])
             raise SpecError("random_blocks", "no sliding or global block of the query block (random_blocks_avoid_pattern)",
-                            f"block {random_blocks[h, row, e]} for query block {row + 1}, head {h}")  # fmt: skip
+                            f"block {random_blocks[h, row, e]} for query block {query_blocks[row]}, head {h}")  # fmt: skip
     return random_blocks
 
 
 # --------------------------------------------------------------------------
-# The pattern (steps 1-4): how many times each query block lists each key block.
+# The pattern (steps 1-5): how many times each query block lists each key block.
 # --------------------------------------------------------------------------
 
 
 def block_multiplicity(x: BigBirdInputs) -> np.ndarray:
-    """(Hq, nb, nb) int: how many times query block t lists key block s.
+    """(Hq, nb, nb) int: how many times query block t of the sequence lists key block s.
 
-    Global query blocks list every key block once. A middle block lists its
+    Global query blocks list every key block once. Any other block lists its
     sliding and global blocks once (as a set) and each random entry once more;
     without ``count_repeated_blocks`` every listed block counts once.
     """
-    nb, heads = x.num_blocks, x.shape.q_heads
+    nb, heads, glob = x.num_blocks, x.shape.q_heads, list(x.global_blocks)
     if x.full_attention:
         return np.ones((heads, nb, nb), dtype=np.int64)
     blocks = np.arange(nb)
-    fixed = (np.abs(blocks[:, None] - blocks[None, :]) <= 1) | np.isin(blocks[None, :], [0, nb - 1])  # (2) and (1)
-    fixed[[0, nb - 1], :] = True  # (1) global query blocks
+    fixed = (np.abs(blocks[:, None] - blocks[None, :]) <= 1) | np.isin(blocks[None, :], glob)  # (2) and (1)
+    fixed[glob, :] = True  # (1) global query blocks
     counts = np.broadcast_to(fixed, (heads, nb, nb)).astype(np.int64)
-    for t in range(1, nb - 1):  # (3) random blocks, one more listing per entry
+    for row, t in enumerate(x.random_query_blocks):  # (3) random blocks, one more listing per entry
         for h in range(heads):
-            np.add.at(counts[h, t], x.random_blocks[h, t - 1], 1)
+            np.add.at(counts[h, t], x.random_blocks[h, row], 1)
     return counts if x.count_repeated_blocks else np.minimum(counts, 1)
 
 
 def token_pattern(x: BigBirdInputs) -> tuple[np.ndarray, np.ndarray | None]:
-    """(4) The (1, Hq, N, N) mask of listed keys, and the bias ``log m`` when blocks are counted repeatedly."""
-    counts = np.repeat(np.repeat(block_multiplicity(x), x.block_size, axis=1), x.block_size, axis=2)[None]
+    """(4)-(5) The (1, Hq, N, N) mask of listed keys, and the bias ``log m`` when blocks are counted repeatedly.
+
+    ETC: the sequence's counts sit at rows and columns ``g ...``; the first
+    ``g`` rows and columns (the extra global tokens) are 1.
+    """
+    g = x.extra_global_tokens
+    sequence = np.repeat(np.repeat(block_multiplicity(x), x.block_size, axis=1), x.block_size, axis=2)
+    counts = np.pad(sequence, ((0, 0), (g, 0), (g, 0)), constant_values=1)[None]
     with np.errstate(divide="ignore"):
         bias = np.log(np.maximum(counts, 1)).astype(np.float64) if x.count_repeated_blocks else None
     return counts > 0, bias
 
 
 def forward(x: BigBirdInputs, num: Numerics) -> Result:
-    """Steps (1)-(4) in precision ``num``: dense attention over the listed keys."""
+    """Steps (1)-(5) in precision ``num``: dense attention over the listed keys."""
     allowed, bias = token_pattern(x)
     return dense_attention(num.load(x.q), num.load(x.k), num.load(x.v), mask=allowed, bias=bias, scale=x.scale,
                            precision=num)  # fmt: skip
 
 
 def vjp(x: BigBirdInputs, cotangents: Cotangents, num: Numerics) -> Grads:
-    """(4')-(1'): dense attention's VJP over the same pattern (the count bias is not an input)."""
+    """(5')-(1'): dense attention's VJP over the same pattern (the count bias is not an input)."""
     allowed, bias = token_pattern(x)
     grads = dense_attention_vjp(cotangents.dout, num.load(x.q), num.load(x.k), num.load(x.v), dlse=cotangents.dlse,
                                 mask=allowed, bias=bias, scale=x.scale, precision=num)  # fmt: skip

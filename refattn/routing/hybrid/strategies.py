@@ -1,0 +1,11 @@
+"""Hypothesis strategies of Routing Transformer problems with local heads: its conformance cases' structures with
+fresh designed routing problems (refattn/routing/problems.py), whose decisions keep their margins for any
+seed.
+
+Drawn by :func:`refattn.strategies.case_problems`: a case (shrinking toward the first, the simplest) with its
+arrays made again from a drawn seed. Sizes do not shrink below the case's.
+"""
+
+from ...strategies import case_strategy
+
+problems = case_strategy("routing_hybrid")

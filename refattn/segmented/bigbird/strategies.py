@@ -1,0 +1,10 @@
+"""Hypothesis strategies of BigBird problems: its conformance cases' structures (blocks, explicit random blocks,
+presets) with fresh random arrays.
+
+Drawn by :func:`refattn.strategies.case_problems`: a case (shrinking toward the first, the simplest) with its
+arrays made again from a drawn seed. Sizes do not shrink below the case's.
+"""
+
+from ...strategies import case_strategy
+
+problems = case_strategy("bigbird")
