@@ -137,6 +137,17 @@ def _parser() -> argparse.ArgumentParser:
     dilution.add_argument("--lam", type=float, default=0.8, metavar="L", help="differential attention's λ (default 0.8)")
     dilution.add_argument("--plot", metavar="FILE", help="also draw the figure (needs matplotlib: the plot extra)")
     dilution.set_defaults(run=_dilution)
+
+    from . import fuzz
+    from .lowrank import distance
+
+    fuzzing = commands.add_parser("fuzz", help="fuzz an implementation against the oracle; shrink and save counterexamples")
+    fuzz.add_arguments(fuzzing)
+    fuzzing.set_defaults(run=fuzz.run)
+
+    low_rank = commands.add_parser("low-rank", help="distance of low-rank attention from the best rank-r approximation")
+    distance.add_arguments(low_rank)
+    low_rank.set_defaults(run=distance.run)
     return parser
 
 

@@ -55,6 +55,7 @@ def pytest_addoption(parser):
     group.addoption("--refattn-xfail", metavar="FILE", help="known bugs: a case id per line, its reason after # or above")
     group.addoption("--refattn-strict", action="store_true", help="unsupported cases (NotImplementedError) fail")
     group.addoption("--refattn-require-aux", action="store_true", help="partial cases (outputs not returned) fail")
+    group.addoption("--refattn-fuzz", type=int, metavar="N", help="also fuzz the implementation with N problems")
 
 
 def pytest_configure(config):
@@ -138,6 +139,13 @@ class ConformanceCollector(pytest.Collector):
             for flag in case.flags:
                 item.extra_keyword_matches.add(flag)
             yield item
+        if option("refattn_fuzz"):
+            if len(mechanisms or []) != 1:
+                raise ValueError("--refattn-fuzz takes one --refattn-mechanism")
+            yield FuzzItem.from_parent(
+                self, name=f"fuzz[{mechanisms[0]}]", impl=impl, vjp=vjp, mechanism=mechanisms[0],
+                examples=option("refattn_fuzz"), dtype=option("refattn_dtype"), layout=option("refattn_layout"),
+            )  # fmt: skip
 
 
 class ConformanceItem(pytest.Item):
@@ -167,3 +175,20 @@ class ConformanceItem(pytest.Item):
 
     def reportinfo(self):
         return self.path, None, f"refattn conformance case {self.case.id}"
+
+
+class FuzzItem(pytest.Item):
+    """``--refattn-fuzz N``: N drawn problems of the mechanism against the oracle (refattn/fuzz.py)."""
+
+    def __init__(self, *, impl, vjp, mechanism, examples, dtype, layout, **kwargs):
+        super().__init__(**kwargs)
+        self.impl, self.vjp, self.mechanism = impl, vjp, mechanism
+        self.options = dict(examples=examples, dtype=dtype, layout=layout)
+
+    def runtest(self):
+        from .fuzz import check
+
+        check(self.impl, self.mechanism, vjp=self.vjp, grad=self.vjp is not None, **self.options)
+
+    def reportinfo(self):
+        return self.path, None, f"refattn fuzz {self.mechanism} ({self.options['examples']} problems)"

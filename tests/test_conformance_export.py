@@ -181,12 +181,13 @@ def test_large_export_is_forward_only_with_the_numba_backend(tmp_path, monkeypat
     """Plumbing of --large, with a stand-in kernel and two tiny 'large' cases."""
     calls = []
 
-    def fake_kernel(q, k, v, **params):
-        calls.append(params)
-        return dense_attention(q, k, v, **params)
+    def fake_forward(x):  # the backend contract: forward(checked inputs) -> Result
+        calls.append(x)
+        return dense_attention(x.q, x.k, x.v, causal=x.causal, causal_alignment=x.causal_alignment, window=x.window,
+                               scale=x.scale, softcap=x.softcap, mask=x.mask, bias=x.bias)  # fmt: skip
 
     fake = types.ModuleType("refattn.dense.numba")
-    fake.dense_attention = fake_kernel
+    fake.forward = fake_forward
     monkeypatch.setitem(sys.modules, "refattn.dense.numba", fake)
     draw = lambda rng: {name: rng.standard_normal((1, 1, 5, 4)) for name in ("q", "k", "v")}  # noqa: E731
     tiny = [Case("dense/long_tiny", "dense", "stand-in", ("LONG_SEQUENCE",), seed=1, arrays=draw, grad=False)]

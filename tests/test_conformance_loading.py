@@ -75,7 +75,9 @@ def test_committed_suite_loads_and_round_trips():
     assert len(suite.cases) == len(suite.manifest["cases"]) >= 25
     case = suite.select(ids=VICTIM).cases[0]
     assert isinstance(case, LoadedCase)
-    assert case.params == {"causal": True}
+    # params spell out every keyword of dense_attention that is not an array: the case's causal=True and the defaults
+    assert case.params == {"causal": True, "causal_alignment": "bottom_right", "window": None, "scale": None,
+                           "softcap": 0.0, "dropout_p": 0.0, "mask": None, "bias": None, "dropout_keep": None}
     assert sorted(case.inputs) == ["k", "q", "v"] and case.array_params == {}
     assert sorted(case.cotangents) == ["dlse", "dout"]
     assert sorted(case.expected) == ["grad_dlse.k", "grad_dlse.q", "grad_dlse.v", "grad_dout.k", "grad_dout.q",

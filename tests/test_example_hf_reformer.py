@@ -46,9 +46,9 @@ def test_hf_passes_every_case_it_can_express(example, suite, dtype):
     report = verify(example.hf_lsh, vjp=example.hf_lsh_vjp, suite=suite, dtype=dtype, grad=True, xfail=xfail)
     assert report.ok, report.format()
     counts = report.counts()
-    assert counts["pass"] == len(suite.cases) - len(xfail) and counts["xpass"] == 0, report.format()
+    assert counts["pass"] + counts["partial"] + counts["unsupported"] == len(suite.cases) and counts["xpass"] == 0, report.format()
     hf_cases = {c.id for c in suite.cases if c.preset == "hf"}
-    assert hf_cases and not hf_cases & xfail
+    assert hf_cases and not hf_cases & set(xfail)
     # HF's own buckets, from its own hashing of the case's rotations, match exactly wherever it hashes.
     bucket_checks = [check for case in report.cases for check in case.checks if check.name == "aux.buckets"]
     assert len(bucket_checks) >= 8 and all(check.status == "pass" for check in bucket_checks)

@@ -44,8 +44,6 @@ FLAG_TESTS = {
     "longformer": "tests/test_segmented_flags.py",
     "bigbird": "tests/test_segmented_flags.py",
     "local": "tests/test_segmented_flags.py",
-    "h1d": "tests/test_hierarchical_h1d.py",
-    "multilevel": "tests/test_hierarchical_multilevel.py",
     "xl_recurrence": "tests/test_memory_flags.py",
     "sinks": "tests/test_memory_flags.py",
     "infini": "tests/test_memory_flags.py",
@@ -56,6 +54,15 @@ FLAG_TESTS = {
 
 def _carried(mechanism: str) -> set[str]:
     return {flag for case in registry.get(mechanism).cases() for flag in case.flags}
+
+
+#: Mechanisms whose flags have no module of wrong implementations yet: a known gap, listed so that it stays
+#: visible (issue 17 is not closed while it is here) and no other mechanism can join it silently.
+WITHOUT_FLAG_TESTS = {
+    "h1d": "H-Transformer-1D's flags are exercised by the lucidrains preset and the library itself "
+    "(tests/test_hierarchical_h1d.py, tests/test_example_h_transformer_1d.py), not yet one wrong kernel per flag",
+    "multilevel": "multi-level attention's flags have no wrong implementations yet",
+}
 
 
 #: Flags that no committed case carries, with the reason.
@@ -101,7 +108,7 @@ def test_wrong_implementation_fails_a_flagged_case(flag, suite, correct_statuses
 
 
 def test_every_other_flag_is_named_by_the_module_that_tests_it():
-    assert set(FLAG_TESTS) == set(registry.names()) - {"dense"}, "a mechanism without a flag test module"
+    assert set(FLAG_TESTS) == set(registry.names()) - {"dense"} - set(WITHOUT_FLAG_TESTS), "a mechanism without a flag test module"
     root = Path(__file__).resolve().parents[1]
     for mechanism, module in FLAG_TESTS.items():
         text = (root / module).read_text()
@@ -122,10 +129,13 @@ def test_the_catalogue_joins_the_shared_flags_and_every_mechanism_own():
 
 
 def test_a_flag_described_two_ways_is_refused(monkeypatch):
+    """A mechanism may not describe a shared flag again, nor two mechanisms one flag differently."""
     name, text = next(iter(flag_catalogue.FLAGS.items()))
-    dense = registry.get("dense")
-    monkeypatch.setattr(type(dense), "flags", lambda self: {name: text + " (edited)"} if self is dense else {})
-    with pytest.raises(ValueError, match=f"flag {name} is described differently"):
-        flag_catalogue.catalogue()
+    dense, lsh = registry.get("dense"), registry.get("lsh")
     monkeypatch.setattr(type(dense), "flags", lambda self: {name: text} if self is dense else {})
-    assert flag_catalogue.catalogue()[name] == text  # TRANSITIONAL: the same text twice is accepted
+    with pytest.raises(ValueError, match=f"flag {name} is described in refattn/conformance/flags.py and again"):
+        flag_catalogue.catalogue()
+    own = {"OWN_FLAG": "one description"}
+    monkeypatch.setattr(type(dense), "flags", lambda self: own if self is dense else {"OWN_FLAG": "another"} if self is lsh else {})
+    with pytest.raises(ValueError, match="flag OWN_FLAG is described differently"):
+        flag_catalogue.catalogue()

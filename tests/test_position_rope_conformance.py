@@ -170,13 +170,16 @@ HF_CASES = ["rope/half_layout", "rope/causal", "rope/partial_half", "rope/odd_he
 
 
 def hf_llama_rope_attention(q, k, v, *, q_positions, k_positions, rotary_dim=None, base=10000.0, position_scale=1.0,
-                            layout="half", causal=False):  # fmt: skip
+                            layout="half", causal=False, causal_alignment="bottom_right", softcap=0.0,
+                            dropout_p=0.0):  # fmt: skip
     """HF Llama's RoPE as its code computes it (float32 inv_freq and angles, ``rotate_half``,
     linear scaling dividing inv_freq, GPT-NeoX-style partial rotary), then torch's SDPA with
     GQA heads repeated and a bottom-right causal mask."""
     import torch
 
     assert layout == "half"
+    if causal_alignment != "bottom_right" or softcap or dropout_p:
+        raise NotImplementedError("HF Llama's attention is bottom-right causal, without soft-cap or given dropout")
     r = rotary_dim or q.shape[-1]
     inv_freq = 1.0 / (base ** (torch.arange(0, r, 2, dtype=torch.int64).float() / r)) / position_scale
 

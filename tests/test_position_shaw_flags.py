@@ -23,7 +23,7 @@ from refattn.position.shaw.cases import cases
 torch = pytest.importorskip("torch")
 
 #: The Shaw flags, from the catalogue.
-FLAGS = {name: text for name, text in catalogue.FLAGS.items() if name.startswith("SHAW_")}
+FLAGS = {name: text for name, text in catalogue.catalogue().items() if name.startswith("SHAW_")}
 
 #: What each wrong variant gets wrong, in the words of a bug report.
 BUGS = {
@@ -50,7 +50,7 @@ class SmallShaw:
         inputs = {name: torch.tensor(x, requires_grad=True) for name, x in dict(q=q, k=k, v=v).items()}
         tensors = self._tensors(params)
         for name in ("rel_k", "rel_v", "bias"):
-            if name in tensors:
+            if tensors.get(name) is not None:
                 inputs[name] = tensors[name].requires_grad_()
         out, lse = self._forward(inputs["q"], inputs["k"], inputs["v"], **tensors)
         loss = (out * torch.tensor(dout)).sum()

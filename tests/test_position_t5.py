@@ -592,11 +592,12 @@ def test_a_wrong_table_gradient_fails_a_flagged_case(suite):
 
 def hf_t5_in_torch(q, k, v, *, table, q_positions, k_positions, bidirectional, num_buckets, max_distance,
                    bias=None, mask=None, causal=False, causal_alignment="bottom_right", window=None, scale=None,
-                   softcap=0.0):  # fmt: skip
+                   softcap=0.0, dropout_p=0.0):  # fmt: skip
     """T5 attention in PyTorch, in the dtype it is given: HF's bucket operations and embedding
     gather (compute_bias), around plain attention with the options the cases use."""
     import torch
 
+    assert dropout_p == 0.0, "no case gives T5 a dropout"
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)

@@ -20,7 +20,7 @@ from refattn.conformance.verify import default_suite_folder, verify
 from refattn.position.transformer_xl import MECHANISM, cases, transformer_xl_attention, transformer_xl_attention_vjp
 
 #: The Transformer-XL flags, from the catalogue.
-FLAGS = {name: text for name, text in catalogue.FLAGS.items() if name.startswith("XL_")}
+FLAGS = {name: text for name, text in catalogue.catalogue().items() if name.startswith("XL_")}
 
 #: What each wrong variant gets wrong, in the words of a bug report.
 BUGS = {

@@ -9,6 +9,7 @@ that has gradients.
 
 import importlib
 import inspect
+import json
 from pathlib import Path
 
 import numpy as np
@@ -144,8 +145,25 @@ def _run(mechanism, case, arrays, backend):
     return result, grads
 
 
+@pytest.fixture(scope="module")
+def float64_budgets() -> dict:
+    """The published float64 budget of every output of every case (the tolerance policy's, at least 1e-10)."""
+    manifest = json.loads((ROOT / "conformance" / "manifest.json").read_text())
+    return {case["id"]: {key: t["float64"] for key, t in case["tolerances"].items()} for case in manifest["cases"]}
+
+
+def _budget(budgets: dict, key: str) -> float:
+    """An output's float64 budget; a gradient (stored in its dout and dlse parts) gets the larger part's."""
+    if key.startswith("grad."):
+        name = key[len("grad."):]
+        return max(budgets.get(f"grad_dout.{name}", 1e-10), budgets.get(f"grad_dlse.{name}", 1e-10))
+    return budgets.get(key, 1e-10)
+
+
 @pytest.mark.parametrize("name, backend, case", _agreement_cases())
-def test_backend_agrees_with_reference_on_every_case(name, backend, case):
+def test_backend_agrees_with_reference_on_every_case(name, backend, case, float64_budgets):
+    """Float outputs within the case's published float64 budget; integer intermediates exactly, where the
+    backend returns them (a kernel may leave out an intermediate it never forms, such as an Nq x Nk index)."""
     mechanism = registry.get(name)
     arrays = _arrays(case)
     want_result, want_grads = _run(mechanism, case, arrays, "reference")
@@ -153,9 +171,9 @@ def test_backend_agrees_with_reference_on_every_case(name, backend, case):
     want, got = _outputs(want_result, want_grads), _outputs(got_result, got_grads)
     assert set(got) == set(want)
     for key in want:
-        assert normwise_error(got[key], want[key]) <= 1e-10, f"{case.id} {key}"
+        assert normwise_error(got[key], want[key]) <= _budget(float64_budgets[case.id], key), f"{case.id} {key}"
     for key, value in want_result.aux.items():
-        if not np.issubdtype(value.dtype, np.floating):
+        if key in got_result.aux and not np.issubdtype(value.dtype, np.floating):
             np.testing.assert_array_equal(got_result.aux[key], value, err_msg=f"{case.id} aux.{key}")
 
 

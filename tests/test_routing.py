@@ -506,7 +506,6 @@ def test_bad_input_names_argument_expected_and_given():
     _bad(lambda: hybrid_attention(q, k, v, num_local_heads=2, centroids=c, cluster_size=4), "num_local_heads", "[0, 1]")
     _bad(lambda: hybrid_attention(q, k, v, num_local_heads=1, centroids=c, cluster_size=4), "centroids", "(1, K, D)")
     _bad(lambda: hybrid_attention(q, k, v, num_local_heads=1, centroids=c[:1], cluster_size=4, causal_by="x"), "causal_by", "position")
-    _bad(lambda: hybrid_attention(q, k, v, num_local_heads=1, centroids=c[:1], cluster_size=4, bogus=1), "bogus", "routing heads")
     x, w = np.zeros((1, 16, 3)), np.zeros((3, 2))
     _bad(lambda: routed_attention(x, w, [v]), "paths", "2 paths")
     _bad(lambda: routed_attention(x, np.zeros((4, 2)), [v, v]), "routing_weights", "(3, P >= 1)")

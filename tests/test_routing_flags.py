@@ -52,6 +52,7 @@ BUGS = {
     "SHARED_QK_KEYS_FROM_K": "takes the key vectors from q under shared-QK",
     "ROUTING_MASK_ADDED": "replaces a masked logit by mask_value whatever mask_mode says",
     "LUCIDRAINS_SELF_WRITTEN_LAST": "writes the self value only where the self key was allowed",
+    "ROUTING_ZERO_PADDING": "breaks ties between equally similar tokens (zero-vector padding) by the higher position",
 }
 
 #: Every behaviour that differs, per preset, from the sources (google-research routing_transformer/utils.py and
@@ -152,7 +153,13 @@ class SmallRouting:
         if self.bug == "ROUTING_BALANCED_TOPK":
             nearest = torch.nn.functional.one_hot(similarity.detach().argmax(-1), scores.shape[2])  # (B, H, N, K)
             scores = scores + 1e3 * nearest.transpose(-1, -2)  # bug ROUTING_BALANCED_TOPK
-        index = scores.topk(cluster_size, dim=-1).indices  # descending similarity
+        # descending similarity, ties to the lower position (a stable sort; topk leaves tie order unspecified)
+        if self.bug == "ROUTING_ZERO_PADDING":  # bug ROUTING_ZERO_PADDING: ties to the higher position
+            n = scores.shape[-1]
+            flipped = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices[..., :cluster_size]
+            index = n - 1 - flipped
+        else:
+            index = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :cluster_size]
         return index.sort(-1).values if order == "position" else index
 
     def _forward(self, q, k, v, *, centroids, cluster_size, shared_qk=False, causal=False, key_padding_mask=None,

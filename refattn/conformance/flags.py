@@ -196,9 +196,11 @@ def _collect() -> tuple[dict[str, str], dict[str, str]]:
     conflicts = {}
     for mechanism in registry.names():
         for name, text in registry.get(mechanism).flags().items():
-            # TRANSITIONAL: while mechanism-only flags move out of this module, a name may be described here and
-            # in a cases.py with the same text; only differing descriptions are refused.
-            if name in found and found[name] != text:
+            # A shared flag is described here only; mechanisms sharing a flag of their own (xPos quoting
+            # RoPE's rotation flags) may each quote its one description, word for word.
+            if name in FLAGS:
+                conflicts.setdefault(name, f"flag {name} is described in {where[name]} and again in {mechanism}'s cases.py")
+            elif name in found and found[name] != text:
                 conflicts.setdefault(
                     name, f"flag {name} is described differently in {where[name]} and in {mechanism}'s cases.py"
                 )

@@ -375,8 +375,6 @@ def _check_contract(case: LoadedCase, where: str) -> None:
     if case.mechanism not in registry.names():
         raise SuiteError(f"{where}: mechanism {case.mechanism!r} is not one this refattn knows ({registry.names()})")
     mechanism = registry.get(case.mechanism)
-    if mechanism.check_inputs is None:  # TRANSITIONAL: every mechanism has check_inputs once migrated
-        return
     arguments = {**case.inputs, **case.array_params, **{n: json_argument(x) for n, x in case.params.items()}}
     try:
         bound = inspect.signature(mechanism.forward).bind(**arguments)

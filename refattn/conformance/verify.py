@@ -63,8 +63,8 @@ from __future__ import annotations
 
 import functools
 import importlib
-import inspect
 import importlib.util
+import inspect
 import json
 import math
 import multiprocessing
@@ -535,8 +535,32 @@ def _call_arguments(case: LoadedCase, dtype: str, layout: str) -> tuple[tuple, d
     arrays = {**case.inputs, **case.array_params}
     arrays = {name: _swap_layout(name, _cast(x, dtype), layout) for name, x in arrays.items()}
     positional = tuple(arrays.pop(name) for name in positional_names(case))
-    keywords = {**{name: json_argument(value) for name, value in case.params.items()}, **arrays}
-    return positional, keywords
+    # The manifest spells out every parameter for its readers, and the call passes each, except those that
+    # are None where the public function's default is None too ("not given": no bias, no keep-mask), so an
+    # implementation need not accept options it never receives. A None that means something (LSH's
+    # ``scale=None``, 1/sqrt(D), against a preset's default) is passed.
+    not_given = _none_defaults(case.mechanism)
+    keywords = {name: json_argument(value) for name, value in case.params.items()
+                if not (value is None and name in not_given)}  # fmt: skip
+    return positional, {**keywords, **arrays}
+
+
+def _none_defaults(mechanism: str) -> set[str]:
+    """The parameters of the mechanism's public function whose default is None (all, for one refattn lacks)."""
+    if mechanism not in registry.names():
+        return _ALL_NAMES
+    parameters = inspect.signature(registry.get(mechanism).forward).parameters.values()
+    return {p.name for p in parameters if p.default is None}
+
+
+class _AllNames(set):
+    """Contains every name."""
+
+    def __contains__(self, name) -> bool:
+        return True
+
+
+_ALL_NAMES = _AllNames()
 
 
 def positional_names(case: LoadedCase) -> tuple[str, ...]:

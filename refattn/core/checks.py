@@ -37,9 +37,6 @@ def summary(x) -> str:
     return text if len(text) <= MAX_GIVEN_CHARS else text[: MAX_GIVEN_CHARS - 3] + "..."
 
 
-_describe = summary  # TRANSITIONAL: the old private name, still imported by refattn/lowrank
-
-
 def float_array(x, name: str) -> np.ndarray:
     """``x``, checked to be a finite real array (any float dtype, bfloat16 included, or integers).
 
@@ -48,7 +45,7 @@ def float_array(x, name: str) -> np.ndarray:
     hold float64 copies of its inputs.
     """
     if not isinstance(x, np.ndarray):
-        raise SpecError(name, "a numpy array", _describe(x))
+        raise SpecError(name, "a numpy array", summary(x))
     if x.dtype not in STORAGE_DTYPES.values() and x.dtype.kind not in "iu":
         raise SpecError(name, "a real floating-point array", f"dtype {x.dtype}")
     if x.dtype.kind not in "iu":
@@ -113,7 +110,7 @@ def broadcastable(x, name: str, target: tuple[int, ...], kind: str) -> np.ndarra
     Returns ``x`` (bool, or float64) with its own shape, not broadcast.
     """
     if not isinstance(x, np.ndarray):
-        raise SpecError(name, f"a {kind} numpy array broadcastable to {target}", _describe(x))
+        raise SpecError(name, f"a {kind} numpy array broadcastable to {target}", summary(x))
     if kind == "bool" and x.dtype != np.bool_:
         raise SpecError(name, "dtype bool (True = may attend)", f"dtype {x.dtype}")
     if not 2 <= x.ndim <= len(target):
@@ -127,7 +124,7 @@ def broadcastable(x, name: str, target: tuple[int, ...], kind: str) -> np.ndarra
 def real_number(x, name: str, *, minimum: float, inclusive: bool = True, maximum: float | None = None) -> float:
     """A finite real number in [minimum, maximum) (or (minimum, ...) if not inclusive)."""
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        raise SpecError(name, "a real number", _describe(x))
+        raise SpecError(name, "a real number", summary(x))
     x = float(x)
     low_ok = x >= minimum if inclusive else x > minimum
     high_ok = maximum is None or x < maximum
@@ -150,7 +147,7 @@ def window(x) -> tuple[int | None, int | None] | None:
     if x is None:
         return None
     if not isinstance(x, (tuple, list)) or len(x) != 2:
-        raise SpecError("window", "a pair (left, right) of non-negative ints or None", _describe(x))
+        raise SpecError("window", "a pair (left, right) of non-negative ints or None", summary(x))
     for side in x:
         if side is not None and (isinstance(side, bool) or not isinstance(side, numbers.Integral) or side < 0):
             raise SpecError("window", "a pair (left, right) of non-negative ints or None", summary(tuple(x)))
@@ -264,7 +261,7 @@ def _row_norms(x: np.ndarray) -> np.ndarray:
 
 def flag(x, name: str) -> bool:
     if not isinstance(x, (bool, np.bool_)):
-        raise SpecError(name, "True or False", _describe(x))
+        raise SpecError(name, "True or False", summary(x))
     return bool(x)
 
 
@@ -286,7 +283,7 @@ def positions(x, name: str, length: int | None = None) -> np.ndarray:
     """
     count = "at least 1 position" if length is None else f"shape ({length},), one position per token"
     if not isinstance(x, np.ndarray):
-        raise SpecError(name, f"a 1-D integer numpy array of positions, {count}", _describe(x))
+        raise SpecError(name, f"a 1-D integer numpy array of positions, {count}", summary(x))
     if x.dtype.kind not in "iu":
         raise SpecError(name, "an integer dtype (positions are token indices)", f"dtype {x.dtype}")
     if x.ndim != 1 or (x.size == 0 if length is None else x.shape[0] != length):

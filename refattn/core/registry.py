@@ -109,9 +109,9 @@ class Mechanism:
     package: str
     forward: Callable
     vjp: Callable
+    check_inputs: Callable
     backends: tuple[str, ...]
     spec: str
-    check_inputs: Callable | None = None  # TRANSITIONAL: required once every mechanism is migrated
     positional: tuple[str, ...] = ("q", "k", "v")
     implied_output: Callable | None = None
     state_held_fixed: bool = False
@@ -162,10 +162,6 @@ def get(name: str) -> Mechanism:
     if name not in _MECHANISMS:
         raise SpecError("mechanism", f"one of {names()}", repr(name))
     return _MECHANISMS[name]
-
-
-def backend(name: str, backend_name: str) -> ModuleType:  # TRANSITIONAL: for the old per-mechanism dispatch
-    return get(name).backend(backend_name)
 
 
 # --------------------------------------------------------------------------

@@ -8,7 +8,7 @@ whose every score is saturated carries into its normwise error. The identity
     1 − tanh²(x) = sech²(x) = 4 e^(−2|x|) / (1 + e^(−2|x|))²
 
 has only roundoff-sized relative error for every ``x`` and cannot overflow.
-The Numba kernels use the same formula (``refattn.dense.numba._softcap_slope``).
+The Numba kernels use the same formula (``refattn.core.tiles.softcap_slope``).
 """
 
 from __future__ import annotations

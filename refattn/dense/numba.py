@@ -58,9 +58,6 @@ from ..core.results import Cotangents, Grads, Result
 from ..core.tiles import BLOCK_K, BLOCK_Q, TileArgs, compute_dtype, exp_nonpositive, frozen, read_only
 from .inputs import DenseInputs
 
-_compute_dtype = compute_dtype  # TRANSITIONAL
-_exp_nonpositive = exp_nonpositive  # TRANSITIONAL
-_frozen = frozen  # TRANSITIONAL
 
 # --------------------------------------------------------------------------
 # The backend: forward and VJP over checked inputs (refattn/core/registry.py).

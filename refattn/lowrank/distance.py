@@ -120,13 +120,23 @@ def table(family: str = "gaussian", n: int = 48, d: int = 16, ranks=(2, 4, 8, 12
     return rows
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="refattn low-rank", description="distance of low-rank attention from optimal")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``refattn low-rank``."""
     parser.add_argument("--family", choices=("gaussian", "dilution"), nargs="+", default=["gaussian", "dilution"])
     parser.add_argument("--n", type=int, default=48)
     parser.add_argument("--d", type=int, default=16)
     parser.add_argument("--plot", metavar="FILE", help="also draw ratio against rank (needs matplotlib)")
-    args = parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    """``refattn low-rank`` on its own (``python -m refattn.lowrank.distance``)."""
+    parser = argparse.ArgumentParser(prog="refattn low-rank", description="distance of low-rank attention from optimal")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the table (and draw the figure) for parsed arguments; the exit status."""
     rows = [row for family in args.family for row in table(family, args.n, args.d)]
     print(f"{'family':9} {'mechanism':10} {'rank':>4} " + " ".join(f"{c:>17}" for c in COLUMNS))
     for row in rows:
@@ -142,7 +152,8 @@ def main(argv=None) -> None:
             axis.set(title=family, xlabel="rank", ylabel="‖P − Â‖_F / Eckart–Young floor", yscale="log")
             axis.legend()
         figure.savefig(args.plot, bbox_inches="tight")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

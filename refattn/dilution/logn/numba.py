@@ -15,6 +15,7 @@ from dataclasses import replace
 import numpy as np
 
 from ...core.results import Cotangents, Grads, Result
+from ...core.tiles import compute_dtype
 from ...dense import numba as dense_numba
 from ...dense.inputs import DenseInputs
 from .reference import LognInputs, row_positions
@@ -41,7 +42,7 @@ def vjp(x: LognInputs, cotangents: Cotangents, saved: Result | None = None) -> G
 def _folded(x: LognInputs) -> tuple[np.floating | np.ndarray, DenseInputs]:
     """Steps (L1)-(L2): ``log n`` (per row, (Nq, 1), with ``training_length``) and the dense inputs with
     ``q' = log n · q`` (B, Hq, Nq, D), in the compute dtype."""
-    dtype = dense_numba._compute_dtype(x.dense.q)
+    dtype = compute_dtype(x.dense.q)
     factor = np.log(dtype.type(x.n))  # (L1)
     if x.training_length is not None:  # (L1) Qwen: log(p_i + 1) / log L beyond L, else 1
         count = row_positions(x.dense.shape.q_len, x.dense.shape.kv_len) + 1

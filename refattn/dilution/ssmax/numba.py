@@ -28,6 +28,7 @@ import numpy as np
 
 from ...core.masks import query_offset
 from ...core.results import Cotangents, Grads, Result
+from ...core.tiles import compute_dtype
 from ...dense import numba as dense_numba
 from ...dense.inputs import DenseInputs
 from .reference import SSMaxInputs, log_counts
@@ -68,7 +69,7 @@ def vjp(x: SSMaxInputs, cotangents: Cotangents, saved: Result | None = None) -> 
 def _folded(x: SSMaxInputs) -> tuple[np.ndarray, np.ndarray, DenseInputs]:
     """Steps (S1)-(S3): counts (B, Hq, Nq), factor (B, Hq, Nq) and the dense inputs with ``q'`` (B, Hq, Nq, D),
     in the compute dtype."""
-    dtype = dense_numba._compute_dtype(x.dense.q)
+    dtype = compute_dtype(x.dense.q)
     # (S1) Keys each row attends to, from intervals and the user's mask.
     counts = counts_of(x.dense) if x.n_rule == "attended" else np.full(x.dense.shape.scores[:3], x.dense.shape.kv_len)
     # (S2) f_i = s_h log n_i + s_bias_h, 0 on fully masked rows.

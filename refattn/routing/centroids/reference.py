@@ -111,7 +111,7 @@ class CentroidEMAInputs:
     centroids: np.ndarray  # (H, K, D)
     shared_qk: bool
     key_padding_mask: np.ndarray | None  # (B, N) bool, True = real token
-    update: str
+    centroid_update: str
     count_rule: str
     decay: float
     ema_eps: float
@@ -167,7 +167,7 @@ def forward(x: CentroidEMAInputs, num: Numerics) -> Result:
         r_k = normalize(num.load(x.k), norm=x.routing_norm, eps=x.norm_eps, num=num)[0]
         vectors = np.concatenate([r_q, r_k], axis=2)  # (B, H, 2N, D)
         mask = None if mask is None else np.concatenate([mask, mask], axis=1)  # (B, 2N)
-    if x.update == "vq_ema":
+    if x.centroid_update == "vq_ema":
         update = _vq_ema(num.load(vectors), num.load(x.centroids), num.load(x.ema_counts), num.load(x.ema_sums),
                          x.decay, x.ema_eps, mask, num, x.count_rule, 1 if x.shared_qk else 2)  # fmt: skip
     else:

@@ -108,6 +108,8 @@ class HybridInputs:
     v: np.ndarray  # (B, H, N, Dv)
     routing_heads: slice
     local_heads: slice
+    local_causal: bool  # resolved: the preset's or the given value, None replaced by causal
+    head_order: str  # resolved
     routing: RoutingInputs  # the routing heads' slice of q, k, v
     local: DenseInputs | None  # the local heads' slice; None without local heads
 
@@ -143,15 +145,16 @@ def check_hybrid_inputs(q, k, v, *, num_local_heads, centroids, cluster_size, lo
         preset=preset, **options,
     )  # fmt: skip
     local = None
+    local_causal = checks.flag(causal if p["local_causal"] is None else p["local_causal"], "local_causal")
     if local_heads.stop > local_heads.start:
         local = check_dense_inputs(
             q[:, local_heads], k[:, local_heads], v[:, local_heads],
             mask=None if key_padding_mask is None else key_padding_mask[:, None, None, :],  # (B, 1, 1, N)
-            bias=None, causal=checks.flag(causal if p["local_causal"] is None else p["local_causal"], "local_causal"),
+            bias=None, causal=local_causal,
             causal_alignment="bottom_right", window=local_window, scale=None, softcap=0.0, dropout_keep=None,
             dropout_p=0.0,
         )  # fmt: skip
-    return HybridInputs(q, k, v, routing_heads, local_heads, routed, local)
+    return HybridInputs(q, k, v, routing_heads, local_heads, local_causal, p["head_order"], routed, local)
 
 
 def forward(x: HybridInputs, num: Numerics) -> Result:

@@ -134,6 +134,7 @@ class BigBirdInputs(SelfAttentionOutputs):
     extra_global_tokens: int
     count_repeated_blocks: bool
     short_sequence_full: bool
+    random_blocks_avoid_pattern: bool
     scale: float
 
     @property
@@ -188,7 +189,7 @@ def check_bigbird_inputs(q, k, v, *, block_size, random_blocks, extra_global_tok
     scale = checks.scale(scale, shape.head_dim)
     checks.scores_within_range(q, k, scale)
     return BigBirdInputs(q, k, v, shape, int(block_size), random_blocks, extra, chosen["count_repeated_blocks"],
-                         chosen["short_sequence_full"], scale)  # fmt: skip
+                         chosen["short_sequence_full"], chosen["random_blocks_avoid_pattern"], scale)  # fmt: skip
 
 
 def _check_extra_global_tokens(extra_global_tokens, preset, short_sequence_full: bool, n: int) -> int:
