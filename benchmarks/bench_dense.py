@@ -42,6 +42,8 @@ import subprocess
 import sys
 import time
 
+from harness import measure  # benchmarks/harness.py, beside this script
+
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,42 +51,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --------------------------------------------------------------------------
 # Inside the measuring subprocess.
 # --------------------------------------------------------------------------
-
-
-def _memory_kib() -> dict:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, value = line.split(":")
-                out[key] = int(value.split()[0])
-    return out
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-
-
-def _measure(call, repeats: int) -> dict:
-    """Run ``call`` (returning its outputs' byte count) once under the peak-memory probe, then time it."""
-    import gc
-
-    gc.collect()
-    before = _memory_kib()["VmRSS"]
-    _reset_peak()
-    start = time.perf_counter()
-    out_bytes = call()
-    first = time.perf_counter() - start
-    peak = _memory_kib()["VmHWM"]
-    gc.collect()
-    times = [first]
-    for _ in range(repeats - 1):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    growth_mib = (peak - before) / 1024
-    return {"time": min(times), "peak_growth_mib": growth_mib, "beyond_outputs_mib": growth_mib - out_bytes / 2**20}
 
 
 def _inputs(n: int, seed: int = 0):
@@ -124,11 +90,11 @@ def child(backend: str, n: int, direction: str, causal: bool, repeats: int, stat
 
         if direction == "forward":
             forward(*small[:3])  # compile / warm up
-            result = _measure(lambda: forward(q, k, v), repeats)
+            result = measure(lambda: forward(q, k, v), repeats)
         else:
             backward(*small, saved_forward(*small[:3]))  # compile / warm up
             saved = saved_forward(q, k, v)  # outside the timed and measured region
-            result = _measure(lambda: backward(q, k, v, dout, saved), repeats)
+            result = measure(lambda: backward(q, k, v, dout, saved), repeats)
         if backend == "numba":
             result["kernel_beyond_outputs_mib"] = _kernel_only(q, k, v, dout, direction, causal)
     elif backend == "torch":
@@ -151,7 +117,7 @@ def child(backend: str, n: int, direction: str, causal: bool, repeats: int, stat
         small_t = [torch.from_numpy(np.ascontiguousarray(x)) for x in small]
         if direction == "forward":
             forward(*small_t[:3])
-            result = _measure(lambda: forward(tq, tk, tv), repeats)
+            result = measure(lambda: forward(tq, tk, tv), repeats)
         else:
             leaves, out = backward_prepared(*small_t)
             out.backward(small_t[3])
@@ -166,7 +132,7 @@ def child(backend: str, n: int, direction: str, causal: bool, repeats: int, stat
             times, growths, beyond = [], [], []
             for _ in range(repeats):
                 state["prepared"] = backward_prepared(tq, tk, tv, tdout)
-                one = _measure(backward, 1)
+                one = measure(backward, 1)
                 times.append(one["time"])
                 growths.append(one["peak_growth_mib"])
                 beyond.append(one["beyond_outputs_mib"])
@@ -193,10 +159,10 @@ def _kernel_only(q, k, v, dout, direction: str, causal: bool) -> float:
         return _nbytes(result.out, result.lse)
 
     if direction == "forward":
-        return _measure(forward, 1)["beyond_outputs_mib"]
+        return measure(forward, 1)["beyond_outputs_mib"]
     saved = kernels.forward(x)
     cotangents = Cotangents(dout=dout, dlse=None)
-    return _measure(lambda: _nbytes(*kernels.vjp(x, cotangents, saved).values()), 1)["beyond_outputs_mib"]
+    return measure(lambda: _nbytes(*kernels.vjp(x, cotangents, saved).values()), 1)["beyond_outputs_mib"]
 
 
 def matmul_gflops() -> float:

@@ -57,6 +57,8 @@ import subprocess
 import sys
 import time
 
+from harness import measure  # benchmarks/harness.py, beside this script
+
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
 PROJECTED = 256  # Linformer P
 LANDMARKS = 256  # Nyström m
@@ -70,42 +72,6 @@ PEERS = {"linformer": ("lucidrains",), "nystrom": ("lucidrains", "hf"), "perform
 # --------------------------------------------------------------------------
 # Inside the measuring subprocess.
 # --------------------------------------------------------------------------
-
-
-def _memory_kib() -> dict:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, value = line.split(":")
-                out[key] = int(value.split()[0])
-    return out
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-
-
-def _measure(call, repeats: int) -> dict:
-    """Run ``call`` (returning its outputs' byte count) once under the peak-memory probe, then time it."""
-    import gc
-
-    gc.collect()
-    before = _memory_kib()["VmRSS"]
-    _reset_peak()
-    start = time.perf_counter()
-    out_bytes = call()
-    first = time.perf_counter() - start
-    peak = _memory_kib()["VmHWM"]
-    gc.collect()
-    times = [first]
-    for _ in range(repeats - 1):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    growth_mib = (peak - before) / 1024
-    return {"time": min(times), "peak_growth_mib": growth_mib, "beyond_outputs_mib": growth_mib - out_bytes / 2**20}
 
 
 def _example(name: str):
@@ -195,17 +161,17 @@ def child(mechanism: str, backend: str, n: int, direction: str, repeats: int) ->
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count())))
     if backend == "numba":
         # Compile on a small problem first, then build the real one (from the lucidrains module's weights).
-        _measure(_numba_call(mechanism, _library(mechanism, "lucidrains", 512)[4], direction), 1)
-        return _measure(_numba_call(mechanism, _library(mechanism, "lucidrains", n)[4], direction), repeats)
+        measure(_numba_call(mechanism, _library(mechanism, "lucidrains", 512)[4], direction), 1)
+        return measure(_numba_call(mechanism, _library(mechanism, "lucidrains", n)[4], direction), repeats)
     module, run, inputs, projections, _ = _library(mechanism, backend, n)
     if direction == "forward":
-        result = _measure(_torch_forward(run, inputs), repeats)
+        result = measure(_torch_forward(run, inputs), repeats)
     else:  # time the backward alone: forward outside the timed region
         leaves = [t.detach().requires_grad_() for t in inputs]
         times, peaks = [], []
         for _ in range(repeats):
             out = run(*leaves)
-            result = _measure(lambda: (out.backward(torch.ones_like(out)), sum(_nbytes_of(t.grad) for t in leaves))[1], 1)
+            result = measure(lambda: (out.backward(torch.ones_like(out)), sum(_nbytes_of(t.grad) for t in leaves))[1], 1)
             times.append(result["time"])
             for t in leaves:
                 t.grad = None
@@ -214,11 +180,11 @@ def child(mechanism: str, backend: str, n: int, direction: str, repeats: int) ->
         x = inputs[0]
         if direction == "forward":
             with torch.no_grad():
-                result["projection_time"] = _measure(lambda: _nbytes_of(projections(x)), repeats)["time"]
+                result["projection_time"] = measure(lambda: _nbytes_of(projections(x)), repeats)["time"]
         else:
             leaf = x.detach().requires_grad_()
             out = projections(leaf)
-            result["projection_time"] = _measure(lambda: (out.backward(torch.ones_like(out), retain_graph=True), 0)[1], 1)["time"]
+            result["projection_time"] = measure(lambda: (out.backward(torch.ones_like(out), retain_graph=True), 0)[1], 1)["time"]
     return result
 
 

@@ -57,6 +57,8 @@ import subprocess
 import sys
 import time
 
+from harness import measure  # benchmarks/harness.py, beside this script
+
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
 NUM_HASHES, CHUNK_LEN = 4, 64
 HF_MAX_POSITION_EMBEDDINGS = 4096  # ReformerConfig's default, which _set_num_buckets reads
@@ -73,42 +75,6 @@ def hf_num_buckets(n: int, chunk_len: int = CHUNK_LEN, max_positions: int = HF_M
 # --------------------------------------------------------------------------
 # Inside the measuring subprocess.
 # --------------------------------------------------------------------------
-
-
-def _memory_kib() -> dict:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, value = line.split(":")
-                out[key] = int(value.split()[0])
-    return out
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-
-
-def _measure(call, repeats: int) -> dict:
-    """Run ``call`` (returning its outputs' byte count) once under the peak-memory probe, then time it."""
-    import gc
-
-    gc.collect()
-    before = _memory_kib()["VmRSS"]
-    _reset_peak()
-    start = time.perf_counter()
-    out_bytes = call()
-    first = time.perf_counter() - start
-    peak = _memory_kib()["VmHWM"]
-    gc.collect()
-    times = [first]
-    for _ in range(repeats - 1):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    growth_mib = (peak - before) / 1024
-    return {"time": min(times), "peak_growth_mib": growth_mib, "beyond_outputs_mib": growth_mib - out_bytes / 2**20}
 
 
 def _nbytes(*arrays) -> int:
@@ -173,8 +139,8 @@ def child(backend: str, n: int, direction: str, repeats: int) -> dict:
         small = [x[:, :, :256] for x in (qk, v, dout_heads)]
         forward(*small[:2]) if direction == "forward" else backward(*small)  # compile / warm up
         if direction == "forward":
-            return _measure(lambda: forward(qk, v), repeats)
-        return _measure(lambda: backward(qk, v, dout_heads), repeats)
+            return measure(lambda: forward(qk, v), repeats)
+        return measure(lambda: backward(qk, v, dout_heads), repeats)
     if backend == "hf":
         import torch
 
@@ -191,7 +157,7 @@ def child(backend: str, n: int, direction: str, repeats: int) -> dict:
                 return out.numel() * out.element_size()
 
             forward(small, x[:, :256])
-            return result | _measure(lambda: forward(module, x), repeats)
+            return result | measure(lambda: forward(module, x), repeats)
 
         def prepared(module, x):
             """The leaves that get gradients (input, projection weights), reset, and an autograd forward."""
@@ -214,7 +180,7 @@ def child(backend: str, n: int, direction: str, repeats: int) -> dict:
         times, growths, beyond = [], [], []
         for _ in range(repeats):
             state["prepared"] = prepared(module, x)
-            one = _measure(backward, 1)
+            one = measure(backward, 1)
             times.append(one["time"])
             growths.append(one["peak_growth_mib"])
             beyond.append(one["beyond_outputs_mib"])
