@@ -32,7 +32,8 @@ A mechanism is one folder ``refattn/<family>/<name>/`` with
     Its conformance cases (``cases() -> list[Case]`` and ``FLAGS``, the
     descriptions of the flags only it uses), its invariants, its spec page.
 ``__init__.py``
-    One ``registry.register(Mechanism(...))`` call.
+    One line: ``MECHANISM = registry.register("<name>", __name__, forward, vjp,
+    check_inputs, "spec/<page>.md")`` (:func:`register`).
 
 The registry is the only dispatcher: :func:`call_forward` and the VJPs made by
 :func:`vjp_function` check the inputs once, pick the backend, apply the
@@ -82,10 +83,10 @@ class Mechanism:
         Its VJP, made by :func:`vjp_function`.
     check_inputs : callable
         ``check_inputs(**arguments) -> inputs``.
-    backends : tuple of str
-        ``"reference"`` first.
     spec : str
         Its spec page, relative to the repository root.
+    backends : tuple of str
+        ``"reference"`` first; by default ``("reference", "numba")``.
     positional : tuple of str
         The array inputs passed positionally, in order: ``("q", "k", "v")``,
         or ``("qk", "v")`` for shared query-key mechanisms.
@@ -110,8 +111,8 @@ class Mechanism:
     forward: Callable
     vjp: Callable
     check_inputs: Callable
-    backends: tuple[str, ...]
     spec: str
+    backends: tuple[str, ...] = ("reference", "numba")
     positional: tuple[str, ...] = ("q", "k", "v")
     implied_output: Callable | None = None
     state_held_fixed: bool = False
@@ -144,13 +145,42 @@ class Mechanism:
 _MECHANISMS: dict[str, Mechanism] = {}
 
 
-def register(mechanism: Mechanism) -> Mechanism:
+def register(name: str, package: str, forward, vjp, check_inputs, spec: str, **options) -> Mechanism:
+    """Register mechanism ``name`` from its folder's ``__init__.py`` (``package`` is its ``__name__``).
+
+    ``options`` are the optional :class:`Mechanism` fields (``backends``,
+    ``positional``, ``implied_output``, ``state_held_fixed``).
+    """
+    mechanism = Mechanism(name, package, forward, vjp, check_inputs, spec, **options)
+    _document_dispatch_arguments(mechanism)
     if mechanism.backends[:1] != (REFERENCE,):
         raise RuntimeError(f"mechanism {mechanism.name!r}: backends must start with {REFERENCE!r}")
     if mechanism.name in _MECHANISMS and _MECHANISMS[mechanism.name] is not mechanism:
         raise RuntimeError(f"mechanism {mechanism.name!r} registered twice")
     _MECHANISMS[mechanism.name] = mechanism
     return mechanism
+
+
+def _document_dispatch_arguments(mechanism: Mechanism) -> None:
+    """Add ``precision`` and ``backend``, the registry's arguments, to the public function's docstring.
+
+    They mean the same for every mechanism, so they are written here once,
+    before "Returns", with the backends this mechanism has; a docstring that
+    documents them itself (a mechanism-specific note) is left as it is.
+    """
+    doc = mechanism.forward.__doc__
+    if not doc or "\n    precision :" in doc or "\n    Returns\n" not in doc:
+        return
+    kernels = [f"``{name!r}`` runs {mechanism.package.replace('.', '/')}/{name}.py" for name in mechanism.backends[1:]]
+    runs = ", ".join(kernels) + ", in the inputs' dtype (no ``precision``)" if kernels else "The reference alone"
+    names = ", ".join(repr(name) for name in mechanism.backends)
+    text = (
+        '    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics\n'
+        "        Evaluate the reference in that precision (tolerances only); the result is float64.\n"
+        f"    backend : {{{names}}}\n        {runs}.\n"
+    )
+    head, _, tail = doc.rpartition("\n    Returns\n")
+    mechanism.forward.__doc__ = f"{head.rstrip()}\n{text}\n    Returns\n{tail}"
 
 
 def names() -> list[str]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..core import registry
-from ..core.precision import Numerics, numerics
+from ..core.precision import Numerics
 from ..core.results import Cotangents, Grads, Result
 from ..core.shapes import repeat_kv_heads, sum_kv_heads, sum_to_shape
 from ..core.softcap import softcap, softcap_slope
@@ -25,22 +25,9 @@ from .inputs import DenseInputs
 
 
 def dense_attention(
-    q,
-    k,
-    v,
-    *,
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    dropout_keep=None,
-    dropout_p=0.0,
-    precision=None,
-    backend="reference",
-) -> Result:
+    q, k, v, *,
+    mask=None, bias=None, causal=False, causal_alignment="bottom_right", window=None,
+    scale=None, softcap=0.0, dropout_keep=None, dropout_p=0.0, precision=None, backend="reference") -> Result:
     """Scaled dot-product attention ``softmax(mask(bias + cap(scale * q kᵀ))) v``.
 
     Parameters
@@ -88,15 +75,9 @@ def forward(x: DenseInputs, num: Numerics) -> Result:
     return Result(out=steps["out"], lse=steps["lse"], aux={})
 
 
-def _forward_steps(x: DenseInputs, num: Numerics) -> dict:
-    """Steps (1)-(7) of spec/dense.md; returns every intermediate the VJP needs."""
-    group = x.shape.group
-    q = num.load(x.q)  # (B, Hq, Nq, D)
-    k = repeat_kv_heads(num.load(x.k), group)  # (B, Hq, Nk, D)
-    v = repeat_kv_heads(num.load(x.v), group)  # (B, Hq, Nk, Dv)
-
-    # (1) Scaled scores.
-    scores = num.store(x.scale * np.einsum("bhqd,bhkd->bhqk", q, k, optimize=True))  # (B, Hq, Nq, Nk)
+def scores_to_weights(scores: np.ndarray, x: DenseInputs, num: Numerics):
+    """Steps (2)-(6) from the scaled scores (B, Hq, Nq, Nk): the weights, the lse (B, Hq, Nq) and the
+    weights after dropout. Mechanisms that only change the scores (Shaw's relative keys) share them."""
     # (2) Soft-capping c * tanh(s / c), before bias and mask (Gemma 2's order).
     capped = num.store(softcap(scores, x.softcap)) if x.softcap > 0 else scores
     # (3) Additive bias (position biases, user bias).
@@ -107,15 +88,27 @@ def _forward_steps(x: DenseInputs, num: Numerics) -> dict:
     dropped = weights
     if x.dropout_keep is not None:
         dropped = num.store(np.where(x.dropout_keep, weights / (1.0 - x.dropout_p), 0.0))
+    return weights, lse, dropped
+
+
+def _forward_steps(x: DenseInputs, num: Numerics) -> dict:
+    """Steps (1)-(7) of spec/dense.md; returns every intermediate the VJP needs."""
+    group = x.shape.group
+    q = num.load(x.q)  # (B, Hq, Nq, D)
+    k = repeat_kv_heads(num.load(x.k), group)  # (B, Hq, Nk, D)
+    v = repeat_kv_heads(num.load(x.v), group)  # (B, Hq, Nk, Dv)
+
+    # (1) Scaled scores.
+    scores = num.store(x.scale * np.einsum("bhqd,bhkd->bhqk", q, k, optimize=True))  # (B, Hq, Nq, Nk)
+    # (2)-(6) Soft-cap, bias, mask, softmax, dropout.
+    weights, lse, dropped = scores_to_weights(scores, x, num)
     # (7) Weighted sum of values.
     out = num.store(np.einsum("bhqk,bhke->bhqe", dropped, v, optimize=True))  # (B, Hq, Nq, Dv)
     return dict(q=q, k=k, v=v, scores=scores, weights=weights, dropped=dropped, lse=lse, out=out)
 
 
 dense_attention_vjp = registry.vjp_function(
-    dense_attention,
-    "dense",
-    grads="""    ``q``, ``k``, ``v`` (shapes of the inputs) and ``bias`` (the bias's own
+    dense_attention, "dense", grads="""    ``q``, ``k``, ``v`` (shapes of the inputs) and ``bias`` (the bias's own
     shape, broadcast axes summed) when a bias was given. Masks and the
     keep-mask are not differentiable. Fully masked rows contribute 0.""",
 )

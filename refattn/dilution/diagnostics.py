@@ -118,18 +118,10 @@ class DiagnosticsInputs:
 
 
 def attention_diagnostics(
-    q,
-    k,
-    *,
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    top_k=DEFAULT_TOP_K,
-    relevant=None,
+    q, k, *,
+    top_k=DEFAULT_TOP_K, relevant=None,
+    mask=None, bias=None, causal=False, causal_alignment="bottom_right", window=None,
+    scale=None, softcap=0.0,
     backend="reference",
 ) -> Diagnostics:
     """Diagnostics of the attention weights ``softmax(mask(bias + cap(scale · q kᵀ)))``.

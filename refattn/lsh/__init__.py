@@ -33,17 +33,8 @@ def _implied_by_buckets(arguments: dict, aux: dict):
 
 
 MECHANISM = registry.register(
-    registry.Mechanism(
-        name="lsh",
-        package="refattn.lsh",
-        forward=lsh_attention,
-        vjp=lsh_attention_vjp,
-        check_inputs=check_lsh_inputs,
-        backends=("reference", "numba"),
-        spec="spec/lsh.md",
-        positional=("qk", "v"),
-        implied_output=_implied_by_buckets,
-    )
+    "lsh", __name__, lsh_attention, lsh_attention_vjp, check_lsh_inputs, "spec/lsh.md",
+    positional=("qk", "v"), implied_output=_implied_by_buckets
 )
 
 __all__ = [

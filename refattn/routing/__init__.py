@@ -35,28 +35,16 @@ from .soft.reference import (
 )
 
 
-def _register(name: str, package: str, forward, vjp, check_inputs, backends=("reference",)) -> registry.Mechanism:
-    return registry.register(
-        registry.Mechanism(
-            name=name,
-            package=package,
-            forward=forward,
-            vjp=vjp,
-            check_inputs=check_inputs,
-            backends=backends,
-            spec="spec/routing.md",
-        )
-    )
-
-
-MECHANISM = _register("routing", "refattn.routing", routing_attention, routing_attention_vjp, check_routing_inputs,
-                      backends=("reference", "numba"))  # fmt: skip
-HYBRID_MECHANISM = _register("routing_hybrid", "refattn.routing.hybrid", hybrid_attention, hybrid_attention_vjp,
-                             check_hybrid_inputs)  # fmt: skip
-SOFT_ROUTING_MECHANISM = _register("soft_routing", "refattn.routing.soft", soft_routing_attention,
-                                   soft_routing_attention_vjp, check_soft_routing_inputs)  # fmt: skip
-CENTROID_EMA_MECHANISM = _register("centroid_ema", "refattn.routing.centroids", centroid_ema, centroid_ema_vjp,
-                                   check_centroid_ema_inputs)  # fmt: skip
+MECHANISM = registry.register(
+    "routing", __name__, routing_attention, routing_attention_vjp, check_routing_inputs, "spec/routing.md"
+)
+HYBRID_MECHANISM = registry.register("routing_hybrid", f"{__name__}.hybrid", hybrid_attention, hybrid_attention_vjp,
+                                     check_hybrid_inputs, "spec/routing.md", backends=("reference",))  # fmt: skip
+SOFT_ROUTING_MECHANISM = registry.register("soft_routing", f"{__name__}.soft", soft_routing_attention,
+                                           soft_routing_attention_vjp, check_soft_routing_inputs, "spec/routing.md",
+                                           backends=("reference",))  # fmt: skip
+CENTROID_EMA_MECHANISM = registry.register("centroid_ema", f"{__name__}.centroids", centroid_ema, centroid_ema_vjp,
+                                           check_centroid_ema_inputs, "spec/routing.md", backends=("reference",))  # fmt: skip
 
 __all__ = [
     "CANONICAL",

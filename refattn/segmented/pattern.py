@@ -4,6 +4,8 @@ pattern"), checked through a VJP's zero pattern."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..core import checks
@@ -18,8 +20,15 @@ def self_attention_qkv(q, k, v):
     return q, k, v, shape
 
 
-class SelfAttentionOutputs:
-    """Mixin of the checked-inputs objects whose ``out`` is (B, Hq, N, Dv) and ``lse`` (B, Hq, N)."""
+@dataclass(frozen=True)
+class SelfAttentionInputs:
+    """The checked q, k, v of a self-attention mechanism of this family, whose ``out`` is (B, Hq, N, Dv)
+    and ``lse`` (B, Hq, N); each mechanism's checked inputs add their own fields."""
+
+    q: np.ndarray  # (B, Hq, N, D)
+    k: np.ndarray  # (B, Hkv, N, D)
+    v: np.ndarray  # (B, Hkv, N, Dv)
+    shape: checks.AttentionShape
 
     def cotangent_shapes(self) -> dict:
         s = self.shape

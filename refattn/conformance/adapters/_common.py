@@ -14,10 +14,20 @@ def split_result(value):
     return value, None
 
 
-def describe(fn, adapter: str) -> tuple[str, str]:
-    """``(module, qualname)`` naming the adapted function in reports, e.g. ``from_torch(sdpa)``."""
-    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-    return getattr(fn, "__module__", None) or "", f"{adapter}({name})"
+class FrameworkImplementation:
+    """A framework's function seen as a NumPy implementation; subclasses add ``__call__`` and ``vjp``.
+
+    Reports name it after the adapter and the function, e.g. ``from_torch(sdpa)``.
+    """
+
+    adapter = ""  # the public function that made it, e.g. "from_torch"
+
+    def __init__(self, fn, device, inputs: tuple[str, ...]):
+        self.fn = fn
+        self.device = device
+        self.inputs = inputs
+        self.__module__ = getattr(fn, "__module__", None) or ""
+        self.__qualname__ = f"{self.adapter}({getattr(fn, '__qualname__', None) or type(fn).__qualname__})"
 
 
 def named(inputs: tuple[str, ...], sequences: tuple) -> dict:

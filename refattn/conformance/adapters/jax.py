@@ -23,7 +23,7 @@ import contextlib
 import numpy as np
 
 from ...core.results import Result
-from ._common import describe, named, split_result
+from ._common import FrameworkImplementation, named, split_result
 
 
 def _jax():
@@ -59,14 +59,10 @@ def from_jax(fn, *, device=None, inputs=("q", "k", "v")) -> "JaxImplementation":
     return JaxImplementation(fn, device, tuple(inputs))
 
 
-class JaxImplementation:
+class JaxImplementation(FrameworkImplementation):
     """A JAX function seen as a NumPy implementation (see :func:`from_jax`)."""
 
-    def __init__(self, fn, device, inputs):
-        self.fn = fn
-        self.device = device
-        self.inputs = inputs
-        self.__module__, self.__qualname__ = describe(fn, "from_jax")
+    adapter = "from_jax"
 
     def __call__(self, *sequences, **kwargs) -> Result:
         with _precision_of(sequences[0]):

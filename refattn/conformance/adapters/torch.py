@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...core.results import Result
-from ._common import describe, named, split_result
+from ._common import FrameworkImplementation, named, split_result
 
 
 def _torch():
@@ -55,14 +55,10 @@ def from_torch(fn, *, device="cpu", inputs=("q", "k", "v")) -> "TorchImplementat
     return TorchImplementation(fn, device, tuple(inputs))
 
 
-class TorchImplementation:
+class TorchImplementation(FrameworkImplementation):
     """A torch function seen as a NumPy implementation (see :func:`from_torch`)."""
 
-    def __init__(self, fn, device, inputs):
-        self.fn = fn
-        self.device = device
-        self.inputs = inputs
-        self.__module__, self.__qualname__ = describe(fn, "from_torch")
+    adapter = "from_torch"
 
     def __call__(self, *sequences, **kwargs) -> Result:
         torch = _torch()

@@ -10,15 +10,8 @@ from .reference import (
 )
 
 MECHANISM = registry.register(
-    registry.Mechanism(
-        name="differential",
-        package="refattn.dilution.differential",
-        forward=differential_attention,
-        vjp=differential_attention_vjp,
-        check_inputs=check_differential_inputs,
-        backends=("reference", "numba"),
-        spec="spec/dilution.md",
-    )
+    "differential", __name__, differential_attention, differential_attention_vjp, check_differential_inputs, "spec/dilution.md",
+    
 )
 
 __all__ = ["differential_attention", "differential_attention_vjp", "lambda_init_from_depth", "key_heads"]

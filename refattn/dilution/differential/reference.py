@@ -380,30 +380,11 @@ def _add_map_heads(total: np.ndarray, map_grad: np.ndarray, c: int) -> None:
 
 
 def differential_attention(
-    q,
-    k,
-    v,
-    *,
-    lambda_q1,
-    lambda_k1,
-    lambda_q2,
-    lambda_k2,
-    lambda_init=None,
-    depth=None,
-    norm_weight=None,
-    norm_eps=1e-5,
-    apply_norm=True,
-    gqa_keys="paired",
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    precision=None,
-    backend="reference",
-) -> Result:
+    q, k, v, *,
+    lambda_q1, lambda_k1, lambda_q2, lambda_k2, lambda_init=None, depth=None, norm_weight=None, norm_eps=1e-5,
+    apply_norm=True, gqa_keys="paired",
+    mask=None, bias=None, causal=False, causal_alignment="bottom_right", window=None,
+    scale=None, softcap=0.0, precision=None, backend="reference") -> Result:
     """Differential attention: two softmax maps subtracted with a learned λ, then a per-head RMSNorm.
 
     Parameters
@@ -439,10 +420,6 @@ def differential_attention(
     causal, causal_alignment, window, scale, softcap
         As :func:`refattn.dense_attention`, applied to both maps; ``scale``
         defaults to ``1 / sqrt(D)``.
-    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
-        Evaluate in that precision (tolerances only); the result is float64.
-    backend : {"reference", "numba"}
-        ``"numba"`` runs refattn/dilution/differential/numba.py (no ``precision``).
 
     Returns
     -------
@@ -464,9 +441,7 @@ def forward(x: DifferentialInputs, num: Numerics) -> Result:
 
 
 differential_attention_vjp = registry.vjp_function(
-    differential_attention,
-    "differential",
-    grads="""    ``q``, ``k``, ``v``, ``lambda_q1``, ``lambda_k1``, ``lambda_q2``,
+    differential_attention, "differential", grads="""    ``q``, ``k``, ``v``, ``lambda_q1``, ``lambda_k1``, ``lambda_q2``,
     ``lambda_k2``, then ``norm_weight`` and ``bias`` (in the bias's own
     shape) when given. ``lambda_init`` and ``depth`` are constants. There
     is no ``dlse`` (``lse`` is None; ``aux["map_lse"]`` has no cotangent).""",

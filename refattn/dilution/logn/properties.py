@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...core.invariants import close, require
-from ...core.masks import position_mask
+from ...core.invariants import allowed_keys, close, require
 from ...dense.reference import dense_attention
 
 
@@ -53,15 +52,8 @@ def n_one_gives_uniform_weights(attend, q, k, v, params, rtol=1e-10):
     """
     require(params.get("bias") is None and params.get("dropout_keep") is None, "no bias and no dropout")
     result = attend(q, k, v, **dict(params, n=1))
-    nq, nk = q.shape[2], k.shape[2]
-    allowed = np.ones((nq, nk), bool)
-    by_position = position_mask(nq, nk, causal=params.get("causal", False), window=params.get("window"),
-                                alignment=params.get("causal_alignment", "bottom_right"))  # fmt: skip
-    if by_position is not None:
-        allowed = allowed & by_position
-    if params.get("mask") is not None:
-        allowed = allowed & params["mask"]
-    allowed = np.broadcast_to(allowed, q.shape[:3] + (nk,)).astype(np.float64)  # (B, Hq, Nq, Nk)
+    nk = k.shape[2]
+    allowed = allowed_keys(params, q.shape[:3] + (nk,)).astype(np.float64)  # (B, Hq, Nq, Nk)
     counts = allowed.sum(axis=-1)  # (B, Hq, Nq)
     values = np.repeat(v, q.shape[1] // k.shape[1], axis=1)  # (B, Hq, Nk, Dv)
     mean = np.einsum("bhqk,bhke->bhqe", allowed, values) / np.maximum(counts, 1)[..., None]

@@ -123,31 +123,15 @@ def _scaled_query(factor: np.ndarray, q: np.ndarray, num: Numerics) -> np.ndarra
 
 
 def logn_attention(
-    q,
-    k,
-    v,
-    *,
-    n=None,
-    training_length=None,
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    dropout_keep=None,
-    dropout_p=0.0,
-    precision=None,
-    backend="reference",
-) -> Result:
+    q, k, v, *,
+    n=None, training_length=None,
+    mask=None, bias=None, causal=False, causal_alignment="bottom_right", window=None,
+    scale=None, softcap=0.0, dropout_keep=None, dropout_p=0.0, precision=None, backend="reference") -> Result:
     """Log-n scaled attention: dense attention whose scaled scores are multiplied by ``log n``.
 
     Parameters
     ----------
-    q : ndarray (B, Hq, Nq, D)
-    k : ndarray (B, Hkv, Nk, D)
-    v : ndarray (B, Hkv, Nk, Dv)
+    q, k, v : ndarray (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv)
     n : int >= 1, optional
         The length whose natural log scales the logits, the same for every
         row; default ``Nk``. Not differentiated.
@@ -159,10 +143,6 @@ def logn_attention(
     mask, bias, causal, causal_alignment, window, scale, softcap, dropout_keep, dropout_p
         As :func:`refattn.dense_attention`. Masks do not change ``n``;
         ``bias`` is added after the soft-cap and is not multiplied.
-    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
-        Evaluate in that precision (tolerances only); the result is float64.
-    backend : {"reference", "numba"}
-        ``"numba"`` runs refattn/dilution/logn/numba.py (no ``precision``).
 
     Returns
     -------
@@ -184,9 +164,7 @@ def forward(x: LognInputs, num: Numerics) -> Result:
 
 
 logn_attention_vjp = registry.vjp_function(
-    logn_attention,
-    "logn",
-    grads="""    ``q``, ``k``, ``v`` and ``bias`` (its own shape) when a bias was
+    logn_attention, "logn", grads="""    ``q``, ``k``, ``v`` and ``bias`` (its own shape) when a bias was
     given. ``n`` is an integer: no gradient.""",
 )
 

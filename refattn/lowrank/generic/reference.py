@@ -53,9 +53,7 @@ def lowrank_attention(u, w, v, *, normalized=True, precision=None, backend="refe
 
 
 lowrank_attention_vjp = registry.vjp_function(
-    lowrank_attention,
-    "lowrank",
-    grads="""    ``u`` (B, H, Nq, r), ``w`` (B, H, r, Nk) and ``v`` (B, H, Nk, Dv).""",
+    lowrank_attention, "lowrank", grads="""    ``u`` (B, H, Nq, r), ``w`` (B, H, r, Nk) and ``v`` (B, H, Nk, Dv).""",
 )
 
 

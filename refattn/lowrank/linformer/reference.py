@@ -67,9 +67,7 @@ def linformer_attention(q, k, v, *, e, f=None, key_padding_mask=None, slice_proj
 
 
 linformer_attention_vjp = registry.vjp_function(
-    linformer_attention,
-    "linformer",
-    grads="""    ``q``, ``k``, ``v`` (shapes of the inputs), ``e`` and, when given, ``f``
+    linformer_attention, "linformer", grads="""    ``q``, ``k``, ``v`` (shapes of the inputs), ``e`` and, when given, ``f``
     (their own shapes; with ``f=None`` the gradient of E includes F's share).""",
 )
 

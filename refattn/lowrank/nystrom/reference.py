@@ -91,9 +91,7 @@ def nystrom_attention(q, k, v, *, num_landmarks, pinv_iterations=6, conv_kernel=
 
 
 nystrom_attention_vjp = registry.vjp_function(
-    nystrom_attention,
-    "nystrom",
-    grads="""    ``q``, ``k``, ``v`` and, when given, ``conv_kernel`` (shapes of the inputs).
+    nystrom_attention, "nystrom", grads="""    ``q``, ``k``, ``v`` and, when given, ``conv_kernel`` (shapes of the inputs).
     The maxima in Z₀'s norms hold their argmax fixed.""",
 )
 

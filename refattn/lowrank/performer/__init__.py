@@ -5,15 +5,7 @@ from .presets import PRESETS
 from .reference import check_inputs, implied_attention, orthogonal_features, performer_attention, performer_attention_vjp
 
 MECHANISM = registry.register(
-    registry.Mechanism(
-        name="performer",
-        package="refattn.lowrank.performer",
-        forward=performer_attention,
-        vjp=performer_attention_vjp,
-        check_inputs=check_inputs,
-        backends=("reference", "numba"),
-        spec="spec/low_rank.md",
-    )
+    "performer", __name__, performer_attention, performer_attention_vjp, check_inputs, "spec/low_rank.md"
 )
 
 __all__ = ["performer_attention", "performer_attention_vjp", "orthogonal_features", "implied_attention", "PRESETS"]

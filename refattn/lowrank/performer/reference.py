@@ -81,9 +81,7 @@ def performer_attention(q, k, v, *, omega, causal=False, preset=None, query_stab
 
 
 performer_attention_vjp = registry.vjp_function(
-    performer_attention,
-    "performer",
-    grads="""    ``q``, ``k``, ``v`` (shapes of the inputs). ω is a random draw, not
+    performer_attention, "performer", grads="""    ``q``, ``k``, ``v`` (shapes of the inputs). ω is a random draw, not
     differentiated; stabilising maxima are held fixed (as performer-pytorch's ``.detach()``).""",
 )
 

@@ -11,16 +11,8 @@ from .reference import (
 )
 
 MECHANISM = registry.register(
-    registry.Mechanism(
-        name="compressive",
-        package="refattn.memory.compressive",
-        forward=compressive_attention,
-        vjp=compressive_attention_vjp,
-        check_inputs=check_compressive_inputs,
-        backends=("reference", "numba"),
-        spec="spec/memory.md",
-        state_held_fixed=True,
-    )
+    "compressive", __name__, compressive_attention, compressive_attention_vjp, check_compressive_inputs, "spec/memory.md",
+    state_held_fixed=True
 )
 
 __all__ = [

@@ -136,34 +136,15 @@ def check_compressive_inputs(q, k, v, *, segment_len, mem_len, compressed_len, r
 
 
 def compressive_attention(
-    q,
-    k,
-    v,
-    *,
-    segment_len,
-    mem_len,
-    compressed_len,
-    rate,
-    compression="mean_pool",
-    memory_k=None,
-    memory_v=None,
-    compressed_k=None,
-    compressed_v=None,
-    memory_usage=None,
-    conv_weight_k=None,
-    conv_weight_v=None,
-    dilation=1,
-    scale=None,
-    precision=None,
-    backend="reference",
-) -> Result:
+    q, k, v, *,
+    segment_len, mem_len, compressed_len, rate, compression="mean_pool", memory_k=None, memory_v=None,
+    compressed_k=None, compressed_v=None, memory_usage=None, conv_weight_k=None, conv_weight_v=None, dilation=1,
+    scale=None, precision=None, backend="reference") -> Result:
     """Stream ``q, k, v`` through the Compressive Transformer's memory and compressed memory.
 
     Parameters
     ----------
-    q : ndarray (B, Hq, N, D)
-    k : ndarray (B, Hkv, N, D)
-    v : ndarray (B, Hkv, N, Dv)
+    q, k, v : ndarray (B, Hq, N, D), (B, Hkv, N, D), (B, Hkv, N, Dv)
     segment_len : int >= 1
         Tokens per step; the last segment may be shorter.
     mem_len : int >= 0
@@ -201,9 +182,7 @@ def compressive_attention(
 
 
 compressive_attention_vjp = registry.vjp_function(
-    compressive_attention,
-    "compressive",
-    grads="""    ``q``, ``k``, ``v`` (the stream's shapes): each step's gradient with
+    compressive_attention, "compressive", grads="""    ``q``, ``k``, ``v`` (the stream's shapes): each step's gradient with
     both memories held fixed (stop-gradient), summed over the steps. The
     convolution weights get none here (they act only on later steps' state);
     they are trained by :func:`attention_reconstruction_loss`.""",

@@ -98,29 +98,15 @@ def check_infini_inputs(q, k, v, *, segment_len, beta, memory, norm, update, eps
 
 
 def infini_attention(
-    q,
-    k,
-    v,
-    *,
-    segment_len,
-    beta,
-    memory=None,
-    norm=None,
-    update="linear",
-    eps=0.0,
-    feature_map="elu_plus_one",
+    q, k, v, *,
+    segment_len, beta, memory=None, norm=None, update="linear", eps=0.0, feature_map="elu_plus_one",
     update_order="retrieve_first",
-    scale=None,
-    precision=None,
-    backend="reference",
-) -> Result:
+    scale=None, precision=None, backend="reference") -> Result:
     """Stream ``q, k, v`` through Infini-attention: compressive linear memory mixed with local attention.
 
     Parameters
     ----------
-    q : ndarray (B, Hq, N, D)
-    k : ndarray (B, Hkv, N, D)
-    v : ndarray (B, Hkv, N, Dv)
+    q, k, v : ndarray (B, Hq, N, D), (B, Hkv, N, D), (B, Hkv, N, Dv)
     segment_len : int >= 1
         Tokens per segment; the last may be shorter.
     beta : ndarray (Hq,)
@@ -152,9 +138,7 @@ def infini_attention(
 
 
 infini_attention_vjp = registry.vjp_function(
-    infini_attention,
-    "infini",
-    grads="""    ``q``, ``k``, ``v`` (the stream's shapes) and ``beta`` (Hq,): each
+    infini_attention, "infini", grads="""    ``q``, ``k``, ``v`` (the stream's shapes) and ``beta`` (Hq,): each
     segment's gradient with its incoming memory held fixed (stop-gradient),
     summed over the segments. With ``retrieve_first`` a key and value reach
     the output only through local attention; with ``update_first`` also

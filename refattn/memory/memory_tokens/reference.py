@@ -85,30 +85,15 @@ def check_memory_token_inputs(q, k, v, *, segment_len, memory, w_q, w_k, w_v, po
 
 
 def memory_token_attention(
-    q,
-    k,
-    v,
-    *,
-    segment_len,
-    memory,
-    w_q,
-    w_k,
-    w_v,
-    positions="sequential",
-    memory_mask="causal",
-    rotary_dim=None,
+    q, k, v, *,
+    segment_len, memory, w_q, w_k, w_v, positions="sequential", memory_mask="causal", rotary_dim=None,
     rope_base=10000.0,
-    scale=None,
-    precision=None,
-    backend="reference",
-) -> Result:
+    scale=None, precision=None, backend="reference") -> Result:
     """Stream ``q, k, v`` through read/write memory tokens (RMT) at one attention layer.
 
     Parameters
     ----------
-    q : ndarray (B, Hq, N, D)
-    k : ndarray (B, Hkv, N, D)
-    v : ndarray (B, Hkv, N, Dv)
+    q, k, v : ndarray (B, Hq, N, D), (B, Hkv, N, D), (B, Hkv, N, Dv)
     segment_len : int >= 1
         ``L``; must divide ``N`` (every wrapped segment has ``2m + L`` tokens).
     memory : ndarray (B, m, E), ``E = Hq * Dv``
@@ -138,9 +123,7 @@ def memory_token_attention(
 
 
 memory_token_attention_vjp = registry.vjp_function(
-    memory_token_attention,
-    "memory_tokens",
-    grads="""    ``q``, ``k``, ``v`` (the stream's shapes) and ``w_q``, ``w_k``, ``w_v``:
+    memory_token_attention, "memory_tokens", grads="""    ``q``, ``k``, ``v`` (the stream's shapes) and ``w_q``, ``w_k``, ``w_v``:
     each segment's gradient with its incoming memory held fixed
     (stop-gradient: no backpropagation through time), summed over the
     segments. The initial memory gets none.""",

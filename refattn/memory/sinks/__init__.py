@@ -4,16 +4,7 @@ from ...core import registry
 from .reference import check_sink_inputs, sink_attention, sink_attention_vjp, sink_step
 
 MECHANISM = registry.register(
-    registry.Mechanism(
-        name="sinks",
-        package="refattn.memory.sinks",
-        forward=sink_attention,
-        vjp=sink_attention_vjp,
-        check_inputs=check_sink_inputs,
-        backends=("reference", "numba"),
-        spec="spec/memory.md",
-        state_held_fixed=True,
-    )
+    "sinks", __name__, sink_attention, sink_attention_vjp, check_sink_inputs, "spec/memory.md", state_held_fixed=True
 )
 
 __all__ = ["sink_attention", "sink_attention_vjp", "sink_step"]

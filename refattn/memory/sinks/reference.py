@@ -84,24 +84,10 @@ def check_sink_inputs(q, k, v, *, sink_count, recent_size, segment_len, position
 
 
 def sink_attention(
-    q,
-    k,
-    v,
-    *,
-    sink_count,
-    recent_size,
-    segment_len=1,
-    positions="cache",
-    cache_k=None,
-    cache_v=None,
-    cache_positions=None,
-    rotary_dim=None,
-    rope_base=10000.0,
-    rope_layout="half",
-    scale=None,
-    precision=None,
-    backend="reference",
-) -> Result:
+    q, k, v, *,
+    sink_count, recent_size, segment_len=1, positions="cache", cache_k=None, cache_v=None, cache_positions=None,
+    rotary_dim=None, rope_base=10000.0, rope_layout="half",
+    scale=None, precision=None, backend="reference") -> Result:
     """Stream ``q, k, v`` through a cache of attention sinks and recent tokens (StreamingLLM).
 
     Parameters
@@ -142,9 +128,7 @@ def sink_attention(
 
 
 sink_attention_vjp = registry.vjp_function(
-    sink_attention,
-    "sinks",
-    grads="""    ``q``, ``k``, ``v``: each step's gradient with its incoming cache held
+    sink_attention, "sinks", grads="""    ``q``, ``k``, ``v``: each step's gradient with its incoming cache held
     fixed (stop-gradient), summed over the steps: a key gets gradient only
     from the queries of its own step. The initial cache gets none.""",
 )

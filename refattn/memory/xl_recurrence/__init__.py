@@ -9,16 +9,8 @@ from .reference import (
 )
 
 MECHANISM = registry.register(
-    registry.Mechanism(
-        name="xl_recurrence",
-        package="refattn.memory.xl_recurrence",
-        forward=xl_recurrence_attention,
-        vjp=xl_recurrence_attention_vjp,
-        check_inputs=check_xl_recurrence_inputs,
-        backends=("reference", "numba"),
-        spec="spec/memory.md",
-        state_held_fixed=True,
-    )
+    "xl_recurrence", __name__, xl_recurrence_attention, xl_recurrence_attention_vjp, check_xl_recurrence_inputs, "spec/memory.md",
+    state_held_fixed=True
 )
 
 __all__ = ["xl_recurrence_attention", "xl_recurrence_attention_vjp", "xl_recurrence_step"]

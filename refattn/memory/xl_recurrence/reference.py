@@ -86,23 +86,10 @@ def check_xl_recurrence_inputs(q, k, v, *, segment_len, mem_len, memory_k, memor
 
 
 def xl_recurrence_attention(
-    q,
-    k,
-    v,
-    *,
-    segment_len,
-    mem_len,
-    memory_k=None,
-    memory_v=None,
-    same_length=False,
-    hf_zero_memory=False,
-    r=None,
-    u=None,
+    q, k, v, *,
+    segment_len, mem_len, memory_k=None, memory_v=None, same_length=False, hf_zero_memory=False, r=None, u=None,
     v_bias=None,
-    scale=None,
-    precision=None,
-    backend="reference",
-) -> Result:
+    scale=None, precision=None, backend="reference") -> Result:
     """Stream ``q, k, v`` through Transformer-XL's segment recurrence: the outputs of every step, and the final memory.
 
     Parameters
@@ -144,9 +131,7 @@ def xl_recurrence_attention(
 
 
 xl_recurrence_attention_vjp = registry.vjp_function(
-    xl_recurrence_attention,
-    "xl_recurrence",
-    grads="""    ``q``, ``k``, ``v`` (the stream's shapes) and, with relative scores,
+    xl_recurrence_attention, "xl_recurrence", grads="""    ``q``, ``k``, ``v`` (the stream's shapes) and, with relative scores,
     ``r``, ``u``, ``v_bias``: each step's gradient with its incoming memory
     held fixed (stop-gradient, as the original's ``_update_mems`` runs under
     ``no_grad``), summed over the steps. A key therefore gets gradient only

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...core.invariants import close, require
-from ...core.masks import position_mask
+from ...core.invariants import allowed_keys, close, require, shifted_positions_change_nothing
 from .reference import alibi_slopes
 
 
@@ -30,10 +29,7 @@ def _slopes(q, params) -> np.ndarray:
 def position_shift_invariance(attend, q, k, v, params, shift=1000, rtol=1e-10):
     """Adding the same integer to every query and key position changes nothing: the
     bias depends on the positions only through ``p_j − p_i``."""
-    shifted = dict(params, q_positions=params["q_positions"] + shift, k_positions=params["k_positions"] + shift)
-    base, moved = attend(q, k, v, **params), attend(q, k, v, **shifted)
-    close("out", moved.out, base.out, rtol)
-    close("lse", moved.lse, base.lse, rtol)
+    shifted_positions_change_nothing(attend, q, k, v, params, shift, rtol)
 
 
 def key_only_shortcut(attend, q, k, v, params, rtol=1e-10):
@@ -64,21 +60,14 @@ def identical_keys_give_distance_weights(attend, q, k, v, params, rtol=1e-10):
     equal). Uses key 0 of each head as the common key.
     """
     require(params.get("bias") is None and params.get("dropout_keep") is None, "no bias and no dropout")
-    nq, nk = q.shape[2], k.shape[2]
+    nk = k.shape[2]
     same_k = np.broadcast_to(k[:, :, :1], k.shape).copy()
     result = attend(q, same_k, v, **params)
     distance = params["k_positions"][None, :] - params["q_positions"][:, None]  # (Nq, Nk)
     if params.get("form", "causal") == "symmetric":
         distance = -np.abs(distance)
     logits = _slopes(q, params)[:, None, None] * distance  # (Hq, Nq, Nk)
-    allowed = np.ones((nq, nk), bool)
-    by_position = position_mask(nq, nk, causal=params.get("causal", False), window=params.get("window"),
-                                alignment=params.get("causal_alignment", "bottom_right"))  # fmt: skip
-    if by_position is not None:
-        allowed = allowed & by_position
-    if params.get("mask") is not None:
-        allowed = allowed & params["mask"]
-    allowed = np.broadcast_to(allowed, result.lse.shape + (nk,))  # (B, Hq, Nq, Nk)
+    allowed = allowed_keys(params, result.lse.shape + (nk,))  # (B, Hq, Nq, Nk)
     masked = np.where(allowed, logits, -np.inf)
     top = np.max(masked, axis=-1, keepdims=True)
     weights = np.where(allowed, np.exp(masked - np.where(np.isfinite(top), top, 0.0)), 0.0)

@@ -165,33 +165,15 @@ def check_alibi_inputs(q, k, v, *, q_positions, k_positions, slopes, form, **den
 
 
 def alibi_attention(
-    q,
-    k,
-    v,
-    *,
-    q_positions,
-    k_positions,
-    slopes=None,
-    form="causal",
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    dropout_keep=None,
-    dropout_p=0.0,
-    precision=None,
-    backend="reference",
-) -> Result:
+    q, k, v, *,
+    q_positions, k_positions, slopes=None, form="causal",
+    mask=None, bias=None, causal=False, causal_alignment="bottom_right", window=None,
+    scale=None, softcap=0.0, dropout_keep=None, dropout_p=0.0, precision=None, backend="reference") -> Result:
     """Attention with linear biases: dense attention whose logits get ``m_h · δ_ij``.
 
     Parameters
     ----------
-    q : ndarray (B, Hq, Nq, D)
-    k : ndarray (B, Hkv, Nk, D)
-    v : ndarray (B, Hkv, Nk, Dv)
+    q, k, v : ndarray (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv)
     q_positions : int ndarray (Nq,)
         Position of each query in its sequence (required; cached decoding
         passes ``Nk − Nq + arange(Nq)``).
@@ -205,10 +187,6 @@ def alibi_attention(
     mask, bias, causal, causal_alignment, window, scale, softcap, dropout_keep, dropout_p
         As :func:`refattn.dense_attention`. ``bias`` is added to the ALiBi bias;
         masks and causal alignment are by index, as in dense attention.
-    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
-        Evaluate in that precision (tolerances only); the result is float64.
-    backend : {"reference", "numba"}
-        ``"numba"`` runs refattn/position/alibi/numba.py (no ``precision``).
 
     Returns
     -------
@@ -220,9 +198,7 @@ def alibi_attention(
 
 
 alibi_attention_vjp = registry.vjp_function(
-    alibi_attention,
-    "alibi",
-    grads="""    ``q``, ``k``, ``v``, and ``bias`` (the bias's own shape) when a bias
+    alibi_attention, "alibi", grads="""    ``q``, ``k``, ``v``, and ``bias`` (the bias's own shape) when a bias
     was given. Slopes and positions are constants: no gradient.""",
 )
 

@@ -243,35 +243,15 @@ def apply_rope(x, positions, *, rotary_dim=None, base=10000.0, position_scale=1.
 
 
 def rope_attention(
-    q,
-    k,
-    v,
-    *,
-    q_positions,
-    k_positions,
-    rotary_dim=None,
-    base=10000.0,
-    position_scale=1.0,
-    layout="half",
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    dropout_keep=None,
-    dropout_p=0.0,
-    precision=None,
-    backend="reference",
-) -> Result:
+    q, k, v, *,
+    q_positions, k_positions, rotary_dim=None, base=10000.0, position_scale=1.0, layout="half",
+    mask=None, bias=None, causal=False, causal_alignment="bottom_right", window=None,
+    scale=None, softcap=0.0, dropout_keep=None, dropout_p=0.0, precision=None, backend="reference") -> Result:
     """Attention over queries and keys rotated by RoPE: ``dense(R(θ_q) q, R(θ_k) k, v)``.
 
     Parameters
     ----------
-    q : ndarray (B, Hq, Nq, D)
-    k : ndarray (B, Hkv, Nk, D)
-    v : ndarray (B, Hkv, Nk, Dv)
+    q, k, v : ndarray (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv)
     q_positions : int ndarray (Nq,)
         Position of each query (required; for cached decoding ``Nk − Nq + arange(Nq)``).
     k_positions : int ndarray (Nk,)
@@ -295,9 +275,7 @@ def rope_attention(
 
 
 rope_attention_vjp = registry.vjp_function(
-    rope_attention,
-    "rope",
-    grads="""    ``q``, ``k``, ``v`` and, when a bias was given, ``bias`` (its own shape).
+    rope_attention, "rope", grads="""    ``q``, ``k``, ``v`` and, when a bias was given, ``bias`` (its own shape).
     Dense attention's VJP gives the gradients of the rotated q and k; each is
     rotated back by the transposed rotation ``R(θ)ᵀ = R(−θ)`` (the rotation is
     orthogonal and linear in q, k). Positions are integers: no gradient.""",

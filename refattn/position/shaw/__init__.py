@@ -5,15 +5,7 @@ from .inputs import check_shaw_inputs
 from .reference import relative_index, shaw_attention, shaw_attention_vjp
 
 MECHANISM = registry.register(
-    registry.Mechanism(
-        name="shaw",
-        package="refattn.position.shaw",
-        forward=shaw_attention,
-        vjp=shaw_attention_vjp,
-        check_inputs=check_shaw_inputs,
-        backends=("reference", "numba"),
-        spec="spec/position.md",
-    )
+    "shaw", __name__, shaw_attention, shaw_attention_vjp, check_shaw_inputs, "spec/position.md"
 )
 
 __all__ = ["relative_index", "shaw_attention", "shaw_attention_vjp"]

@@ -32,8 +32,8 @@ from ...core import checks, registry
 from ...core.precision import Numerics
 from ...core.results import Cotangents, Grads, Result
 from ...core.shapes import repeat_kv_heads, sum_kv_heads, sum_to_shape
-from ...core.softcap import softcap, softcap_slope
-from ...core.softmax import masked_softmax
+from ...core.softcap import softcap_slope
+from ...dense import reference as dense_reference
 from .inputs import ShawInputs, check_clip_distance
 
 
@@ -64,27 +64,10 @@ def _relative_index(q_positions: np.ndarray, k_positions: np.ndarray, clip: int)
 
 
 def shaw_attention(
-    q,
-    k,
-    v,
-    *,
-    rel_k,
-    rel_v,
-    q_positions,
-    k_positions,
-    max_relative_position,
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    dropout_keep=None,
-    dropout_p=0.0,
-    precision=None,
-    backend="reference",
-) -> Result:
+    q, k, v, *,
+    rel_k, rel_v, q_positions, k_positions, max_relative_position,
+    mask=None, bias=None, causal=False, causal_alignment="bottom_right", window=None,
+    scale=None, softcap=0.0, dropout_keep=None, dropout_p=0.0, precision=None, backend="reference") -> Result:
     """Attention with Shaw relative position representations on keys and values.
 
     Parameters
@@ -146,16 +129,8 @@ def _forward_steps(x: ShawInputs, num: Numerics) -> dict:
     content = num.store(np.einsum("bhqd,bhkd->bhqk", q, k, optimize=True))  # (B, Hq, Nq, Nk)
     position = num.store(np.einsum("bhqd,qkd->bhqk", q, rel_k, optimize=True))  # (B, Hq, Nq, Nk)
     scores = num.store(d.scale * (content + position))
-    # (2) Soft-capping c * tanh(s / c), before bias and mask.
-    capped = num.store(softcap(scores, d.softcap)) if d.softcap > 0 else scores
-    # (3) Additive bias.
-    logits = capped if d.bias is None else num.store(capped + num.load(d.bias))
-    # (4)-(5) Mask (exactly -inf), softmax and its log-sum-exp.
-    weights, lse = masked_softmax(logits, d.allowed(), num)  # (B, Hq, Nq, Nk), (B, Hq, Nq)
-    # (6) Dropout: keep-mask, survivors scaled by 1 / (1 - p).
-    dropped = weights
-    if d.dropout_keep is not None:
-        dropped = num.store(np.where(d.dropout_keep, weights / (1.0 - d.dropout_p), 0.0))
+    # (2)-(6) Soft-cap, bias, mask, softmax and dropout, as dense attention's.
+    weights, lse, dropped = dense_reference.scores_to_weights(scores, d, num)
     # (7) Weighted sum of values, each plus its relative value row (Shaw eq. 3);
     #     the dropped weights multiply both terms.
     content_out = num.store(np.einsum("bhqk,bhke->bhqe", dropped, v, optimize=True))  # (B, Hq, Nq, Dv)
@@ -168,9 +143,7 @@ def _forward_steps(x: ShawInputs, num: Numerics) -> dict:
 
 
 shaw_attention_vjp = registry.vjp_function(
-    shaw_attention,
-    "shaw",
-    grads="""    ``q``, ``k``, ``v``, ``rel_k``, ``rel_v`` (shapes of the inputs) and
+    shaw_attention, "shaw", grads="""    ``q``, ``k``, ``v``, ``rel_k``, ``rel_v`` (shapes of the inputs) and
     ``bias`` (its own shape) when a bias was given. A table row's gradient
     sums over every batch element, head and (query, key) pair that reads
     it. Positions, masks and the keep-mask are not differentiable. Fully

@@ -3,16 +3,6 @@
 from ...core import registry
 from .reference import check_t5_inputs, relative_position_bucket, t5_attention, t5_attention_vjp, t5_bias
 
-MECHANISM = registry.register(
-    registry.Mechanism(
-        name="t5",
-        package="refattn.position.t5",
-        forward=t5_attention,
-        vjp=t5_attention_vjp,
-        check_inputs=check_t5_inputs,
-        backends=("reference", "numba"),
-        spec="spec/position.md",
-    )
-)
+MECHANISM = registry.register("t5", __name__, t5_attention, t5_attention_vjp, check_t5_inputs, "spec/position.md")
 
 __all__ = ["relative_position_bucket", "t5_bias", "t5_attention", "t5_attention_vjp"]

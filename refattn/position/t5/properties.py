@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...core.invariants import close
+from ...core.invariants import close, shifted_positions_change_nothing
 
 
 def position_shift_invariance(attend, q, k, v, params, shift=1000, rtol=1e-10):
     """Adding the same integer to every query and key position changes nothing: the
     buckets depend on the positions only through ``p_j − p_i``."""
-    shifted = dict(params, q_positions=params["q_positions"] + shift, k_positions=params["k_positions"] + shift)
-    base, moved = attend(q, k, v, **params), attend(q, k, v, **shifted)
-    close("out", moved.out, base.out, rtol)
-    close("lse", moved.lse, base.lse, rtol)
+    shifted_positions_change_nothing(attend, q, k, v, params, shift, rtol)
 
 
 def constant_table_shifts_lse(attend, q, k, v, params, rtol=1e-10):

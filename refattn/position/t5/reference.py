@@ -270,35 +270,15 @@ def check_t5_inputs(q, k, v, *, table, q_positions, k_positions, bidirectional, 
 
 
 def t5_attention(
-    q,
-    k,
-    v,
-    *,
-    table,
-    q_positions,
-    k_positions,
-    bidirectional=True,
-    num_buckets=32,
-    max_distance=128,
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    dropout_keep=None,
-    dropout_p=0.0,
-    precision=None,
-    backend="reference",
-) -> Result:
+    q, k, v, *,
+    table, q_positions, k_positions, bidirectional=True, num_buckets=32, max_distance=128,
+    mask=None, bias=None, causal=False, causal_alignment="bottom_right", window=None,
+    scale=None, softcap=0.0, dropout_keep=None, dropout_p=0.0, precision=None, backend="reference") -> Result:
     """Dense attention whose logits get T5's learned bias ``table[bucket(p_j − p_i), h]``.
 
     Parameters
     ----------
-    q : ndarray (B, Hq, Nq, D)
-    k : ndarray (B, Hkv, Nk, D)
-    v : ndarray (B, Hkv, Nk, Dv)
+    q, k, v : ndarray (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv)
     table : ndarray (num_buckets, Hq)
         The learned bias of each bucket and query head (HF's
         ``relative_attention_bias.weight``). Differentiable.
@@ -331,9 +311,7 @@ def t5_attention(
 
 
 t5_attention_vjp = registry.vjp_function(
-    t5_attention,
-    "t5",
-    grads="""    ``q``, ``k``, ``v``, ``table`` (num_buckets, Hq): the bias gradient summed
+    t5_attention, "t5", grads="""    ``q``, ``k``, ``v``, ``table`` (num_buckets, Hq): the bias gradient summed
     over the batch and over every (query, key) pair in each bucket, and
     ``bias`` (its own shape) when a bias was given. Buckets are held fixed.""",
 )

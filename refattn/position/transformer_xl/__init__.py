@@ -11,15 +11,8 @@ from .reference import (
 )
 
 MECHANISM = registry.register(
-    registry.Mechanism(
-        name="transformer_xl",
-        package="refattn.position.transformer_xl",
-        forward=transformer_xl_attention,
-        vjp=transformer_xl_attention_vjp,
-        check_inputs=check_transformer_xl_inputs,
-        backends=("reference", "numba"),
-        spec="spec/position.md",
-    )
+    "transformer_xl", __name__, transformer_xl_attention, transformer_xl_attention_vjp, check_transformer_xl_inputs, "spec/position.md",
+    
 )
 
 __all__ = [

@@ -185,27 +185,10 @@ def _position_term(q_position, r, selection, num: Numerics) -> tuple[np.ndarray,
 
 
 def transformer_xl_attention(
-    q,
-    k,
-    v,
-    *,
-    r,
-    u,
-    v_bias,
-    q_positions,
-    k_positions,
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    dropout_keep=None,
-    dropout_p=0.0,
-    precision=None,
-    backend="reference",
-) -> Result:
+    q, k, v, *,
+    r, u, v_bias, q_positions, k_positions,
+    mask=None, bias=None, causal=False, causal_alignment="bottom_right", window=None,
+    scale=None, softcap=0.0, dropout_keep=None, dropout_p=0.0, precision=None, backend="reference") -> Result:
     """Attention with Transformer-XL's relative scores ``scale * ((q + u) kᵀ + position term)``.
 
     Parameters
@@ -299,9 +282,7 @@ def _over_logits(x: TransformerXLInputs, logits: np.ndarray) -> DenseInputs:
 
 
 transformer_xl_attention_vjp = registry.vjp_function(
-    transformer_xl_attention,
-    "transformer_xl",
-    grads="""    ``q``, ``k``, ``v``, ``r``, ``u``, ``v_bias`` (shapes of the inputs)
+    transformer_xl_attention, "transformer_xl", grads="""    ``q``, ``k``, ``v``, ``r``, ``u``, ``v_bias`` (shapes of the inputs)
     and ``bias`` (its own shape) when a bias was given. Positions, masks
     and the keep-mask are not differentiable. Row ``t`` of ``dr`` sums
     the pairs that read row ``t``, over the batch.""",

@@ -4,15 +4,7 @@ from ...core import registry
 from .reference import apply_xpos, check_xpos_inputs, xpos_attention, xpos_attention_vjp, xpos_scales
 
 MECHANISM = registry.register(
-    registry.Mechanism(
-        name="xpos",
-        package="refattn.position.xpos",
-        forward=xpos_attention,
-        vjp=xpos_attention_vjp,
-        check_inputs=check_xpos_inputs,
-        backends=("reference", "numba"),
-        spec="spec/position.md",
-    )
+    "xpos", __name__, xpos_attention, xpos_attention_vjp, check_xpos_inputs, "spec/position.md"
 )
 
 __all__ = ["xpos_scales", "apply_xpos", "xpos_attention", "xpos_attention_vjp"]

@@ -240,36 +240,15 @@ def _transform_transposed(g: np.ndarray, tables, rope: RopeParams, num: Numerics
 
 
 def xpos_attention(
-    q,
-    k,
-    v,
-    *,
-    q_positions,
-    k_positions,
-    rotary_dim=None,
-    base=10000.0,
-    scale_base=512.0,
-    gamma=0.4,
-    layout="half",
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    dropout_keep=None,
-    dropout_p=0.0,
-    precision=None,
-    backend="reference",
-) -> Result:
+    q, k, v, *,
+    q_positions, k_positions, rotary_dim=None, base=10000.0, scale_base=512.0, gamma=0.4, layout="half",
+    mask=None, bias=None, causal=False, causal_alignment="bottom_right", window=None,
+    scale=None, softcap=0.0, dropout_keep=None, dropout_p=0.0, precision=None, backend="reference") -> Result:
     """Attention over xPos-transformed queries (upscaled) and keys (downscaled).
 
     Parameters
     ----------
-    q : ndarray (B, Hq, Nq, D)
-    k : ndarray (B, Hkv, Nk, D)
-    v : ndarray (B, Hkv, Nk, Dv)
+    q, k, v : ndarray (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv)
     q_positions : int ndarray (Nq,)
         Position of each query (required; for cached decoding ``Nk − Nq + arange(Nq)``).
     k_positions : int ndarray (Nk,)
@@ -289,9 +268,7 @@ def xpos_attention(
 
 
 xpos_attention_vjp = registry.vjp_function(
-    xpos_attention,
-    "xpos",
-    grads="""    ``q``, ``k``, ``v`` and, when a bias was given, ``bias`` (its own shape).
+    xpos_attention, "xpos", grads="""    ``q``, ``k``, ``v`` and, when a bias was given, ``bias`` (its own shape).
     The transform of q is ``q~ = S R q`` with ``S`` the diagonal scaling and
     ``R`` the rotation, so ``dq = Rᵀ S dq~`` (likewise k, with its own ``S``).
     Positions, ``gamma`` and ``scale_base`` get no gradient.""",

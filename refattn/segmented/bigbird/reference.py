@@ -51,7 +51,7 @@ from ...core.precision import Numerics
 from ...core.presets import FROM_PRESET
 from ...core.results import Cotangents, Grads, Result
 from ...dense import dense_attention, dense_attention_vjp
-from ..pattern import SelfAttentionOutputs, self_attention_qkv
+from ..pattern import SelfAttentionInputs, self_attention_qkv
 
 #: preset -> (count_repeated_blocks, short_sequence_full, random_blocks_avoid_pattern)
 PRESETS = {None: (False, False, False), "hf": (True, True, False), "hf_train": (True, True, True)}
@@ -59,21 +59,10 @@ PRESET_PARAMETERS = ("count_repeated_blocks", "short_sequence_full", "random_blo
 
 
 def bigbird_attention(
-    q,
-    k,
-    v,
-    *,
-    block_size,
-    random_blocks=None,
-    extra_global_tokens=0,
-    preset=None,
-    count_repeated_blocks=FROM_PRESET,
-    short_sequence_full=FROM_PRESET,
-    random_blocks_avoid_pattern=FROM_PRESET,
-    scale=None,
-    precision=None,
-    backend="reference",
-) -> Result:
+    q, k, v, *,
+    block_size, random_blocks=None, extra_global_tokens=0, preset=None, count_repeated_blocks=FROM_PRESET,
+    short_sequence_full=FROM_PRESET, random_blocks_avoid_pattern=FROM_PRESET,
+    scale=None, precision=None, backend="reference") -> Result:
     """BigBird block-sparse attention (ITC or ETC): global, sliding and given random blocks.
 
     Parameters
@@ -115,20 +104,14 @@ def bigbird_attention(
 
 
 bigbird_attention_vjp = registry.vjp_function(
-    bigbird_attention,
-    "bigbird",
-    grads="""    ``q``, ``k``, ``v``, shapes of the inputs.""",
+    bigbird_attention, "bigbird", grads="""    ``q``, ``k``, ``v``, shapes of the inputs.""",
 )
 
 
 @dataclass(frozen=True)
-class BigBirdInputs(SelfAttentionOutputs):
+class BigBirdInputs(SelfAttentionInputs):
     """Checked arguments of :func:`bigbird_attention`."""
 
-    q: np.ndarray
-    k: np.ndarray
-    v: np.ndarray
-    shape: checks.AttentionShape
     block_size: int
     random_blocks: np.ndarray  # (Hq, len(random_query_blocks), r) int64
     extra_global_tokens: int

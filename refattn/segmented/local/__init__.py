@@ -4,15 +4,7 @@ from ...core import registry
 from .reference import check_local_inputs, local_attention, local_attention_vjp
 
 MECHANISM = registry.register(
-    registry.Mechanism(
-        name="local",
-        package="refattn.segmented.local",
-        forward=local_attention,
-        vjp=local_attention_vjp,
-        check_inputs=check_local_inputs,
-        backends=("reference", "numba"),
-        spec="spec/segmented.md",
-    )
+    "local", __name__, local_attention, local_attention_vjp, check_local_inputs, "spec/segmented.md"
 )
 
 __all__ = ["local_attention", "local_attention_vjp"]

@@ -46,7 +46,7 @@ from ...core.shapes import repeat_kv_heads, sum_kv_heads
 from ...core.softmax import merge
 from ...dense import dense_attention, dense_attention_vjp
 from ...position import apply_rope
-from ..pattern import SelfAttentionOutputs, merge_cotangents, self_attention_qkv
+from ..pattern import SelfAttentionInputs, merge_cotangents, self_attention_qkv
 
 #: preset -> (attend_padding, rotary_query_shift)
 PRESETS = {None: (False, False), "lucidrains": (True, True)}
@@ -54,33 +54,16 @@ L2NORM_EPS = 1e-12  # torch.nn.functional.normalize's default eps
 
 
 def local_attention(
-    q,
-    k,
-    v,
-    *,
-    window_size,
+    q, k, v, *,
+    window_size, look_backward=1, look_forward=None, exact_windowsize=False, shared_qk=False, self_score=-5e4,
+    rotary=False, autopad=False, preset=None, attend_padding=FROM_PRESET, rotary_query_shift=FROM_PRESET,
     causal=False,
-    look_backward=1,
-    look_forward=None,
-    exact_windowsize=False,
-    shared_qk=False,
-    self_score=-5e4,
-    rotary=False,
-    autopad=False,
-    preset=None,
-    attend_padding=FROM_PRESET,
-    rotary_query_shift=FROM_PRESET,
-    scale=None,
-    precision=None,
-    backend="reference",
-) -> Result:
+    scale=None, precision=None, backend="reference") -> Result:
     """Blocked local attention with look-around (lucidrains' ``LocalAttention``).
 
     Parameters
     ----------
-    q : ndarray (B, Hq, N, D)
-    k : ndarray (B, Hkv, N, D)
-    v : ndarray (B, Hkv, N, Dv)
+    q, k, v : ndarray (B, Hq, N, D), (B, Hkv, N, D), (B, Hkv, N, Dv)
     window_size : int >= 1
         ``ws``: block length; N must be a multiple unless ``autopad``.
     causal : bool
@@ -119,20 +102,14 @@ def local_attention(
 
 
 local_attention_vjp = registry.vjp_function(
-    local_attention,
-    "local",
-    grads="""    ``q``, ``k``, ``v``, shapes of the inputs.""",
+    local_attention, "local", grads="""    ``q``, ``k``, ``v``, shapes of the inputs.""",
 )
 
 
 @dataclass(frozen=True)
-class LocalInputs(SelfAttentionOutputs):
+class LocalInputs(SelfAttentionInputs):
     """Checked arguments of :func:`local_attention`."""
 
-    q: np.ndarray
-    k: np.ndarray
-    v: np.ndarray
-    shape: checks.AttentionShape
     window_size: int
     causal: bool
     look_backward: int

@@ -35,27 +35,16 @@ from ...core.errors import SpecError
 from ...core.precision import Numerics
 from ...core.results import Cotangents, Grads, Result
 from ...dense import dense_attention, dense_attention_vjp
-from ..pattern import SelfAttentionOutputs, self_attention_qkv
+from ..pattern import SelfAttentionInputs, self_attention_qkv
 
 PRESETS = (None, "hf")
 GLOBAL_PROJECTIONS = ("q_global", "k_global", "v_global")
 
 
 def longformer_attention(
-    q,
-    k,
-    v,
-    *,
-    attention_window,
-    global_tokens=None,
-    q_global=None,
-    k_global=None,
-    v_global=None,
-    preset=None,
-    scale=None,
-    precision=None,
-    backend="reference",
-) -> Result:
+    q, k, v, *,
+    attention_window, global_tokens=None, q_global=None, k_global=None, v_global=None, preset=None,
+    scale=None, precision=None, backend="reference") -> Result:
     """Sliding-band attention with symmetric global tokens (Longformer).
 
     Parameters
@@ -92,21 +81,15 @@ def longformer_attention(
 
 
 longformer_attention_vjp = registry.vjp_function(
-    longformer_attention,
-    "longformer",
-    grads="""    ``q``, ``k``, ``v`` and, when given, ``q_global``, ``k_global``,
+    longformer_attention, "longformer", grads="""    ``q``, ``k``, ``v`` and, when given, ``q_global``, ``k_global``,
     ``v_global`` (shapes of the inputs).""",
 )
 
 
 @dataclass(frozen=True)
-class LongformerInputs(SelfAttentionOutputs):
+class LongformerInputs(SelfAttentionInputs):
     """Checked arguments of :func:`longformer_attention`."""
 
-    q: np.ndarray
-    k: np.ndarray
-    v: np.ndarray
-    shape: checks.AttentionShape
     attention_window: int
     global_tokens: np.ndarray  # (B, N) bool
     projections: dict  # q_global, k_global, v_global when given

@@ -42,22 +42,11 @@ CURRENT_SUMMARIES = ("exclude", "prefix")
 
 
 def segmented_attention(
-    q,
-    k,
-    v,
-    *,
-    segment_len,
-    causal=False,
-    last_segment="short",
-    pooling="mean",
-    integration="none",
-    current_summary="exclude",
-    gate=None,
+    q, k, v, *,
+    segment_len, last_segment="short", pooling="mean", integration="none", current_summary="exclude", gate=None,
     projection=None,
-    scale=None,
-    precision=None,
-    backend="reference",
-) -> Result:
+    causal=False,
+    scale=None, precision=None, backend="reference") -> Result:
     """Attention inside segments of ``segment_len`` tokens, then an optional inter-segment step.
 
     Parameters
@@ -113,9 +102,7 @@ def segmented_attention(
 
 
 segmented_attention_vjp = registry.vjp_function(
-    segmented_attention,
-    "segmented",
-    grads="""    ``q``, ``k``, ``v`` (shapes of the inputs), ``gate`` (its own shape,
+    segmented_attention, "segmented", grads="""    ``q``, ``k``, ``v`` (shapes of the inputs), ``gate`` (its own shape,
     broadcast axes summed) for ``"gate"`` and ``projection`` for ``"concat"``.
     A given pooling matrix is not differentiated.""",
 )

@@ -33,16 +33,9 @@ CONVENTIONS = ("hf_causal", "hf_bidirectional", "mistral", "longformer")
 
 
 def sliding_window_attention(
-    q,
-    k,
-    v,
-    *,
-    window_size,
-    convention,
-    scale=None,
-    precision=None,
-    backend="reference",
-) -> Result:
+    q, k, v, *,
+    window_size, convention,
+    scale=None, precision=None, backend="reference") -> Result:
     """Dense attention restricted to a sliding window of ``window_size`` counted as ``convention`` counts it.
 
     Parameters
@@ -71,9 +64,7 @@ def sliding_window_attention(
 
 
 sliding_window_attention_vjp = registry.vjp_function(
-    sliding_window_attention,
-    "sliding_window",
-    grads="""    ``q``, ``k``, ``v``, shapes of the inputs.""",
+    sliding_window_attention, "sliding_window", grads="""    ``q``, ``k``, ``v``, shapes of the inputs.""",
 )
 
 

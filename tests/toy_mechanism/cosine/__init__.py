@@ -9,13 +9,6 @@ from refattn.core import registry
 from .reference import check_cosine_inputs, cosine_attention, cosine_attention_vjp
 
 MECHANISM = registry.register(
-    registry.Mechanism(
-        name="cosine",
-        package="cosine",
-        forward=cosine_attention,
-        vjp=cosine_attention_vjp,
-        check_inputs=check_cosine_inputs,
-        backends=("reference",),
-        spec=str(__import__("pathlib").Path(__file__).parent.parent / "cosine.md"),
-    )
+    "cosine", "cosine", cosine_attention, cosine_attention_vjp, check_cosine_inputs, str(__import__("pathlib").Path(__file__).parent.parent / "cosine.md"),
+    backends=("reference",)
 )
