@@ -9,6 +9,7 @@ that has gradients.
 
 import importlib
 import inspect
+import re
 import json
 from pathlib import Path
 
@@ -56,6 +57,23 @@ def test_registration_follows_the_contract(name):
     assert list(vjp_params)[0] == "dout"
     assert set(vjp_params) == set(forward_params) | {"dout", "dlse", "saved"}
     assert {"precision", "backend"} <= set(forward_params)
+
+
+@pytest.mark.parametrize("name", MECHANISMS)
+def test_public_docstring_documents_every_parameter(name):
+    """Every keyword of the public function is named on a parameter line of its docstring, and
+    ``precision`` and ``backend`` once each (the registry adds them, with this mechanism's backends,
+    unless the docstring documents them itself)."""
+    mechanism = registry.get(name)
+    doc = mechanism.forward.__doc__
+    parameters_section = doc.split("\n    Parameters\n")[1].split("\n    Returns\n")[0]
+    parameter_lines = re.findall(r"^    (\S.*)$", parameters_section, re.M)
+    for parameter in inspect.signature(mechanism.forward).parameters:
+        assert any(re.search(rf"\b{parameter}\b", line) for line in parameter_lines), f"{name}: {parameter!r}"
+    for dispatch in ("precision", "backend"):
+        assert len([line for line in parameter_lines if re.match(rf"(\w+, )*{dispatch}\b", line)]) == 1, dispatch
+    backend_text = re.search(r"^    (?:\w+, )*backend\b(.*\n.*)", parameters_section, re.M).group(1)
+    assert all(repr(b) in backend_text or f'"{b}"' in backend_text for b in mechanism.backends), backend_text
 
 
 @pytest.mark.parametrize(

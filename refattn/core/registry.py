@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable
@@ -169,7 +170,7 @@ def _document_dispatch_arguments(mechanism: Mechanism) -> None:
     documents them itself (a mechanism-specific note) is left as it is.
     """
     doc = mechanism.forward.__doc__
-    if not doc or "\n    precision :" in doc or "\n    Returns\n" not in doc:
+    if not doc or re.search(r"^    precision\b", doc, re.M) or "\n    Returns\n" not in doc:
         return
     kernels = [f"``{name!r}`` runs {mechanism.package.replace('.', '/')}/{name}.py" for name in mechanism.backends[1:]]
     runs = ", ".join(kernels) + ", in the inputs' dtype (no ``precision``)" if kernels else "The reference alone"
