@@ -11,7 +11,7 @@
     refattn suite [--suite DIR]
     refattn show CASE_ID [--suite DIR]
     refattn plot (CASE_ID | --mechanism M [--n N] [--param NAME=VALUE ...]) -o FILE.png [--head H] [--batch B]
-    refattn mechanisms [--names | --backends M]
+    refattn mechanisms [--names | --backends M | --contract [M ...]]
     refattn dilution [--sigma S] [--margin D] [--lengths N ...] [--samples M] [--seed K]
                      [--ssmax-s S] [--lam L] [--plot FILE]
 
@@ -120,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     query = mechanisms.add_mutually_exclusive_group()
     query.add_argument("--names", action="store_true", help="only the names, one per line (for scripts)")
     query.add_argument("--backends", metavar="M", help="only M's backends, one per line, reference first (for scripts)")
+    query.add_argument("--contract", nargs="*", metavar="M",
+                       help="the contract tables (inputs, parameters, outputs, aux; how each is compared) of M "
+                            "(default: every mechanism), as conformance/README.md carries them")  # fmt: skip
     mechanisms.set_defaults(run=_mechanisms)
 
     dilution = commands.add_parser(
@@ -305,6 +308,15 @@ def _mechanisms(args) -> int:
     if args.backends is not None:
         try:
             print("\n".join(registry.get(args.backends).backends))
+        except SpecError as exc:
+            raise UsageError(str(exc)) from exc
+        return 0
+    if args.contract is not None:
+        from .conformance.contract import contract_tables
+        from .conformance.verify import default_suite_folder
+
+        try:
+            print(contract_tables(default_suite_folder(), [registry.get(name).name for name in args.contract] or None), end="")
         except SpecError as exc:
             raise UsageError(str(exc)) from exc
         return 0
