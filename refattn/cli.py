@@ -119,7 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     mechanisms = commands.add_parser("mechanisms", help="list the registered mechanisms: backends, VJP, spec, cases")
     query = mechanisms.add_mutually_exclusive_group()
     query.add_argument("--names", action="store_true", help="only the names, one per line (for scripts)")
-    query.add_argument("--backends", metavar="M", help="only M's backends, one per line, reference first (for scripts)")
+    query.add_argument("--backends", metavar="M",
+                       help="only M's backends that can run here, one per line, reference first (for scripts)")  # fmt: skip
     query.add_argument("--contract", nargs="*", metavar="M",
                        help="the contract tables (inputs, parameters, outputs, aux; how each is compared) of M "
                             "(default: every mechanism), as conformance/README.md carries them")  # fmt: skip
@@ -307,7 +308,7 @@ def _mechanisms(args) -> int:
         return 0
     if args.backends is not None:
         try:
-            print("\n".join(registry.get(args.backends).backends))
+            print("\n".join(registry.get(args.backends).available_backends()))
         except SpecError as exc:
             raise UsageError(str(exc)) from exc
         return 0
@@ -324,7 +325,8 @@ def _mechanisms(args) -> int:
     for name in registry.names():
         mechanism = registry.get(name)
         has_vjp = "yes" if mechanism.vjp is not None else "no"
-        rows.append((name, ", ".join(mechanism.backends), has_vjp, str(len(mechanism.cases())), mechanism.spec))
+        backends = [b if b in mechanism.available_backends() else f"{b} (no device)" for b in mechanism.backends]
+        rows.append((name, ", ".join(backends), has_vjp, str(len(mechanism.cases())), mechanism.spec))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])

@@ -588,3 +588,40 @@ def test_budgets_admit_a_flash_attention_style_implementation(suite, precision):
     for case in suite.cases:
         for output, value in _flash_style(case, precision).items():
             assert ratio(case, output, value, precision) <= 1, (case.id, output)
+
+
+# --- tie cases: rounding trials that keep exact ties ---------------------------------------------
+
+
+def test_tie_preserving_inputs_move_equal_values_alike_by_at_most_a_roundoff():
+    x = np.random.default_rng(5).standard_normal((6, 8))
+    x[3] = x[0]  # a duplicated token
+    x[1, 2] = 0.0
+    mask = np.ones(4, dtype=bool)
+    u = 2.0**-11
+    trials = [tolerance.tie_preserving_inputs({"x": x, "mask": mask}, "float16", trial) for trial in range(3)]
+    for moved in trials:
+        assert np.array_equal(moved["x"][3], moved["x"][0])
+        assert moved["x"][1, 2] == 0.0 and moved["mask"] is mask
+        assert np.all(np.abs(moved["x"] - x) <= u * np.abs(x))
+        assert np.mean(np.abs(moved["x"] - x) > 0.25 * u * np.abs(x)) > 0.5  # most entries really move
+    assert not np.array_equal(trials[0]["x"], trials[1]["x"])
+
+
+def test_a_tie_cases_rounding_trials_keep_its_ties_where_jitter_breaks_them():
+    """routing/canonical_ties: every tie-preserving trial reproduces the float64 membership; randomised rounding
+    (the trials of a case without the flag) decides a tie otherwise in some trial, which is why the case needs them."""
+    import dataclasses
+
+    from refattn.conformance.case import EXACT_TIES
+
+    mechanism = registry.get("routing")
+    case = next(dataclasses.replace(c, grad=False) for c in mechanism.cases() if c.id == "routing/canonical_ties")
+    arrays = case.arrays(np.random.default_rng(case.seed))
+    expected = mechanism.forward(**arrays, **case.params).aux["membership"]
+    kept = export_module._evaluations(mechanism, case, arrays, {}, "float32")
+    assert len(kept) == 1 + tolerance.ROUNDING_TRIALS
+    assert all(np.array_equal(evaluation["aux.membership"], expected) for evaluation in kept)
+    untied = dataclasses.replace(case, flags=tuple(f for f in case.flags if f != EXACT_TIES))
+    jittered = export_module._evaluations(mechanism, untied, arrays, {}, "float32")
+    assert not all(np.array_equal(evaluation["aux.membership"], expected) for evaluation in jittered)

@@ -43,6 +43,8 @@ BUGS = {
     "LSH_TRAX_PADDING_MARKS": "gives every i == j the self value and masks padded keys by the mask alone under trax",
     "LSH_REFORMER_PYTORCH_DUP_COUNT": "counts every occurrence under the lucidrains preset (not reformer-pytorch's count)",
     "LSH_TIES": "takes the last index on a tied argmax",
+    "EXACT_TIES": "breaks exact ties the other way: the last index on a tied argmax",
+    "LSH_DUP_COUNT_SELF_PAIRS": "skips the duplicate correction on self pairs",
     "LSH_PADDING_BUCKET_IF_MASK": "adds the padding bucket only when a token is padded, whatever padding_bucket says",
 }
 
@@ -100,8 +102,8 @@ class SmallLSH:
         for factor in factors:
             part = rotated[..., start : start + factor // 2]
             entries = np.concatenate([part, -part], axis=-1)
-            if self.bug == "LSH_TIES":
-                entries = entries[..., ::-1]  # bug LSH_TIES
+            if self.bug in ("LSH_TIES", "EXACT_TIES"):
+                entries = entries[..., ::-1]  # bug LSH_TIES, bug EXACT_TIES
                 digits.append(factor - 1 - np.argmax(entries, axis=-1))
             else:
                 digits.append(np.argmax(entries, axis=-1))
@@ -154,7 +156,10 @@ class SmallLSH:
         if self.bug == "DUP_COUNT_CROSS_ROUND" or dup_count == "reformer_pytorch":
             same = self._same_round_counts(windows, n)  # bug DUP_COUNT_CROSS_ROUND (the rule itself under lucidrains)
             return np.log(same.astype(np.float32) + np.float32(1e-9)).astype(np.float64)
-        return np.log(np.maximum(counts, 1))
+        log_counts = np.log(np.maximum(counts, 1))
+        if self.bug == "LSH_DUP_COUNT_SELF_PAIRS":
+            np.fill_diagonal(log_counts, 0.0)  # bug LSH_DUP_COUNT_SELF_PAIRS
+        return log_counts
 
     @staticmethod
     def _same_round_counts(windows, n):

@@ -5,12 +5,14 @@ Qwen's ``use_logn_attn`` (QwenLM/Qwen-Audio 0b0e882, modeling_qwen.py,
 ``QWenAttention.__init__`` builds ``logn_list = [log(i, seq_length) if i >
 seq_length else 1 for i in range(1, 32768)]``; ``QWenAttention.forward``
 multiplies the query by ``logn_tensor[:, Nk - Nq : Nk]`` when not training),
-and the ``ScalableSoftmax`` package (n = ``x.size(dim)``, the whole last axis).
+and the ``ScalableSoftmax`` package (gdevos010/Scalable-Softmax 108e969, src/scalable_softmax.py,
+``ScalableSoftmax.forward``: n = ``x.size(dim)``, the whole last axis; s and b held as float32 tensors).
 """
 
 import math
 
 import numpy as np
+import pytest
 
 from refattn.dilution.logn.cases import cases as logn_cases
 from refattn.dilution.logn.reference import logn_attention
@@ -50,16 +52,31 @@ def test_qwen_logn_is_qwens_rule():
     assert np.abs(one_n - want).max() > 0.05
 
 
+def _scalable_softmax(x, s, b=None, dim=-1):
+    """ScalableSoftmax.forward (gdevos010/Scalable-Softmax 108e969, src/scalable_softmax.py): s and b are float32
+    tensors, cast to x's dtype; n = x.size(dim), the whole axis, masked (-inf) entries counted."""
+    torch = pytest.importorskip("torch")
+    scale = torch.tensor(s, dtype=torch.float32).to(x.dtype) * math.log(x.size(dim))
+    if b is not None:
+        scale = scale + torch.tensor(b, dtype=torch.float32).to(x.dtype)
+    return torch.nn.functional.softmax(x * scale, dim=dim)
+
+
 def test_scalable_softmax_package_counts_the_whole_axis():
+    """The package's own forward, applied to the causal scaled scores, reproduces ssmax/axis_length_causal."""
+    torch = pytest.importorskip("torch")
     inputs, params = _case(ssmax_cases(), "ssmax/axis_length_causal")
-    q, k, v, s, s_bias = inputs["q"], inputs["k"], inputs["v"], params["s"], params["s_bias"]
-    nk = k.shape[2]
-    factor = s[:, None] * math.log(nk) + s_bias[:, None]  # (Hq, 1): s · log(x.size(dim)) + b, masked entries counted
-    scaled_q = q * factor[None, :, :, None]  # (B, Hq, Nq, D)
-    want = _dense_causal(scaled_q, k, v, np.ones(q.shape[2]))
-    got = ssmax_attention(q, k, v, s=s, s_bias=s_bias, causal=True, n_rule="axis_length").out
+    q, k, v = (torch.from_numpy(inputs[name]) for name in ("q", "k", "v"))
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    causal = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+    weights = _scalable_softmax(scores.masked_fill(~causal, -math.inf), 0.43)  # the package's default s
+    want = (weights @ v).numpy()
+    got = ssmax_attention(**inputs, **params).out
+    assert params["s"] == float(torch.tensor(0.43, dtype=torch.float32)) and "s_bias" not in params
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
-    attended = ssmax_attention(q, k, v, s=s, s_bias=s_bias, causal=True).out  # the canonical per-row n_i
+    attended = ssmax_attention(**inputs, **{**params, "n_rule": "attended"}).out  # the canonical per-row n_i
     assert np.abs(attended - want).max() > 0.05
 
 

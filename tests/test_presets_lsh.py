@@ -182,3 +182,52 @@ def test_if_mask_adds_the_padding_bucket_without_padded_tokens():
     # The wrong reading, written out (HF's "if_padded": no padded token, no extra bucket): offsets r F.
     assert not np.array_equal(got, plain + offsets * num_buckets)
     assert not np.array_equal(got, lsh_attention(qk, v, **dict(params, padding_bucket="if_padded")).aux["buckets"])
+
+
+# --- item 7: the tie case decides the argmax's and the sort's tie order --------------------------
+
+
+def _last_index_on_ties(rotated, factors):
+    """_factor_buckets with numpy's argmax rule reversed: the last of equal maxima (a transcription, not refattn's)."""
+    bucket = np.zeros(rotated.shape[:-1], dtype=np.int64)
+    base, start = 1, 0
+    for factor in factors:
+        part = rotated[..., start : start + factor // 2]
+        both = np.concatenate([part, -part], axis=-1)
+        bucket += base * (factor - 1 - np.argmax(both[..., ::-1], axis=-1))
+        base, start = base * factor, start + factor // 2
+    return bucket
+
+
+def _higher_position_first(buckets):
+    """sort_items with equal buckets in decreasing position (an unstable sort's possible order)."""
+    b, h, r, n = buckets.shape
+    flat = buckets.reshape(b, h, r * n)
+    permutation = (r * n - 1 - np.argsort(flat[..., ::-1], axis=-1, kind="stable")).astype(np.int64)
+    return permutation, np.argsort(permutation, axis=-1, kind="stable")
+
+
+@pytest.fixture(scope="module")
+def lsh_suite(tmp_path_factory):
+    """The LSH cases, exported to a temporary folder."""
+    from refattn.conformance.export import export
+
+    folder = tmp_path_factory.mktemp("lsh_suite")
+    export(folder, mechanisms=["lsh"])
+    return folder
+
+
+@pytest.mark.parametrize("name, replacement", [("_factor_buckets", _last_index_on_ties),
+                                               ("sort_items", _higher_position_first)])  # fmt: skip
+def test_the_reference_with_reversed_ties_fails_the_tie_case(name, replacement, lsh_suite, monkeypatch):
+    """refattn's LSH reference with a tied argmax to the last index, or equal buckets sorted by decreasing position,
+    fails lsh/ties, reported as a tie-order difference; unchanged, it passes."""
+    from refattn.conformance.verify import verify
+    from refattn.lsh import reference
+
+    assert verify(backend="reference", mechanism="lsh", suite=lsh_suite, ids=["lsh/ties"]).ok
+    monkeypatch.setattr(reference, name, replacement)
+    report = verify(backend="reference", mechanism="lsh", suite=lsh_suite, ids=["lsh/ties"])
+    (tie_case,) = report.cases
+    decisions = [c for c in tie_case.failed_checks if c.name.startswith("aux.")]
+    assert decisions and all(c.describe().split(": ", 1)[1].startswith("tie order differs: ") for c in decisions)

@@ -267,3 +267,33 @@ def test_lucidrains_self_value_is_written_last(monkeypatch):
         scores, masked, is_self & ~masked, **kw))  # fmt: skip
     wrong = routing_attention(**arrays, **params).out
     assert np.abs(wrong - got).max() > 0.1
+
+
+# --- item 7: the tie cases decide the tie order ------------------------------------------------
+
+
+def _higher_position_first(similarity, cluster_size, order):
+    """top_members with the tie rule reversed: among equal similarities the higher position first."""
+    by_cluster = np.moveaxis(similarity, -1, -2)  # (B, H, K, N)
+    n = by_cluster.shape[-1]
+    ranked = n - 1 - np.argsort(-by_cluster[..., ::-1], axis=-1, kind="stable")[..., :cluster_size]
+    return (np.sort(ranked, axis=-1) if order == "position" else ranked).astype(np.int64)
+
+
+def test_the_reference_with_reversed_ties_fails_exactly_the_tie_cases(tmp_path, monkeypatch):
+    """refattn's routing reference with the tie order reversed passes every case without exact ties (it passed the
+    whole suite before the tie cases), fails routing/canonical_ties, and the report calls it a tie-order difference."""
+    from refattn.conformance.case import EXACT_TIES
+    from refattn.conformance.export import export
+    from refattn.conformance.verify import verify
+    from refattn.routing import reference
+
+    export(tmp_path, mechanisms=["routing"])
+    assert verify(backend="reference", mechanism="routing", suite=tmp_path).ok
+    monkeypatch.setattr(reference, "top_members", _higher_position_first)
+    report = verify(backend="reference", mechanism="routing", suite=tmp_path)
+    failed = {case.id: case for case in report.cases if case.status == "fail"}
+    assert "routing/canonical_ties" in failed
+    assert all(EXACT_TIES in case.flags for case in failed.values())
+    membership = next(c for c in failed["routing/canonical_ties"].checks if c.name == "aux.membership")
+    assert membership.describe().startswith("aux.membership: tie order differs: ")

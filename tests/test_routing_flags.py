@@ -53,6 +53,9 @@ BUGS = {
     "ROUTING_MASK_ADDED": "replaces a masked logit by mask_value whatever mask_mode says",
     "LUCIDRAINS_SELF_WRITTEN_LAST": "writes the self value only where the self key was allowed",
     "ROUTING_ZERO_PADDING": "breaks ties between equally similar tokens (zero-vector padding) by the higher position",
+    "EXACT_TIES": "breaks ties between equally similar tokens (copies, zero vectors) by the higher position",
+    "SHARED_QK_SELF_RULE_MEMORY": "ignores memory keys when deciding whether a token's own key is its row's last resort",
+    "SHARED_QK_SELF_RULE_FINITE_MASK": "counts masked keys with a finite mask_value as other keys in the Reformer self rule",
 }
 
 #: Every behaviour that differs, per preset, from the sources (google-research routing_transformer/utils.py and
@@ -70,7 +73,7 @@ PRESETS["google_research"] = dict(PRESETS[None], query_prescale=None, scale=1.0,
 PRESETS["lucidrains"] = dict(PRESETS[None], routing_norm="l2", norm_eps=1e-12, attend_on="raw",
                              normalize_shared_keys=True, order="similarity", mask_value=-3.4028234663852886e38,
                              self_mask_value=-5e4, query_padding="mask_window", scatter_eps=1e-5,
-                             head_order="local_first", local_causal=True, centroid_update="normalized_mean_ema",
+                             head_order="local_first", centroid_update="normalized_mean_ema",
                              ema_eps=1e-12)  # fmt: skip
 
 
@@ -154,7 +157,7 @@ class SmallRouting:
             nearest = torch.nn.functional.one_hot(similarity.detach().argmax(-1), scores.shape[2])  # (B, H, N, K)
             scores = scores + 1e3 * nearest.transpose(-1, -2)  # bug ROUTING_BALANCED_TOPK
         # descending similarity, ties to the lower position (a stable sort; topk leaves tie order unspecified)
-        if self.bug == "ROUTING_ZERO_PADDING":  # bug ROUTING_ZERO_PADDING: ties to the higher position
+        if self.bug in ("ROUTING_ZERO_PADDING", "EXACT_TIES"):  # bug ROUTING_ZERO_PADDING, bug EXACT_TIES
             n = scores.shape[-1]
             flipped = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices[..., :cluster_size]
             index = n - 1 - flipped
@@ -223,7 +226,12 @@ class SmallRouting:
                 is_self = is_self & allowed  # bug LUCIDRAINS_SELF_WRITTEN_LAST
             logits = logits.masked_fill(is_self, o["self_mask_value"])
         else:
-            alone = ~(allowed & ~is_self).any(-1, keepdim=True)
+            others = allowed & ~is_self
+            if self.bug == "SHARED_QK_SELF_RULE_MEMORY":
+                others = others[..., memory:]  # bug SHARED_QK_SELF_RULE_MEMORY
+            if self.bug == "SHARED_QK_SELF_RULE_FINITE_MASK":
+                others = torch.isfinite(logits) & ~is_self  # bug SHARED_QK_SELF_RULE_FINITE_MASK
+            alone = ~others.any(-1, keepdim=True)
             logits = logits.masked_fill(is_self & ~alone, -math.inf)
         weights, lse = _softmax(logits)
         slot_out = torch.einsum("bhcst,bhcte->bhcse", weights, values)

@@ -62,6 +62,26 @@ class Case:
     grad: bool = True
     not_a_derivative: str | None = None
 
+    @property
+    def exact_ties(self) -> bool:
+        """Whether the case is a tie case (flag :data:`EXACT_TIES`): its decisions sit on exact ties."""
+        return EXACT_TIES in self.flags
+
+
+#: The flag of a tie case: some of its decisions sit on exact ties, made by
+#: duplicated (or all-zero) tokens, whose order the spec fixes. Export gives such a
+#: case rounding trials that keep duplicated values bit-identical
+#: (refattn.conformance.tolerance.tie_preserving_inputs), and the verifier names a
+#: failed decision of such a case a tie-order difference. Every mechanism with tie
+#: cases quotes :data:`EXACT_TIES_DESCRIPTION` in its ``FLAGS``.
+EXACT_TIES = "EXACT_TIES"
+EXACT_TIES_DESCRIPTION = (
+    "Some decisions of the case sit on exact ties, made by duplicated or all-zero tokens, which every precision "
+    "reproduces bit for bit; the spec fixes their order (the lower position, or the lower index, first). Fails an "
+    "implementation that breaks those ties in another order (torch.topk leaves the order of equal values "
+    "unspecified). A failed decision of such a case is reported as a tie-order difference."
+)
+
 
 # --------------------------------------------------------------------------
 # Case building, shared by every mechanism's cases.py.

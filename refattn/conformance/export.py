@@ -8,8 +8,9 @@ never imported by name) and every case of its ``cases()``:
    ``out``) and ``dlse`` (shape of ``lse``);
 2. the float64 forward and its VJP give the expected values;
 3. the same forward and VJP evaluated with ``precision=`` float32, float16
-   and bfloat16, plainly and with randomised rounding (seeded by the case),
-   give the reference's own error in each precision, from which
+   and bfloat16, plainly and with randomised rounding (seeded by the case;
+   a tie case's trials keep its ties instead), give the reference's own
+   error in each precision, from which
    :mod:`refattn.conformance.tolerance` sets the budgets;
 4. the tensors are written to ``<out>/<mechanism>/<name>.safetensors`` and
    the case is listed in ``<out>/manifest.json``.
@@ -286,9 +287,25 @@ def _grads(mechanism: Mechanism, case: Case, arrays: dict, cotangents: dict, pre
 
 
 def _evaluations(mechanism: Mechanism, case: Case, arrays: dict, cotangents: dict, precision: str) -> list[dict]:
-    """The case's outputs in ``precision``: plain, then :data:`~tolerance.ROUNDING_TRIALS` jittered."""
-    trials = [jittered(precision, seed=case.seed * 1000 + trial) for trial in range(tolerance.ROUNDING_TRIALS)]
-    return [_evaluate(mechanism, case, arrays, cotangents, p) for p in (precision, *trials)]
+    """The case's outputs in ``precision``, once per evaluation of :func:`rounding_trials`."""
+    return [_evaluate(mechanism, case, *trial) for trial in rounding_trials(case, arrays, cotangents, precision)]
+
+
+def rounding_trials(case: Case, arrays: dict, cotangents: dict, precision: str) -> list[tuple[dict, dict, object]]:
+    """``(arrays, cotangents, numerics)`` of each evaluation that sets the case's budgets in ``precision``.
+
+    The plain evaluation, then :data:`~tolerance.ROUNDING_TRIALS` trials: with
+    randomised rounding (seeded by the case), or, for a tie case
+    (``case.exact_ties``), plain on the inputs and cotangents moved by
+    :func:`~tolerance.tie_preserving_inputs`, which keeps its ties exact.
+    """
+    plain = (arrays, cotangents, precision)
+    if case.exact_ties:
+        moved = [tolerance.tie_preserving_inputs({**arrays, **cotangents}, precision, trial)
+                 for trial in range(tolerance.ROUNDING_TRIALS)]  # fmt: skip
+        return [plain] + [({n: m[n] for n in arrays}, {n: m[n] for n in cotangents}, precision) for m in moved]
+    seeds = [case.seed * 1000 + trial for trial in range(tolerance.ROUNDING_TRIALS)]
+    return [plain] + [(arrays, cotangents, jittered(precision, seed=seed)) for seed in seeds]
 
 
 def _evaluate(mechanism: Mechanism, case: Case, arrays: dict, cotangents: dict, precision) -> dict:

@@ -36,6 +36,15 @@ stored in the manifest, so a consumer in any language only compares:
   error a straightforward implementation makes in that precision, not
   against a fixed number that is too loose for some inputs and too tight for
   ill-conditioned ones.
+* **tie cases** (flag ``EXACT_TIES``, ``Case.exact_ties``) have decisions
+  exactly on ties between duplicated tokens. Randomised rounding moves the two
+  copies apart and so decides the tie by chance (a routing tie case's float32
+  budget came out at 1.8 that way). Their trials instead move the inputs by
+  :func:`tie_preserving_inputs`: by a relative amount of at most one unit
+  roundoff that is a function of the value itself, so bit-identical inputs stay
+  bit-identical and the ties stay ties, and then evaluate plainly in the
+  precision. Their ``e_p`` is the largest over the plain evaluation and
+  :data:`ROUNDING_TRIALS` such deterministic trials.
 
 Infinities (a fully masked row's log-sum-exp is ``-inf``) must match
 exactly: an equal infinity contributes 0 to the error, any other value
@@ -79,6 +88,10 @@ FLOOR_ROUNDOFFS = 4.0
 #: in the measurement above, where the plain evaluation's error was small by luck.
 ROUNDING_TRIALS = 4
 
+#: Multiplier and increment of the hash that keys a tie case's trial perturbations to values (SplitMix64's).
+_GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MIX_1, _MIX_2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
 #: Lower precisions that get a budget of the form c × e_p + floor.
 LOWER_PRECISIONS = tuple(p for p in PRECISIONS if p != "float64")
 
@@ -100,6 +113,35 @@ CEILING_SENSITIVITY = 8.0
 def unit_roundoff(precision: str) -> float:
     """Unit roundoff ``u = eps / 2`` of a precision: 2⁻⁵³, 2⁻²⁴, 2⁻¹¹ (float16), 2⁻⁸ (bfloat16)."""
     return float(ml_dtypes.finfo(STORAGE_DTYPES[precision]).eps) / 2.0
+
+
+def tie_preserving_inputs(arrays: dict, precision: str, trial: int) -> dict:
+    """A tie case's rounding trial: every floating-point array moved by a value-keyed relative amount.
+
+    Each entry ``x`` becomes ``x (1 + u t)`` with ``u`` the unit roundoff of
+    ``precision`` and ``t`` in [-1, 1) a hash of ``x``'s float64 bits and of
+    ``trial`` (SplitMix64's finaliser). Like randomised rounding, this moves
+    each input so that it may round to a neighbouring value; unlike it, equal
+    entries move alike, wherever they are, so duplicated tokens stay
+    bit-identical and a case's exact ties stay exact. Zeros, infinities and
+    integer or boolean arrays are unchanged.
+    """
+    u = unit_roundoff(precision)
+    moved = {}
+    for name, x in arrays.items():
+        x = np.asarray(x)
+        moved[name] = x * (1.0 + u * _value_hash(x, trial)) if x.dtype.kind == "f" else x
+    return moved
+
+
+def _value_hash(x: np.ndarray, trial: int) -> np.ndarray:
+    """A number in [-1, 1) for each entry of ``x``, a function of its float64 bits and ``trial`` only."""
+    with np.errstate(over="ignore"):
+        h = np.ascontiguousarray(x, dtype=np.float64).view(np.uint64) + _GOLDEN_GAMMA * np.uint64(trial + 1)
+        h = (h ^ (h >> np.uint64(30))) * _MIX_1
+        h = (h ^ (h >> np.uint64(27))) * _MIX_2
+        h = h ^ (h >> np.uint64(31))
+    return (h >> np.uint64(11)).astype(np.float64) * 2.0**-52 - 1.0
 
 
 def is_log_sum_exp(output: str) -> bool:

@@ -75,7 +75,7 @@ import textwrap
 import time
 import traceback
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -85,6 +85,7 @@ from ..core import registry
 from ..core.errors import SpecError
 from ..core.precision import PRECISIONS, STORAGE_DTYPES
 from .suite import LoadedCase, Suite, SuiteError, json_argument, load_suite, mechanisms_named, require_one_mechanism
+from .case import EXACT_TIES
 from .text import printable
 from .manifest import gradient_name, is_gradient
 from .progress import progress_bar
@@ -610,6 +611,8 @@ def _check_forward(case: LoadedCase, returned: _Returned, dtype: str) -> list[Ou
     intermediates (``aux.slot_lse``), each within its budget."""
     exact = {name: want for name, want in case.aux.items() if want.dtype.kind in "biu"}
     checks = [_check_exact(f"aux.{name}", returned.aux.get(name), want) for name, want in exact.items()]
+    if EXACT_TIES in case.flags:
+        checks = [_as_tie_order(c) for c in checks]
     floats = {name: want for name, want in case.expected.items() if not name.startswith("grad")}
     floats.update({f"aux.{name}": want for name, want in case.aux.items() if name not in exact})
     for name in _in_order(list(floats), first=("out", "lse")):
@@ -704,6 +707,15 @@ def _check_exact(name: str, got: np.ndarray | None, want: np.ndarray) -> OutputC
     )
 
 
+def _as_tie_order(check: OutputCheck) -> OutputCheck:
+    """A failed decision of a tie case (flag EXACT_TIES), described as the tie-order difference it most likely is."""
+    if check.status != "fail" or check.difference is None:
+        return check
+    detail = (f"tie order differs: {check.detail}, on a case whose decisions sit on exact ties (duplicated or "
+              "all-zero tokens), which the spec breaks toward the lower position or index")  # fmt: skip
+    return replace(check, detail=detail)
+
+
 def first_difference(got: np.ndarray, want: np.ndarray, budget: float, scale: float = TINY) -> Difference | None:
     """The first index in C order where ``|got - want| > budget * max(max|want|, scale)``.
 
@@ -772,8 +784,7 @@ def verify(
     xfail : mapping or iterable of str
         Ids of cases the implementation is known to fail, each with the reason
         (a mapping id -> reason; :func:`read_xfail` reads one from a file), or
-        ids alone. An id that is not in the suite's manifest is an error
-        reads them from a file).
+        ids alone. An id that is not in the suite's manifest is an error.
     name : str, optional
         How the report names the implementation (default: its qualified name).
     backend : str, optional
@@ -796,6 +807,35 @@ def verify(
     Returns
     -------
     Report
+
+    Notes
+    -----
+    What every case hands ``impl`` and what it compares (per mechanism, with
+    each argument's type, shape and meaning: ``refattn mechanisms --contract
+    M``, or the tables of conformance/README.md, generated from the public
+    functions' docstrings and the manifest):
+
+    ==================  ==========================================  ==========================================
+    what                how it reaches ``impl``                     how it is compared
+    ==================  ==========================================  ==========================================
+    ``input.*``         positionally, in the mechanism's order,     --
+                        cast to ``dtype`` and laid out as ``layout``
+    ``param.*``         keyword arrays (masks, rotations,           --
+                        centroids, projections...)
+    ``params``          keywords: every value the function takes,   --
+                        the preset's spelled out (``preset`` names
+                        them); a None whose default is None too is
+                        not passed; ``scale=None`` is ``1/sqrt(D)``
+    ``out``, ``lse``    returned                                    normwise relative error within the case's
+                                                                    budget for ``dtype``; ``lse`` only when
+                                                                    returned
+    ``aux.*``           returned in ``.aux``                        exactly when the budget is 0 (decisions:
+                                                                    buckets, clusters), else by budget; one not
+                                                                    returned makes the case ``partial``
+    gradients           ``vjp(dout, *inputs, dlse=..., **kwargs)``  ``grad_dout.*`` and ``grad_dlse.*`` (the
+                                                                    VJP is linear in the cotangents): their sum
+                                                                    with an ``lse``, the ``dout`` part without
+    ==================  ==========================================  ==========================================
 
     Raises
     ------

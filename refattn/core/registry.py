@@ -45,6 +45,7 @@ kernel and needs no CuPy.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import re
@@ -60,6 +61,8 @@ from .precision import numerics
 from .results import Cotangents, Grads, Result
 
 REFERENCE = "reference"
+#: The backend of the GPU path (refattn/core/xp.py), available only where CuPy sees a device.
+GPU_BACKEND = "cupy"
 #: Arguments of every public function that are not the mechanism's own.
 DISPATCH_ARGUMENTS = ("precision", "backend")
 #: Keywords the derived VJP adds in front of the forward's own.
@@ -124,6 +127,10 @@ class Mechanism:
             raise SpecError("backend", f"one of {list(self.backends)} for {self.name}", repr(backend_name))
         return importlib.import_module(f"{self.package}.{backend_name}")
 
+    def available_backends(self) -> tuple[str, ...]:
+        """Its backends that can run here: ``"cupy"`` only where CuPy finds a CUDA device."""
+        return tuple(name for name in self.backends if name != GPU_BACKEND or gpu_available())
+
     def cases(self) -> list:
         """Its conformance cases: those of ``<package>.cases.cases()`` whose mechanism is this one."""
         return [case for case in importlib.import_module(f"{self.package}.cases").cases() if case.mechanism == self.name]
@@ -144,6 +151,14 @@ class Mechanism:
 
 
 _MECHANISMS: dict[str, Mechanism] = {}
+
+
+@functools.lru_cache(maxsize=1)
+def gpu_available() -> bool:
+    """Whether the ``"cupy"`` backend can run here (CuPy installed, a CUDA device visible); asked once."""
+    from .xp import cupy_or_none
+
+    return cupy_or_none() is not None
 
 
 def register(name: str, package: str, forward, vjp, check_inputs, spec: str, **options) -> Mechanism:
@@ -172,9 +187,10 @@ def _document_dispatch_arguments(mechanism: Mechanism) -> None:
     doc = mechanism.forward.__doc__
     if not doc or re.search(r"^    precision\b", doc, re.M) or "\n    Returns\n" not in doc:
         return
-    kernels = [f"``{name!r}`` runs {mechanism.package.replace('.', '/')}/{name}.py" for name in mechanism.backends[1:]]
+    folder = mechanism.package.replace(".", "/")
+    kernels = [f'``"{name}"`` runs {folder}/{name}.py' for name in mechanism.backends[1:]]
     runs = ", ".join(kernels) + ", in the inputs' dtype (no ``precision``)" if kernels else "The reference alone"
-    names = ", ".join(repr(name) for name in mechanism.backends)
+    names = ", ".join(f'"{name}"' for name in mechanism.backends)
     text = (
         '    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics\n'
         "        Evaluate the reference in that precision (tolerances only); the result is float64.\n"

@@ -54,11 +54,6 @@ def dense_attention(
         Which weights survive dropout; required when ``dropout_p > 0``.
     dropout_p : float in [0, 1)
         Kept weights are divided by ``1 - dropout_p``.
-    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
-        Evaluate in that precision (refattn.core.precision); used to set
-        tolerances. The result is float64 whatever the precision.
-    backend : {"reference", "numba"}
-        ``"numba"`` runs the tiled O(N)-memory kernel (refattn/dense/numba.py).
 
     Returns
     -------

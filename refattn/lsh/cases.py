@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..conformance.case import ArrayMaker, Case, Dims, make_case
+from ..conformance.case import EXACT_TIES, EXACT_TIES_DESCRIPTION, ArrayMaker, Case, Dims, make_case
 from .inputs import bucket_factors
 from .presets import PRESETS, preset_values
 from .reference import bucket_margins
@@ -131,6 +131,13 @@ FLAGS: dict[str, str] = {
         "share every bucket, so their order in the sort is by position (HF's stable argsort, trax's and "
         "reformer-pytorch's key N bucket + n). Fails the last index on a tied argmax, and unstable or reversed "
         "sorts of equal buckets."
+    ),
+    EXACT_TIES: EXACT_TIES_DESCRIPTION,
+    "LSH_DUP_COUNT_SELF_PAIRS": (
+        "The duplicate correction applies to self pairs too: z_ii = self_mask_value - log n_ii. The case has a "
+        "score-sized self value (-1), so every row weighs its own key, and causal masking leaves token 0 alone, "
+        "whose lse is then self_mask_value exactly (self_mask_value + log n_00 - log n_00). Fails skipping the "
+        "correction on self pairs (each own key n_ii times too heavy, token 0's lse off by log n_00)."
     ),
     "LSH_PADDING_BUCKET_IF_MASK": (
         "padding_bucket='if_mask' (canonical, trax) adds the padding bucket whenever key_padding_mask is given, "
@@ -257,13 +264,17 @@ def cases() -> list[Case]:
               "and across rounds, through wrapped windows.",
               ("DUP_COUNT", "DUP_COUNT_CROSS_ROUND"), qk_dims(1, 2, 16, 8), num_buckets=2, num_hashes=4, chunk_len=8,
               dup_correction=True),
+        _case("dup_correction_self_pairs", "Count correction on self pairs: causal, 3 rounds of 2 buckets, N=16, "
+              "chunks of 4, self value -1, so every own key weighs exp(-1 - log n_ii) and token 0, alone, has lse -1.",
+              ("LSH_DUP_COUNT_SELF_PAIRS", "DUP_COUNT", "SELF_ONLY_ROW"), qk_dims(1, 2, 16, 8), num_buckets=2,
+              num_hashes=3, chunk_len=4, causal=True, dup_correction=True, self_mask_value=-1.0),
         _case("look_ahead", "One chunk before and one after: the last chunk's next chunk is the first.",
               ("WRAPPED_LOOKBACK",), qk_dims(1, 2, 24, 8), num_buckets=6, num_hashes=2, chunk_len=8, num_chunks_after=1),
         _case("factorised", "Buckets factorised as [4, 6] (24 per round): factor 0 is the least significant.",
               ("LSH_FACTORISED_BUCKETS",), qk_dims(1, 2, 32, 8), num_buckets=[4, 6], num_hashes=2, chunk_len=8),
         _case("ties", "Exact ties: token 1 is all zero (bucket 0 in every round and factor), tokens 8-15 copy tokens "
               "0-7 (equal buckets, sorted by position); buckets [4, 2], N = 16, chunks of 4.",
-              ("LSH_TIES", "LSH_STABLE_SORT", "LSH_FACTORISED_BUCKETS"), qk_dims(1, 2, 16, 8), num_buckets=[4, 2],
+              (EXACT_TIES, "LSH_TIES", "LSH_STABLE_SORT", "LSH_FACTORISED_BUCKETS"), qk_dims(1, 2, 16, 8), num_buckets=[4, 2],
               num_hashes=2, chunk_len=4, ties=True),
         _case("mask_without_padding", "A key padding mask with no padded token: padding_bucket='if_mask' still adds "
               "the padding bucket, so round r's buckets are offset by 5 r, not 4 r (aux.buckets; the sort, and so "

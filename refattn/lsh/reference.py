@@ -597,34 +597,13 @@ def _forward_steps(x: LSHInputs, num: Numerics) -> dict:
 
 
 def lsh_attention(
-    qk,
-    v,
-    *,
-    rotations,
-    num_buckets,
-    num_hashes,
-    chunk_len,
-    causal=False,
-    key_padding_mask=None,
-    num_chunks_before=FROM_PRESET,
-    num_chunks_after=FROM_PRESET,
-    key_norm=FROM_PRESET,
-    key_norm_eps=FROM_PRESET,
-    scale=FROM_PRESET,
-    self_mask_value=FROM_PRESET,
-    mask_value=FROM_PRESET,
-    mask_mode=FROM_PRESET,
-    mask_padded_queries=FROM_PRESET,
-    padding_marks=FROM_PRESET,
-    padding_bucket=FROM_PRESET,
-    dup_correction=FROM_PRESET,
-    dup_count=FROM_PRESET,
-    short_sequence=FROM_PRESET,
-    preset=None,
-    return_rounds=False,
-    precision=None,
-    backend="reference",
-) -> Result:
+    qk, v, *,
+    rotations, num_buckets, num_hashes, chunk_len, causal=False, key_padding_mask=None,
+    num_chunks_before=FROM_PRESET, num_chunks_after=FROM_PRESET, key_norm=FROM_PRESET, key_norm_eps=FROM_PRESET,
+    scale=FROM_PRESET, self_mask_value=FROM_PRESET, mask_value=FROM_PRESET, mask_mode=FROM_PRESET,
+    mask_padded_queries=FROM_PRESET, padding_marks=FROM_PRESET, padding_bucket=FROM_PRESET,
+    dup_correction=FROM_PRESET, dup_count=FROM_PRESET, short_sequence=FROM_PRESET,
+    preset=None, return_rounds=False, precision=None, backend="reference") -> Result:
     """Reformer's LSH self-attention with shared queries and keys.
 
     Parameters
@@ -663,11 +642,6 @@ def lsh_attention(
         lengths their implementation does not accept.
     return_rounds : bool
         Also return the rounds' outputs and log-sum-exps in ``aux``.
-    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
-        Evaluate in that precision (tolerances only); the result is float64.
-    backend : {"reference", "numba"}
-        ``"numba"`` runs refattn/lsh/numba.py (no ``precision``; results in
-        the compute dtype).
 
     Returns
     -------
@@ -693,9 +667,7 @@ def forward(x: LSHInputs, num: Numerics) -> Result:
 
 
 lsh_attention_vjp = registry.vjp_function(
-    lsh_attention,
-    "lsh",
-    grads="""    ``qk`` (B, H, N, D): the query path plus the key path through the
+    lsh_attention, "lsh", grads="""    ``qk`` (B, H, N, D): the query path plus the key path through the
     normalisation of step (6); ``v`` (B, H, N, Dv). Buckets are held fixed:
     hashing, sorting, masks and counts are piecewise constant, no gradient
     flows through them, and ``rotations`` gets none.""",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..conformance.case import Case, Dims, make_case
+from ..conformance.case import EXACT_TIES, EXACT_TIES_DESCRIPTION, Case, Dims, make_case
 from .problems import preset_problem, random_key_padding, routing_dims, zero_padded_tokens
 
 #: The flags only routing attention's cases carry (the shared catalogue is refattn/conformance/flags.py).
@@ -75,6 +75,19 @@ FLAGS = {
         "masked keys get gradients; rows with an allowed key are unchanged. Fails replacing the logit under "
         "the google_research preset (a uniform row)."
     ),
+    EXACT_TIES: EXACT_TIES_DESCRIPTION,
+    "SHARED_QK_SELF_RULE_MEMORY": (
+        "The Reformer self rule (canonical shared-QK) keeps a token's own key only when no other key of its row is "
+        "unmasked, and memory slots are keys of the row: with memory the own key is always excluded. The case is "
+        "causal with one memory slot, so each cluster's first member has no earlier member. Fails counting member "
+        "keys only (the first member then attends to itself and the memory key)."
+    ),
+    "SHARED_QK_SELF_RULE_FINITE_MASK": (
+        "The Reformer self rule counts a masked key as absent even when a finite mask_value gives it a logit "
+        "(replace mode): a row whose other keys are all masked keeps its own key and attends to itself alone. The "
+        "case is causal with mask_value -1e4. Fails counting every key with a finite logit (the row is then uniform "
+        "over its masked keys)."
+    ),
     "LUCIDRAINS_SELF_WRITTEN_LAST": (
         "lucidrains writes the self logit (-5e4) after every other mask (masked_fill order), un-masking a padded "
         "query's own key: with its window keys at -finfo(float32).max it attends to itself alone. Fails writing "
@@ -101,16 +114,40 @@ ZERO_PADDING_TIE = (
 )
 
 
+#: Why a tie case's VJP is not the derivative of its forward (Case.not_a_derivative).
+COPIES_TIE = (
+    "the second half of the tokens copies the first half's q and k, so every cluster's last member ties exactly "
+    "with its copy; any perturbation breaks the tie, while the VJP holds the routing fixed"
+)
+
+
+def copied_halves(problem: dict) -> dict:
+    """``problem`` with the q and k of tokens N/2 ... N-1 copies of those of tokens 0 ... N/2-1 (v unchanged).
+
+    A copy has bit-identical similarities to every centroid in every precision: with an odd ``cluster_size``
+    each cluster's last member ties with its copy, which the tie rule (the lower position first) leaves out.
+    """
+    half = problem["q"].shape[2] // 2
+    copied = dict(problem)
+    for name in ("q", "k"):
+        copied[name] = problem[name].copy()
+        copied[name][:, :, half : 2 * half] = problem[name][:, :, :half]
+    return copied
+
+
 def _case(name: str, description: str, flags: tuple[str, ...], dims: Dims, *, clusters: int, cluster_size: int,
-          preset=None, shared_qk=False, causal=False, padding=False, memory=0, own_k=False, **params) -> Case:  # fmt: skip
+          preset=None, shared_qk=False, causal=False, padding=False, memory=0, own_k=False, copies=False,
+          **params) -> Case:  # fmt: skip
     """One "routing" case; ``params`` are further JSON keyword arguments (preset overrides).
 
     ``padding`` is True (:func:`random_key_padding`) or a mask maker; ``own_k`` redraws ``k`` (standard normal)
-    after the problem under shared-QK, so that k != q.
+    after the problem under shared-QK, so that k != q; ``copies`` makes the tie case of :func:`copied_halves`.
     """
 
     def arrays(rng):
         out = preset_problem(rng, dims, clusters, preset, shared_qk=shared_qk)
+        if copies:
+            out = copied_halves(out)
         if own_k:
             out["k"] = rng.standard_normal(out["k"].shape)
         if padding:
@@ -126,7 +163,7 @@ def _case(name: str, description: str, flags: tuple[str, ...], dims: Dims, *, cl
         "routing", name, description, flags, arrays,
         params=dict(cluster_size=cluster_size, shared_qk=shared_qk, causal=causal, preset=preset, **params),
         differentiable=("q", "k", "v", "mem_k", "mem_v") if memory else ("q", "k", "v"), preset=preset,
-        not_a_derivative=ZERO_PADDING_TIE if padding and preset == "google_research" else None,
+        not_a_derivative=COPIES_TIE if copies else ZERO_PADDING_TIE if padding and preset == "google_research" else None,
     )  # fmt: skip
 
 
@@ -152,6 +189,19 @@ def cases() -> list[Case]:
               "are the query lists, the key vectors are layer-normalised k, not q.",
               ("SHARED_QK_KEYS_FROM_K", "SHARED_QK_SELF_MASK"), routing_dims(1, 2, 16, 16, 16), clusters=3,
               cluster_size=6, shared_qk=True, own_k=True),
+        _case("canonical_ties", "Canonical, tokens 8-15 copy the q and k of tokens 0-7 (bit-identical similarities), "
+              "clusters of 5: each cluster's fifth member ties exactly with its copy, and the lower position is taken.",
+              (EXACT_TIES, "ROUTING_BALANCED_TOPK"), routing_dims(1, 2, 16, 16, 16), clusters=3, cluster_size=5,
+              copies=True),
+        _case("canonical_shared_memory", "Canonical shared-QK, causal, one memory slot per cluster: a cluster's first "
+              "member has no earlier member, but the memory key is another key of its row, so its own key is excluded.",
+              ("SHARED_QK_SELF_RULE_MEMORY", "SHARED_QK_SELF_MASK"), routing_dims(1, 2, 16, 16, 16), clusters=3,
+              cluster_size=6, shared_qk=True, causal=True, memory=1),
+        _case("canonical_shared_finite_mask", "Canonical shared-QK, causal, mask_value -1e4 replacing masked logits: a "
+              "cluster's first member's other keys are all masked, which counts as absent despite their finite "
+              "logits, so it keeps its own key and attends to itself alone.",
+              ("SHARED_QK_SELF_RULE_FINITE_MASK", "SHARED_QK_SELF_MASK"), routing_dims(1, 2, 16, 16, 16), clusters=3,
+              cluster_size=6, shared_qk=True, causal=True, mask_value=-1e4),
         _case("canonical_padding", "Canonical, B = 2, padded tokens: masked as keys, their rows empty; Dv = 12.",
               ("PADDING_MASK", "MULTI_BATCH", "ROUTING_UNROUTED_TOKEN"), routing_dims(2, 2, 24, 16, 12),
               clusters=3, cluster_size=6, padding=True),
@@ -174,8 +224,8 @@ def cases() -> list[Case]:
               "every logit of its row (padded and later keys), so the row is the softmax of its scores, not uniform. "
               "mask_value -1e4 instead of -1e9, so that float16 holds aux.slot_lse; out and the gradients are "
               "google's (exp underflows to 0 either way).",
-              ("ROUTING_MASK_ADDED", "ROUTING_SLOT_CAUSAL", "ROUTING_ZERO_PADDING"), routing_dims(1, 2, 16, 8, 8),
-              clusters=3, cluster_size=8, preset=g, causal=True, padding=leading_padding(6), mask_value=-1e4),
+              ("ROUTING_MASK_ADDED", "ROUTING_SLOT_CAUSAL", "ROUTING_ZERO_PADDING", EXACT_TIES),
+              routing_dims(1, 2, 16, 8, 8), clusters=3, cluster_size=8, preset=g, causal=True, padding=leading_padding(6), mask_value=-1e4),
         # --- lucidrains -------------------------------------------------------------
         _case("lucidrains_basic", "lucidrains: L2 routing, raw q/k, 1/sqrt(D), slots by similarity, eps 1e-5.",
               ("ROUTING_BALANCED_TOPK", "ROUTING_SCATTER_MEAN_EPS"), routing_dims(1, 2, 32, 16, 16),

@@ -101,7 +101,8 @@ class RoutingPreset:
         concatenates ``[local_out, global_out]``.
     local_causal : bool or None
         Hybrid layers: whether local heads are causal; None follows ``causal``
-        (google-research); lucidrains' ``LocalAttention(causal=True)`` always is.
+        (google-research, and lucidrains since 57b1573, October 2020:
+        ``LocalAttention(..., causal = causal)``; before it, ``causal = True``).
     centroid_update : {"vq_ema", "normalized_mean_ema"}
         google-research ``online_kmeans`` (EMA of counts and sums, Laplace
         smoothing) or lucidrains ``kmeans_iter`` + ``ema_inplace``.
@@ -206,7 +207,6 @@ PRESETS: dict[str, RoutingPreset] = {
         query_padding="mask_window",
         scatter_eps=1e-5,
         head_order="local_first",
-        local_causal=True,
         centroid_update="normalized_mean_ema",
         ema_eps=1e-12,
         loss_reduction="mean",

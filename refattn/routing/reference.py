@@ -309,11 +309,6 @@ def routing_attention(
         Override the preset (refattn/routing/presets.py documents each).
         ``query_prescale`` acts on the routing vectors only; with
         ``attend_on="raw"`` attention uses q and k as given.
-    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
-        Evaluate in that precision (refattn.core.precision; tolerances only).
-    backend : {"reference", "numba"}
-        "numba": refattn/routing/numba.py, computing in float32 for float32/float16/bfloat16
-        inputs (float64 otherwise) and returning in that dtype; ``precision`` must then be None.
 
     Returns
     -------
@@ -390,9 +385,7 @@ def _forward_steps(x: RoutingInputs, num: Numerics) -> dict:
 
 
 routing_attention_vjp = registry.vjp_function(
-    routing_attention,
-    "routing",
-    grads="""    ``q``, ``k``, ``v``, and ``mem_k``, ``mem_v`` when given, with the
+    routing_attention, "routing", grads="""    ``q``, ``k``, ``v``, and ``mem_k``, ``mem_v`` when given, with the
     routing (steps (4)-(5)) held fixed. Where attention uses normalised vectors
     the gradient runs through the normalisation; the similarities, the
     membership and the centroids get none (the decisions are piecewise

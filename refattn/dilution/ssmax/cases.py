@@ -73,6 +73,9 @@ def _uniform(low: float, high: float) -> ArrayMaker:
 #: Slopes and biases of most cases: a distinct s_h for every head, s_bias_h comparable to s_h log n.
 DEFAULT_S = _uniform(0.2, 1.2)
 DEFAULT_S_BIAS = _uniform(-0.5, 0.5)
+#: The ScalableSoftmax package's default s, 0.43, as it holds it: a float32 tensor (gdevos010/Scalable-Softmax
+#: 108e969, src/scalable_softmax.py, ScalableSoftmax.__init__), cast to the input's dtype in forward.
+SCALABLE_SOFTMAX_S = 0.4300000071525574
 
 
 def _case(name: str, description: str, flags: tuple[str, ...], dims: Dims, *, std: float = 1.0,
@@ -125,8 +128,10 @@ def cases() -> list[Case]:
               ("SSMAX_MASKED_N", "SINGLE_TOKEN", "PADDING_MASK", "MULTI_QUERY"), Dims(2, 4, 1, 1, 33, 8),
               mask=key_padding((33, 20))),
         _case("axis_length_causal", "n_rule='axis_length': causal N = 10, n = 10 on every row (ScalableSoftmax's "
-              "x.size(dim)), not i + 1.",
-              ("SSMAX_AXIS_LENGTH", "CAUSAL_MASK"), Dims(1, 4, 2, 10, 10, 8), causal=True, n_rule="axis_length"),
+              "x.size(dim)), not i + 1; s = float32(0.43) for every head and no s_bias, the package's defaults as it "
+              "stores them, so that running the package reproduces the case.",
+              ("SSMAX_AXIS_LENGTH", "CAUSAL_MASK"), Dims(1, 4, 2, 10, 10, 8), causal=True, n_rule="axis_length",
+              s=SCALABLE_SOFTMAX_S, s_bias=None),
         # --- rows with no key or one key -----------------------------------------------
         _case("fully_masked_rows", "7 queries over 4 keys, causal bottom-right: rows 0-2 see no key, row 3 one key.",
               ("FULLY_MASKED_ROW", "SSMAX_MASKED_N", "SSMAX_SINGLE_KEY", "CAUSAL_ALIGNMENT"), Dims(1, 4, 2, 7, 4, 8),

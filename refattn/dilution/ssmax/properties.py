@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...core.invariants import close, require
-from ...core.masks import position_mask
+from ...core.invariants import allowed_keys, close, require
 from ...dense.reference import dense_attention
 from .reference import attended_counts
 
@@ -42,19 +41,6 @@ def _factor(q, k, params) -> tuple[np.ndarray, np.ndarray]:
     hq = q.shape[1]
     s, s_bias = _per_head(params["s"], hq)[:, None], _per_head(params.get("s_bias", 0.0), hq)[:, None]
     return counts, np.where(counts > 0, s * np.log(np.maximum(counts, 1)) + s_bias, 0.0)
-
-
-def _allowed(q, k, params) -> np.ndarray:
-    """The (B, Hq, Nq, Nk) keys each row may attend to: the user mask AND causality AND the window."""
-    nq, nk = q.shape[2], k.shape[2]
-    allowed = np.ones((nq, nk), bool)
-    by_position = position_mask(nq, nk, causal=params.get("causal", False), window=params.get("window"),
-                                alignment=params.get("causal_alignment", "bottom_right"))  # fmt: skip
-    if by_position is not None:
-        allowed = allowed & by_position
-    if params.get("mask") is not None:
-        allowed = allowed & params["mask"]
-    return np.broadcast_to(allowed, q.shape[:3] + (nk,))
 
 
 def unit_factor_is_dense_attention(attend, q, k, v, params, rtol=1e-10):
@@ -87,7 +73,7 @@ def identical_keys_give_weights_one_over_n(attend, q, k, v, params, rtol=1e-10):
     result = attend(q, same_k, v, **params)
     counts, factor = _factor(q, k, params)
     group = q.shape[1] // k.shape[1]
-    allowed = _allowed(q, k, params).astype(np.float64)  # (B, Hq, Nq, Nk)
+    allowed = allowed_keys(params, q.shape[:3] + (k.shape[2],)).astype(np.float64)  # (B, Hq, Nq, Nk)
     values = np.repeat(v, group, axis=1)  # (B, Hq, Nk, Dv)
     mean = np.einsum("bhqk,bhke->bhqe", allowed, values) / np.maximum(counts, 1)[..., None]
     scale = params.get("scale") or 1.0 / np.sqrt(q.shape[3])

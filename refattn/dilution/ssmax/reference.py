@@ -210,33 +210,16 @@ def attended_counts(q, k, *, mask=None, causal=False, causal_alignment="bottom_r
 
 
 def ssmax_attention(
-    q,
-    k,
-    v,
-    *,
-    s,
-    s_bias=0.0,
-    n_rule="attended",
-    mask=None,
-    bias=None,
-    causal=False,
-    causal_alignment="bottom_right",
-    window=None,
-    scale=None,
-    softcap=0.0,
-    dropout_keep=None,
-    dropout_p=0.0,
-    precision=None,
-    backend="reference",
-) -> Result:
+    q, k, v, *,
+    s, s_bias=0.0, n_rule="attended",
+    mask=None, bias=None, causal=False, causal_alignment="bottom_right", window=None,
+    scale=None, softcap=0.0, dropout_keep=None, dropout_p=0.0, precision=None, backend="reference") -> Result:
     """Scalable-Softmax attention: dense attention whose scaled scores of row ``i`` are multiplied by
     ``s_h · log n_i + s_bias_h``, ``n_i`` the number of keys the row attends to.
 
     Parameters
     ----------
-    q : ndarray (B, Hq, Nq, D)
-    k : ndarray (B, Hkv, Nk, D)
-    v : ndarray (B, Hkv, Nk, Dv)
+    q, k, v : ndarray (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv)
     s : float > 0, or ndarray (Hq,) of them
         The learned slope of each query head. An array is differentiated; a
         number is a constant, the same for every head.
@@ -252,10 +235,6 @@ def ssmax_attention(
         As :func:`refattn.dense_attention`. The masks and the window decide
         ``n_i``; ``bias`` is added after the soft-cap and is not multiplied
         by the factor; the keep-mask does not change ``n_i``.
-    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
-        Evaluate in that precision (tolerances only); the result is float64.
-    backend : {"reference", "numba"}
-        ``"numba"`` runs refattn/dilution/ssmax/numba.py (no ``precision``).
 
     Returns
     -------
@@ -280,9 +259,7 @@ def forward(x: SSMaxInputs, num: Numerics) -> Result:
 
 
 ssmax_attention_vjp = registry.vjp_function(
-    ssmax_attention,
-    "ssmax",
-    grads="""    ``q``, ``k``, ``v``; ``s`` and ``s_bias`` (Hq,) when they were given as
+    ssmax_attention, "ssmax", grads="""    ``q``, ``k``, ``v``; ``s`` and ``s_bias`` (Hq,) when they were given as
     arrays, and ``bias`` (its own shape) when a bias was given. A number
     given for ``s`` or ``s_bias`` is a constant, as ``scale`` is (pass
     ``np.full(Hq, value)`` and sum the gradient for a learned scalar

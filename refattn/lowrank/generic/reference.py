@@ -37,11 +37,6 @@ def lowrank_attention(u, w, v, *, normalized=True, precision=None, backend="refe
         ``True``: divide each output row by ``Σ_j (U W)_ij`` (the implied
         matrix's row sum), which must not be 0 in any row; ``False``: the
         plain product ``U (W V)`` (Nyströmformer's form).
-    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
-        Evaluate in that precision (refattn.core.precision); used to set
-        tolerances. The result is float64 whatever the precision.
-    backend : {"reference", "numba"}
-        ``"numba"`` runs the O(N·r) kernel (refattn/lowrank/generic/numba.py).
 
     Returns
     -------

@@ -51,11 +51,6 @@ def linformer_attention(q, k, v, *, e, f=None, key_padding_mask=None, slice_proj
     causal : bool
         Must be False: E and F mix every position, so no projected key is
         free of future tokens (spec/low_rank.md, "Why Linformer cannot be causal").
-    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
-        Evaluate in that precision; used to set tolerances. The result is
-        float64 whatever the precision.
-    backend : {"reference", "numba"}
-        ``"numba"`` projects and runs the tiled dense kernel: O(N·P) memory.
 
     Returns
     -------

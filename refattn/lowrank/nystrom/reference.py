@@ -75,11 +75,6 @@ def nystrom_attention(q, k, v, *, num_landmarks, pinv_iterations=6, conv_kernel=
         keys are masked (HF).
     full_rank_shortcut : bool
         When m equals the (padded) length, plain softmax attention instead (HF).
-    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
-        Evaluate in that precision; used to set tolerances. The result is
-        float64 whatever the precision.
-    backend : {"reference", "numba"}
-        ``"numba"`` runs kernels 1 and 3 as tiled dense attention: O(N·m) memory.
 
     Returns
     -------

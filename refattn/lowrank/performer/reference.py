@@ -67,10 +67,6 @@ def performer_attention(q, k, v, *, omega, causal=False, preset=None, query_stab
         ``D_i = φ(q_i)·(Σ_j φ(k_j) + δ)`` (lucidrains' causal 1e-6).
     denominator_guard : float >= 0
         ``D ← D + 2g [|D| <= g]`` (Google's).
-    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
-        Evaluate in that precision; used to set tolerances.
-    backend : {"reference", "numba"}
-        ``"numba"`` runs the O(N·m) prefix-sum kernel.
 
     Returns
     -------

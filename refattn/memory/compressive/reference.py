@@ -166,10 +166,6 @@ def compressive_attention(
         ``δ`` of ``"dilated_conv"``, dividing ``c``.
     scale : float > 0, optional
         Logit scale; default ``1 / sqrt(D)``.
-    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
-        Evaluate the reference in that precision, to set tolerances.
-    backend : {"reference", "numba"}
-        ``"numba"`` runs the tiled dense kernel over the step's keys.
 
     Returns
     -------

@@ -123,10 +123,6 @@ def infini_attention(
         Read ``M_{s-1}`` (the paper) or the memory already holding the segment.
     scale : float > 0, optional
         Local attention's logit scale; default ``1 / sqrt(D)``.
-    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
-        Evaluate the reference in that precision, to set tolerances.
-    backend : {"reference", "numba"}
-        ``"numba"`` runs the local attention on the tiled kernel.
 
     Returns
     -------

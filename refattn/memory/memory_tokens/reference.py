@@ -108,10 +108,6 @@ def memory_token_attention(
         RoPE's ``rotary_dim`` (None: D) and ``base``, layout ``"half"``.
     scale : float > 0, optional
         Logit scale; default ``1 / sqrt(D)``.
-    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
-        Evaluate the reference in that precision, to set tolerances.
-    backend : {"reference", "numba"}
-        ``"numba"`` runs the tiled RoPE kernel over each wrapped segment.
 
     Returns
     -------

@@ -113,10 +113,6 @@ def sink_attention(
         RoPE's ``rotary_dim`` (None: D), ``base`` and ``layout`` (refattn.position.rope).
     scale : float > 0, optional
         Logit scale; default ``1 / sqrt(D)``.
-    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
-        Evaluate the reference in that precision, to set tolerances.
-    backend : {"reference", "numba"}
-        ``"numba"`` runs the tiled RoPE kernel over ``cache + segment`` keys per step.
 
     Returns
     -------

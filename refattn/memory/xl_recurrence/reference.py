@@ -116,10 +116,6 @@ def xl_recurrence_attention(
         at least ``L + M``. None: plain dense scores.
     scale : float > 0, optional
         Logit scale; default ``1 / sqrt(D)``.
-    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
-        Evaluate the reference in that precision, to set tolerances.
-    backend : {"reference", "numba"}
-        ``"numba"`` runs the tiled kernels over ``segment + memory`` keys per step.
 
     Returns
     -------

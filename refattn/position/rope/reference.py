@@ -262,9 +262,6 @@ def rope_attention(
         As :func:`refattn.dense.reference.dense_attention`. Masks, causality
         and windows stay index-based; ``scale`` defaults to ``1/sqrt(D)``, D
         the full head dim.
-    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
-    backend : {"reference", "numba"}
-        ``"numba"`` runs refattn/position/rope/numba.py (O(N) memory).
 
     Returns
     -------

@@ -90,10 +90,6 @@ def shaw_attention(
     mask, bias, causal, causal_alignment, window, scale, softcap, dropout_keep, dropout_p
         As for :func:`refattn.dense.reference.dense_attention`. Masks,
         causality and windows are by index, not by position.
-    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
-        Evaluate in that precision (refattn.core.precision), to set tolerances.
-    backend : {"reference", "numba"}
-        ``"numba"`` runs the tiled O(N)-memory kernel (refattn/position/shaw/numba.py).
 
     Returns
     -------

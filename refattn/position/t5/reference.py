@@ -295,11 +295,6 @@ def t5_attention(
     mask, bias, causal, causal_alignment, window, scale, softcap, dropout_keep, dropout_p
         As :func:`refattn.dense_attention`. ``bias`` is added to the T5 bias.
         T5 uses ``scale=1.0``; the default stays ``1/sqrt(D)``.
-    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
-        Evaluate in that precision (tolerances only); the result is float64.
-        The buckets are integers and do not depend on it.
-    backend : {"reference", "numba"}
-        ``"numba"`` runs refattn/position/t5/numba.py (no ``precision``).
 
     Returns
     -------

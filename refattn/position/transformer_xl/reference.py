@@ -214,10 +214,6 @@ def transformer_xl_attention(
         As :func:`refattn.dense_attention`. Masks, causality and windows are
         index-based, as there. ``scale`` (default ``1/sqrt(D)``) multiplies
         both terms; the soft-cap applies to the whole scaled score.
-    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
-        Evaluate in that precision (refattn.core.precision), to set tolerances.
-    backend : {"reference", "numba"}
-        ``"numba"`` runs the tiled O(N)-memory kernels (numba.py here).
 
     Returns
     -------

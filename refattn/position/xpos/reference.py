@@ -256,8 +256,6 @@ def xpos_attention(
         As :func:`apply_xpos`.
     mask, bias, causal, causal_alignment, window, scale, softcap, dropout_keep, dropout_p
         As :func:`refattn.dense.reference.dense_attention`; ``scale`` defaults to ``1/sqrt(D)``.
-    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
-    backend : {"reference", "numba"}
 
     Returns
     -------

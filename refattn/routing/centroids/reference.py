@@ -94,9 +94,7 @@ def centroid_ema(q, k, v, *, centroids, shared_qk=False, key_padding_mask=None, 
 
 
 centroid_ema_vjp = registry.vjp_function(
-    centroid_ema,
-    "centroid_ema",
-    grads="""    None: both implementations run the update outside autograd (a TF
+    centroid_ema, "centroid_ema", grads="""    None: both implementations run the update outside autograd (a TF
     ``assign``, ``torch.no_grad``), so it has no VJP here and its cases are
     forward only; the call raises ``SpecError``.""",
 )

@@ -49,9 +49,10 @@ def cases() -> list[Case]:
         _case("google", "google-research layer: 2 routing heads, then 1 local head (window 4 back), causal.",
               ("HYBRID_HEAD_ORDER",), routing_dims(1, 3, 24, 16, 16), 1, clusters=3, cluster_size=8,
               preset="google_research", causal=True, local_window=[4, 0]),
-        _case("lucidrains", "lucidrains layer: 1 local head (always causal), then 2 routing heads, not causal.",
+        _case("lucidrains", "lucidrains layer: 1 local head, then 2 routing heads, not causal, so the local head looks "
+              "both ways (window 4 each side; routing-transformer 3f6c461: LocalAttention(causal = causal)).",
               ("HYBRID_HEAD_ORDER",), routing_dims(1, 3, 24, 16, 16), 1, clusters=3, cluster_size=8,
-              preset="lucidrains", causal=False, local_window=[4, 0]),
+              preset="lucidrains", causal=False, local_window=[4, 4]),
         _case("canonical", "Canonical layer: 3 routing heads, then 1 local head (window 3 each side).",
               ("HYBRID_HEAD_ORDER",), routing_dims(1, 4, 16, 16, 16), 1, clusters=2, cluster_size=8,
               preset=None, causal=False, local_window=[3, 3]),

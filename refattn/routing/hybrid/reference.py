@@ -65,16 +65,13 @@ def hybrid_attention(q, k, v, *, num_local_heads, centroids, cluster_size, local
     local_window : (left, right) or None
         The local heads' sliding window (dense attention's ``window``).
     local_causal : bool or None
-        Whether the local heads are causal; None follows ``causal``
-        (google-research); the lucidrains preset makes them causal always.
+        Whether the local heads are causal; None follows ``causal`` (every
+        preset: google-research, and lucidrains' ``LocalAttention(causal = causal)``).
     head_order : {"routing_first", "local_first"}
         Which heads come first.
     causal, shared_qk, key_padding_mask, mem_k, mem_v, preset
         As for :func:`~refattn.routing.reference.routing_attention` (the
         routing heads); the local heads mask padded keys.
-    precision : optional
-        As for :func:`~refattn.routing.reference.routing_attention` (tolerances only).
-    backend : {"reference"}
     routing_norm, norm_eps, query_prescale, attend_on, normalize_shared_keys, scale, causal_by, order,
     mask_value, mask_mode, self_mask, self_mask_value, query_padding, scatter_eps
         The routing heads' preset parameters, as for
@@ -92,9 +89,7 @@ def hybrid_attention(q, k, v, *, num_local_heads, centroids, cluster_size, local
 
 
 hybrid_attention_vjp = registry.vjp_function(
-    hybrid_attention,
-    "routing_hybrid",
-    grads="""    ``q``, ``k``, ``v`` (B, H, ...), and ``mem_k``, ``mem_v`` when given.
+    hybrid_attention, "routing_hybrid", grads="""    ``q``, ``k``, ``v`` (B, H, ...), and ``mem_k``, ``mem_v`` when given.
     ``dlse`` must be None: the layer returns no log-sum-exp.""",
 )
 

@@ -157,9 +157,6 @@ def soft_routing_attention(q, k, v, *, x, routing_weights, path_causal, path_win
     path_window : list of P windows ((left, right) or None)
     scale : float > 0, optional
         The paths' logit scale (default 1/sqrt(D)).
-    precision : optional
-        As for :func:`refattn.dense_attention` (tolerances only).
-    backend : {"reference"}
 
     Returns
     -------
@@ -172,9 +169,7 @@ def soft_routing_attention(q, k, v, *, x, routing_weights, path_causal, path_win
 
 
 soft_routing_attention_vjp = registry.vjp_function(
-    soft_routing_attention,
-    "soft_routing",
-    grads="""    ``q``, ``k``, ``v`` (summed over the paths), ``x`` and ``routing_weights``.
+    soft_routing_attention, "soft_routing", grads="""    ``q``, ``k``, ``v`` (summed over the paths), ``x`` and ``routing_weights``.
     ``dlse`` must be None: the mixture has no log-sum-exp.""",
 )
 

@@ -91,8 +91,6 @@ def bigbird_attention(
         Reject random blocks that are sliding or global blocks of their query block.
     scale : float > 0, optional
         Default ``1 / sqrt(D)``.
-    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
-    backend : {"reference", "numba"}
 
     Returns
     -------

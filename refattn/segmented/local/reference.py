@@ -89,8 +89,6 @@ def local_attention(
         Queries rotated at position ``i + window_size * look_forward``.
     scale : float > 0, optional
         Default ``1 / sqrt(D)``.
-    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
-    backend : {"reference", "numba"}
 
     Returns
     -------

@@ -68,8 +68,6 @@ def longformer_attention(
         ``LongformerModel`` does (padded keys masked, padded rows dropped).
     scale : float > 0, optional
         Default ``1 / sqrt(D)``.
-    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
-    backend : {"reference", "numba"}
 
     Returns
     -------

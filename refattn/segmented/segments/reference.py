@@ -87,9 +87,6 @@ def segmented_attention(
         The linear map of ``"concat"``; required by it only.
     scale : float > 0, optional
         Logit scale of every attention; default ``1 / sqrt(D)``.
-    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
-        Evaluate in that precision (refattn.core.precision).
-    backend : {"reference", "numba"}
 
     Returns
     -------

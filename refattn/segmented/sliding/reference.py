@@ -51,9 +51,6 @@ def sliding_window_attention(
         How ``W`` is counted; :func:`window_of` gives ``(left, right)`` and causality.
     scale : float > 0, optional
         Default ``1 / sqrt(D)``.
-    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
-    backend : {"reference", "numba"}
-        Dense attention's backends.
 
     Returns
     -------

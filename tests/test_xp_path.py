@@ -1,0 +1,103 @@
+"""The GPU path's algorithm under NumPy (issue 19): every mechanism with a ``cupy`` backend runs its ``xp.py``
+with ``xp = numpy`` against every conformance case, forward and gradients, float64 and float32, with tiles
+small enough that the online softmax crosses many tile boundaries. The same code runs under CuPy on a GPU
+(tests marked ``gpu`` below, skipped without a device)."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import numpy as np
+import pytest
+
+import refattn
+from refattn.core import registry
+from refattn.core.results import Cotangents
+from refattn.core.xp import cupy_or_none
+
+WITH_GPU_PATH = [name for name in registry.names() if "cupy" in registry.get(name).backends]
+#: Tile sizes that split every case's rows and keys (cases have N <= 80).
+SMALL_TILES = (5, 7)
+
+
+def _xp_module(name):
+    return importlib.import_module(f"{registry.get(name).package}.xp")
+
+
+def xp_implementation(name: str, xp=np):
+    """The mechanism's xp algorithm behind its public signature, for :func:`refattn.verify`."""
+    mechanism = registry.get(name)
+    signature = inspect.signature(mechanism.forward)
+    module = _xp_module(name)
+
+    def checked(args, kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return mechanism.check_inputs(**{k: v for k, v in bound.arguments.items() if k not in ("precision", "backend")})
+
+    def impl(*args, **kwargs):
+        return module.forward(checked(args, kwargs), xp)
+
+    def vjp(dout, *args, dlse=None, **kwargs):
+        return module.vjp(checked(args, kwargs), Cotangents(np.asarray(dout), None if dlse is None else np.asarray(dlse)), xp)
+
+    impl.vjp = vjp
+    impl.__qualname__ = f"{name}.xp[{xp.__name__}]"
+    return impl
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    for name in WITH_GPU_PATH:
+        module = _xp_module(name)
+        monkeypatch.setattr(module, "BLOCK_Q", SMALL_TILES[0])
+        monkeypatch.setattr(module, "BLOCK_K", SMALL_TILES[1])
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", WITH_GPU_PATH)
+def test_xp_path_under_numpy_passes_every_case(name, dtype, small_tiles):
+    report = refattn.verify(xp_implementation(name), mechanism=name, dtype=dtype, grad=True)
+    assert report.ok, report.format()
+    assert report.counts()["pass"] == len(registry.get(name).cases())
+
+
+def test_tiles_do_not_change_the_result(monkeypatch):
+    """One tile or many: the online softmax gives the same out, lse and gradients (to rounding)."""
+    rng = np.random.default_rng(0)
+    q, k, v = rng.standard_normal((1, 4, 37, 8)), rng.standard_normal((1, 2, 41, 8)), rng.standard_normal((1, 2, 41, 5))
+    mask = rng.random((1, 1, 37, 41)) < 0.7
+    mask[..., 3, :] = False  # a fully masked row
+    impl = xp_implementation("dense")
+    dout = rng.standard_normal((1, 4, 37, 5))
+    whole = impl(q, k, v, mask=mask, causal=True), impl.vjp(dout, q, k, v, mask=mask, causal=True)
+    monkeypatch.setattr(_xp_module("dense"), "BLOCK_Q", 3)
+    monkeypatch.setattr(_xp_module("dense"), "BLOCK_K", 4)
+    tiled = impl(q, k, v, mask=mask, causal=True), impl.vjp(dout, q, k, v, mask=mask, causal=True)
+    np.testing.assert_allclose(tiled[0].out, whole[0].out, rtol=0, atol=1e-13)
+    np.testing.assert_array_equal(np.isinf(tiled[0].lse), np.isinf(whole[0].lse))
+    assert np.isneginf(tiled[0].lse[0, :, 3]).all() and not tiled[0].out[0, :, 3].any()
+    for name in ("q", "k", "v"):
+        np.testing.assert_allclose(tiled[1][name], whole[1][name], rtol=0, atol=1e-12)
+
+
+def test_cupy_backend_without_a_device_is_a_spec_error_after_the_checks():
+    if cupy_or_none() is not None:
+        pytest.skip("a CUDA device is visible")
+    q = np.ones((1, 1, 4, 8))
+    with pytest.raises(refattn.SpecError, match="argument `v`"):  # bad input first, as on every backend
+        refattn.dense_attention(q, q, q[:, :, :3], backend="cupy")
+    with pytest.raises(refattn.SpecError, match="CUDA device"):
+        refattn.dense_attention(q, q, q, backend="cupy")
+    assert "cupy" not in registry.get("dense").available_backends()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", WITH_GPU_PATH)
+def test_cupy_backend_on_a_device_passes_every_case(name, dtype):
+    if cupy_or_none() is None:
+        pytest.skip("no CUDA device visible to CuPy")
+    report = refattn.verify(mechanism=name, backend="cupy", dtype=dtype, grad=True)
+    assert report.ok, report.format()
