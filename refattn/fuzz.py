@@ -267,12 +267,15 @@ def loaded_case(problem: strategies.MechanismProblem, dtype: str, grad: bool) ->
 
 
 def _by_reference(mechanism, case: Case, arrays: dict, rng, dtype: str) -> tuple[dict, dict, dict]:
-    """Expected values, cotangents and budgets at ``dtype`` alone, as the export computes them at every precision
-    (``refattn.conformance.export._by_reference``, which evaluates the reference at all three lower precisions)."""
+    """Expected values, cotangents and budgets at ``dtype`` (and float32, which float64's budget needs), as the
+    export computes them at every precision (``refattn.conformance.export._by_reference``, which evaluates the
+    reference at all three lower precisions)."""
     result = mechanism.forward(**arrays, **case.params)
     cotangents = export._cotangents(case, result, rng)
     expected = {**export._outputs(result), **export._grads(mechanism, case, arrays, cotangents, precision=None)}
-    at_dtype = {} if dtype == "float64" else {dtype: export._evaluations(mechanism, case, arrays, cotangents, dtype)}
+    # float64's budget also needs the float32 reference error (tolerance.conditioned_float64_budget).
+    lower = "float32" if dtype == "float64" else dtype
+    at_dtype = {lower: export._evaluations(mechanism, case, arrays, cotangents, lower)}
     grads = {name: value for name, value in expected.items() if manifest_module.is_gradient(name)}
     scales = tolerance.gradient_scales(grads)
     sensitivity = tolerance.sensitivities(mechanism.vjp, {**arrays, **case.params}, cotangents.get("dout"), result,

@@ -625,3 +625,13 @@ def test_a_tie_cases_rounding_trials_keep_its_ties_where_jitter_breaks_them():
     untied = dataclasses.replace(case, flags=tuple(f for f in case.flags if f != EXACT_TIES))
     jittered = export_module._evaluations(mechanism, untied, arrays, {}, "float32")
     assert not all(np.array_equal(evaluation["aux.membership"], expected) for evaluation in jittered)
+
+
+def test_float64_budget_grows_only_for_ill_conditioned_outputs():
+    """An output that is mostly cancellation (float32 reference off by 3e5 relative) gets the float32 error scaled
+    to float64's roundoff, 4 · 3e5 · 2⁻²⁹; a well-conditioned one keeps 1e-10."""
+    expected = np.array([1e-13, -2e-13])
+    cancelled = tolerance.budgets("grad_dout.wk", expected, {"float32": [expected + 3e-8]}, scale=2e-13)
+    assert cancelled["float64"] == pytest.approx(4 * (3e-8 / 2e-13) * 2.0**-53 / 2.0**-24)
+    ordinary = tolerance.budgets("grad_dout.wk", expected, {"float32": [expected * (1 + 2e-7)]}, scale=2e-13)
+    assert ordinary["float64"] == tolerance.FLOAT64_BUDGET

@@ -20,7 +20,13 @@ stored in the manifest, so a consumer in any language only compares:
   mistake, which changes results by far more. The floor, ``4 u (1 + R)``
   with ``u = 2⁻⁵³``, exceeds it only where logits reach about 2·10⁵
   (xPos with a small ``scale_base`` far from position 0): there a kernel
-  that recomputes ``exp(s − lse)`` is legitimately off by ``u |s|``.
+  that recomputes ``exp(s − lse)`` is legitimately off by ``u |s|``. Nor
+  does 1e-10 hold for an ill-conditioned output, one that is mostly
+  cancellation (a gradient of 1e-13 summed from terms of order 1, which a
+  mechanism without a log-sum-exp to scale it by can have): there the
+  float64 budget is at least ``c × e_32 × u_64 / u_32``, the float32
+  reference error (below) scaled to float64's roundoff, the error a float64
+  evaluation that rounds elsewhere makes (:func:`conditioned_float64_budget`).
 * **float32, float16, bfloat16**: ``c × e_p + floor``, where ``e_p`` is
   the error of the reference itself evaluated in that precision (the same
   algorithm storing every step in the precision and computing in float32,
@@ -396,4 +402,17 @@ def budgets(
         evaluations = value if isinstance(value, list) else [value]
         reference_error = max(error(output, x, expected, scale) for x in evaluations)
         result[precision] = budget(output, precision, reference_error, sensitivity)
+        if precision == "float32":
+            result["float64"] = max(result["float64"], conditioned_float64_budget(reference_error))
     return result
+
+
+def conditioned_float64_budget(float32_error: float) -> float:
+    """``c × e_32 × u_64 / u_32``: the float32 reference error of an output scaled to float64's roundoff.
+
+    A well-conditioned output has ``e_32`` of a few ``u_32`` and this is a few
+    ``u_64``, far below :data:`FLOAT64_BUDGET`; an output that is mostly
+    cancellation has a large ``e_32``, and a float64 evaluation that sums in
+    another order is off by the same multiple of ``u_64``.
+    """
+    return C_REFERENCE * float32_error * unit_roundoff("float64") / unit_roundoff("float32")

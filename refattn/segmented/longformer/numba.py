@@ -68,8 +68,11 @@ def vjp(x: LongformerInputs, cotangents: Cotangents, saved: Result | None = None
     dlse = np.zeros(result.lse.shape, dtype) if cotangents.dlse is None else cotangents.dlse.astype(dtype, copy=False)
     is_global = x.global_tokens[:, None, :]  # (B, 1, N)
     keys, banded = _keys(x)
+    # Global rows hold the global softmax's lse; +inf gives them no weight in the local backward (with their
+    # own lse, exp(s - lse) overflows where a local logit exceeds it, and inf times a zeroed cotangent is NaN).
+    local_lse = np.where(is_global, np.inf, result.lse)
     dq, dk, dv = blocksparse.attend_vjp(*(a.astype(dtype, copy=False) for a in (x.q, x.k, x.v)), keys, banded,
-                                        result.out.astype(dtype, copy=False), result.lse.astype(dtype, copy=False),
+                                        result.out.astype(dtype, copy=False), local_lse.astype(dtype, copy=False),
                                         np.where(is_global[..., None], 0, dout).astype(dtype, copy=False),
                                         np.where(is_global, 0, dlse).astype(dtype, copy=False), **_kernel_options(x))  # fmt: skip
     q_global, k_global, v_global = _global_qkv(x, dtype)
