@@ -128,3 +128,19 @@ def test_bad_input(arguments, name):
     with pytest.raises(SpecError) as error:
         longformer_attention(**arrays, **arguments)
     assert error.value.argument == name
+
+
+def test_numba_backward_of_a_global_row_with_a_large_local_logit_is_finite():
+    """Found by fuzzing (shrunk): one global token whose local logit exceeds its global lse made the numba
+    backward compute exp(s_local - lse) = inf, and inf times the zeroed local cotangent NaN. The reference's
+    local-path gradients of q, k and v are 0 here (the global path holds every row)."""
+    one = lambda value: np.full((1, 1, 1, 1), value)  # noqa: E731
+    arguments = dict(attention_window=0, global_tokens=np.array([[True]]), q_global=one(-3.9631459),
+                     k_global=one(3.14700351), v_global=one(0.36159505))  # fmt: skip
+    q, k, v = one(-15.68245324), one(-73.24402148), one(1.14416587)
+    dout, dlse = np.full((1, 1, 1, 1), -0.3064645), np.full((1, 1, 1), -0.35179661)
+    want = longformer_attention_vjp(dout, q, k, v, dlse=dlse, **arguments)
+    got = longformer_attention_vjp(dout, q, k, v, dlse=dlse, backend="numba", **arguments)
+    for name in ("q", "k", "v"):
+        assert np.isfinite(got[name]).all() and want[name] == 0.0
+        np.testing.assert_allclose(got[name], want[name], atol=1e-12)
