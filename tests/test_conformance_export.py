@@ -635,3 +635,13 @@ def test_float64_budget_grows_only_for_ill_conditioned_outputs():
     assert cancelled["float64"] == pytest.approx(4 * (3e-8 / 2e-13) * 2.0**-53 / 2.0**-24)
     ordinary = tolerance.budgets("grad_dout.wk", expected, {"float32": [expected * (1 + 2e-7)]}, scale=2e-13)
     assert ordinary["float64"] == tolerance.FLOAT64_BUDGET
+
+
+def test_a_vanishing_gradient_is_measured_against_the_largest_one():
+    """q's gradient is rounding noise (it vanishes by an invariance): its error is relative to the largest
+    gradient of the problem, k's 2.0; v's, a thousandth of it, is a real gradient and keeps its own scale."""
+    grads = {"grad_dout.q": np.array([1e-20]), "grad_dlse.q": np.array([0.0]), "grad_dout.k": np.array([2.0]),
+             "grad_dlse.k": np.array([-1.0]), "grad_dout.v": np.array([2e-3]), "grad_dlse.v": np.array([0.0])}  # fmt: skip
+    scales = tolerance.gradient_scales(grads)
+    assert scales["grad_dout.q"] == scales["grad_dlse.q"] == 2.0
+    assert scales["grad_dout.k"] == 2.0 and scales["grad_dout.v"] == scales["grad_dlse.v"] == 2e-3

@@ -103,6 +103,9 @@ LOWER_PRECISIONS = tuple(p for p in PRECISIONS if p != "float64")
 
 #: Smallest denominator of the normwise error (an all-zero reference).
 TINY = float(np.finfo(np.float64).tiny)
+#: An input whose gradient is below this fraction of the problem's largest gradient has, in exact
+#: arithmetic, none: its computed value is rounding noise (:func:`gradient_scales`).
+VANISHING_GRADIENT = 1e-6
 
 #: The ceiling on budgets (:func:`ceiling`) allows a reference error ``e_p`` of
 #: this many unit roundoffs ``u + u_c``: the committed suite reaches a quarter of
@@ -169,12 +172,18 @@ def gradient_scales(grads: dict) -> dict[str, float]:
     values. One part may vanish where the other does not (with a single key,
     ``dout`` alone moves neither q nor k): its error is then measured against
     the size of the input's gradient, not against zero, which no rounding could meet.
+    Where both parts vanish (below :data:`VANISHING_GRADIENT` of the problem's largest
+    gradient: with a single key, q and k of a mechanism without ``lse``; U and W of
+    normalised low-rank attention over one key), the error is measured against the
+    problem's largest gradient.
     """
     largest: dict[str, float] = {}
     for name, value in grads.items():
         input_name = name.split(".", 1)[1]
         largest[input_name] = max(largest.get(input_name, 0.0), float(np.max(np.abs(value), initial=0.0)))
-    return {name: max(largest[name.split(".", 1)[1]], TINY) for name in grads}
+    overall = max(largest.values(), default=0.0)
+    scale = {name: overall if size < VANISHING_GRADIENT * overall else size for name, size in largest.items()}
+    return {name: max(scale[name.split(".", 1)[1]], TINY) for name in grads}
 
 
 def normwise_error(x, ref, smallest_denominator: float = TINY) -> float:

@@ -140,7 +140,6 @@ def check_centroid_ema_inputs(q, k, v, *, centroids, shared_qk, key_padding_mask
     centroids = check_centroids(centroids, shape.q_heads, shape.head_dim)
     mask = check_key_padding_mask(key_padding_mask, shape.batch, shape.q_len)
     vectors = 1 if shared_qk else 2  # routing vectors per token
-    real = vectors * (shape.batch * shape.q_len if mask is None else int(mask.sum()))
     if update == "vq_ema":
         ema_counts, ema_sums = _check_vq_state(ema_counts, ema_sums, centroids)
     else:
@@ -148,7 +147,7 @@ def check_centroid_ema_inputs(q, k, v, *, centroids, shared_qk, key_padding_mask
     decay = _check_decay(p["decay"])
     ema_eps = checks.real_number(p["ema_eps"], "ema_eps", minimum=0.0, inclusive=False)
     if update == "vq_ema":
-        _check_vq_counts(ema_counts, decay, real)
+        _check_vq_counts(ema_counts, decay, real_counts(mask, shape.batch, shape.q_heads, shape.q_len, rule, vectors))
     # Routing steps (1)-(3): |prescale · x|² to normalise, then r·μ with |r| <= sqrt(D) (layer norm) or 1 (L2).
     checks.scores_within_range(np.sqrt(shape.head_dim) if norm == "layer" else 1.0, centroids, 1.0, "q, k, centroids",
                                normalised=((q, prescale),) + (() if shared_qk else ((k, prescale),)))  # fmt: skip
@@ -225,8 +224,17 @@ def _check_vq_state(ema_counts, ema_sums, centroids: np.ndarray) -> tuple[np.nda
     return ema_counts, ema_sums
 
 
-def _check_vq_counts(ema_counts: np.ndarray, decay: float, real_vectors: int) -> None:
-    """(E4) divides by ``n = Σ_c ema_count_c`` after the update: it must not be 0 in any head."""
+def real_counts(mask, batch: int, heads: int, length: int, count_rule: str, calls: int = 1) -> np.ndarray:
+    """The real vectors step (E2) credits to each head (H,): :func:`batch_counts` of ``calls`` segments of
+    ``length`` tokens, real where ``mask`` (B, N) is True (all when None), as if every one were assigned."""
+    real = np.ones((batch, length)) if mask is None else mask.astype(np.float64)  # (B, N)
+    one_hot = np.broadcast_to(np.tile(real, calls)[:, None, :, None], (batch, heads, calls * length, 1))
+    return batch_counts(one_hot, count_rule, calls)[:, 0]
+
+
+def _check_vq_counts(ema_counts: np.ndarray, decay: float, real_vectors: np.ndarray) -> None:
+    """(E4) divides by ``n = Σ_c ema_count_c`` after the update: it must not be 0 in any head
+    (``real_vectors`` (H,): the real vectors credited to each head, :func:`real_counts`)."""
     if np.any(decay * ema_counts.sum(axis=-1) + (1.0 - decay) * real_vectors == 0):
         raise SpecError("ema_counts", "a state or a batch that counts at least one token per head (n > 0)",
                         "zero counts and no (real) token with weight 1 - decay > 0")  # fmt: skip
@@ -340,9 +348,9 @@ def centroid_ema_vq(x, centroids, *, ema_counts=None, ema_sums=None, decay=0.999
     ema_counts, ema_sums = _check_vq_state(ema_counts, ema_sums, centroids)
     decay = _check_decay(decay)
     eps = checks.real_number(eps, "eps", minimum=0.0, inclusive=False)
-    _check_vq_counts(ema_counts, decay, x.shape[0] * x.shape[2] if mask is None else int(mask.sum()))
-    num = numerics(precision)
     rule = checks.choice(count_rule, "count_rule", COUNT_RULES)
+    _check_vq_counts(ema_counts, decay, real_counts(mask, x.shape[0], x.shape[1], x.shape[2], rule))
+    num = numerics(precision)
     update = _vq_ema(num.load(x), num.load(centroids), num.load(ema_counts), num.load(ema_sums), decay, eps, mask, num,
                      rule)  # fmt: skip
     as_float64 = (update.centroids, update.ema_counts, update.ema_sums)
