@@ -603,3 +603,15 @@ def test_hybrid_layer_properties_hold_on_every_case_and_catch_a_wrong_local_wind
 
     with pytest.raises(AssertionError, match="local heads"):
         hybrid_properties.local_heads_are_dense_attention(local_window_ignored, q, k, v, {**params, "local_window": (3, 0)})
+
+
+def test_google_count_rule_leaving_a_head_without_tokens_is_a_spec_error():
+    """google-research credits head h with the tokens at (h·S + s) mod H: with one real token of two, head 1
+    gets none, and a cold EMA state would divide by zero (inf before the check counted per head)."""
+    from refattn.routing import centroid_ema
+
+    rng = np.random.default_rng(0)
+    q, k = rng.standard_normal((1, 2, 2, 3)), rng.standard_normal((1, 2, 2, 3))
+    with pytest.raises(SpecError, match="ema_counts"):
+        centroid_ema(q, k, q, centroids=rng.standard_normal((2, 1, 3)), key_padding_mask=np.array([[True, False]]),
+                     preset="google_research")  # fmt: skip
