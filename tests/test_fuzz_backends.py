@@ -13,7 +13,7 @@ from refattn.core import registry
 from refattn.fuzz import fuzz
 
 WITH_NUMBA = [name for name in registry.names() if "numba" in registry.get(name).backends]
-DISCRETE = ["lsh", "routing"]
+DISCRETE = ["lsh", "routing", "compressive"]
 
 
 @pytest.mark.parametrize("mechanism", WITH_NUMBA)
@@ -33,4 +33,12 @@ def test_numba_backend_reproduces_decisions_in_float32(mechanism):
 @pytest.mark.parametrize("mechanism", WITH_NUMBA)
 def test_numba_backend_passes_a_longer_fuzz(mechanism, dtype):
     report = fuzz(None, mechanism, backend="numba", grad=True, dtype=dtype, examples=60, seed=7)
+    assert report.ok, report.format()
+
+
+@pytest.mark.parametrize("mechanism", ["compressive", "memory_tokens"])
+def test_numba_backend_takes_bfloat16_inputs(mechanism):
+    """Found by fuzzing: NumPy's einsum has no bfloat16 loop, and the compression and memory projections
+    raised TypeError on bfloat16 inputs."""
+    report = fuzz(None, mechanism, backend="numba", dtype="bfloat16", examples=4, seed=3)
     assert report.ok, report.format()

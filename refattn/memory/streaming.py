@@ -23,7 +23,7 @@ import numpy as np
 
 from ..core import checks, registry
 from ..core.errors import SpecError
-from ..core.precision import Numerics
+from ..core.precision import STORAGE_DTYPES, Numerics
 from ..core.results import Cotangents, Grads, Result
 from ..dense.inputs import DenseInputs
 
@@ -163,6 +163,11 @@ def attend_vjp(name: str, num: Numerics | None, backend: str, dout, dlse, inputs
 def rows(x: np.ndarray | None, part: slice) -> np.ndarray | None:
     """``x[:, :, part]`` (None stays None): a segment's slice of a cotangent."""
     return None if x is None else x[:, :, part]
+
+
+def einsum_operand(x: np.ndarray) -> np.ndarray:
+    """``x`` as NumPy's einsum takes it: bfloat16 (an ml_dtypes type einsum has no loop for) widened to float32."""
+    return x.astype(np.float32) if x.dtype == STORAGE_DTYPES["bfloat16"] else x
 
 
 def kernel_numerics(q: np.ndarray) -> Numerics:

@@ -213,7 +213,8 @@ def compress(x: np.ndarray, f_c: Compression, weight: np.ndarray | None, usage: 
         return runs.mean(axis=3)
     if f_c.rule in CONVOLUTIONS:
         taps = runs[:, :, :, :: f_c.dilation]  # (B, H, n / c, c / δ, F)
-        return np.einsum("bhtaf,gfa->bhtg", taps, weight, optimize=True)
+        return np.einsum("bhtaf,gfa->bhtg", streaming.einsum_operand(taps), streaming.einsum_operand(weight),
+                         optimize=True)  # fmt: skip
     return np.take_along_axis(x, most_used(usage, n // c)[..., None], axis=2)  # "most_used"
 
 

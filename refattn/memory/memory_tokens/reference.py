@@ -164,7 +164,9 @@ def _wrapped(x: MemoryTokenInputs, memory: np.ndarray, segment: slice) -> dict:
     """(T1)-(T3) The wrapped segment's q, k, v and the RoPE attention's options."""
     m, n = memory.shape[1], segment.stop - segment.start
     # (T1) The memory tokens' q, k, v: the memory vectors projected, read and write alike.
-    qm, km, vm = (np.einsum("bme,ehd->bhmd", memory, w, optimize=True) for w in (x.w_q, x.w_k, x.w_v))
+    memory = streaming.einsum_operand(memory)
+    qm, km, vm = (np.einsum("bme,ehd->bhmd", memory, streaming.einsum_operand(w), optimize=True)
+                  for w in (x.w_q, x.w_k, x.w_v))  # fmt: skip
     wrap = lambda mem, seq: np.concatenate([mem, seq.astype(mem.dtype, copy=False), mem], axis=2)  # noqa: E731
     place = wrapped_positions(m, n, x.positions)
     return dict(q=wrap(qm, x.q[:, :, segment]), k=wrap(km, x.k[:, :, segment]), v=wrap(vm, x.v[:, :, segment]),
