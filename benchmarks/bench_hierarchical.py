@@ -7,25 +7,30 @@ B = 1, H = 8, D = Dv = 64, float32, block 64, not causal. Backends:
   "backward" is the public VJP (it recomputes the forward's per-level results);
 * ``numba-paper``: the same kernel with the paper's normalisation and level count;
 * ``library``: h-transformer-1d 0.1.9's ``HAttention1D`` with an identity
-  ``to_qkv`` and no ``to_out`` (examples/h_transformer_1d.py), so it gets the
+  ``to_qkv`` and no ``to_out`` (examples/h_transformer_1d_lucidrains.py), so it gets the
   same q, k, v; "backward" is ``out.backward(dout)`` after an untimed forward.
 
 Each (backend, N, direction) is timed in the same process after a warm-up
-(compilation) on a small problem; the fastest of ``--repeats`` calls is kept.
-Below the table: the library / numba ratio and each backend's growth
-exponent (least-squares slope of log t against log N).
+(compilation) on a small problem; the median of ``--repeats`` calls is kept
+(the machine is shared: a median resists one disturbed call). Below the table:
+the library / numba ratio and each backend's growth exponent (least-squares
+slope of log t against log N), and the load average before and after. The
+numba rows also give the time of the public call's input checks
+(the mechanism's ``check_inputs``, NumPy) and the call less them (the kernel).
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_hierarchical.py --lengths 4096 16384 65536 --repeats 2 --threads 2
+    PYTHONPATH=. python benchmarks/bench_hierarchical.py --lengths 4096 16384 65536 --repeats 3 --threads 2 \
+        --directions forward
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
+import inspect
 import os
+import sys
 import time
 
 import numpy as np
@@ -35,27 +40,34 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _library():
-    spec = importlib.util.spec_from_file_location("h_transformer_1d_example", os.path.join(REPO, "examples", "h_transformer_1d.py"))
+    if os.path.join(REPO, "examples") not in sys.path:  # the example imports its gallery helper from there
+        sys.path.append(os.path.join(REPO, "examples"))
+    spec = importlib.util.spec_from_file_location("h_transformer_1d_example", os.path.join(REPO, "examples", "h_transformer_1d_lucidrains.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def _fastest(fn, repeats: int) -> float:
-    best = math.inf
+def _median(fn, repeats: int) -> float:
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def _numba_calls(q, k, v, dout, params):
+    from refattn.core import registry
     from refattn.hierarchical import h1d_attention, h1d_attention_vjp
 
     forward = lambda: h1d_attention(q, k, v, block_size=BLOCK, backend="numba", **params)  # noqa: E731
     backward = lambda: h1d_attention_vjp(dout, q, k, v, block_size=BLOCK, backend="numba", **params)  # noqa: E731
-    return forward, backward
+    signature = inspect.signature(h1d_attention).parameters.items()
+    arguments = {name: p.default for name, p in signature if name not in ("precision", "backend")}
+    arguments.update(q=q, k=k, v=v, block_size=BLOCK, **params)
+    checks = lambda: registry.get("h1d").check_inputs(**arguments)  # noqa: E731
+    return forward, backward, checks
 
 
 def _library_calls(q, k, v, dout):
@@ -79,15 +91,20 @@ def _library_calls(q, k, v, dout):
     return forward, backward
 
 
-def measure(backend: str, n: int, repeats: int) -> dict:
+def measure(backend: str, n: int, repeats: int, directions) -> dict:
     rng = np.random.default_rng(n)
     q, k, v, dout = (rng.standard_normal((BATCH, HEADS, n, HEAD_DIM)).astype(np.float32) for _ in range(4))
     if backend == "library":
         forward, backward = _library_calls(q, k, v, dout)
-        return {"forward": _fastest(forward, repeats), "backward": min(backward() for _ in range(repeats))}
-    params = {"preset": "lucidrains"} if backend == "numba" else {}
-    forward, backward = _numba_calls(q, k, v, dout, params)
-    return {"forward": _fastest(forward, repeats), "backward": _fastest(backward, repeats)}
+        timers = {"forward": lambda: _median(forward, repeats),
+                  "backward": lambda: float(np.median([backward() for _ in range(repeats)]))}  # fmt: skip
+    else:
+        params = {"preset": "lucidrains"} if backend == "numba" else {}
+        forward, backward, checks = _numba_calls(q, k, v, dout, params)
+        timers = {"forward": lambda: _median(forward, repeats), "backward": lambda: _median(backward, repeats),
+                  "checks": lambda: _median(checks, repeats)}  # fmt: skip
+        directions = (*directions, "checks")
+    return {direction: timers[direction]() for direction in directions}
 
 
 def exponent(lengths, times) -> float:
@@ -101,25 +118,35 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["numba", "numba-paper", "library"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--directions", nargs="+", default=["forward", "backward"], choices=["forward", "backward"])
     args = parser.parse_args()
     import numba
     import torch
 
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     for backend in args.backends:  # warm-up: compile the kernels, load the library
-        measure(backend, 4 * BLOCK, 1)
-    results = {(b, n): measure(b, n, args.repeats) for b in args.backends for n in args.lengths}
-    print(f"B={BATCH} H={HEADS} D={HEAD_DIM} float32, block {BLOCK}, non-causal; {args.threads} threads; seconds\n")
+        measure(backend, 4 * BLOCK, 1, args.directions)
+    results = {(b, n): measure(b, n, args.repeats, args.directions) for b in args.backends for n in args.lengths}
+    load_after = os.getloadavg()
+    print(f"B={BATCH} H={HEADS} D={HEAD_DIM} float32, block {BLOCK}, non-causal; {args.threads} threads; "
+          f"median of {args.repeats}, seconds; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after\n")
     print("| backend | direction | " + " | ".join(f"N={n}" for n in args.lengths) + " | growth exponent |")
     print("|---|---|" + "---|" * len(args.lengths) + "---|")
     for b in args.backends:
-        for direction in ("forward", "backward"):
+        for direction in args.directions:
             times = [results[b, n][direction] for n in args.lengths]
             print(f"| {b} | {direction} | " + " | ".join(f"{t:.3f}" for t in times) + f" | {exponent(args.lengths, times):.2f} |")
+            if b != "library":  # the public call = the input checks (registry, NumPy) + the Numba kernel
+                checks = [results[b, n]["checks"] for n in args.lengths]
+                kernel = [t - c for t, c in zip(times, checks)]
+                print(f"| {b} | of which input checks | " + " | ".join(f"{c:.3f}" for c in checks) + " | |")
+                print(f"| {b} | {direction} less the checks | " + " | ".join(f"{t:.3f}" for t in kernel)
+                      + f" | {exponent(args.lengths, kernel):.2f} |")  # fmt: skip
     if "library" in args.backends and "numba" in args.backends:
         print("\nlibrary / numba (same function):")
-        for direction in ("forward", "backward"):
+        for direction in args.directions:
             ratios = [results["library", n][direction] / results["numba", n][direction] for n in args.lengths]
             print(f"  {direction}: " + ", ".join(f"N={n}: {r:.2f}x" for n, r in zip(args.lengths, ratios)))
 

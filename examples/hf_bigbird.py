@@ -21,8 +21,8 @@ HF counts a block listed twice twice, so the canonical cases (the paper's
 union, ``count_repeated_blocks=False``) raise ``NotImplementedError``, as do
 ETC (``extra_global_tokens > 0``: HF has none), grouped kv heads and ``Dv != D``::
 
-    refattn verify --mechanism bigbird --impl examples.hf_bigbird:hf_bigbird \\
-        --vjp examples.hf_bigbird:hf_bigbird_vjp --grad
+    refattn verify --mechanism bigbird --impl examples/hf_bigbird.py:hf_bigbird \\
+        --vjp examples/hf_bigbird.py:hf_bigbird_vjp --grad
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from transformers.models.big_bird.modeling_big_bird import (
     BigBirdSelfAttention,
 )
 
+from _gallery_entry import Entry
 from refattn.core.results import Result
 
 
@@ -95,3 +96,12 @@ def hf_bigbird_vjp(dout, q, k, v, *, dlse=None, **params) -> dict:
     leaves = {n: torch.tensor(x, dtype=torch.float64, requires_grad=True) for n, x in zip("qkv", (q, k, v))}
     (_forward(leaves, **params) * torch.tensor(dout)).sum().backward()
     return {n: t.grad.numpy() for n, t in leaves.items()}
+
+
+GALLERY = (
+    Entry("transformers", "transformers BigBirdBlockSparseAttention", "hf_bigbird", "bigbird", "float64", True,
+          vjp="hf_bigbird_vjp"),
+)  # fmt: skip
+
+#: HF's BigBird passes every BigBird case it can express.
+EXPLANATIONS: dict[str, str] = {}

@@ -28,8 +28,8 @@ Cases HF cannot express (grouped kv heads, ``Dv != D``, and
 ``attention_window = 2``, on which HF's ``_sliding_chunks_query_key_matmul``
 fails with a shape error) raise ``NotImplementedError``::
 
-    refattn verify --mechanism longformer --impl examples.hf_longformer:hf_longformer \\
-        --vjp examples.hf_longformer:hf_longformer_vjp --grad --dtype float32
+    refattn verify --mechanism longformer --impl examples/hf_longformer.py:hf_longformer \\
+        --vjp examples/hf_longformer.py:hf_longformer_vjp --grad --dtype float32
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import torch
 from transformers import LongformerConfig
 from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
 
+from _gallery_entry import Entry
 from refattn.core.results import Result
 
 PROJECTIONS = ("q", "k", "v", "q_global", "k_global", "v_global")
@@ -109,3 +110,17 @@ def hf_longformer_vjp(dout, q, k, v, *, dlse=None, **params) -> dict:
     leaves = {n: torch.tensor(x, dtype=torch.float64, requires_grad=True) for n, x in arrays.items()}
     (_forward(leaves, **params) * torch.tensor(dout)).sum().backward()
     return {n: t.grad.numpy() for n, t in leaves.items()}
+
+
+GALLERY = (
+    Entry("transformers", "transformers LongformerSelfAttention", "hf_longformer", "longformer", "float32", True,
+          vjp="hf_longformer_vjp"),
+    Entry("transformers", "transformers LongformerSelfAttention", "hf_longformer", "longformer", "float64", False),
+)  # fmt: skip
+
+#: transformers 5.25.0, src/transformers/models/longformer/modeling_longformer.py as installed.
+EXPLANATIONS = {
+    "FLOAT64": "both softmaxes are taken in float32 whatever the input dtype: `nn.functional.softmax(attn_scores, "
+    "dim=-1, dtype=torch.float32)` (modeling_longformer.py line 575, `LongformerSelfAttention.forward`; line 1013 "
+    "for the global rows, `_compute_global_attn_output_from_hidden`): float64 inputs get float32 accuracy.",
+}

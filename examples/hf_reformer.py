@@ -14,7 +14,9 @@ and runs HF's own forward on the case's arrays:
   ``torch.randn`` returns the case's rotations in that layout
   (``rotations.transpose(0, 2, 1, 3)``), checked against the requested
   shape, so HF's own hashing (factorised buckets, padding bucket, round
-  offsets) runs on them; its returned ``buckets`` are compared exactly.
+  offsets) runs on them; its returned ``buckets`` and its sort order
+  (``sorted_bucket_idx``, recorded) are refattn's ``aux.buckets`` and
+  ``aux.permutation``, compared exactly.
 * **Log-sum-exp.** HF does not return it. The adapter records the per-round
   log-sum-exps HF computes (the ``logits`` that ``ReverseSort`` unsorts, or
   that ``_attend`` returns on the short-sequence path) and combines them,
@@ -32,8 +34,8 @@ need anything else raise ``NotImplementedError`` and are listed in
 ``hf_lsh(qk, v, **params)`` and ``hf_lsh_vjp(dout, qk, v, dlse=..., **params)``
 take LSH's shared ``qk``, as refattn's verifier passes it for LSH cases::
 
-    refattn verify --mechanism lsh --impl examples.hf_reformer:hf_lsh \
-        --vjp examples.hf_reformer:hf_lsh_vjp --grad --xfail examples/hf_reformer.xfail
+    refattn verify --mechanism lsh --impl examples/hf_reformer.py:hf_lsh \
+        --vjp examples/hf_reformer.py:hf_lsh_vjp --grad --xfail examples/hf_reformer.xfail
 
 Every "hf" preset case passes in float64
 (budget 1e-10) and float32, buckets exactly and gradients included, and so do
@@ -50,6 +52,8 @@ import torch
 from transformers import ReformerConfig
 from transformers.models.reformer import modeling_reformer
 
+from _gallery_entry import Entry
+from _injected_randn import fixed_randn
 from refattn.core.results import Result
 
 #: HF's LSHSelfAttention constants in float32 (self_mask_value_float32, mask_value_float32).
@@ -73,9 +77,8 @@ def hf_lsh(qk, v, *, rotations, num_buckets, num_hashes, chunk_len, num_chunks_b
     module, hidden, mask, randn = _setup(qk, v, rotations, num_buckets, num_hashes, chunk_len, num_chunks_before,
                                          num_chunks_after, causal, key_padding_mask, behaviours)  # fmt: skip
     with torch.no_grad():
-        out, lse, buckets = _run(module, hidden, mask, num_hashes, randn)
-    aux = {} if buckets is None else {"buckets": buckets.numpy()}
-    return Result(out=_bhnd(out, qk.shape[1]).numpy(), lse=lse.numpy(), aux=aux)
+        out, lse, aux = _run(module, hidden, mask, num_hashes, randn)
+    return Result(out=_bhnd(out, qk.shape[1]).numpy(), lse=lse.numpy(), aux={name: a.numpy() for name, a in aux.items()})
 
 
 def hf_lsh_vjp(dout, qk, v, *, dlse=None, rotations, num_buckets, num_hashes, chunk_len, num_chunks_before,
@@ -117,7 +120,7 @@ def _setup(qk, v, rotations, num_buckets, num_hashes, chunk_len, num_chunks_befo
     hidden = torch.cat([_tokens(qk), _tokens(v)], dim=-1).to(dtype)  # (B, N, 2·H·D)
     mask = None if key_padding_mask is None else torch.from_numpy(np.broadcast_to(key_padding_mask, (b, n)).astype(np.int64))
     hf_layout = torch.from_numpy(np.ascontiguousarray(np.transpose(rotations, (0, 2, 1, 3))))  # (H, D, R, P)
-    return module, hidden, mask, _fixed_randn(hf_layout)
+    return module, hidden, mask, fixed_randn(hf_layout, "HF")
 
 
 def _tokens(x: np.ndarray) -> torch.Tensor:
@@ -142,7 +145,7 @@ def _require_expressible(qk, v, rotations, num_hashes, chunk_len, key_padding_ma
         raise NotImplementedError("HF draws one set of rotations per head for the whole batch")
     differing = {name: value for name, value in behaviours.items() if name in HF_FIXED and value != HF_FIXED[name]}
     if differing:
-        raise NotImplementedError(f"HF's LSHSelfAttention fixes {differing} to {({k: HF_FIXED[k] for k in differing})}")
+        raise NotImplementedError("HF's LSHSelfAttention fixes " + ", ".join(f"{k}={HF_FIXED[k]!r}" for k in sorted(differing)))
     if behaviours.get("mask_value") not in (None, HF_MASK_VALUE):
         raise NotImplementedError(f"HF masks with {HF_MASK_VALUE}")
     padded = key_padding_mask is not None and not np.all(key_padding_mask)
@@ -154,22 +157,12 @@ def _require_expressible(qk, v, rotations, num_hashes, chunk_len, key_padding_ma
         raise NotImplementedError("HF reshapes the num_hashes·N sorted items into whole chunks")
 
 
-def _fixed_randn(rotations: torch.Tensor):
-    """A stand-in for ``torch.randn`` that returns ``rotations`` for the shape HF asks for."""
-
-    def randn(*shape, dtype=None, device=None, **_):
-        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
-        if shape != tuple(rotations.shape):
-            raise AssertionError(f"HF asked for rotations of shape {shape}; the case has {tuple(rotations.shape)}")
-        return rotations.to(dtype=dtype, device=device)
-
-    return randn
-
-
 def _run(module, hidden, mask, num_hashes, randn):
-    """HF's forward; returns out (B, N, H·D), the combined lse (B, H, N) and HF's buckets (or None)."""
+    """HF's forward; returns out (B, N, H·D), the combined lse (B, H, N) and, on the LSH path, HF's buckets
+    (B, H, R, N) and sort order (B, H, R·N, slot -> item r·N + n) as refattn's aux."""
     recorded = {}
     real_reverse_sort, real_attend = modeling_reformer.ReverseSort, module._attend
+    real_sort = module._get_sorted_bucket_idx_and_undo_sorted_bucket_idx
 
     class RecordingReverseSort:
         @staticmethod
@@ -183,17 +176,33 @@ def _run(module, hidden, mask, num_hashes, randn):
         recorded["logits"] = logits  # sorted on the LSH path (replaced by the unsorted ones), (B, H, N, 1) otherwise
         return out_vectors, logits, probs
 
+    def recording_sort(*args, **kwargs):
+        sorted_bucket_idx, undo_sorted_bucket_idx = real_sort(*args, **kwargs)
+        recorded["permutation"] = sorted_bucket_idx
+        return sorted_bucket_idx, undo_sorted_bucket_idx
+
     with ExitStack() as stack:
         stack.enter_context(mock.patch.object(torch, "randn", randn))
+        stack.enter_context(mock.patch.object(module, "_get_sorted_bucket_idx_and_undo_sorted_bucket_idx", recording_sort))
         stack.enter_context(mock.patch.object(modeling_reformer, "ReverseSort", RecordingReverseSort))
         stack.enter_context(mock.patch.object(module, "_attend", recording_attend))
         output = module(hidden, attention_mask=mask, num_hashes=num_hashes)
     b, h, n = hidden.shape[0], module.num_attention_heads, hidden.shape[1]
     per_round = recorded["logits"].reshape(b, h, -1, n)  # (B, H, R, N), or (B, H, 1, N) on the short path
-    return output.hidden_states, torch.logsumexp(per_round, dim=2), output.buckets
+    aux = {} if output.buckets is None else {"buckets": output.buckets, "permutation": recorded["permutation"]}
+    return output.hidden_states, torch.logsumexp(per_round, dim=2), aux
 
 
 def _bhnd(out: torch.Tensor, heads: int) -> torch.Tensor:
     """HF's merged heads (B, N, H·D) -> (B, H, N, D)."""
     b, n, _ = out.shape
     return out.reshape(b, n, heads, -1).transpose(1, 2)
+
+
+GALLERY = (
+    Entry("transformers", "transformers ReformerConfig / LSHSelfAttention", "hf_lsh", "lsh", "float32", True, vjp="hf_lsh_vjp"),
+    Entry("transformers", "transformers ReformerConfig / LSHSelfAttention", "hf_lsh", "lsh", "float64", True, vjp="hf_lsh_vjp"),
+)
+
+#: HF's LSHSelfAttention passes every LSH case it can express.
+EXPLANATIONS: dict[str, str] = {}

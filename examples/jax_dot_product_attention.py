@@ -15,9 +15,12 @@ given dropout keep-mask: those cases raise ``NotImplementedError``
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+from _gallery_entry import Entry
 from refattn.conformance.adapters import from_jax
 
 
@@ -35,12 +38,22 @@ def dot_product_attention(q, k, v, *, mask=None, bias=None, causal=False, causal
         mask = jnp.broadcast_to(mask, mask.shape[:-2] + mask.shape[-2:]).reshape((1,) * (4 - mask.ndim) + mask.shape)
     if bias is not None:
         bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
-    local = None if window is None else tuple(-1 if side is None else side for side in window)
-    out, lse = jax.nn.dot_product_attention(
-        q, k, v, bias=bias, mask=mask, scale=scale, is_causal=causal, local_window_size=local, return_residual=True
-    )
+    unbounded = max(q.shape[1], k.shape[1])  # JAX has no "no bound" value: -1 would exclude the diagonal
+    local = None if window is None else tuple(unbounded if side is None else side for side in window)
+    out, lse = _compiled(scale, causal, local)(q, k, v, bias, mask)
     lse = lse if lse.shape[1] == q.shape[1] and lse.shape[2] == heads else jnp.swapaxes(lse, 1, 2)  # to (B, N, H)
     return out, lse
+
+
+@functools.cache
+def _compiled(scale, is_causal, local_window_size):
+    """``jax.nn.dot_product_attention`` with its settings fixed, compiled once per input shape.
+
+    One XLA compilation per case is much faster than running its many small operations eagerly.
+    """
+    attend = functools.partial(jax.nn.dot_product_attention, scale=scale, is_causal=is_causal,
+                               local_window_size=local_window_size, return_residual=True)  # fmt: skip
+    return jax.jit(lambda q, k, v, bias, mask: attend(q, k, v, bias=bias, mask=mask))
 
 
 attention = from_jax(dot_product_attention)
@@ -52,3 +65,22 @@ def dot_product_attention_out(q, k, v, **params):
 
 
 attention_out = from_jax(dot_product_attention_out)
+
+
+GALLERY = (
+    Entry("jax", "jax.nn.dot_product_attention (out, lse)", "attention", "dense", "float32", False, "bnhd"),
+    Entry("jax", "jax.nn.dot_product_attention (out, lse)", "attention", "dense", "float64", False, "bnhd"),
+    Entry("jax", "jax.nn.dot_product_attention (out only), gradients", "attention_out", "dense", "float32", True, "bnhd"),
+)
+
+#: jax 0.10.2, jax/_src/nn/functions.py as installed (the functions named below).
+EXPLANATIONS = {
+    "CAUSAL_ALIGNMENT": "`is_causal` and `local_window_size` are aligned top-left: `_get_causal_mask` is "
+    "`jnp.tril(jnp.ones((T, S)))` (functions.py line 869) and `_get_window_mask` compares `query_pos` with "
+    "`key_pos` directly (lines 872-878), so bottom-right bounds with Nq != Nk (decoding included) differ.",
+    "FULLY_MASKED_ROW": "masked logits become `_get_large_negative` = -0.7 * finfo.max, not -inf (`_apply_masks`, "
+    "line 921): a row with no key averages every value instead of giving 0, and its lse is finite.",
+    "FLOAT64": "the softmax is computed in float32 whatever the input dtype (`padded_logits = padded_logits.astype("
+    "np.float32)`, line 970, `_dot_product_attention_core`): float64 inputs get float32 accuracy, whatever else "
+    "the case checks (the float32 rows show those).",
+}

@@ -20,8 +20,8 @@ Grouped kv heads and a self score other than the package's -5e4 raise
 ``SinusoidalEmbeddings``), so rotary cases reach float32 accuracy only
 (9e-8 on ``local/lucidrains_rotary_shift``); the rest agree to 1e-15::
 
-    refattn verify --mechanism local --impl examples.lucidrains_local:lucidrains_local \\
-        --vjp examples.lucidrains_local:lucidrains_local_vjp --grad
+    refattn verify --mechanism local --impl examples/lucidrains_local.py:lucidrains_local \\
+        --vjp examples/lucidrains_local.py:lucidrains_local_vjp --grad
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from local_attention import LocalAttention
 
+from _gallery_entry import Entry
 from refattn.core.results import Result
 
 TOKEN_SELF_ATTN_VALUE = -5e4
@@ -64,3 +65,17 @@ def lucidrains_local_vjp(dout, q, k, v, *, dlse=None, **params) -> dict:
     leaves = {n: torch.tensor(x, dtype=torch.float64, requires_grad=True) for n, x in zip("qkv", (q, k, v))}
     (_forward(leaves["q"], leaves["k"], leaves["v"], **params) * torch.tensor(dout)).sum().backward()
     return {n: t.grad.numpy() for n, t in leaves.items()}
+
+
+GALLERY = (
+    Entry("local-attention", "local_attention.LocalAttention", "lucidrains_local", "local", "float32", True,
+          vjp="lucidrains_local_vjp"),
+    Entry("local-attention", "local_attention.LocalAttention", "lucidrains_local", "local", "float64", False),
+)  # fmt: skip
+
+#: local-attention 1.11.2, local_attention/rotary.py as installed.
+EXPLANATIONS = {
+    "FLOAT64": "the rotary frequencies are a float32 buffer whatever the input dtype: `inv_freq = 1. / (theta ** "
+    "(torch.arange(0, dim, 2).float() / dim))` (local_attention/rotary.py lines 20-21, `SinusoidalEmbeddings."
+    "__init__`), so the rotary cases reach float32 accuracy only; the others agree to 1e-15.",
+}

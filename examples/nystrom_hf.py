@@ -36,15 +36,23 @@ as installed in transformers 5.25.0. Tests: tests/test_lowrank_peers.py.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
+from transformers import NystromformerConfig
+from transformers.models.nystromformer.modeling_nystromformer import NystromformerSelfAttention
 
+from _gallery_entry import Entry
+from refattn.conformance.adapters import from_torch
 from refattn.lowrank import nystrom_attention
+
+#: What NystromformerSelfAttention fixes, by refattn parameter (refattn.lowrank presets, "hf").
+LIBRARY_FIXED = dict(pinv_init="batch_global", landmark_eps=0.0, mask_scope="kernel3", padding="none",
+                     pinv_iterations=6, full_rank_shortcut=True)  # fmt: skip
 
 
 def additive_mask(key_padding_mask: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """(B, N) bool, True = real -> the (B, 1, 1, N) additive mask: 0 on real keys, ``finfo(dtype).min`` on padded ones."""
-    return torch.where(key_padding_mask, 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]
+    padded = torch.tensor(torch.finfo(dtype).min, dtype=dtype)
+    return torch.where(key_padding_mask, torch.zeros((), dtype=dtype), padded)[:, None, None, :]
 
 
 def refattn_inputs(module, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | None = None):
@@ -68,3 +76,56 @@ def nystrom_hf(module, hidden_states: torch.Tensor, key_padding_mask: torch.Tens
     q, k, v, params = refattn_inputs(module, hidden_states, key_padding_mask)
     out = nystrom_attention(q, k, v, backend=backend, **params).out  # (B, H, N, Dh)
     return torch.from_numpy(out).transpose(1, 2).reshape(hidden_states.shape[0], hidden_states.shape[1], -1).to(hidden_states.dtype)
+
+
+class _Part(torch.nn.Module):
+    """A projection that returns one part of the hidden state's features."""
+
+    def __init__(self, start: int, width: int):
+        super().__init__()
+        self.start, self.width = start, width
+
+    def forward(self, hidden):
+        return hidden[..., self.start : self.start + self.width]
+
+
+def hf_self_attention(q, k, v, *, num_landmarks, conv_kernel=None, key_padding_mask=None, scale=None, preset=None,
+                      **behaviours):  # fmt: skip
+    """The other direction, for the gallery: a case's q, k, v (B, H, N, D) through ``NystromformerSelfAttention``.
+
+    The layer's input is ``[q | k | v]`` (heads merged); ``query``, ``key``, ``value`` return their part, and
+    ``conv``'s weight is the case's ``conv_kernel`` (H, K) as a tensor, so autograd reaches it. The padding
+    mask is the additive (B, 1, 1, N) form of :func:`additive_mask`.
+    """
+    b, h, n, d = q.shape
+    differing = sorted(name for name, value in behaviours.items() if LIBRARY_FIXED.get(name, value) != value)
+    if differing:
+        raise NotImplementedError("NystromformerSelfAttention fixes " + ", ".join(f"{name}={LIBRARY_FIXED[name]!r}" for name in differing))
+    if k.shape[1] != h or v.shape[-1] != d:
+        raise NotImplementedError("NystromformerSelfAttention has no grouped kv heads and values of the head dim")
+    if scale is not None and scale != d**-0.5:
+        raise NotImplementedError("NystromformerSelfAttention divides q and k each by head_size ** 0.25")
+    if n % num_landmarks or (conv_kernel is not None and conv_kernel.shape[1] % 2 == 0):
+        raise NotImplementedError("NystromformerSelfAttention needs N a multiple of num_landmarks and an odd conv kernel")
+    config = NystromformerConfig(hidden_size=h * d, num_attention_heads=h, num_landmarks=num_landmarks,
+                                 segment_means_seq_len=n, attention_probs_dropout_prob=0.0,
+                                 conv_kernel_size=None if conv_kernel is None else conv_kernel.shape[1])  # fmt: skip
+    layer = NystromformerSelfAttention(config).to(q.dtype).eval()
+    layer.query, layer.key, layer.value = (_Part(i * h * d, h * d) for i in range(3))
+    if conv_kernel is not None:
+        del layer.conv.weight  # a plain tensor instead of a parameter: gradients reach the case's kernel
+        layer.conv.weight = conv_kernel[:, None, :, None]  # (H, 1, K, 1)
+    merged = lambda t: t.transpose(1, 2).reshape(b, n, h * d)  # noqa: E731  (B, H, N, D) -> (B, N, H·D)
+    mask = None if key_padding_mask is None else additive_mask(key_padding_mask.expand(b, n), q.dtype)
+    (out,) = layer(torch.cat([merged(q), merged(k), merged(v)], dim=-1), mask)
+    return out.reshape(b, n, h, d).transpose(1, 2)
+
+
+hf_nystrom_case = from_torch(hf_self_attention)
+
+GALLERY = (
+    Entry("transformers", "transformers NystromformerSelfAttention", "hf_nystrom_case", "nystrom", "float64", True),
+    Entry("transformers", "transformers NystromformerSelfAttention", "hf_nystrom_case", "nystrom", "float32", True),
+)
+
+EXPLANATIONS: dict[str, str] = {}

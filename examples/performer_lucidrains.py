@@ -29,8 +29,16 @@ version 1.1.4 (commit fc8b78441b1e27eb5d9b01fc738a8772cee07127): ``softmax_kerne
 from __future__ import annotations
 
 import torch
+from performer_pytorch import FastAttention
 
+from _gallery_entry import Entry
+from refattn.conformance.adapters import from_torch
 from refattn.lowrank import performer_attention
+
+#: What FastAttention's softmax kernel fixes (softmax_kernel's eps=1e-4, stabilisers torch.amax), by refattn parameter.
+LIBRARY_FIXED = dict(query_stabilizer="row", key_stabilizer="global", feature_eps=1e-4, denominator_guard=0.0)
+#: causal_linear_attention_noncuda adds eps = 1e-6 to every cumulative key feature; linear_attention adds nothing.
+DENOMINATOR_FEATURE_EPS = {True: 1e-6, False: 0.0}
 
 
 def refattn_params(module) -> dict:
@@ -44,3 +52,29 @@ def performer_lucidrains(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     """``module(q, k, v)`` computed by refattn, in q's dtype."""
     arrays = (t.detach().double().numpy() for t in (q, k, v))
     return torch.from_numpy(performer_attention(*arrays, backend=backend, **refattn_params(module)).out).to(q.dtype)
+
+
+def fast_attention(q, k, v, *, omega, causal=False, denominator_feature_eps=0.0, preset=None, **behaviours):
+    """The other direction, for the gallery: a case's q, k, v (B, H, N, D) through ``FastAttention`` with ``omega``."""
+    if k.shape[1] != q.shape[1]:
+        raise NotImplementedError("FastAttention has no grouped kv heads")
+    differing = sorted(name for name, value in behaviours.items() if LIBRARY_FIXED.get(name, value) != value)
+    if differing or denominator_feature_eps != DENOMINATOR_FEATURE_EPS[causal]:
+        fixed = {**LIBRARY_FIXED, "denominator_feature_eps": DENOMINATOR_FEATURE_EPS[causal]}
+        names = differing + (["denominator_feature_eps"] if denominator_feature_eps != fixed["denominator_feature_eps"] else [])
+        raise NotImplementedError("FastAttention fixes " + ", ".join(f"{name}={fixed[name]!r}" for name in names))
+    module = FastAttention(dim_heads=q.shape[-1], nb_features=omega.shape[0], causal=causal).to(q.dtype)
+    with torch.no_grad():
+        module.projection_matrix.copy_(omega)
+    return module(q, k, v)
+
+
+performer_case = from_torch(fast_attention)
+
+GALLERY = (
+    Entry("performer-pytorch", "performer_pytorch.FastAttention", "performer_case", "performer", "float64", True),
+    Entry("performer-pytorch", "performer_pytorch.FastAttention", "performer_case", "performer", "float32", True),
+)
+
+#: FastAttention passes every Performer case it can express.
+EXPLANATIONS: dict[str, str] = {}

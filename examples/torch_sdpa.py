@@ -9,11 +9,10 @@ it from the same scores with ``torch.logsumexp``; the verifier needs it to
 check the gradients, whose expected values include the lse's cotangent.
 
 SDPA has no logit soft-cap and draws its own dropout mask, so the cases with
-``softcap`` or a given ``dropout_keep`` raise ``NotImplementedError``; they
-are listed in ``examples/torch_sdpa.xfail``. From the repository root::
+``softcap`` or a given ``dropout_keep`` raise ``NotImplementedError``
+(``unsupported``, listed but not a failure). From the repository root::
 
-    refattn verify --impl examples.torch_sdpa:sdpa --mechanism dense \\
-        --dtype float32 --grad --xfail examples/torch_sdpa.xfail
+    refattn verify --impl examples/torch_sdpa.py:sdpa --mechanism dense --dtype float32 --grad
 
 exits 0. Two deliberately wrong variants show what a failure looks like:
 
@@ -31,6 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from _gallery_entry import Entry
 from refattn.conformance.adapters import from_torch
 
 
@@ -108,3 +108,11 @@ def _logsumexp(q, keys, allowed, bias, scale):
 sdpa = from_torch(attention)
 sdpa_top_left = from_torch(attention_top_left)
 sdpa_tiled_gqa = from_torch(attention_tiled_gqa)
+
+
+GALLERY = (
+    Entry("torch", "torch.nn.functional.scaled_dot_product_attention", "sdpa", "dense", "float32", True),
+    Entry("torch", "torch.nn.functional.scaled_dot_product_attention", "sdpa", "dense", "float64", True),
+)
+#: SDPA passes every dense case it can express.
+EXPLANATIONS: dict[str, str] = {}

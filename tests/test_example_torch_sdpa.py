@@ -2,6 +2,7 @@
 its deliberately wrong variants fail exactly the flagged cases, with a readable report."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.append(str(EXAMPLES))  # the adapters import their neighbour _gallery_entry
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def example():
 
 @pytest.fixture(scope="module")
 def suite():
-    return load_suite(default_suite_folder()).select(mechanisms="dense")
+    return load_suite(default_suite_folder(), "dense")
 
 
 #: Dense cases SDPA cannot express: it has no logit soft-cap and draws its own dropout mask.

@@ -26,31 +26,49 @@ def qkv(rng, b=1, h=2, n=16, d=5, dv=None, hkv=None):
 # --------------------------------------------------------------------------
 
 
-def coverage(n, block, levels, causal=False):
-    """(level, count): which level covers each (query, key) pair, and how many levels do, counted pair by pair."""
+def coverage(n, block, levels, causal=False, neighbours="tridiagonal"):
+    """(level, count): which level covers each (query, key) pair, and how many levels do, counted pair by pair.
+
+    Transcribed from the authors' code (google/flaxformer, flaxformer/architectures/h_transformer/, commit
+    399ea3a85e9807ada653fd0de1a9de627eb0acde): at every level each block meets the block before and after it
+    (``TokenBlockName.LEFT``, ``RIGHT``; causal: only before), level 0 also itself (``ANCHOR``, triangular when
+    causal), and at levels >= 1 the quarter of a neighbour pair made of adjacent half-blocks is zeroed
+    (``OneDimHierarchicalAttention._gen_correction_mask``). ``neighbours="siblings"``: block 2m meets 2m + 1.
+    """
     level_of = np.full((n, n), -1)
     count = np.zeros((n, n), dtype=int)
     for level in range(levels):
         width = block << level  # tokens per block at this level
+        half = width // 2
         blocks = n // width
         for qb in range(blocks):
             for kb in range(blocks):
                 own = level == 0 and qb == kb
-                sibling = kb == qb ^ 1
-                if causal and sibling and kb > qb:
+                near = kb == qb ^ 1 if neighbours == "siblings" else abs(kb - qb) == 1
+                if causal and near and kb > qb:
                     continue
-                if own or sibling:
-                    for i in range(qb * width, (qb + 1) * width):
-                        for j in range(kb * width, (kb + 1) * width):
-                            if causal and own and j > i:
-                                continue
-                            level_of[i, j] = level
-                            count[i, j] += 1
+                if not (own or near):
+                    continue
+                for i in range(qb * width, (qb + 1) * width):
+                    for j in range(kb * width, (kb + 1) * width):
+                        if causal and own and j > i:
+                            continue
+                        first_i, first_j = i - qb * width < half, j - kb * width < half
+                        if neighbours == "tridiagonal" and level > 0 and kb == qb - 1 and first_i and not first_j:
+                            continue  # the left block's correction: adjacent half-blocks
+                        if neighbours == "tridiagonal" and level > 0 and kb == qb + 1 and not first_i and first_j:
+                            continue  # the right block's
+                        level_of[i, j] = level
+                        count[i, j] += 1
     return level_of, count
 
 
 def implied_logits(q, k, block, levels, scale, causal=False):
-    """(B, H, N, N) logits of the implied matrix: scale · mean(q over i's group) · mean(k over j's group), -inf uncovered."""
+    """(B, H, N, N) logits of the implied matrix: scale · q̃ · mean(k over j's group), -inf uncovered.
+
+    q̃ is the mean of q over i's group, or (causal) the query of the group's first token (the authors' decoder
+    coarsens queries by ``TokenCoarseningMethod.SAMPLE``, token_hierarchy.py).
+    """
     n = q.shape[2]
     level_of, _ = coverage(n, block, levels, causal)
     logits = np.full(q.shape[:2] + (n, n), -np.inf)
@@ -60,7 +78,8 @@ def implied_logits(q, k, block, levels, scale, causal=False):
             if level < 0:
                 continue
             size = 1 << level
-            qi = q[:, :, (i // size) * size:(i // size + 1) * size].mean(axis=2)
+            group = q[:, :, (i // size) * size:(i // size + 1) * size]
+            qi = group[:, :, 0] if causal else group.mean(axis=2)
             kj = k[:, :, (j // size) * size:(j // size + 1) * size].mean(axis=2)
             logits[:, :, i, j] = scale * np.sum(qi * kj, axis=-1)
     return logits
@@ -76,15 +95,19 @@ def implied_attention(q, k, v, block, levels, causal=False, scale=None):
     return weights @ v, lse
 
 
-@pytest.mark.parametrize("n, block, causal", [(16, 2, False), (16, 4, True), (32, 4, False), (8, 8, False), (24, 3, True)])
-def test_every_pair_is_covered_by_exactly_one_level(n, block, causal):
+@pytest.mark.parametrize("n, block, causal, neighbours", [(16, 2, False, "tridiagonal"), (16, 4, True, "tridiagonal"),
+                                                           (32, 4, False, "tridiagonal"), (64, 4, True, "tridiagonal"),
+                                                           (8, 8, False, "tridiagonal"), (24, 3, True, "siblings"),
+                                                           (32, 4, False, "siblings")])  # fmt: skip
+def test_every_pair_is_covered_by_exactly_one_level(n, block, causal, neighbours):
     levels = max(1, int(np.log2(n // block)))
-    _, count = coverage(n, block, levels, causal)
+    _, count = coverage(n, block, levels, causal, neighbours)
     want = np.tril(np.ones((n, n), dtype=int)) if causal else np.ones((n, n), dtype=int)
     np.testing.assert_array_equal(count, want)
 
 
-@pytest.mark.parametrize("n, block, causal", [(16, 2, False), (16, 4, True), (32, 8, False), (24, 3, False), (24, 3, True)])
+@pytest.mark.parametrize("n, block, causal", [(16, 2, False), (16, 4, True), (32, 8, False), (24, 6, False), (24, 6, True),
+                                              (64, 4, False), (64, 2, True)])  # fmt: skip
 def test_equals_the_implied_matrix_built_by_loops(n, block, causal):
     q, k, v = qkv(np.random.default_rng(n + block), n=n)
     levels = max(1, int(np.log2(n // block)))
@@ -108,7 +131,7 @@ def test_one_level_with_block_n_is_dense_attention():
     properties.one_block_is_dense(h1d_attention, q, k, v, {"block_size": 12, "causal": True})
 
 
-@pytest.mark.parametrize("params", [{"block_size": 4}, {"block_size": 2, "causal": True}, {"block_size": 1}])
+@pytest.mark.parametrize("params", [{"block_size": 4}, {"block_size": 2, "causal": True}, {"block_size": 1, "neighbours": "siblings"}])
 def test_implied_rows_sum_to_one(params):
     q, k, _ = qkv(np.random.default_rng(5), n=16)
     properties.rows_sum_to_one(h1d_attention, q, k, params)
@@ -126,6 +149,18 @@ def test_causal_outputs_ignore_later_keys(params):
     q, k, v = qkv(np.random.default_rng(6), n=16)
     for i in (0, 5, 8, 14):
         properties.ignores_later_keys(h1d_attention, q, k, v, params, i)
+
+
+def test_causal_first_token_queries_ignore_later_queries():
+    """Causal coarse queries are the group's first token's (the authors' decoder): no output reads a later query.
+    Group means ("all") would read them."""
+    q, k, v = qkv(np.random.default_rng(8), n=16)
+    later = q.copy()
+    later[:, :, 5:] += 1.0  # token 4 shares its level-1 group {4, 5} with a later token
+    for coarse_queries, reads_later in (("first", False), ("all", True)):
+        params = {"block_size": 2, "causal": True, "coarse_queries": coarse_queries}
+        before, after = (h1d_attention(a, k, v, **params).out[:, :, :5] for a in (q, later))
+        assert np.array_equal(before, after) != reads_later, coarse_queries
 
 
 def test_padding_drops_the_padded_tokens_exactly():
@@ -223,6 +258,8 @@ GRADIENT_PROBLEMS = [
     dict(n=7, block=2, params={"padding": True}),
     dict(n=16, block=4, params={"preset": "lucidrains"}),
     dict(n=8, block=2, params={"preset": "lucidrains", "causal": True}),
+    dict(n=12, block=3, params={"neighbours": "siblings", "causal": True}),
+    dict(n=16, block=2, params={"coarse_queries": "first"}),
 ]
 
 
@@ -254,6 +291,9 @@ def test_vjp_matches_finite_differences(problem):
     (16, {"block_size": 4, "num_levels": 0}, "num_levels"),
     (16, {"block_size": 4, "preset": "google"}, "preset"),
     (16, {"block_size": 4, "row_max": "global"}, "row_max"),
+    (16, {"block_size": 4, "neighbours": "ring"}, "neighbours"),
+    (24, {"block_size": 3}, "block_size"),  # tridiagonal levels halve the blocks
+    (16, {"block_size": 4, "coarse_queries": "middle"}, "coarse_queries"),
     (16, {"block_size": 4, "denominator_eps": 1e-8}, "denominator_eps"),
     (8, {"block_size": 4, "preset": "lucidrains"}, "q"),  # HAttention1D needs N >= 4 blocks
     (13, {"block_size": 4, "padding": True, "preset": "lucidrains"}, "padding"),

@@ -9,7 +9,9 @@ from tests.test_hierarchical_multilevel import SEGMENTS, problem
 
 H1D_PROBLEMS = [
     (16, 2, {"block_size": 4}),
-    (24, 1, {"block_size": 3, "causal": True}),
+    (24, 1, {"block_size": 6, "causal": True}),
+    (24, 2, {"block_size": 3, "neighbours": "siblings"}),
+    (64, 2, {"block_size": 2, "causal": True}),
     (13, 2, {"block_size": 4, "padding": True}),
     (32, 2, {"block_size": 4, "num_levels": 2}),
 ]

@@ -12,6 +12,7 @@ Peers: ``linformer`` 0.2.3, ``nystrom-attention`` 0.0.14, ``performer-pytorch``
 """
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.append(str(EXAMPLES))  # the adapters import their neighbour _gallery_entry
 TOLERANCE = 1e-5  # float32 libraries against refattn's float64 (or numba float64) on the same inputs
 
 
@@ -206,8 +208,8 @@ def _fast_attention(causal, seed=0):
 @pytest.mark.parametrize("n", [10, 300])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 def test_performer_lucidrains(causal, n, backend):
-    adapter = _example("performer_lucidrains")
     module = _fast_attention(causal)
+    adapter = _example("performer_lucidrains")
     q, k, v = (torch.randn(2, 3, n, 16) for _ in range(3))
     _close(adapter.performer_lucidrains(module, q, k, v, backend=backend), module(q, k, v))
 
@@ -216,8 +218,8 @@ def test_performer_lucidrains_causal_leaks_and_canonical_does_not():
     """performer-pytorch's key maximum spans every key (softmax_kernel: ``torch.amax(data_dash, dim=(-1, -2))``) and
     ε is added after exp, so its causal outputs move when only the last key changes; refattn's preset does the
     same, and the canonical causal Performer (prefix maximum) does not."""
-    adapter = _example("performer_lucidrains")
     module = _fast_attention(True, seed=4)
+    adapter = _example("performer_lucidrains")
     q, k, v = (torch.randn(1, 2, 12, 16) for _ in range(3))
     k_last = k.clone()
     k_last[:, :, -1] *= 3.0
@@ -238,3 +240,54 @@ def test_performer_adapter_refuses_other_kernels():
     adapter = _example("performer_lucidrains")
     with pytest.raises(NotImplementedError):
         adapter.refattn_params(FastAttention(dim_heads=16, nb_features=8, generalized_attention=True))
+
+
+# --------------------------------------------------------------------------
+# The other direction (the compatibility gallery): each library run on the published cases
+
+
+#: example file -> (its case function, the package it needs, the cases the library passes, one it cannot express)
+CASE_ADAPTERS = {
+    "linformer_lucidrains": ("linformer_case", "linformer", ["linformer/shared_projection", "linformer/sliced_projection"],
+                             "linformer/headwise"),
+    "nystrom_lucidrains": ("nystrom_case", "nystrom_attention", ["nystrom/lucidrains_front_padding"], "nystrom/canonical"),
+    "nystrom_hf": ("hf_nystrom_case", "transformers", ["nystrom/hf_kernel3_mask", "nystrom/hf_full_rank_shortcut"],
+                   "nystrom/canonical"),
+    "performer_lucidrains": ("performer_case", "performer_pytorch",
+                             ["performer/lucidrains_causal", "performer/lucidrains_bidirectional"], "performer/gqa"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(CASE_ADAPTERS))
+def test_the_library_passes_its_preset_cases_and_refuses_others(name):
+    from refattn.conformance.suite import load_suite
+    from refattn.conformance.verify import default_suite_folder, verify
+
+    function, package, passing, unsupported = CASE_ADAPTERS[name]
+    pytest.importorskip(package)
+    impl = getattr(_example(name), function)
+    suite = load_suite(default_suite_folder(), unsupported.split("/")[0]).select(ids=[*passing, unsupported])
+    report = verify(impl, suite=suite, grad=True)
+    found = {case.id: case.status for case in report.cases}
+    assert set(found[i] for i in passing) <= {"pass", "partial"}, report.format()
+    assert found[unsupported] == "unsupported"
+
+
+def test_lucidrains_nystrom_masked_differs_on_padded_rows_as_explained():
+    """nystrom/lucidrains_masked: the library's padded-token rows are uniform (its -finfo.max fill), and its
+    landmark divisor loses the 1e-8 in float32: refattn with landmark_eps=0 matches its real rows to rounding."""
+    pytest.importorskip("nystrom_attention")
+    from refattn.conformance.suite import load_suite
+    from refattn.conformance.verify import default_suite_folder
+    from refattn.lowrank import nystrom_attention
+
+    adapter = _example("nystrom_lucidrains")
+    (case,) = load_suite(default_suite_folder(), "nystrom").select(ids="nystrom/lucidrains_masked").cases
+    q, k, v = (case.inputs[n] for n in "qkv")
+    params = {**case.params, **case.array_params}
+    got = adapter.nystrom_case(q, k, v, **params).out
+    real = np.broadcast_to(params["key_padding_mask"][:, None, :], got.shape[:3])  # (B, H, N)
+    assert np.abs(got - case.expected["out"])[~real].max() > 1e-2
+    without_eps = nystrom_attention(q, k, v, **{**params, "landmark_eps": 0.0}).out
+    np.testing.assert_allclose(got[real], without_eps[real], rtol=0, atol=1e-13)
+    assert "PADDING_MASK" in adapter.EXPLANATIONS

@@ -4,6 +4,7 @@ export of the family's cases. HF Longformer's softmax and local-attention's rota
 are float32 inside, so those run at --dtype float32."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.append(str(EXAMPLES))  # the adapters import their neighbour _gallery_entry
 
 #: example file -> (mechanism, forward, vjp, dtype, package it needs)
 ADAPTERS = {

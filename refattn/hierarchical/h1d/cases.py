@@ -3,8 +3,9 @@
 The paper's cases (``preset=None``) and h-transformer-1d's (``"lucidrains"``),
 whose parameters are written out in full (the preset's values resolved and
 the level count explicit), so a consumer needs no preset table. Sizes are
-awkward where the mechanism allows: D = 59, Dv = 7, GQA 4:2, a block of 3,
-N = 13 padded to 16.
+awkward where the mechanism allows: D = 59, Dv = 7, GQA 4:2, a block of 6
+(blocks are even when levels are coarsened: the correction halves them),
+N = 13 padded to 16, N = 11 padded to 16.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ from ...conformance.case import Case, Dims, draw, make_case
 from .inputs import preset_levels, preset_values
 
 FLAGS = {
-    "H1D_COVERAGE": "Every (query, key) pair is covered by exactly one level, up to a coarsest level of two blocks; "
-    "stopping at four top blocks (h-transformer-1d's HAttention1D) never attends half of the pairs.",
+    "H1D_COVERAGE": "Every (query, key) pair is covered by exactly one level: level 0 on the block-tridiagonal band, "
+    "level l on the blocks before and after less the adjacent half-blocks, up to a coarsest level of two blocks; "
+    "siblings only, or stopping at four top blocks (h-transformer-1d's HAttention1D), attend other pairs or none.",
     "H1D_NORMALISATION": "One softmax over the implied matrix: one shift per token row and coarse denominators "
     "weighted by token counts (the coarsened vector of ones); per-level maxima or unweighted denominators "
     "compute another function.",
     "H1D_COARSENING": "Coarse queries and keys are means over 2**l tokens, coarse values sums; means for values "
     "or sums for keys change every coarse level.",
-    "H1D_CAUSAL_BLOCKS": "Causal: the diagonal blocks are masked triangular and only the sibling block before a "
-    "block is kept, at level 0 too (h-transformer-1d's causal class leaves level 0's sibling out).",
+    "H1D_CAUSAL_BLOCKS": "Causal: the diagonal blocks are masked triangular, only the blocks before a block are kept, "
+    "at level 0 too, and a group's coarse query is its first token's (h-transformer-1d's causal class leaves level "
+    "0's sibling out and gives the coarse levels to the last token of each group).",
     "H1D_PADDING": "N padded to block · 2**k with tokens outside every mean, sum and count.",
 }
 
@@ -41,17 +44,17 @@ def cases() -> list[Case]:
               ("BASELINE", "H1D_COVERAGE", "H1D_NORMALISATION"), Dims(1, 2, 2, 16, 16, 16), block_size=4),
         _case("deep_hierarchy", "N=64, block 4: four levels; query 0 reaches key 63 only at level 3.",
               ("H1D_COVERAGE", "H1D_NORMALISATION", "H1D_COARSENING"), Dims(1, 2, 2, 64, 64, 8), block_size=4),
-        _case("awkward_sizes", "Block 3 over N=24, D=59, Dv=7, GQA 4:2, B=2.",
+        _case("awkward_sizes", "Block 6 over N=24, D=59, Dv=7, GQA 4:2, B=2.",
               ("AWKWARD_HEAD_DIM", "VALUE_DIM_DIFFERS", "GQA_HEAD_MAP", "GQA_GRAD_REDUCTION", "MULTI_BATCH",
-               "H1D_COARSENING"), Dims(2, 4, 2, 24, 24, 59, 7), block_size=3),  # fmt: skip
-        _case("causal", "Causal, N=32, block 4: triangular diagonal blocks, earlier siblings only.",
+               "H1D_COARSENING"), Dims(2, 4, 2, 24, 24, 59, 7), block_size=6),  # fmt: skip
+        _case("causal", "Causal, N=32, block 4: triangular diagonal blocks, earlier blocks only, first-token queries.",
               ("CAUSAL_MASK", "H1D_CAUSAL_BLOCKS", "H1D_NORMALISATION"), Dims(1, 2, 2, 32, 32, 16),
               block_size=4, causal=True),
         _case("padding", "N=13 padded to 16 with block 4: padded tokens in no mean, sum or count.",
               ("H1D_PADDING", "ODD_LENGTH"), Dims(1, 2, 2, 13, 13, 8), block_size=4, padding=True),
-        _case("causal_padding", "Causal, N=11 padded to 12 with block 3, scale 0.3.",
+        _case("causal_padding", "Causal, N=11 padded to 16 with block 2, scale 0.3.",
               ("H1D_PADDING", "H1D_CAUSAL_BLOCKS", "SCALE_OVERRIDE"), Dims(1, 2, 1, 11, 11, 8),
-              block_size=3, padding=True, causal=True, scale=0.3),
+              block_size=2, padding=True, causal=True, scale=0.3),
         _case("one_block_dense", "Block = N = 9: one level, the same as dense attention.",
               ("BASELINE", "ODD_LENGTH"), Dims(1, 2, 2, 9, 9, 16), block_size=9),
         _case("partial_levels", "N=32, block 4, num_levels 2: pairs beyond level 1 are not attended.",

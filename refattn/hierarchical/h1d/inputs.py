@@ -21,20 +21,27 @@ from ...core.presets import FROM_PRESET
 ROW_MAXIMA = ("shared", "per_level")
 #: ``coarse_denominator``: what a coarse key adds to the normaliser, its token count or 1.
 COARSE_DENOMINATORS = ("counts", "ones")
-#: ``coarse_queries`` in causal mode: every token uses its coarse query's levels, or only the last of each group.
-COARSE_QUERIES = ("all", "last")
+#: ``coarse_queries``: the group's mean stands for every token of it ("all"), only for its last token ("last"),
+#: or the group's first token's query stands for every token of it ("first", causal without later queries).
+COARSE_QUERIES = ("all", "last", "first")
+#: ``neighbours``: the blocks each block meets at every level: the block before and after it, less what the
+#: finer level covers (the paper's H-matrix), or only its sibling (lucidrains).
+NEIGHBOURS = ("tridiagonal", "siblings")
+#: A term's key blocks: the query block itself, its sibling, the block before it, the block after it.
+KEY_BLOCKS = ("own", "sibling", "left", "right")
 PRESET_NAMES = (None, "lucidrains")
 #: The parameters a preset sets, with their canonical (paper) values.
+#: (Causal, the coarse query is the group's first token's instead: ``coarse_queries="first"``.)
 CANONICAL = {"row_max": "shared", "coarse_denominator": "counts", "finest_sibling": True,
-             "coarse_queries": "all", "denominator_eps": 0.0}  # fmt: skip
+             "coarse_queries": "all", "denominator_eps": 0.0, "neighbours": "tridiagonal"}  # fmt: skip
 
 
 def preset_values(preset: str | None, causal: bool) -> dict:
     """The parameter values of ``preset`` (h-transformer-1d 0.1.9 differs between its two classes)."""
     if preset is None:
-        return dict(CANONICAL)
+        return {**CANONICAL, "coarse_queries": "first" if causal else "all"}
     return {"row_max": "per_level", "coarse_denominator": "ones", "finest_sibling": not causal,
-            "coarse_queries": "last" if causal else "all", "denominator_eps": 1e-8}  # fmt: skip
+            "coarse_queries": "last" if causal else "all", "denominator_eps": 1e-8, "neighbours": "siblings"}  # fmt: skip
 
 
 def preset_levels(preset: str | None, causal: bool, blocks: int) -> int:
@@ -51,12 +58,15 @@ def preset_levels(preset: str | None, causal: bool, blocks: int) -> int:
 class Term:
     """One block-sparse product of the hierarchy: ``level`` (coarsening 2**level) and whose keys.
 
-    ``sibling`` False: each block attends to itself (level 0 only, the
-    diagonal); True: block ``2m`` attends to ``2m + 1`` and vice versa.
+    ``keys`` (one of :data:`KEY_BLOCKS`): ``"own"``, each block attends to
+    itself (level 0 only, the diagonal); ``"sibling"``, block ``2m`` to
+    ``2m + 1`` and vice versa; ``"left"`` / ``"right"``, block ``m`` to
+    ``m - 1`` / ``m + 1`` (at levels >= 1 less the pairs of adjacent
+    half-blocks, which the finer level covers).
     """
 
     level: int
-    sibling: bool
+    keys: str
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,7 @@ class H1DInputs:
     finest_sibling: bool
     coarse_queries: str
     denominator_eps: float
+    neighbours: str
 
     @property
     def defines_lse(self) -> bool:
@@ -90,17 +101,22 @@ class H1DInputs:
         return {"dout": (s.batch, s.q_heads, s.q_len, s.value_dim), "dlse": lse}
 
     def terms(self) -> list[Term]:
-        """The block products, finest first: level 0's diagonal and siblings, then each coarser level's siblings."""
+        """The block products, finest first: level 0's diagonal and neighbours, then each coarser level's neighbours.
+
+        Neighbours are the sibling, or the blocks before and after (causal: only before).
+        """
         blocks = self.padded_len // self.block_size
-        terms = [Term(0, False)]
+        sides = ("sibling",) if self.neighbours == "siblings" else ("left",) if self.causal else ("left", "right")
+        terms = [Term(0, "own")]
         if blocks > 1 and self.finest_sibling:
-            terms.append(Term(0, True))
-        terms += [Term(level, True) for level in range(1, self.num_levels)]
+            terms += [Term(0, side) for side in sides]
+        terms += [Term(level, side) for level in range(1, self.num_levels) for side in sides]
         return terms
 
 
 def check_h1d_inputs(q, k, v, *, block_size, num_levels, causal, scale, padding, preset, row_max,
-                     coarse_denominator, finest_sibling, coarse_queries, denominator_eps) -> H1DInputs:  # fmt: skip
+                     coarse_denominator, finest_sibling, coarse_queries, denominator_eps,
+                     neighbours=FROM_PRESET) -> H1DInputs:  # fmt: skip
     """Check every argument of ``h1d_attention``; raise :class:`SpecError` on the first bad one."""
     q, k, v, shape = checks.qkv(q, k, v)
     if shape.q_len != shape.kv_len:
@@ -127,20 +143,25 @@ def check_h1d_inputs(q, k, v, *, block_size, num_levels, causal, scale, padding,
                         "(the coarsest level has two blocks)", repr(num_levels))  # fmt: skip
     values = preset_values(preset, causal)
     given = {"row_max": row_max, "coarse_denominator": coarse_denominator, "finest_sibling": finest_sibling,
-             "coarse_queries": coarse_queries, "denominator_eps": denominator_eps}  # fmt: skip
+             "coarse_queries": coarse_queries, "denominator_eps": denominator_eps, "neighbours": neighbours}  # fmt: skip
     values.update({name: value for name, value in given.items() if value is not FROM_PRESET})
     row_max = checks.choice(values["row_max"], "row_max", ROW_MAXIMA)
     coarse_denominator = checks.choice(values["coarse_denominator"], "coarse_denominator", COARSE_DENOMINATORS)
     finest_sibling = checks.flag(values["finest_sibling"], "finest_sibling")
     coarse_queries = checks.choice(values["coarse_queries"], "coarse_queries", COARSE_QUERIES)
     denominator_eps = checks.real_number(values["denominator_eps"], "denominator_eps", minimum=0.0)
+    neighbours = checks.choice(values["neighbours"], "neighbours", NEIGHBOURS)
+    if neighbours == "tridiagonal" and num_levels > 1 and block_size % 2:
+        raise SpecError("block_size", "an even number with neighbours='tridiagonal' and more than one level (level "
+                        "l >= 1 leaves out the pairs of adjacent half-blocks, which level l - 1 covers)",
+                        repr(block_size))  # fmt: skip
     if denominator_eps > 0 and row_max == "shared":
         raise SpecError("denominator_eps", "0 with row_max='shared' (the eps would depend on the shift)",
                         repr(denominator_eps))  # fmt: skip
     scale = checks.scale(scale, shape.head_dim)
     checks.scores_within_range(q, k, scale)
     return H1DInputs(q, k, v, shape, block_size, num_levels, causal, scale, padded_len, preset, row_max,
-                     coarse_denominator, finest_sibling, coarse_queries, denominator_eps)  # fmt: skip
+                     coarse_denominator, finest_sibling, coarse_queries, denominator_eps, neighbours)  # fmt: skip
 
 
 def _positive_int(x, name: str) -> int:

@@ -2,10 +2,11 @@
 
 Zhu & Soricut 2021, "H-Transformer-1D: Fast One-Dimensional Hierarchical
 Attention for Sequences" (arXiv 2107.11906), sections 5-6: the attention
-matrix as a hierarchical matrix. Level 0 is exact on each block of
-``block_size`` tokens and its sibling; level ``l`` covers the sibling blocks
-of ``block_size · 2**l`` tokens with coarsened queries and keys (means over
-``2**l`` tokens) and coarsened values (sums); the levels' products are
+matrix as a hierarchical matrix. Level 0 is exact on the block-tridiagonal
+band of ``block_size``-token blocks; level ``l`` covers the neighbouring
+blocks of ``block_size · 2**l`` tokens that the finer levels leave out, with
+coarsened queries and keys (means over ``2**l`` tokens) and coarsened values
+(sums); the levels' products are
 interpolated back to tokens and summed, and normalised by the same recursion
 applied to a vector of ones (the paper's eqs. 31-32).
 
@@ -45,6 +46,7 @@ def h1d_attention(
     finest_sibling=FROM_PRESET,
     coarse_queries=FROM_PRESET,
     denominator_eps=FROM_PRESET,
+    neighbours=FROM_PRESET,
     precision=None,
     backend="reference",
 ) -> Result:
@@ -58,14 +60,15 @@ def h1d_attention(
     v : ndarray (B, Hkv, N, Dv)
     block_size : int >= 1
         ``Nr``, tokens per level-0 block (and coarse tokens per block at every
-        level). ``N`` must be ``block_size · 2**k`` unless ``padding``.
+        level). ``N`` must be ``block_size · 2**k`` unless ``padding``; even
+        with ``neighbours="tridiagonal"`` and more than one level.
     num_levels : int >= 1, optional
         Levels, level 0 included. Default: until the coarsest level has two
         blocks, ``log2(N / block_size)`` (every pair covered); the
         ``"lucidrains"`` preset's non-causal default is one fewer.
     causal : bool
         Keep keys ``j <= i``: the diagonal blocks are masked triangular and
-        only the sibling blocks before a block are kept.
+        only the neighbouring blocks before a block are kept.
     scale : float > 0, optional
         Logit scale; default ``1 / sqrt(D)``.
     padding : bool
@@ -83,13 +86,20 @@ def h1d_attention(
         What a coarse key adds to the normaliser: its token count ``2**l``,
         the coarsened vector of ones (the paper), or 1 (lucidrains).
     finest_sibling : bool
-        Whether level 0 also covers each block's sibling (the paper; lucidrains'
-        causal class leaves it out).
-    coarse_queries : {"all", "last"}
-        ``"last"`` (lucidrains, causal): a level ``l >= 1`` contributes only to
-        the last token of each group of ``2**l``.
+        Whether level 0 also covers each block's neighbours (the paper; lucidrains'
+        causal class leaves its sibling out).
+    coarse_queries : {"all", "last", "first"}
+        What stands for a group of ``2**l`` queries at a level ``l >= 1``:
+        its mean, for every token of it (``"all"``, the paper non-causal);
+        its mean, for its last token only (``"last"``, lucidrains causal); its
+        first token's query, for every token of it (``"first"``, the paper's
+        authors' causal code: no later query is read).
     denominator_eps : float >= 0
         Added to the normaliser (lucidrains 1e-8); needs ``row_max="per_level"``.
+    neighbours : {"tridiagonal", "siblings"}
+        The blocks each block meets at every level: the blocks before and
+        after it, less the pairs of adjacent half-blocks that the finer level
+        covers (the paper); or only its sibling (lucidrains).
     precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
         Evaluate in that precision (refattn.core.precision).
     backend : {"reference", "numba"}
@@ -142,21 +152,46 @@ def siblings(x: np.ndarray) -> np.ndarray:
     return x.reshape(b, h, n // 2, 2, *x.shape[3:])[:, :, :, ::-1].reshape(x.shape)
 
 
+#: How far a term's key blocks are moved along the block axis (np.roll): block m holds block m - shift.
+ROLLS = {"left": 1, "right": -1}
+
+
 def term_keys(x: np.ndarray, term: Term, block_size: int) -> np.ndarray:
-    """(3) The key-side blocks a term pairs with each query block: the block itself or its sibling."""
+    """(3) The key-side blocks a term pairs with each query block: itself, its sibling, the block before or after.
+
+    Before the first block and after the last, the blocks wrap around; :func:`term_allowed` masks them.
+    """
     blocks = to_blocks(x, block_size)
-    return siblings(blocks) if term.sibling else blocks
+    if term.keys == "sibling":
+        return siblings(blocks)
+    return np.roll(blocks, ROLLS[term.keys], axis=2) if term.keys in ROLLS else blocks
+
+
+def own_blocks(g: np.ndarray, term: Term) -> np.ndarray:
+    """(3') The inverse of :func:`term_keys` on blocks (B, H, n, ...): each key block's gradient back to its block."""
+    if term.keys == "sibling":
+        return siblings(g)
+    return np.roll(g, -ROLLS[term.keys], axis=2) if term.keys in ROLLS else g
 
 
 def term_allowed(x: H1DInputs, term: Term, key_counts: np.ndarray) -> np.ndarray:
-    """(3) (n, q, k) bool: which pairs of a term's blocks are kept (a real key; causality)."""
+    """(3) (n, q, k) bool: which pairs of a term's blocks are kept (a real key, a block that exists, causality,
+    and at levels >= 1 not a pair of adjacent half-blocks, which level l - 1 covers)."""
     r = x.block_size
     allowed = term_keys(key_counts[None, None], term, r)[0, 0][:, None, :] > 0  # (n, 1, k)
-    allowed = np.broadcast_to(allowed, (allowed.shape[0], r, r))
-    if x.causal and term.sibling:  # only an odd block's sibling lies before it
-        allowed = allowed & (np.arange(allowed.shape[0]) % 2 == 1)[:, None, None]
-    elif x.causal:
+    blocks = allowed.shape[0]
+    allowed = np.broadcast_to(allowed, (blocks, r, r))
+    block = np.arange(blocks)[:, None, None]
+    rows, cols = np.arange(r)[:, None] < r // 2, np.arange(r)[None, :] < r // 2  # first halves
+    coarse = term.level > 0
+    if term.keys == "own" and x.causal:
         allowed = allowed & np.tri(r, dtype=bool)[None]
+    elif term.keys == "sibling" and x.causal:  # only an odd block's sibling lies before it
+        allowed = allowed & (block % 2 == 1)
+    elif term.keys == "left":
+        allowed = allowed & (block > 0) & ~(coarse & rows & ~cols)[None]
+    elif term.keys == "right":
+        allowed = allowed & (block < blocks - 1) & ~(coarse & ~rows & cols)[None]
     return allowed
 
 
@@ -165,6 +200,11 @@ def contributes(x: H1DInputs, term: Term) -> np.ndarray:
     if x.coarse_queries == "last" and term.level > 0:
         return (np.arange(x.padded_len) + 1) % (1 << term.level) == 0
     return np.ones(x.padded_len, dtype=bool)
+
+
+def coarse_queries(x: H1DInputs, q: np.ndarray, level: int, per_token: np.ndarray) -> np.ndarray:
+    """(2) The query standing for each group of ``2**level`` tokens: the group's mean, or its first token's."""
+    return q[:, :, :: 1 << level] if x.coarse_queries == "first" else group_sums(q, level) / per_token
 
 
 def forward(x: H1DInputs, num: Numerics) -> Result:
@@ -187,7 +227,7 @@ def _forward_steps(x: H1DInputs, num: Numerics) -> dict:
         counts = token_counts(x, level)  # (P / 2**l,)
         per_token = np.maximum(counts, 1.0)[None, None, :, None]
         levels.append(dict(counts=counts,
-                           q=num.store(group_sums(q, level) / per_token),  # (B, Hq, P / 2**l, D)
+                           q=num.store(coarse_queries(x, q, level, per_token)),  # (B, Hq, P / 2**l, D)
                            k=num.store(group_sums(k, level) / per_token),
                            v=num.store(group_sums(v, level))))  # (B, Hq, P / 2**l, Dv)  # fmt: skip
     terms = [_term_forward(x, term, levels[term.level], num) for term in x.terms()]
@@ -272,12 +312,17 @@ def vjp(x: H1DInputs, cotangents: Cotangents, num: Numerics) -> Grads:
         dq, dk, dv = _term_vjp(x, t, f["levels"][level], to_blocks(dy, x.block_size), to_blocks(da, x.block_size), num)
         grads = coarse_grads[level]
         grads["q"], grads["k"], grads["v"] = grads["q"] + dq, grads["k"] + dk, grads["v"] + dv
-    # (2') Means pass 1 / count of the gradient to each real token, sums pass all of it.
+    # (2') Means pass 1 / count of the gradient to each real token, sums pass all of it, a first token's query all
+    # of it to that token.
     real = (np.arange(p) < n)[None, None, :, None]
+    first = (np.arange(p) % (1 << np.arange(x.num_levels))[:, None] == 0)[:, None, None, :, None]  # (L, 1, 1, P, 1)
     dq, dk, dv = 0.0, 0.0, 0.0
     for level, grads in enumerate(coarse_grads):
         per_token = np.maximum(f["levels"][level]["counts"], 1.0)[None, None, :, None]
-        dq = dq + interpolated(grads["q"] / per_token, level) * real
+        if x.coarse_queries == "first":
+            dq = dq + interpolated(grads["q"], level) * first[level] * real
+        else:
+            dq = dq + interpolated(grads["q"] / per_token, level) * real
         dk = dk + interpolated(grads["k"] / per_token, level) * real
         dv = dv + interpolated(grads["v"], level) * real
     group = x.shape.group
@@ -303,9 +348,8 @@ def _term_vjp(x: H1DInputs, t: dict, coarse: dict, dy: np.ndarray, da: np.ndarra
         d_shift = -d_scores.sum(axis=-1, keepdims=True)
         np.put_along_axis(d_scores, first, np.take_along_axis(d_scores, first, -1) + d_shift, -1)
     d_scores = num.store(d_scores)
-    # (3') s = scale · q kᵀ; sibling keys return to their own blocks (the reordering is an involution).
+    # (3') s = scale · q kᵀ; the key blocks' gradients return to their own blocks.
     dq = num.store(x.scale * np.einsum("bhnqk,bhnkd->bhnqd", d_scores, k, optimize=True))
     dk = num.store(x.scale * np.einsum("bhnqk,bhnqd->bhnkd", d_scores, q, optimize=True))
     unblock = lambda g: g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])  # noqa: E731
-    own = siblings if term.sibling else (lambda g: g)
-    return unblock(dq), unblock(own(dk)), unblock(own(dv))
+    return unblock(dq), unblock(own_blocks(dk, term)), unblock(own_blocks(dv, term))

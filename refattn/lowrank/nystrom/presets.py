@@ -20,7 +20,10 @@ CANONICAL = dict(pinv_init="per_matrix", padding="none", landmark_eps=0.0, mask_
 PRESETS = {
     None: CANONICAL,
     # lucidrains/nystrom-attention, nystrom_attention/nystrom_attention.py (moore_penrose_iter_pinv, NystromAttention.forward).
-    "lucidrains": dict(CANONICAL, pinv_init="batch_global", padding="front", landmark_eps=1e-8),
+    # Its landmark divisor ``mask_landmarks_sum[..., None] + eps`` adds eps = 1e-8 to an integer count, which makes a
+    # float32 tensor: count + 1e-8 rounds to count for every count >= 1, so the divisor is the count (an empty segment,
+    # sum 0, gives 0 either way): landmark_eps 0 (nystrom-attention 0.0.14, read as installed).
+    "lucidrains": dict(CANONICAL, pinv_init="batch_global", padding="front"),
     # huggingface/transformers, models/nystromformer/modeling_nystromformer.py (NystromformerSelfAttention).
     "hf": dict(CANONICAL, pinv_init="batch_global", mask_scope="kernel3", full_rank_shortcut=True),
 }
