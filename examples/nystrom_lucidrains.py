@@ -5,7 +5,8 @@ refattn's explicit inputs: q, k, v from ``to_qkv(x)`` (heads split as
 ``rearrange(t, 'b n (h d) -> b h n d')``), the depthwise residual
 convolution ``res_conv.weight[:, 0, :, 0]`` as ``conv_kernel`` (H, K), the
 mask as ``key_padding_mask``, and ``preset="lucidrains"`` (batch-global Z₀
-norms, front padding, landmark eps 1e-8, every kernel masked).
+norms, front padding, every kernel masked; its landmark eps 1e-8 is lost in
+float32, so the preset's is 0).
 ``nystrom_lucidrains(module, x, mask=None)`` runs ``nystrom_attention`` on
 them and the module's own ``to_out``, comparable with ``module(x, mask=mask)``.
 
@@ -40,7 +41,7 @@ from refattn.conformance.adapters import from_torch
 from refattn.lowrank import nystrom_attention
 
 #: What NystromAttention fixes, by refattn parameter (refattn.lowrank presets, "lucidrains").
-LIBRARY_FIXED = dict(pinv_init="batch_global", landmark_eps=1e-8, mask_scope="all", full_rank_shortcut=False)
+LIBRARY_FIXED = dict(pinv_init="batch_global", landmark_eps=0.0, mask_scope="all", full_rank_shortcut=False)
 
 
 def refattn_inputs(module, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
@@ -51,7 +52,8 @@ def refattn_inputs(module, x: torch.Tensor, mask: torch.Tensor | None = None) ->
     conv = module.res_conv.weight.detach()[:, 0, :, 0].double().numpy() if module.residual else None  # (H, K)
     params = dict(num_landmarks=module.num_landmarks, pinv_iterations=module.pinv_iterations, conv_kernel=conv,
                   key_padding_mask=None if mask is None else mask.numpy().astype(bool), scale=module.scale,
-                  preset="lucidrains", landmark_eps=module.eps)  # fmt: skip
+                  preset="lucidrains")  # fmt: skip
+    # No landmark_eps: the module's eps is added to an integer count in float32, where it is lost (the preset's 0).
     return q, k, v, params
 
 
@@ -108,8 +110,7 @@ GALLERY = (
 EXPLANATIONS = {
     "PADDING_MASK": "a padded token's own row is not refattn's: the library zeroes its q, k, v (`t * mask[..., None]`, "
     "line 89) and fills its masked scores with `-torch.finfo(q.dtype).max` (`sim1.masked_fill_`, lines 123-124), so "
-    "the row is uniform over the landmarks where refattn's preset gives the masked-row value. Real rows agree, to "
-    "float32 rounding only in float64: the landmark divisor `mask_landmarks_sum[..., None] + eps` (line 105) adds "
-    "1e-8 to an integer count, which gives a float32 tensor in which the 1e-8 is lost (refattn divides by "
-    "count + 1e-8 exactly, about 2.5e-9 relative here).",
+    "the row is uniform over the landmarks where refattn's preset gives the masked-row value. Real rows agree (the "
+    "landmark divisor `mask_landmarks_sum[..., None] + eps`, line 105, adds 1e-8 to an integer count in float32, "
+    "where it is lost: the preset's landmark_eps is 0).",
 }

@@ -275,7 +275,7 @@ def test_the_library_passes_its_preset_cases_and_refuses_others(name):
 
 def test_lucidrains_nystrom_masked_differs_on_padded_rows_as_explained():
     """nystrom/lucidrains_masked: the library's padded-token rows are uniform (its -finfo.max fill), and its
-    landmark divisor loses the 1e-8 in float32: refattn with landmark_eps=0 matches its real rows to rounding."""
+    landmark divisor loses its 1e-8 in float32, so the preset (landmark_eps 0) matches its real rows to rounding."""
     pytest.importorskip("nystrom_attention")
     from refattn.conformance.suite import load_suite
     from refattn.conformance.verify import default_suite_folder

@@ -101,3 +101,54 @@ def test_cupy_backend_on_a_device_passes_every_case(name, dtype):
         pytest.skip("no CUDA device visible to CuPy")
     report = refattn.verify(mechanism=name, backend="cupy", dtype=dtype, grad=True)
     assert report.ok, report.format()
+
+
+@pytest.mark.parametrize("bidirectional, num_buckets, max_distance", [(True, 32, 128), (False, 32, 128), (True, 20, 160), (False, 6, 7)])
+def test_t5_buckets_of_distances_clipped_at_max_distance_are_unchanged(bidirectional, num_buckets, max_distance):
+    """(B4), which t5/xp.py relies on to keep its table per distance small: from max_distance on, every
+    distance of a side shares that side's last bucket, so clipping at ±max_distance changes no bucket."""
+    from refattn.position.t5 import relative_position_bucket
+
+    relative = np.arange(-50 * max_distance, 50 * max_distance + 1)
+    clipped = np.clip(relative, -max_distance, max_distance)
+    buckets = relative_position_bucket(relative, bidirectional, num_buckets, max_distance)
+    np.testing.assert_array_equal(relative_position_bucket(clipped, bidirectional, num_buckets, max_distance), buckets)
+    side = num_buckets // 2 if bidirectional else num_buckets
+    assert (buckets[relative <= -max_distance] == side - 1).all()  # the last bucket of the keys before
+
+
+def test_attended_counts_tile_by_tile_match_the_closed_form(monkeypatch):
+    """Causal Nq = Nk = N: row i keeps i + 1 keys; a window of 3 to the left keeps min(i + 1, 4); a key
+    padding mask of the last 5 keys removes them from every row that could see them."""
+    from refattn.dense import xp as dense_xp
+    from refattn.dense.inputs import check_dense_inputs
+
+    n, rows = 23, np.arange(23)
+    q = np.zeros((2, 3, n, 4))
+    dense = dict(bias=None, causal_alignment="bottom_right", scale=None, softcap=0.0, dropout_keep=None, dropout_p=0.0)
+
+    def counts(**arguments):
+        x = check_dense_inputs(q, q[:, :1], q[:, :1], **{**dense, "mask": None, "window": None, "causal": False, **arguments})
+        return dense_xp.attended_counts(x, np, (4, 6))
+
+    np.testing.assert_array_equal(counts(causal=True), np.broadcast_to(rows + 1, (2, 3, n)))
+    np.testing.assert_array_equal(counts(causal=True, window=(3, 0)), np.broadcast_to(np.minimum(rows + 1, 4), (2, 3, n)))
+    padding = np.ones((2, 1, 1, n), dtype=bool)
+    padding[1, ..., n - 5:] = False
+    expected = np.stack([rows + 1, np.minimum(rows + 1, n - 5)])[:, None, :]
+    np.testing.assert_array_equal(counts(causal=True, mask=padding), np.broadcast_to(expected, (2, 3, n)))
+
+
+def test_transformer_xl_xp_path_rejects_a_kept_pair_without_a_row(small_tiles):
+    """Keys after the query have no row of r: without a causal mask the xp path raises the reference's error."""
+    rng = np.random.default_rng(0)
+    n = 12
+    q, k, v = (rng.standard_normal((1, 2, n, 4)) for _ in range(3))
+    arguments = dict(r=rng.standard_normal((2, n, 4)), u=np.zeros((2, 4)), v_bias=np.zeros((2, 4)),
+                     q_positions=np.arange(n), k_positions=np.arange(n))  # fmt: skip
+    impl = xp_implementation("transformer_xl")
+    with pytest.raises(refattn.SpecError, match="argument `r`.*no mask, causality or window excludes"):
+        impl(q, k, v, **arguments)
+    with pytest.raises(refattn.SpecError, match="argument `r`"):
+        impl.vjp(np.ones((1, 2, n, 4)), q, k, v, **arguments)
+    assert np.isfinite(impl(q, k, v, causal=True, **arguments).out).all()

@@ -15,6 +15,7 @@ results are moved back: the backend returns NumPy arrays, as the others do.
 
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 
 import numpy as np
@@ -71,3 +72,25 @@ def cupy_backend(xp_module: ModuleType):
         return Grads(to_host(dict(xp_module.vjp(x, cotangents, cupy_namespace(), saved))))
 
     return forward, vjp
+
+
+def scatter_add(xp, target, index, values) -> None:
+    """``target[index] += values`` with repeated indices summed (NumPy's ``add.at``, CuPy's ``cupyx.scatter_add``)."""
+    if xp is np:
+        np.add.at(target, index, values)
+    else:
+        import cupyx
+
+        cupyx.scatter_add(target, index, values)
+
+
+def blocks(length: int, size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the consecutive blocks of ``size`` (the last one shorter) that cover ``range(length)``."""
+    return [(start, min(start + size, length)) for start in range(0, length, size)]
+
+
+def algorithm(name: str) -> ModuleType:
+    """Mechanism ``name``'s ``xp.py`` (its algorithm over ``xp``), for a mechanism whose steps run it."""
+    from . import registry
+
+    return importlib.import_module(f"{registry.get(name).package}.xp")

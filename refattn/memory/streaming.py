@@ -116,7 +116,7 @@ def gather_segments(parts: list[np.ndarray | None]) -> np.ndarray | None:
 # --------------------------------------------------------------------------
 
 
-def _inputs(name: str, arguments: dict):
+def checked_inputs(name: str, arguments: dict):
     """Mechanism ``name`` and its checked inputs for ``arguments`` (its public defaults filling the rest)."""
     mechanism = registry.get(name)
     defaults = {
@@ -146,7 +146,7 @@ def attend(name: str, num: Numerics | None, backend: str, inputs=None, **argumen
     ``inputs``: its checked inputs when the caller has them (:func:`checked_dense`); else ``arguments``
     are checked by its ``check_inputs``.
     """
-    mechanism, inputs = (registry.get(name), inputs) if inputs is not None else _inputs(name, arguments)
+    mechanism, inputs = (registry.get(name), inputs) if inputs is not None else checked_inputs(name, arguments)
     module = mechanism.backend(backend)
     return module.forward(inputs, num) if backend == registry.REFERENCE else module.forward(inputs)
 
@@ -154,7 +154,7 @@ def attend(name: str, num: Numerics | None, backend: str, inputs=None, **argumen
 def attend_vjp(name: str, num: Numerics | None, backend: str, dout, dlse, inputs=None, **arguments) -> Grads:
     """Mechanism ``name``'s VJP on ``backend`` for the cotangents ``dout`` and ``dlse`` (None: 0); ``inputs``
     as :func:`attend`."""
-    mechanism, inputs = (registry.get(name), inputs) if inputs is not None else _inputs(name, arguments)
+    mechanism, inputs = (registry.get(name), inputs) if inputs is not None else checked_inputs(name, arguments)
     module = mechanism.backend(backend)
     cotangents = Cotangents(dout=dout, dlse=dlse)
     return module.vjp(inputs, cotangents, num) if backend == registry.REFERENCE else module.vjp(inputs, cotangents)

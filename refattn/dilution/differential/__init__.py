@@ -11,7 +11,7 @@ from .reference import (
 
 MECHANISM = registry.register(
     "differential", __name__, differential_attention, differential_attention_vjp, check_differential_inputs, "spec/dilution.md",
-    
+    backends=("reference", "numba", "cupy"),
 )
 
 __all__ = ["differential_attention", "differential_attention_vjp", "lambda_init_from_depth", "key_heads"]

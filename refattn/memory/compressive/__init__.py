@@ -12,7 +12,7 @@ from .reference import (
 
 MECHANISM = registry.register(
     "compressive", __name__, compressive_attention, compressive_attention_vjp, check_compressive_inputs, "spec/memory.md",
-    state_held_fixed=True
+    state_held_fixed=True, backends=("reference", "numba", "cupy"),
 )
 
 __all__ = [

@@ -404,7 +404,7 @@ def attention_reconstruction_loss_vjp(dloss, q, k, v, *, rate, compression, conv
 
 def _check_loss_inputs(q, k, v, rate, compression, conv_weight_k, conv_weight_v, dilation, usage, scale, reduction):
     """The checked arguments of the reconstruction loss (dense attention's check for q, k, v)."""
-    _, x = streaming._inputs("dense", dict(q=q, k=k, v=v, scale=scale))
+    _, x = streaming.checked_inputs("dense", dict(q=q, k=k, v=v, scale=scale))
     f_c = check_compression(compression, rate, conv_weight_k, conv_weight_v, dilation, x.shape.head_dim,
                             x.shape.value_dim)  # fmt: skip
     if x.shape.kv_len % f_c.rate:

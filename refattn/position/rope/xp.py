@@ -22,7 +22,7 @@ def _tables(x: RopeInputs, positions, xp):
     return xp.asarray(cos, dtype=dtype), xp.asarray(sin, dtype=dtype)
 
 
-def _rotate(vectors, cos, sin, x: RopeInputs, xp):
+def rotate(vectors, cos, sin, x: RopeInputs, xp):
     """(R3) Rotate pair t of every vector at position n by θ[n, t]; dims from ``rotary_dim`` on pass through.
     With ``-sin``, the inverse rotation R(θ)ᵀ = R(−θ)."""
     first, second = (xp.asarray(index) for index in pair_indices(x.rope.rotary_dim, x.rope.layout))
@@ -36,7 +36,7 @@ def _rotate(vectors, cos, sin, x: RopeInputs, xp):
 
 def _rotated(x: RopeInputs, xp):
     q_tables, k_tables = _tables(x, x.q_positions, xp), _tables(x, x.k_positions, xp)
-    dense = replace(x.dense, q=_rotate(x.dense.q, *q_tables, x, xp), k=_rotate(x.dense.k, *k_tables, x, xp))
+    dense = replace(x.dense, q=rotate(x.dense.q, *q_tables, x, xp), k=rotate(x.dense.k, *k_tables, x, xp))
     return dense, q_tables, k_tables
 
 
@@ -50,6 +50,6 @@ def vjp(x: RopeInputs, cotangents: Cotangents, xp, saved: Result | None = None) 
     dense, (q_cos, q_sin), (k_cos, k_sin) = _rotated(x, xp)
     grads = dense_xp.attend_vjp(dense, cotangents, xp, (BLOCK_Q, BLOCK_K), saved)
     # (R3') dq = R(θ)ᵀ dq~ = R(−θ) dq~, likewise dk.
-    grads["q"] = _rotate(grads["q"], q_cos, -q_sin, x, xp)
-    grads["k"] = _rotate(grads["k"], k_cos, -k_sin, x, xp)
+    grads["q"] = rotate(grads["q"], q_cos, -q_sin, x, xp)
+    grads["k"] = rotate(grads["k"], k_cos, -k_sin, x, xp)
     return grads

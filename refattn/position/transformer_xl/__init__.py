@@ -12,7 +12,7 @@ from .reference import (
 
 MECHANISM = registry.register(
     "transformer_xl", __name__, transformer_xl_attention, transformer_xl_attention_vjp, check_transformer_xl_inputs, "spec/position.md",
-    
+    backends=("reference", "numba", "cupy"),
 )
 
 __all__ = [
