@@ -48,7 +48,8 @@ import os
 import subprocess
 import sys
 
-from bench_dense import _measure, _mib, _nbytes
+from bench_dense import _mib, _nbytes  # beside this script
+from harness import measure  # benchmarks/harness.py, beside this script
 
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
 PRESET = "lucidrains"
@@ -116,8 +117,8 @@ def child(backend: str, n: int, direction: str, repeats: int) -> dict:
         # Compile / warm up on a small problem.
         small_forward(sq, sk, sv, small_centroids) if direction == "forward" else small_backward(sq, sk, sv, sdout, small_centroids)
         if direction == "forward":
-            return _measure(lambda: forward(q, k, v, centroids), repeats)
-        return _measure(lambda: backward(q, k, v, dout, centroids), repeats)
+            return measure(lambda: forward(q, k, v, centroids), repeats)
+        return measure(lambda: backward(q, k, v, dout, centroids), repeats)
     if backend == "lucidrains":
         import torch
 
@@ -131,7 +132,7 @@ def child(backend: str, n: int, direction: str, repeats: int) -> dict:
                     out, _ = module(tq, tk, tv)
                 return out.numel() * out.element_size()
 
-            return _measure(forward, repeats)
+            return measure(forward, repeats)
         state = {}
 
         def backward():
@@ -144,7 +145,7 @@ def child(backend: str, n: int, direction: str, repeats: int) -> dict:
         for _ in range(repeats):
             leaves = [x.detach().clone().requires_grad_() for x in (tq, tk, tv)]
             state["prepared"] = (leaves, module(*leaves)[0])
-            runs.append(_measure(backward, 1))
+            runs.append(measure(backward, 1))
             del state["prepared"]
         return {"time": min(r["time"] for r in runs), "peak_growth_mib": runs[0]["peak_growth_mib"],
                 "beyond_outputs_mib": runs[0]["beyond_outputs_mib"]}  # fmt: skip

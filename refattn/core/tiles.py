@@ -16,8 +16,10 @@ functions that a kernel calls inside its loops: the logits of a tile (steps
 finishing of rows (5)-(7), the softmax's backward on a tile (7')-(5'), (2'),
 the bias gradient (3'), and the accumulation of tile products. What is
 particular to a mechanism (a position term added to the raw scores, a
-distance-bias read, a relative-value term added to the output) is a short
-loop of its own around these. Step numbers are those of spec/dense.md.
+distance-bias read, a relative-value term added to the output; LSH's sorted
+chunks and routing's clusters, gathered into tiles whose rows are written
+back one by one with :func:`finish_row` and read with :func:`load_row`) is a
+short loop of its own around these. Step numbers are those of spec/dense.md.
 
 Forward: the online softmax
 ---------------------------
@@ -525,9 +527,16 @@ def softmax_state(width, dtype):
     """A fresh online-softmax state for ``width`` query rows: rows ``MAX`` (running
     maximum, -inf), ``SUM`` (running sum of exp(s - m), 0), and the scratch rows
     ``SHIFT`` and ``ALPHA`` (this tile's rescale factors)."""
-    state = np.zeros((4, width), dtype)
-    state[MAX, :] = -np.inf
+    state = np.empty((4, width), dtype)
+    reset_softmax_state(state)
     return state
+
+
+@njit(cache=True)
+def reset_softmax_state(state):
+    """Start ``state`` afresh, for the next query block: maxima -inf, sums 0."""
+    state[MAX, :] = -np.inf
+    state[SUM, :] = 0
 
 
 @njit(cache=True)
@@ -592,18 +601,24 @@ def attend_tile(s_t, n_q, n_k, b, h, i0, j0, v_tile, state, acc_t, pv_t, has_kee
 def finish_rows(acc_t, state, n_q, keep_scale, b, h, i0, out, lse):
     """``out = acc / l * 1/(1-p)`` and ``lse = m + log l`` of queries ``i0 .. i0 + n_q``;
     a row that saw no allowed key (``l = 0``) gets ``out = 0`` and ``lse = -inf``."""
-    m, l = state[MAX], state[SUM]
     for c in range(n_q):
-        i = i0 + c
-        if l[c] > 0:
-            norm = keep_scale / l[c]
-            for e in range(acc_t.shape[0]):
-                out[b, h, i, e] = acc_t[e, c] * norm
-            lse[b, h, i] = m[c] + math.log(l[c])
-        else:
-            for e in range(acc_t.shape[0]):
-                out[b, h, i, e] = 0
-            lse[b, h, i] = -np.inf
+        finish_row(acc_t, state, c, keep_scale, b, h, i0 + c, out, lse)
+
+
+@njit(cache=True)
+def finish_row(acc_t, state, c, keep_scale, b, h, i, out, lse):
+    """:func:`finish_rows` for one column ``c`` of ``acc_t``, written to row ``i`` of ``out``
+    and ``lse``: what a kernel that scatters its rows (a gathered query tile) calls."""
+    m, l = state[MAX], state[SUM]
+    if l[c] > 0:
+        norm = keep_scale / l[c]
+        for e in range(acc_t.shape[0]):
+            out[b, h, i, e] = acc_t[e, c] * norm
+        lse[b, h, i] = m[c] + math.log(l[c])
+    else:
+        for e in range(acc_t.shape[0]):
+            out[b, h, i, e] = 0
+        lse[b, h, i] = -np.inf
 
 
 # --------------------------------------------------------------------------
@@ -622,7 +637,20 @@ def load_rows(rows, lse, delta, dlse, b, h, i0, n_q):
     """Fill ``rows`` (3, width) with the rows ``LSE``, ``DELTA``, ``DLSE`` of queries
     ``i0 .. i0 + n_q``, padded (lse +inf on padding, so that P = 0 there)."""
     for c in range(n_q):
-        rows[LSE, c], rows[DELTA, c], rows[DLSE, c] = lse[b, h, i0 + c], delta[b, h, i0 + c], dlse[b, h, i0 + c]
+        load_row(rows, c, lse, delta, dlse, b, h, i0 + c)
+    pad_rows(rows, n_q)
+
+
+@njit(cache=True)
+def load_row(rows, c, lse, delta, dlse, b, h, i):
+    """Column ``c`` of ``rows`` (:func:`load_rows`) from query ``i``: what a kernel that
+    gathers its query tile calls, then :func:`pad_rows`."""
+    rows[LSE, c], rows[DELTA, c], rows[DLSE, c] = lse[b, h, i], delta[b, h, i], dlse[b, h, i]
+
+
+@njit(cache=True)
+def pad_rows(rows, n_q):
+    """Columns ``n_q`` on of ``rows``: lse +inf (so that P = 0 there), delta and dlse 0."""
     for c in range(n_q, rows.shape[1]):
         rows[LSE, c], rows[DELTA, c], rows[DLSE, c] = np.inf, 0, 0
 
@@ -668,6 +696,17 @@ def score_grad(ds, p, key_major, n_q, n_k, b, h, i0, j0, rows, has_keep, keep, k
             row_delta, row_dlse = delta[r], dlse[r]
             for c in range(ds.shape[1]):
                 ds[r, c] = p[r, c] * (ds[r, c] - row_delta) + p[r, c] * row_dlse
+
+
+@njit(cache=True)
+def hold_constants(ds, fixed, n_rows, n_cols):
+    """``ds = 0`` on the real entries where ``fixed`` (a tile of the same layout) is True: logits
+    that a mechanism replaced by a constant (LSH's and routing's self and mask values), which
+    no gradient reaches."""
+    for r in range(n_rows):
+        for c in range(n_cols):
+            if fixed[r, c]:
+                ds[r, c] = 0
 
 
 @njit(cache=True)

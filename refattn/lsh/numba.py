@@ -24,8 +24,10 @@ Forward
   ``C``; a chunk that recurs in the window is gathered again) into tiles of
   raw ``x``, keys and values, since every window of the run lies in that
   range; then each query chunk meets the ``K = before + after + 1`` tiles of
-  its window, in order, with FlashAttention's online softmax
-  (refattn/dense/numba.py) over (keys x queries) tiles. Gathering once per
+  its window, in order, with FlashAttention's online softmax over (keys x
+  queries) tiles: the shared tile library's ``attend_tile`` per tile and
+  ``finish_row`` per query (refattn/core/tiles.py), around LSH's own logits
+  (``_logits_tile``: self pairs, masks, the duplicate correction). Gathering once per
   run, in one tight loop, rather than ``2K + 1`` times per chunk between
   products, is what keeps random access to the (B, H, N, ·) inputs from
   dominating at long N. Each slot's output and log-sum-exp are written at
@@ -48,10 +50,13 @@ cancel), so the backward needs only the combined ``out`` and ``LSE``: those
 of ``saved`` (this backend's forward) when the caller passes it, otherwise
 recomputed with the forward kernels. Hashing and sorting run again either way.
 
-``_backward_kernel`` works per run as the forward does, accumulating in its
+``_backward_kernel`` works per run as the forward does, with the tile
+library's pieces on key-major tiles (``probabilities``, ``score_grad``,
+``hold_constants`` for replaced logits, ``accumulate``), accumulating in its
 tiles each query's ``dq``, each key's ``dv`` and its key gradient through
 the normalisation (6') ``(du - u (u · du)) / ρ`` (linear in ``du``, so it
-applies to each contribution); at the end it adds every tile row into the
+applies to each contribution; the common factor ``scale`` of ``dq`` and
+``dx`` is applied once, at the end); at the end it adds every tile row into the
 row of its item in (B, H, R·N, ·) buffers. A run touches chunks ``c0 -
 before … c1 - 1 + after``, so neighbouring runs share up to ``K - 1``
 chunks. Without atomics, runs that share a chunk must not run at once: with
@@ -85,8 +90,9 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
+from ..core import tiles
 from ..core.results import Cotangents, Grads, Result
-from ..core.tiles import compute_dtype, exp_nonpositive, frozen
+from ..core.tiles import compute_dtype, frozen
 from .inputs import LSHInputs
 from .reference import window_multiplicity
 
@@ -143,16 +149,14 @@ def vjp(x: LSHInputs, cotangents: Cotangents, saved: Result | None = None) -> Gr
         out, lse = _combine(*_attend(args, plan), plan.num_rounds)
     else:
         out, lse = _contiguous(saved.out, dtype), _contiguous(saved.lse, dtype)
-    dout = _contiguous(cotangents.dout, dtype)  # (B, H, N, Dv)
-    dlse = np.zeros(lse.shape, dtype) if cotangents.dlse is None else _contiguous(cotangents.dlse, dtype)
-    # (12') folded into (10'): ds = P̃ (dout · v + dLSE - dout · out); a token without keys has P̃ = 0.
-    row_term = frozen((dlse - np.einsum("bhne,bhne->bhn", dout, out)).astype(dtype))  # (B, H, N)
-    lse_for_p = frozen(np.where(np.isneginf(lse), np.inf, lse).astype(dtype))  # (B, H, N)
+    # (12') folded into (10'): ds = P̃ (dout · v - dout · out) + P̃ dLSE; a token without keys has
+    # P̃ = 0 (its LSE is +inf here). dout (B, H, N, Dv); LSE, delta = dout · out, dLSE (B, H, N).
+    dout, lse_for_p, delta, dlse = tiles.backward_rows(cotangents.dout, cotangents.dlse, out, lse, dtype)
     d_items = np.zeros((b, h, plan.num_rounds * n, args.qk.shape[3]), dtype)  # (B, H, R'·N, D): dq and dx per item
     dv_items = np.zeros((b, h, plan.num_rounds * n, dv), dtype)  # (B, H, R'·N, Dv)
     for runs in _run_colours(plan.num_runs):
         _backward_kernel(
-            args.qk, args.rho, args.projected, args.v, *plan.chunks(), runs, dout, lse_for_p, row_term,
+            args.qk, args.rho, args.projected, args.v, *plan.chunks(), runs, dout, lse_for_p, delta, dlse,
             *args.logits(), *plan.counts(), d_items, dv_items,
         )  # fmt: skip
     # (11')-(12') Each token's rounds, summed; (5')-(1') nothing flows through the discrete steps.
@@ -408,57 +412,64 @@ def _norm_kernel(qk, rms, eps, rho, projected):
 
 
 @njit(cache=True)
-def _run_range(run, run_len, num_chunks, before, after):
-    """The run's query chunks ``c0 … c1 - 1``, the chunk of its first tile, ``c0 - before`` (unwrapped), and its tile count."""
-    c0 = run * run_len
-    c1 = min(c0 + run_len, num_chunks)
-    return c0, c1, c0 - before, c1 - c0 + before + after
+def _run_tiles(qk, rho, v, permutation, b, h, run, run_len, before, after, chunk_len, item_chunk, dup_correction):
+    """Step (5) for one run of (b, h): its query chunks ``c0 … c1 - 1`` and the tiles of every
+    chunk its windows cover, ``c0 - before … c1 - 1 + after`` (mod C).
 
+    Tile ``u`` holds chunk ``(c0 - before + u) mod C``: ``counts[u]`` items, in slot order
+    (``items``, (tiles, width)), their tokens (``positions``), raw ``x`` (the queries; ``x_rows``,
+    (tiles, width, D)), keys ``x / ρ`` (step (6); ``key_rows``), values (``v_rows``, (tiles,
+    width, Dv)) and, for step (9), each round's chunk of each token (``round_chunks``, (tiles,
+    R', width); R' = 0 without the duplicate correction). Rows past a chunk's count are 0 (so
+    are the columns they give in a product).
 
-@njit(cache=True)
-def _load_tiles(
-    qk, rho, v, permutation, b, h, first, chunk_len, item_chunk, dup_correction,
-    counts, items, positions, x_rows, key_rows, v_rows, round_chunks,
-):  # fmt: skip
-    """Tile ``u`` holds chunk ``(first + u) mod C``: its items (slot order), their tokens, raw ``x``,
-    keys ``x / ρ`` (step (6)), values and (for step (9)) each round's chunk of each token.
-
-    Rows past a chunk's count are 0 (so are the columns they give in a product).
+    Returns
+    -------
+    c0, c1, counts, items, positions, x_rows, key_rows, v_rows, round_chunks
     """
-    length = qk.shape[2]
+    length, head_dim = qk.shape[2], qk.shape[3]
     num_items = permutation.shape[2]
     num_chunks = (num_items + chunk_len - 1) // chunk_len
-    for u in range(counts.shape[0]):
-        start = ((first + u) % num_chunks) * chunk_len
+    width = min(chunk_len, num_items)  # tile rows and columns
+    c0 = run * run_len
+    c1 = min(c0 + run_len, num_chunks)
+    n_tiles = c1 - c0 + before + after
+    count_rounds = num_items // length if dup_correction else 0
+    dtype = qk.dtype
+    counts = np.empty(n_tiles, np.int64)
+    items, positions = np.empty((n_tiles, width), np.int64), np.empty((n_tiles, width), np.int64)
+    x_rows = np.zeros((n_tiles, width, head_dim), dtype)
+    key_rows = np.zeros((n_tiles, width, head_dim), dtype)
+    v_rows = np.zeros((n_tiles, width, v.shape[3]), dtype)
+    round_chunks = np.empty((n_tiles, count_rounds, width), np.int64)
+    for u in range(n_tiles):
+        start = ((c0 - before + u) % num_chunks) * chunk_len
         counts[u] = min(chunk_len, num_items - start)
-        x_rows[u] = 0
-        key_rows[u] = 0
-        v_rows[u] = 0
         for r in range(counts[u]):
             item = permutation[b, h, start + r]
             n = item % length
             items[u, r], positions[u, r] = item, n
-            for d in range(qk.shape[3]):
+            for d in range(head_dim):
                 x_rows[u, r, d] = qk[b, h, n, d]
                 key_rows[u, r, d] = qk[b, h, n, d] / rho[b, h, n]
             for e in range(v.shape[3]):
                 v_rows[u, r, e] = v[b, h, n, e]
-            if dup_correction:
-                for rr in range(round_chunks.shape[1]):
-                    round_chunks[u, rr, r] = item_chunk[b, h, rr * length + n]
+            for rr in range(count_rounds):
+                round_chunks[u, rr, r] = item_chunk[b, h, rr * length + n]
+    return c0, c1, counts, items, positions, x_rows, key_rows, v_rows, round_chunks
 
 
 @njit(cache=True)
 def _logits_tile(
-    t, flows, n_k, n_q, b, pos_k, pos_q, chunk_k, chunk_q,
+    t, fixed, n_k, n_q, b, pos_k, pos_q, chunk_k, chunk_q,
     scale, causal, has_valid, valid, mask_padded_queries, replace, self_value, has_mask_value, mask_value,
     negated_marks, dup_correction, multiplicity, same_round,
 ):  # fmt: skip
     """Steps (7)-(9) in place on a key-major tile ``t[r, c]`` = u_j · x_i (key row r: token j, query column c: token i).
 
-    Excluded pairs become -inf; ``flows[r, c]`` says whether the logit is
-    the score (its gradient flows). Only the ``n_k`` x ``n_q`` real entries
-    are touched.
+    Excluded pairs become -inf; ``fixed[r, c]`` says whether the logit is
+    not the score (no gradient reaches it). Only the ``n_k`` x ``n_q`` real
+    entries are touched.
     """
     neg_inf = -np.inf
     self64, mask64 = np.float64(self_value), np.float64(mask_value)
@@ -480,11 +491,11 @@ def _logits_tile(
             if replace:  # masked -> mask_value (or excluded), then self -> self_value
                 z = np.float64(score) if allowed else (mask64 if has_mask_value else neg_inf)
                 t[r, c] = self64 if is_self else z
-                flows[r, c] = allowed and not is_self
+                fixed[r, c] = is_self or not allowed
             else:  # add: s + self_value·[self] + mask_value·[masked] (excluded when mask_value is None)
                 z = np.float64(score) + self64 if is_self else np.float64(score)
                 t[r, c] = z if allowed else (z + mask64 if has_mask_value else neg_inf)
-                flows[r, c] = allowed or has_mask_value
+                fixed[r, c] = not (allowed or has_mask_value)
     # (9) Duplicate correction: z - log n_ij, n_ij = Σ_r Σ_r' m[(c_r'(j) - c_r(i)) mod C], rounded once more;
     #     same_round (reformer-pytorch): r' = r only, and log(n'_ij + 1e-9) rounded to float32.
     if dup_correction:
@@ -516,82 +527,44 @@ def _forward_kernel(
     round_out, round_lse,
 ):  # fmt: skip
     """Per slot's item: output (B, H, R'·N, Dv) and log-sum-exp (B, H, R'·N); parallel over (b, h, run)."""
-    batch, heads, length, head_dim = qk.shape
+    batch, heads = qk.shape[:2]
     value_dim, num_items = v.shape[3], permutation.shape[2]
-    num_chunks = (num_items + chunk_len - 1) // chunk_len
-    num_runs = (num_chunks + run_len - 1) // run_len
+    num_runs = (-(-num_items // chunk_len) + run_len - 1) // run_len
     width = min(chunk_len, num_items)  # tile rows and columns
-    count_rounds = num_items // length if dup_correction else 0  # R' chunks c_r(n) per tile row, for step (9)
     dtype = qk.dtype
+    no_keep, no_strides, one = np.zeros(1, np.bool_), (0, 0, 0, 0), dtype.type(1.0)  # LSH has no dropout
     for work in prange(batch * heads * num_runs):
         bh, run = work // num_runs, work % num_runs
         b, h = bh // heads, bh % heads
-        c0, c1, first, n_tiles = _run_range(run, run_len, num_chunks, before, after)
-        # (5) The tiles of every chunk the run's windows cover.
-        counts = np.empty(n_tiles, np.int64)
-        items, positions = np.empty((n_tiles, width), np.int64), np.empty((n_tiles, width), np.int64)
-        x_rows = np.empty((n_tiles, width, head_dim), dtype)  # raw x: the queries (step (6))
-        key_rows = np.empty((n_tiles, width, head_dim), dtype)  # u = x / ρ: the keys
-        v_rows = np.empty((n_tiles, width, value_dim), dtype)
-        round_chunks = np.empty((n_tiles, count_rounds, width), np.int64)
-        _load_tiles(qk, rho, v, permutation, b, h, first, chunk_len, item_chunk, dup_correction,
-                    counts, items, positions, x_rows, key_rows, v_rows, round_chunks)  # fmt: skip
-
+        c0, c1, counts, items, positions, x_rows, key_rows, v_rows, round_chunks = _run_tiles(
+            qk, rho, v, permutation, b, h, run, run_len, before, after, chunk_len, item_chunk, dup_correction
+        )
         s_t = np.empty((width, width), dtype)  # logits, then weights; key-major
-        flows = np.empty((width, width), np.bool_)  # unused by the forward
+        fixed = np.empty((width, width), np.bool_)  # unused by the forward
         acc_t = np.empty((value_dim, width), dtype)  # unnormalised output, transposed
         pv_t = np.empty((value_dim, width), dtype)
-        m, l = np.empty(width, dtype), np.empty(width, dtype)  # running max, running sum of exp(z - m)
-        shift, alpha = np.empty(width, dtype), np.empty(width, dtype)
+        state = tiles.softmax_state(width, dtype)
         for c in range(c0, c1):
             qt = c - c0 + before  # the query chunk's tile; its window's tiles are qt - before ... qt + after
             n_q = counts[qt]
-            m[:] = -np.inf
-            l[:] = 0
+            tiles.reset_softmax_state(state)
             acc_t[:] = 0
             for kt in range(qt - before, qt + after + 1):
                 n_k = counts[kt]
                 # (7)-(9) Logits of the tile; columns from n_q on stay 0 (their query rows are 0).
                 np.dot(key_rows[kt, :n_k], x_rows[qt].T, s_t[:n_k])  # (n_k, width) = u x^T
                 _logits_tile(
-                    s_t, flows, n_k, n_q, b, positions[kt], positions[qt], round_chunks[kt], round_chunks[qt],
+                    s_t, fixed, n_k, n_q, b, positions[kt], positions[qt], round_chunks[kt], round_chunks[qt],
                     scale, causal, has_valid, valid, mask_padded_queries, replace, self_value, has_mask_value,
                     mask_value, negated_marks, dup_correction, multiplicity, same_round,
                 )  # fmt: skip
-                # (10) Online softmax: new maxima, rescale factors, exponentials, sums.
-                for col in range(n_q):
-                    shift[col] = m[col]
-                for r in range(n_k):
-                    for col in range(n_q):
-                        shift[col] = max(shift[col], s_t[r, col])
-                for col in range(n_q):
-                    m_new = shift[col]
-                    if m_new == -np.inf:  # nothing allowed yet: shift by 0, never -inf - (-inf)
-                        shift[col] = 0
-                    alpha[col] = exp_nonpositive(m[col] - shift[col])
-                    m[col] = m_new
-                    l[col] *= alpha[col]
-                for r in range(n_k):
-                    for col in range(n_q):
-                        p = exp_nonpositive(s_t[r, col] - shift[col])
-                        s_t[r, col] = p
-                        l[col] += p
-                # acc = alpha * acc + v^T p
-                np.dot(v_rows[kt, :n_k].T, s_t[:n_k], pv_t)  # (Dv, width)
-                for e in range(value_dim):
-                    for col in range(n_q):
-                        acc_t[e, col] = alpha[col] * acc_t[e, col] + pv_t[e, col]
+                # (10) The online softmax, and acc = alpha * acc + v^T p.
+                tiles.attend_tile(
+                    s_t, n_q, n_k, b, h, 0, 0, v_rows[kt, :n_k], state, acc_t, pv_t, False, no_keep, no_strides
+                )
             # (10) o = acc / l, lse = m + log l (a row without keys: 0 and -inf); (11) written at the item.
             for col in range(n_q):
-                item = items[qt, col]
-                if l[col] > 0:
-                    for e in range(value_dim):
-                        round_out[b, h, item, e] = acc_t[e, col] / l[col]
-                    round_lse[b, h, item] = m[col] + math.log(l[col])
-                else:
-                    for e in range(value_dim):
-                        round_out[b, h, item, e] = 0
-                    round_lse[b, h, item] = -np.inf
+                tiles.finish_row(acc_t, state, col, one, b, h, items[qt, col], round_out, round_lse)
 
 
 @njit(parallel=True, cache=True)
@@ -629,37 +602,30 @@ def _combine_kernel(round_out, round_lse, num_rounds, out, lse):
 @njit(parallel=True, cache=True, fastmath=False)
 def _backward_kernel(
     qk, rho, projected, v, permutation, chunk_len, before, after, run_len, runs,  # (5), (6)
-    dout, lse, row_term,  # (12'): the combined LSE (+inf for a token without keys), dLSE - dout · out
+    dout, lse, delta, dlse,  # (12'): the combined LSE (+inf for a token without keys), dout · out, dLSE
     scale, causal, has_valid, valid, mask_padded_queries, replace, self_value, has_mask_value, mask_value,  # (7)-(8)
     negated_marks, dup_correction, item_chunk, multiplicity, same_round,  # (8)-(9)
     d_items, dv_items,
 ):  # fmt: skip
     """Adds dq + dx (B, H, R'·N, D) and dv (B, H, R'·N, Dv) per item; parallel over (b, h, run of ``runs``)."""
-    batch, heads, length, head_dim = qk.shape
+    batch, heads, _, head_dim = qk.shape
     value_dim, num_items = v.shape[3], permutation.shape[2]
-    num_chunks = (num_items + chunk_len - 1) // chunk_len
     width = min(chunk_len, num_items)
-    count_rounds = num_items // length if dup_correction else 0  # R' chunks c_r(n) per tile row, for step (9)
     dtype = qk.dtype
+    no_keep, no_strides, one = np.zeros(1, np.bool_), (0, 0, 0, 0), dtype.type(1.0)  # LSH has no dropout
     for work in prange(batch * heads * runs.shape[0]):
         bh, run = work // runs.shape[0], runs[work % runs.shape[0]]
         b, h = bh // heads, bh % heads
-        c0, c1, first, n_tiles = _run_range(run, run_len, num_chunks, before, after)
-        counts = np.empty(n_tiles, np.int64)
-        items, positions = np.empty((n_tiles, width), np.int64), np.empty((n_tiles, width), np.int64)
-        x_rows = np.empty((n_tiles, width, head_dim), dtype)
-        key_rows = np.empty((n_tiles, width, head_dim), dtype)
-        v_rows = np.empty((n_tiles, width, value_dim), dtype)
-        round_chunks = np.empty((n_tiles, count_rounds, width), np.int64)
-        _load_tiles(qk, rho, v, permutation, b, h, first, chunk_len, item_chunk, dup_correction,
-                    counts, items, positions, x_rows, key_rows, v_rows, round_chunks)  # fmt: skip
-        dx_rows = np.zeros((n_tiles, width, head_dim), dtype)  # dq + dx of each tile row
-        dv_rows = np.zeros((n_tiles, width, value_dim), dtype)
+        c0, c1, counts, items, positions, x_rows, key_rows, v_rows, round_chunks = _run_tiles(
+            qk, rho, v, permutation, b, h, run, run_len, before, after, chunk_len, item_chunk, dup_correction
+        )
+        dx_rows = np.zeros(x_rows.shape, dtype)  # (dq + dx) / scale of each tile row
+        dv_rows = np.zeros(v_rows.shape, dtype)
 
         dout_rows = np.empty((width, value_dim), dtype)  # the query chunk's cotangents
-        lse_q, term_q = np.empty(width, dtype), np.empty(width, dtype)
+        rows = tiles.backward_row_buffer(width, dtype)  # its LSE, delta, dLSE
         s_t = np.empty((width, width), dtype)  # logits, then P̃; key-major
-        flows = np.empty((width, width), np.bool_)
+        fixed = np.empty((width, width), np.bool_)
         ds_t = np.empty((width, width), dtype)  # dP, then ds
         dv_tile = np.empty((width, value_dim), dtype)
         du_tile = np.empty((width, head_dim), dtype)
@@ -670,49 +636,50 @@ def _backward_kernel(
             dout_rows[:] = 0
             for col in range(n_q):
                 i = positions[qt, col]
-                lse_q[col], term_q[col] = lse[b, h, i], row_term[b, h, i]
-                for e in range(value_dim):
-                    dout_rows[col, e] = dout[b, h, i, e]
+                tiles.load_row(rows, col, lse, delta, dlse, b, h, i)
+                dout_rows[col] = dout[b, h, i]
+            tiles.pad_rows(rows, n_q)
             for kt in range(qt - before, qt + after + 1):
                 n_k = counts[kt]
-                # (7)-(10) Logits, then P̃ = exp(z - LSE_i); columns from n_q on stay 0.
+                # (7)-(10) Logits, then P̃ = exp(z - LSE_i); columns from n_q on are 0.
                 np.dot(key_rows[kt, :n_k], x_rows[qt].T, s_t[:n_k])
                 _logits_tile(
-                    s_t, flows, n_k, n_q, b, positions[kt], positions[qt], round_chunks[kt], round_chunks[qt],
+                    s_t, fixed, n_k, n_q, b, positions[kt], positions[qt], round_chunks[kt], round_chunks[qt],
                     scale, causal, has_valid, valid, mask_padded_queries, replace, self_value, has_mask_value,
                     mask_value, negated_marks, dup_correction, multiplicity, same_round,
                 )  # fmt: skip
-                for r in range(n_k):
-                    for col in range(n_q):
-                        s_t[r, col] = exp_nonpositive(s_t[r, col] - lse_q[col])
-                # (10') dv_j += P̃ dout_i; dP = v_j · dout_i; ds = P̃ (dP + dLSE_i - dout_i · out_i) where z is the score.
+                tiles.probabilities(s_t, True, n_q, n_k, rows)
+                # (10') dv_j += P̃ dout_i; dP = v_j · dout_i; ds = P̃ (dP - dout_i · out_i) + P̃ dLSE_i.
                 np.dot(s_t[:n_k], dout_rows, dv_tile[:n_k])  # (n_k, Dv)
+                tiles.accumulate(dv_rows[kt, :n_k], dv_tile[:n_k])
                 np.dot(v_rows[kt, :n_k], dout_rows.T, ds_t[:n_k])  # (n_k, width)
-                for r in range(n_k):
-                    for col in range(n_q):
-                        ds_t[r, col] = s_t[r, col] * (ds_t[r, col] + term_q[col]) if flows[r, col] else 0
-                # (7') dq_i += scale Σ_j ds u_j; du_j = scale Σ_i ds x_i.
+                tiles.score_grad(ds_t, s_t, True, n_q, n_k, b, h, 0, 0, rows, False, no_keep, no_strides, one)
+                if replace:  # (8') none through a constant logit (adding, P̃ = 0 where z is not the score)
+                    tiles.hold_constants(ds_t, fixed, n_k, n_q)
+                # (7') dq_i += scale Σ_j ds u_j; du_j = scale Σ_i ds x_i (the scale applied at the end).
                 np.dot(ds_t[:n_k].T, key_rows[kt, :n_k], dq_tile)  # (width, D)
+                tiles.accumulate(dx_rows[qt], dq_tile)
                 np.dot(ds_t[:n_k], x_rows[qt], du_tile[:n_k])  # (n_k, D)
-                for col in range(n_q):
-                    for d in range(head_dim):
-                        dx_rows[qt, col, d] += scale * dq_tile[col, d]
-                # (6') dx_j += (du - u (u · du)) / ρ (l2 keys below eps: du / eps).
-                for r in range(n_k):
-                    j = positions[kt, r]
-                    along = dtype.type(0.0)
-                    if projected[b, h, j]:
-                        for d in range(head_dim):
-                            along += key_rows[kt, r, d] * du_tile[r, d]
-                    for d in range(head_dim):
-                        dx_rows[kt, r, d] += scale * (du_tile[r, d] - key_rows[kt, r, d] * along) / rho[b, h, j]
-                    for e in range(value_dim):
-                        dv_rows[kt, r, e] += dv_tile[r, e]
+                _add_key_grad(dx_rows[kt], du_tile, key_rows[kt], positions[kt], n_k, projected[b, h], rho[b, h])
         # Every tile row into its item's row: no concurrent work item touches these chunks.
-        for u in range(n_tiles):
+        for u in range(counts.shape[0]):
             for r in range(counts[u]):
                 item = items[u, r]
                 for d in range(head_dim):
-                    d_items[b, h, item, d] += dx_rows[u, r, d]
+                    d_items[b, h, item, d] += scale * dx_rows[u, r, d]
                 for e in range(value_dim):
                     dv_items[b, h, item, e] += dv_rows[u, r, e]
+
+
+@njit(cache=True)
+def _add_key_grad(dx_tile, du_tile, key_tile, tokens, n_k, projected, rho):
+    """Step (6'): ``dx_j += (du_j - u_j (u_j · du_j)) / ρ_j`` for the ``n_k`` keys of a tile
+    (l2 keys at or below eps: ``du_j / eps``); ``projected`` and ``rho`` (N,) of one (b, h)."""
+    for r in range(n_k):
+        j = tokens[r]
+        along = dx_tile.dtype.type(0.0)
+        if projected[j]:
+            for d in range(du_tile.shape[1]):
+                along += key_tile[r, d] * du_tile[r, d]
+        for d in range(du_tile.shape[1]):
+            dx_tile[r, d] += (du_tile[r, d] - key_tile[r, d] * along) / rho[j]

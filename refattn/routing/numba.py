@@ -28,11 +28,15 @@ Forward
   in the reference.
 * ``_attend_kernel``, steps (6)-(10), parallel over (b, h, cluster): the
   cluster's query slots, and its memory then member key/value slots, are
-  gathered into tiles; the (W, M + W) scores are one ``np.dot``; step (8)
-  sets excluded entries to -inf and replaced ones to their constant (marked,
-  for the backward) by the reference's rules, self rule included; step (9)
-  is a plain softmax per slot row (the tile holds the whole row);
-  step (10) one more ``np.dot``. Each work item writes only its own slots.
+  gathered into tiles; the scores are one ``np.dot`` into a key-major
+  (M + W, W) tile, the layout of the shared tile library
+  (refattn/core/tiles.py); step (8) sets excluded entries to -inf and
+  replaced ones to their constant (marked, for the backward) by the
+  reference's rules, self rule included; step (9) is one step of the
+  library's online softmax (the tile holds every key of its query slots,
+  so one step is the whole softmax); step (10) one more ``np.dot``, and the
+  library's ``finish_rows`` divides by the sums and writes each slot's output
+  and lse. Each work item writes only its own slots.
 * ``_scatter_add_kernel``, step (11), parallel over (b, h): the slots'
   outputs are added into their tokens' rows in (cluster, slot) order, the
   order of the reference's ``np.add.at``; then NumPy divides each row by
@@ -51,9 +55,10 @@ Backward
 The routing is recomputed (the VJP takes no saved state) and held fixed.
 ``_attend_vjp_kernel``, steps (11')-(7'), parallel over (b, h, cluster),
 recomputes the cluster's weights with the forward's own tile code, so its
-``P`` is the forward's, and follows the reference's algebra: ``dP = dO Vᵀ``,
-``dZ = P (dP - Σ_t P dP)``, zero on constant logits, ``dQ = scale
-dZ K``, ``dK = scale dZᵀ Q``, ``dV = Pᵀ dO``, into per-slot buffers of one
+``P`` is the forward's, and follows the reference's algebra (key-major,
+``ᵀ`` as the tiles hold them): ``dP = V dOᵀ``, ``dZ = P (dP - Σ_t P dP)``
+(the library's ``score_grad``), zero on constant logits (``hold_constants``),
+``dQ = scale dZᵀ K``, ``dK = scale dZ Q``, ``dV = P dO``, into per-slot buffers of one
 group of clusters. ``_scatter_add_kernel`` (6') adds them into the tokens'
 rows in (cluster, slot) order; the memory slots' gradients are summed over
 the batch. ``_normalize_vjp_kernel``, (2')-(1'), takes the queries' and keys'
@@ -83,8 +88,9 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from ..core import tiles
 from ..core.results import Cotangents, Grads, Result
-from ..core.tiles import compute_dtype, exp_nonpositive, frozen
+from ..core.tiles import compute_dtype, frozen
 from .inputs import RoutingInputs
 
 # ``query_padding`` as the kernels take it.
@@ -500,11 +506,11 @@ def _gather(x, b, h, tokens, tile, first):
 
 @njit(cache=True)
 def _mask_tile(
-    logits, constant, members, key_members, n_memory, b,
+    logits_t, constant_t, members, key_members, n_memory, b,
     causal, by_slot, has_valid, valid, query_padding, self_mask, mask_rule, mask_value, has_self_value, self_value,
 ):  # fmt: skip
-    """Step (8) in place on a cluster's (W, M + W) tile of scores: excluded entries become -inf,
-    replaced ones their constant, marked in ``constant``; returns whether any was replaced.
+    """Step (8) in place on a cluster's key-major (M + W, W) tile of scores: excluded entries become
+    -inf, replaced ones their constant, marked in ``constant_t``; returns whether any was replaced.
 
     Window key ``t`` of query slot ``s`` is masked when causal (a later position,
     or ``t > s`` by slot), when its token is padded, or when the query is padded
@@ -513,10 +519,10 @@ def _mask_tile(
     self key (``self_mask``) gets ``self_value`` after every other mask, or, by
     the Reformer rule, is excluded when the row has another real logit.
     """
-    constant[:] = False
+    constant_t[:] = False
     if not (causal or has_valid or self_mask):
         return False
-    neg_inf = logits.dtype.type(-np.inf)
+    neg_inf = logits_t.dtype.type(-np.inf)
     replaced = False
     cluster_size = members.shape[0]
     for s in range(cluster_size):
@@ -537,60 +543,37 @@ def _mask_tile(
             if not masked:
                 has_other = has_other or t != self_slot
             elif mask_rule == ADD_MASKED:
-                logits[s, t] += mask_value
+                logits_t[t, s] += mask_value
             elif mask_rule == REPLACE_MASKED:
-                logits[s, t] = mask_value
-                constant[s, t] = replaced = True
+                logits_t[t, s] = mask_value
+                constant_t[t, s] = replaced = True
             else:
-                logits[s, t] = neg_inf
+                logits_t[t, s] = neg_inf
         if self_slot >= 0:
             if has_self_value:
-                logits[s, self_slot] = self_value
-                constant[s, self_slot] = replaced = True
+                logits_t[self_slot, s] = self_value
+                constant_t[self_slot, s] = replaced = True
             elif has_other:
-                logits[s, self_slot] = neg_inf
-                constant[s, self_slot] = False
+                logits_t[self_slot, s] = neg_inf
+                constant_t[self_slot, s] = False
     return replaced
-
-
-@njit(cache=True)
-def _softmax_rows(logits, lse):
-    """Step (9) in place: each row of ``logits`` (W, M + W) becomes its weights; ``lse`` (W,) its log-sum-exp.
-
-    Excluded (-inf) entries get weight 0; a row with none other has weights 0 and lse -inf.
-    """
-    zero, neg_inf = logits.dtype.type(0.0), logits.dtype.type(-np.inf)
-    for s in range(logits.shape[0]):
-        row = logits[s]
-        top = neg_inf
-        for t in range(row.shape[0]):
-            top = max(top, row[t])
-        if top == neg_inf:
-            row[:] = zero
-            lse[s] = -np.inf
-            continue
-        for t in range(row.shape[0]):
-            row[t] = exp_nonpositive(row[t] - top)
-        total = zero
-        for t in range(row.shape[0]):
-            total += row[t]
-        for t in range(row.shape[0]):
-            row[t] = row[t] / total
-        lse[s] = top + math.log(total)
 
 
 @njit(cache=True)
 def _cluster_weights(
     attend_q, attend_k, v, mem_k, mem_v, membership, key_membership, b, h, c,
     scale, causal, by_slot, has_valid, valid, query_padding, self_mask, mask_rule, mask_value,
-    has_self_value, self_value, lse,
+    has_self_value, self_value, state,
 ):  # fmt: skip
-    """Steps (6)-(9) for cluster ``c`` of (b, h): its query, key and value tiles, weights and replaced logits.
+    """Steps (6)-(9) for cluster ``c`` of (b, h): its query, key and value tiles, unnormalised weights and
+    replaced logits. The tile holds every key of its query slots, so one step of the online softmax
+    (refattn/core/tiles.py) is the whole softmax: ``state`` (a fresh ``tiles.softmax_state(W)``)
+    ends with each slot's maximum ``m`` and sum ``l``, and the weights are ``exp(z - m)``.
 
     Returns
     -------
-    queries (W, D), keys (M + W, D), values (M + W, Dv), weights (W, M + W), constant (W, M + W) bool,
-    and whether any entry is constant; ``lse`` (W,) is written.
+    queries (W, D), keys (M + W, D), values (M + W, Dv), weights_t (M + W, W) key-major,
+    constant_t (M + W, W) bool, and whether any entry is constant.
     """
     members, key_members = membership[b, h, c], key_membership[b, h, c]
     cluster_size, n_memory = members.shape[0], mem_k.shape[2]
@@ -604,19 +587,17 @@ def _cluster_weights(
     values[:n_memory] = mem_v[h, c]
     _gather(attend_k, b, h, key_members, keys, n_memory)
     _gather(v, b, h, key_members, values, n_memory)
-    # (7) Scores.
-    weights = np.dot(queries, keys.T)  # (W, M + W)
-    for s in range(cluster_size):
-        for t in range(n_memory + cluster_size):
-            weights[s, t] = scale * weights[s, t]
+    # (7) Scores, scaled (no soft-cap: the second tile, its derivative, is not written).
+    weights_t = np.dot(keys, queries.T)  # (M + W, W)
+    tiles.scale_and_cap(weights_t, weights_t, True, cluster_size, n_memory + cluster_size, scale, 0)
     # (8) Masks; (9) softmax.
-    constant = np.empty((cluster_size, n_memory + cluster_size), np.bool_)
+    constant_t = np.empty((n_memory + cluster_size, cluster_size), np.bool_)
     replaced = _mask_tile(
-        weights, constant, members, key_members, n_memory, b,
+        weights_t, constant_t, members, key_members, n_memory, b,
         causal, by_slot, has_valid, valid, query_padding, self_mask, mask_rule, mask_value, has_self_value, self_value,
     )  # fmt: skip
-    _softmax_rows(weights, lse)
-    return queries, keys, values, weights, constant, replaced
+    tiles.online_softmax(weights_t, n_memory + cluster_size, state)
+    return queries, keys, values, weights_t, constant_t, replaced
 
 
 @njit(parallel=True, cache=True, fastmath=False)
@@ -629,16 +610,19 @@ def _attend_kernel(
     """Steps (6)-(10) for clusters ``first ... first + count``: their slots' outputs into
     ``slot_out[:, :, :count]`` (B, H, group, W, Dv) and their rows of ``slot_lse`` (B, H, K, W);
     parallel over (b, h, cluster)."""
-    batch, heads = membership.shape[:2]
+    batch, heads, _, cluster_size = membership.shape
+    one = slot_out.dtype.type(1.0)
     for item in prange(batch * heads * count):
         b, h, j = item // (heads * count), (item // count) % heads, item % count
-        _, _, values, weights, _, _ = _cluster_weights(
+        state = tiles.softmax_state(cluster_size, slot_out.dtype)
+        _, _, values, weights_t, _, _ = _cluster_weights(
             attend_q, attend_k, v, mem_k, mem_v, membership, key_membership, b, h, first + j,
             scale, causal, by_slot, has_valid, valid, query_padding, self_mask, mask_rule, mask_value,
-            has_self_value, self_value, slot_lse[b, h, first + j],
+            has_self_value, self_value, state,
         )  # fmt: skip
-        # (10) Weighted values.
-        np.dot(weights, values, slot_out[b, h, j])
+        # (10) Weighted values: vᵀ exp(z - m), over l; lse = m + log l (a slot without keys: 0 and -inf).
+        acc_t = np.dot(values.T, weights_t)  # (Dv, W)
+        tiles.finish_rows(acc_t, state, cluster_size, one, b, h, 0, slot_out[:, :, j], slot_lse[:, :, first + j])
 
 
 @njit(parallel=True, cache=True)
@@ -672,16 +656,19 @@ def _attend_vjp_kernel(
     of their memory and member key/value slots into ``d_k_slots``, ``d_v_slots`` (B, H, group, M + W, ·)."""
     batch, heads, _, cluster_size = membership.shape
     dtype = dout.dtype
+    no_keep, no_strides, one = np.zeros(1, np.bool_), (0, 0, 0, 0), dtype.type(1.0)  # routing has no dropout
     for item in prange(batch * heads * count):
         b, h, j = item // (heads * count), (item // count) % heads, item % count
         c = first + j
         members = membership[b, h, c]
-        row_lse = np.empty(cluster_size, dtype)
-        queries, keys, values, weights, constant, replaced = _cluster_weights(
+        state = tiles.softmax_state(cluster_size, dtype)
+        queries, keys, values, weights_t, constant_t, replaced = _cluster_weights(
             attend_q, attend_k, v, mem_k, mem_v, membership, key_membership, b, h, c,
             scale, causal, by_slot, has_valid, valid, query_padding, self_mask, mask_rule, mask_value,
-            has_self_value, self_value, row_lse,
+            has_self_value, self_value, state,
         )  # fmt: skip
+        n_keys = weights_t.shape[0]
+        _normalize_columns(weights_t, state)  # P (M + W, W)
         # (11') Each slot receives its token's cotangent over count + eps (count >= 1).
         d_slot_out = np.empty((cluster_size, dout.shape[3]), dtype)
         for s in range(cluster_size):
@@ -689,30 +676,43 @@ def _attend_vjp_kernel(
             denominator = dtype.type(counts[b, h, token]) + eps
             for e in range(dout.shape[3]):
                 d_slot_out[s, e] = dout[b, h, token, e] / denominator
-        # (10') dV = Pᵀ dO, dP = dO Vᵀ.
-        np.dot(weights.T, d_slot_out, d_v_slots[b, h, j])
-        d_scores = np.dot(d_slot_out, values.T)  # (W, M + W): dP, then dZ
+        # (10') dV = P dO, dP = V dOᵀ (key-major).
+        np.dot(weights_t, d_slot_out, d_v_slots[b, h, j])
+        d_scores_t = np.dot(values, d_slot_out.T)  # (M + W, W): dP, then dZ
         # (9') dZ = P (dP - Σ_t P dP); (8') none through replaced logits.
-        for s in range(cluster_size):
-            along = dtype.type(0.0)
-            for t in range(d_scores.shape[1]):
-                along += weights[s, t] * d_scores[s, t]
-            for t in range(d_scores.shape[1]):
-                d_scores[s, t] = weights[s, t] * (d_scores[s, t] - along)
-            if replaced:
-                for t in range(d_scores.shape[1]):
-                    if constant[s, t]:
-                        d_scores[s, t] = 0
-        # (7') dQ = scale dZ K, dK = scale dZᵀ Q.
+        rows = tiles.backward_row_buffer(cluster_size, dtype)
+        rows[:] = 0  # no dLSE (routing returns no lse)
+        delta = rows[tiles.DELTA]
+        for t in range(n_keys):
+            for s in range(cluster_size):
+                delta[s] += weights_t[t, s] * d_scores_t[t, s]
+        tiles.score_grad(d_scores_t, weights_t, True, cluster_size, n_keys, b, h, 0, 0, rows,
+                         False, no_keep, no_strides, one)  # fmt: skip
+        if replaced:
+            tiles.hold_constants(d_scores_t, constant_t, n_keys, cluster_size)
+        # (7') dQ = scale dZᵀ K, dK = scale dZ Q.
         d_q, d_k = d_q_slots[b, h, j], d_k_slots[b, h, j]
-        np.dot(d_scores, keys, d_q)
-        np.dot(d_scores.T, queries, d_k)
+        np.dot(d_scores_t.T, keys, d_q)
+        np.dot(d_scores_t, queries, d_k)
         for s in range(d_q.shape[0]):
             for d in range(d_q.shape[1]):
                 d_q[s, d] = scale * d_q[s, d]
         for t in range(d_k.shape[0]):
             for d in range(d_k.shape[1]):
                 d_k[t, d] = scale * d_k[t, d]
+
+
+@njit(cache=True)
+def _normalize_columns(weights_t, state):
+    """Step (9), finished: ``P = exp(z - m) / l`` in place, on a key-major tile that holds every key
+    of its query slots (``state`` from its one online-softmax step); a slot without keys stays 0."""
+    inverse = np.zeros(weights_t.shape[1], weights_t.dtype)
+    for s in range(weights_t.shape[1]):
+        if state[tiles.SUM, s] > 0:
+            inverse[s] = 1 / state[tiles.SUM, s]
+    for t in range(weights_t.shape[0]):
+        for s in range(weights_t.shape[1]):
+            weights_t[t, s] *= inverse[s]
 
 
 @njit(parallel=True, cache=True)
