@@ -101,6 +101,8 @@ PROBLEMS = {
                                           v_bias=rng.standard_normal((HEADS, HEAD_DIM)), causal=True, **_positions(n)),  # fmt: skip
     "differential": lambda n, rng: dict({f"lambda_{name}": rng.standard_normal(HEAD_DIM) / 8
                                          for name in ("q1", "k1", "q2", "k2")}, depth=0),  # fmt: skip
+    # N = 64 · 2**k at every size: the paper's hierarchy, log2(N / 64) levels.
+    "h1d": lambda n, rng: dict(block_size=64),
 }
 
 

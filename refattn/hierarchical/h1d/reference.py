@@ -31,25 +31,10 @@ from .inputs import H1DInputs, Term
 
 
 def h1d_attention(
-    q,
-    k,
-    v,
-    *,
-    block_size,
-    num_levels=None,
-    causal=False,
-    scale=None,
-    padding=False,
-    preset=None,
-    row_max=FROM_PRESET,
-    coarse_denominator=FROM_PRESET,
-    finest_sibling=FROM_PRESET,
-    coarse_queries=FROM_PRESET,
-    denominator_eps=FROM_PRESET,
-    neighbours=FROM_PRESET,
-    precision=None,
-    backend="reference",
-) -> Result:
+    q, k, v, *,
+    block_size, num_levels=None, causal=False, scale=None, padding=False, preset=None, row_max=FROM_PRESET,
+    coarse_denominator=FROM_PRESET, finest_sibling=FROM_PRESET, coarse_queries=FROM_PRESET,
+    denominator_eps=FROM_PRESET, neighbours=FROM_PRESET, precision=None, backend="reference") -> Result:
     """H-Transformer-1D attention: a hierarchical (H-)matrix approximation of softmax attention.
 
     Parameters
@@ -100,9 +85,6 @@ def h1d_attention(
         The blocks each block meets at every level: the blocks before and
         after it, less the pairs of adjacent half-blocks that the finer level
         covers (the paper); or only its sibling (lucidrains).
-    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
-        Evaluate in that precision (refattn.core.precision).
-    backend : {"reference", "numba"}
 
     Returns
     -------
@@ -281,9 +263,7 @@ def _term_forward(x: H1DInputs, term: Term, coarse: dict, num: Numerics) -> dict
 
 
 h1d_attention_vjp = registry.vjp_function(
-    h1d_attention,
-    "h1d",
-    grads="""    ``q``, ``k``, ``v`` (shapes of the inputs). With ``row_max="per_level"``
+    h1d_attention, "h1d", grads="""    ``q``, ``k``, ``v`` (shapes of the inputs). With ``row_max="per_level"``
     a block row's maximum passes its gradient to the first key attaining it.
     Padded rows contribute 0.""",
 )

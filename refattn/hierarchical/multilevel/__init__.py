@@ -6,7 +6,7 @@ from .reference import multilevel_attention, multilevel_attention_vjp
 
 MECHANISM = registry.register(
     "multilevel", __name__, multilevel_attention, multilevel_attention_vjp, check_multilevel_inputs, "spec/hierarchical.md",
-    positional=("x",)
+    positional=("x",), backends=("reference", "numba", "cupy"),
 )
 
 __all__ = ["multilevel_attention", "multilevel_attention_vjp"]

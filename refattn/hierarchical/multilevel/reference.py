@@ -29,23 +29,9 @@ from .inputs import MultilevelInputs
 
 
 def multilevel_attention(
-    x,
-    *,
-    segments,
-    wq,
-    wk,
-    wv,
-    aggregate="attention_pool",
-    pool_w=None,
-    pool_b=None,
-    context=None,
-    pool_weights=None,
-    output="per_token",
-    token_rule="sum",
-    scale=None,
-    precision=None,
-    backend="reference",
-) -> Result:
+    x, *,
+    segments, wq, wk, wv, aggregate="attention_pool", pool_w=None, pool_b=None, context=None, pool_weights=None,
+    output="per_token", token_rule="sum", scale=None, precision=None, backend="reference") -> Result:
     """Attention inside the units of each level, aggregated by G and passed up.
 
     Parameters
@@ -79,8 +65,6 @@ def multilevel_attention(
         every element above it (its sentence's at level 1, ...).
     scale : float > 0, optional
         Logit scale; default ``1 / sqrt(D)``.
-    precision : {None, "float64", "float32", "float16", "bfloat16"} or Numerics
-    backend : {"reference", "numba"}
 
     Returns
     -------
@@ -178,9 +162,7 @@ def _aggregate(x: MultilevelInputs, level: int, units: np.ndarray, o: np.ndarray
 
 
 multilevel_attention_vjp = registry.vjp_function(
-    multilevel_attention,
-    "multilevel",
-    grads="""    ``x``, ``wq``, ``wk``, ``wv`` (shapes of the inputs), and ``pool_w``,
+    multilevel_attention, "multilevel", grads="""    ``x``, ``wq``, ``wk``, ``wv`` (shapes of the inputs), and ``pool_w``,
     ``pool_b``, ``context`` (attention pooling) or ``pool_weights`` (given
     weights; 0 for entries past each level's element count). Max pooling's
     gradient goes to the first element attaining the maximum.""",
