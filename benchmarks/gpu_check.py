@@ -103,6 +103,17 @@ PROBLEMS = {
                                          for name in ("q1", "k1", "q2", "k2")}, depth=0),  # fmt: skip
     # N = 64 · 2**k at every size: the paper's hierarchy, log2(N / 64) levels.
     "h1d": lambda n, rng: dict(block_size=64),
+    # Block-sparse family: a band of 512 (and a global token per 4K), BigBird's 64-blocks with 3 random
+    # blocks per row block, 256-token windows and segments.
+    "longformer": lambda n, rng: dict(attention_window=512, global_tokens=(np.arange(n) % 4096 == 0)[None]),
+    "bigbird": lambda n, rng: dict(block_size=64, random_blocks=rng.integers(1, n // 64 - 1, (HEADS, n // 64 - 2, 3))),
+    "local": lambda n, rng: dict(window_size=min(256, n), causal=True),
+    "segmented": lambda n, rng: dict(segment_len=min(256, n), causal=True, integration="lse_merge"),
+    # Reformer's 4 rounds of 64 buckets in chunks of 64; routing's N / 256 clusters of 256.
+    "lsh": lambda n, rng: dict(rotations=rng.standard_normal((HEADS, 4, HEAD_DIM, 32)), num_buckets=64, num_hashes=4,
+                               chunk_len=64),  # fmt: skip
+    "routing": lambda n, rng: dict(centroids=rng.standard_normal((HEADS, max(n // 256, 1), HEAD_DIM)),
+                                   cluster_size=min(256, n)),  # fmt: skip
 }
 
 
@@ -112,7 +123,8 @@ def qkv(name: str, n: int, rng) -> dict:
         shapes = (2 * HEADS, HEAD_DIM), (2 * HEADS, HEAD_DIM), (HEADS, 2 * HEAD_DIM)
     else:
         shapes = (HEADS, HEAD_DIM), (HEADS, HEAD_DIM), (HEADS, HEAD_DIM)
-    return {key: rng.standard_normal((BATCH, heads, n, dim)) for key, (heads, dim) in zip("qkv", shapes)}
+    arrays = {key: rng.standard_normal((BATCH, heads, n, dim)) for key, (heads, dim) in zip("qkv", shapes)}
+    return {"qk": arrays["q"], "v": arrays["v"]} if name == "lsh" else arrays  # LSH shares queries and keys
 
 
 def checked(name: str, dtype: str, n: int, seed: int = 0):

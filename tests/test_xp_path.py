@@ -152,3 +152,18 @@ def test_transformer_xl_xp_path_rejects_a_kept_pair_without_a_row(small_tiles):
     with pytest.raises(refattn.SpecError, match="argument `r`"):
         impl.vjp(np.ones((1, 2, n, 4)), q, k, v, **arguments)
     assert np.isfinite(impl(q, k, v, causal=True, **arguments).out).all()
+
+
+def test_online_softmax_statistics_give_the_weights_where_the_lse_cannot():
+    """A float32 row of 7 equal logits near −1e9 (google-research's added mask, routing's "add" mode), in
+    tiles of 3 and 4: its lse, L + log 7, rounds back to L (float32's spacing there is 64), so exp(z − lse)
+    gives weights 1; the row's maximum and sum give the softmax, 1/7 each (refattn/routing/xp.py's VJP)."""
+    from refattn.segmented.blocksparse_xp import online_softmax
+
+    logits = np.full((1, 7), -1e9, dtype=np.float32)
+    values = np.eye(7, dtype=np.float32)  # out = the weights
+    tiles = [(logits[:, :3], values[:3]), (logits[:, 3:], values[3:])]
+    out, lse, row_max, row_sum = online_softmax(iter(tiles), np, statistics=True)
+    np.testing.assert_allclose(np.exp(logits - row_max[:, None]) / row_sum[:, None], np.full((1, 7), 1 / 7), rtol=1e-6)
+    np.testing.assert_allclose(out, np.full((1, 7), 1 / 7), rtol=1e-6)
+    assert lse[0] == np.float32(-1e9) and np.exp(logits - lse[:, None]).sum() == 7  # what the lse would give

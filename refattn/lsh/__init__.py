@@ -34,7 +34,7 @@ def _implied_by_buckets(arguments: dict, aux: dict):
 
 MECHANISM = registry.register(
     "lsh", __name__, lsh_attention, lsh_attention_vjp, check_lsh_inputs, "spec/lsh.md",
-    positional=("qk", "v"), implied_output=_implied_by_buckets
+    positional=("qk", "v"), implied_output=_implied_by_buckets, backends=("reference", "numba", "cupy"),
 )
 
 __all__ = [
