@@ -138,34 +138,6 @@ def problems(mechanism: str, precision: str = "float64") -> st.SearchStrategy[Me
     return module.problems(precision=precision)
 
 
-@st.composite
-def case_problems(draw, mechanism: str) -> MechanismProblem:
-    """Problems shaped like ``mechanism``'s conformance cases, with fresh random arrays.
-
-    A case is drawn (shrinking toward the first, the simplest) and its arrays
-    are made again from a drawn seed: its sizes, parameters and preset, and
-    whatever its array makers guarantee (decision margins, padding patterns),
-    with new values. For mechanisms whose problems are built with care (designed
-    routing similarities, hierarchies of segments), this is the strategy.
-    """
-    case = draw(st.sampled_from(registry.get(mechanism).cases()))
-    arrays = case.arrays(draw(generators()))
-    return MechanismProblem(mechanism, {**arrays, **case.params})
-
-
-def case_strategy(mechanism: str):
-    """The ``problems(precision=...)`` of a mechanism whose strategy is :func:`case_problems` (its
-    ``strategies.py`` is then one line: ``problems = case_strategy("<name>")``)."""
-
-    def problems(precision: str = "float64") -> st.SearchStrategy[MechanismProblem]:
-        checks.choice(precision, "precision", PRECISIONS)
-        return case_problems(mechanism)
-
-    problems.__doc__ = f"{mechanism} problems shaped like its conformance cases (refattn.strategies.case_problems)."
-    return problems
-
-
-
 @dataclass(frozen=True)
 class Shape:
     """Sizes of one attention call."""
