@@ -368,7 +368,7 @@ def test_registered():
     mechanism = registry.get("lsh")
     assert mechanism.forward is lsh_attention and mechanism.vjp is lsh_attention_vjp
     assert mechanism.check_inputs is check_lsh_inputs and mechanism.positional == ("qk", "v")
-    assert mechanism.backends == ("reference", "numba") and mechanism.spec == "spec/lsh.md"
+    assert mechanism.backends == ("reference", "numba", "cupy") and mechanism.spec == "spec/lsh.md"
 
 
 # --- bad input --------------------------------------------------------------------------

@@ -46,7 +46,10 @@ def masked_softmax(logits: np.ndarray, allowed: np.ndarray | None, num: Numerics
     weights = num.store(exp_shifted / np.where(has_key, total, 1.0))
     with np.errstate(divide="ignore"):
         lse = np.where(has_key, shift + np.log(total), -np.inf)[..., 0]
-    return weights, num.store(lse)
+    # A row of logits at the storage type's lowest value (a mask_value of -float32 max) has an lse below
+    # it: -inf in that type, which is its rounding, not an error.
+    with np.errstate(over="ignore"):
+        return weights, num.store(lse)
 
 
 def logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:

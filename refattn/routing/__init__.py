@@ -35,16 +35,23 @@ from .soft.reference import (
 )
 
 
+#: The GPU path's backends; centroid_ema's one update has no xp algorithm yet.
+WITH_GPU_PATH = ("reference", "numba", "cupy")
 MECHANISM = registry.register(
-    "routing", __name__, routing_attention, routing_attention_vjp, check_routing_inputs, "spec/routing.md"
+    "routing", __name__, routing_attention, routing_attention_vjp, check_routing_inputs, "spec/routing.md",
+    backends=WITH_GPU_PATH,
 )
-HYBRID_MECHANISM = registry.register("routing_hybrid", f"{__name__}.hybrid", hybrid_attention, hybrid_attention_vjp,
-                                     check_hybrid_inputs, "spec/routing.md", backends=("reference",))  # fmt: skip
-SOFT_ROUTING_MECHANISM = registry.register("soft_routing", f"{__name__}.soft", soft_routing_attention,
-                                           soft_routing_attention_vjp, check_soft_routing_inputs, "spec/routing.md",
-                                           backends=("reference",))  # fmt: skip
-CENTROID_EMA_MECHANISM = registry.register("centroid_ema", f"{__name__}.centroids", centroid_ema, centroid_ema_vjp,
-                                           check_centroid_ema_inputs, "spec/routing.md", backends=("reference",))  # fmt: skip
+HYBRID_MECHANISM = registry.register(
+    "routing_hybrid", f"{__name__}.hybrid", hybrid_attention, hybrid_attention_vjp, check_hybrid_inputs,
+    "spec/routing.md", backends=WITH_GPU_PATH,
+)
+SOFT_ROUTING_MECHANISM = registry.register(
+    "soft_routing", f"{__name__}.soft", soft_routing_attention, soft_routing_attention_vjp, check_soft_routing_inputs,
+    "spec/routing.md", backends=WITH_GPU_PATH,
+)
+CENTROID_EMA_MECHANISM = registry.register(
+    "centroid_ema", f"{__name__}.centroids", centroid_ema, centroid_ema_vjp, check_centroid_ema_inputs, "spec/routing.md"
+)
 
 __all__ = [
     "CANONICAL",

@@ -80,8 +80,6 @@ def centroid_ema(q, k, v, *, centroids, shared_qk=False, key_padding_mask=None, 
         As in refattn/routing/presets.py. With ``count_rule="google_research"``
         the queries' and the keys' counts are each formed as one
         ``online_kmeans`` call forms them (two calls, ``N`` tokens each).
-    precision, backend
-        As for :func:`~refattn.routing.reference.routing_attention` (backend "reference" only).
 
     Returns
     -------
