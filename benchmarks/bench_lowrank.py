@@ -75,6 +75,8 @@ PEERS = {"linformer": ("lucidrains",), "nystrom": ("lucidrains", "hf"), "perform
 
 
 def _example(name: str):
+    if os.path.join(REPO, "examples") not in sys.path:  # the adapters import their neighbours (the gallery entry)
+        sys.path.insert(0, os.path.join(REPO, "examples"))
     spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "examples", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
