@@ -277,7 +277,7 @@ def test_precision_with_numba_backend_is_rejected():
 def test_backend_is_the_registered_module():
     from refattn.dense import numba as kernels
 
-    assert refattn.get_mechanism("dense").backends == ("reference", "numba")
+    assert refattn.get_mechanism("dense").backends == ("reference", "numba", "cupy")
     assert callable(kernels.forward) and callable(kernels.vjp)
     assert not hasattr(kernels, "dense_attention")  # a backend never restates the public signature
 

@@ -340,7 +340,7 @@ def test_numba_matches_reference(problem, precision, seed):
 def test_registered_with_its_cases_and_properties():
     mechanism = registry.get("logn")
     assert mechanism.forward is logn_attention and mechanism.vjp is logn_attention_vjp
-    assert mechanism.backends == ("reference", "numba") and mechanism.spec == "spec/dilution.md"
+    assert mechanism.backends == ("reference", "numba", "cupy") and mechanism.spec == "spec/dilution.md"
     assert [case.id for case in mechanism.cases()] == [case.id for case in cases()]
 
 

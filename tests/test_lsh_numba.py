@@ -252,7 +252,7 @@ def test_short_sequence_has_no_buckets():
 
 
 def test_dispatch_and_bad_input():
-    assert registry.get("lsh").backends == ("reference", "numba")
+    assert registry.get("lsh").backends == ("reference", "numba", "cupy")
     rng = np.random.default_rng(9)
     qk, v, rotations = rng.standard_normal((1, 2, 8, 4)), rng.standard_normal((1, 2, 8, 4)), rng.standard_normal((2, 1, 4, 2))
     params = dict(rotations=rotations, num_buckets=4, num_hashes=1, chunk_len=4)

@@ -410,7 +410,7 @@ def test_properties_reject_problems_they_are_not_stated_for():
 def test_registered_with_its_cases_and_properties():
     mechanism = registry.get("alibi")
     assert mechanism.forward is alibi_attention and mechanism.vjp is alibi_attention_vjp
-    assert mechanism.backends == ("reference", "numba")
+    assert mechanism.backends == ("reference", "numba", "cupy")
     assert mechanism.check_inputs is check_alibi_inputs
     assert [case.id for case in mechanism.cases()] == [case.id for case in cases()]
     assert mechanism.flags() == FLAGS

@@ -301,7 +301,7 @@ BAD = {
     "q rank": (dict(q=Q[0]), "q", "4 dimensions"),
     "mask wrong shape": (dict(mask=np.ones((3, 4), bool)), "mask", "broadcastable"),
     "precision with numba": (dict(precision="float32", backend="numba"), "precision", "None"),
-    "backend": (dict(backend="cupy"), "backend", "numba"),
+    "backend": (dict(backend="cuda"), "backend", "numba"),
 }
 
 

@@ -502,7 +502,7 @@ def test_constant_table_shifts_lse(problem):
 def test_registered_with_its_cases_and_properties():
     mechanism = registry.get("t5")
     assert mechanism.forward is t5_attention and mechanism.vjp is t5_attention_vjp
-    assert mechanism.backends == ("reference", "numba")
+    assert mechanism.backends == ("reference", "numba", "cupy")
     assert mechanism.check_inputs is check_t5_inputs
     assert [case.id for case in mechanism.cases()] == [case.id for case in cases()]
     assert mechanism.flags() == FLAGS

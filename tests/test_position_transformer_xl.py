@@ -361,7 +361,7 @@ BAD = {
                                                             r=GOOD["r"][:, :2]), "r", "distance 2"),  # fmt: skip
     "dense argument": (dict(window=(-1, 0)), "window", "non-negative"),
     "precision with numba": (dict(precision="float32", backend="numba"), "precision", "None"),
-    "backend": (dict(backend="cupy"), "backend", "reference"),
+    "backend": (dict(backend="cuda"), "backend", "reference"),
 }
 
 

@@ -231,7 +231,7 @@ def test_exact_ties_go_to_the_lower_position(order):
 
 def test_backend_module_is_forward_and_vjp_over_checked_inputs():
     """No public signature restated: the registry checks the inputs once and calls ``forward``/``vjp``."""
-    assert registry.get("routing").backends == ("reference", "numba")
+    assert registry.get("routing").backends == ("reference", "numba", "cupy")
     public = sorted(name for name in vars(kernels) if callable(vars(kernels)[name]) and not name.startswith("_")
                     and vars(kernels)[name].__module__ == kernels.__name__)  # fmt: skip
     assert public == ["forward", "vjp"]

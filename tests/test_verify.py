@@ -472,7 +472,9 @@ def test_cli_mechanisms_shows_the_contract(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["mechanism", "backends", "vjp", "cases", "spec"]
     dense = next(line for line in lines if line.startswith("dense "))
-    assert dense.split() == ["dense", "reference,", "numba", "yes", str(len(refattn.get_mechanism("dense").cases())), "spec/dense.md"]
+    cupy = ["cupy"] if "cupy" in refattn.get_mechanism("dense").available_backends() else ["cupy", "(no", "device)"]
+    cases = str(len(refattn.get_mechanism("dense").cases()))
+    assert dense.split() == ["dense", "reference,", "numba,", *cupy, "yes", cases, "spec/dense.md"]
     assert len(lines) == 1 + len(refattn.mechanisms())
 
 
@@ -490,7 +492,7 @@ def test_cli_mechanisms_names_and_backends_for_scripts(capsys):
     [
         (["--backend", "numba"], "--backend needs --mechanism with one mechanism name"),
         (["--backend", "numba", "--mechanism", "dense", "alibi"], "--backend needs --mechanism with one"),
-        (["--backend", "cuda", "--mechanism", "dense"], "argument `backend`: expected one of ['reference', 'numba']"),
+        (["--backend", "cuda", "--mechanism", "dense"], "argument `backend`: expected one of ['reference', 'numba', 'cupy']"),
         (["--backend", "numba", "--mechanism", "dense", "--vjp", "m:f"], "--vjp goes with --impl"),
     ],
 )
