@@ -29,7 +29,8 @@ import os
 import subprocess
 import sys
 
-from bench_dense import _measure, _mib, _nbytes
+from bench_dense import _mib, _nbytes  # beside this script
+from harness import measure  # benchmarks/harness.py, beside this script
 
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
 WINDOW, ATTENTION_WINDOW = 256, 512
@@ -86,7 +87,7 @@ def _call(backend: str, n: int):
 
 def child(backend: str, n: int, repeats: int) -> dict:
     _call(backend, 2 * ATTENTION_WINDOW)()  # warm-up: compile, load
-    return _measure(_call(backend, n), repeats)
+    return measure(_call(backend, n), repeats)
 
 
 def main(argv=None) -> None:
