@@ -519,7 +519,7 @@ def test_bad_input_names_argument_expected_and_given():
 def test_the_four_mechanisms_are_registered():
     for name in ("routing", "routing_hybrid", "soft_routing", "centroid_ema"):
         mechanism = registry.get(name)
-        expected = ("reference", "numba", "cupy") if name != "centroid_ema" else ("reference", "numba")
+        expected = ("reference", "numba", "cupy")
         assert mechanism.spec == "spec/routing.md" and mechanism.backends == expected
         assert mechanism.cases() and all(case.id.startswith(f"{name}/") for case in mechanism.cases())
 

@@ -35,7 +35,7 @@ from .soft.reference import (
 )
 
 
-#: The GPU path's backends; centroid_ema's one update has no xp algorithm yet.
+#: Every routing mechanism has the numba backend and the GPU path.
 WITH_GPU_PATH = ("reference", "numba", "cupy")
 MECHANISM = registry.register(
     "routing", __name__, routing_attention, routing_attention_vjp, check_routing_inputs, "spec/routing.md",
@@ -50,7 +50,8 @@ SOFT_ROUTING_MECHANISM = registry.register(
     "spec/routing.md", backends=WITH_GPU_PATH,
 )
 CENTROID_EMA_MECHANISM = registry.register(
-    "centroid_ema", f"{__name__}.centroids", centroid_ema, centroid_ema_vjp, check_centroid_ema_inputs, "spec/routing.md"
+    "centroid_ema", f"{__name__}.centroids", centroid_ema, centroid_ema_vjp, check_centroid_ema_inputs,
+    "spec/routing.md", backends=WITH_GPU_PATH,
 )
 
 __all__ = [
