@@ -2,9 +2,6 @@
 and fails the paper's cases flagged for coverage and normalisation, as does the preset itself.
 Skipped when h-transformer-1d (and torch) are not installed."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -12,21 +9,16 @@ from refattn.conformance import export
 from refattn.conformance.suite import load_suite
 from refattn.conformance.verify import read_xfail, verify
 from refattn.hierarchical import h1d_attention, h1d_attention_vjp
+from tests.examples import EXAMPLES, load_example, statuses
 
 pytest.importorskip("torch")
 pytest.importorskip("h_transformer_1d")
 pytestmark = pytest.mark.torch
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path.append(str(EXAMPLES))  # the adapters import their neighbour _gallery_entry
-
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("h_transformer_1d_example", EXAMPLES / "h_transformer_1d_lucidrains.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("h_transformer_1d_lucidrains.py", "h_transformer_1d_example")
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +26,6 @@ def suite(tmp_path_factory):
     folder = tmp_path_factory.mktemp("h1d_suite")
     export.export(folder, mechanisms=["h1d"])
     return load_suite(folder)
-
-
-def statuses(report) -> dict:
-    return {case.id: case.status for case in report.cases}
 
 
 def test_the_library_passes_the_lucidrains_cases(example, suite):

@@ -7,32 +7,24 @@ suite to) have one shared ``qk`` input, so verify() calls ``hf_lsh(qk, v, ...)``
 ``hf_lsh_vjp(dout, qk, v, ...)`` directly.
 """
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from refattn.conformance.export import export
 from refattn.conformance.suite import load_suite
 from refattn.conformance.verify import IMPLIED_OUT, read_xfail, verify
+from tests.examples import EXAMPLES, load_example
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.torch
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path.append(str(EXAMPLES))  # the adapters import their neighbour _gallery_entry
 XFAIL = EXAMPLES / "hf_reformer.xfail"
 
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("hf_reformer", EXAMPLES / "hf_reformer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("hf_reformer.py", "hf_reformer")
 
 
 @pytest.fixture(scope="module")

@@ -2,38 +2,25 @@
 opset 24 cannot express a sliding window, opset 25 can, and a float64 scale override differs because an
 ONNX float attribute is 32-bit (the explanation the gallery gives). Skipped without onnx."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from refattn.conformance.suite import load_suite
 from refattn.conformance.verify import default_suite_folder, verify
+from tests.examples import load_example, statuses
 from tests.naive_dense import naive_dense
 
 pytest.importorskip("onnx")
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path.append(str(EXAMPLES))  # the adapters import their neighbour _gallery_entry
-
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("onnx_attention_example", EXAMPLES / "onnx_attention.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("onnx_attention.py", "onnx_attention_example")
 
 
 @pytest.fixture(scope="module")
 def suite():
     return load_suite(default_suite_folder(), "dense")
-
-
-def statuses(report) -> dict:
-    return {case.id: case.status for case in report.cases}
 
 
 def test_causal_masked_and_gqa_cases_pass(example, suite):

@@ -2,39 +2,26 @@
 passes the lucidrains preset's LSH cases (buckets and sort order exactly, gradients included) and
 refuses the cases of other semantics with the reason. Skipped without reformer-pytorch."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from refattn.conformance.suite import load_suite
 from refattn.conformance.verify import default_suite_folder, verify
+from tests.examples import load_example, statuses
 
 pytest.importorskip("torch")
 pytest.importorskip("reformer_pytorch")
 pytestmark = pytest.mark.torch
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path.append(str(EXAMPLES))  # the adapters import their neighbour _gallery_entry
-
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("reformer_pytorch_lsh_example", EXAMPLES / "reformer_pytorch_lsh.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("reformer_pytorch_lsh.py", "reformer_pytorch_lsh_example")
 
 
 @pytest.fixture(scope="module")
 def suite():
     return load_suite(default_suite_folder(), "lsh")
-
-
-def statuses(report) -> dict:
-    return {case.id: case.status for case in report.cases}
 
 
 def test_the_lucidrains_lsh_cases_pass_with_buckets_and_gradients(example, suite):

@@ -2,29 +2,21 @@
 injected, passes the lucidrains preset's routing cases (memberships exactly, gradients included) and refuses
 the cases of other semantics with the reason. Skipped without routing-transformer."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
 from refattn.conformance.suite import load_suite
 from refattn.conformance.verify import default_suite_folder, verify
+from tests.examples import load_example
 
 pytest.importorskip("torch")
 pytest.importorskip("routing_transformer")
 pytestmark = pytest.mark.torch
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path.append(str(EXAMPLES))  # the adapters import their neighbour _gallery_entry
-
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("routing_kmeans_example", EXAMPLES / "routing_transformer_kmeans.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("routing_transformer_kmeans.py", "routing_kmeans_example")
 
 
 @pytest.fixture(scope="module")

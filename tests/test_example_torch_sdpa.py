@@ -1,29 +1,21 @@
 """examples/torch_sdpa.py: PyTorch's SDPA passes the dense cases it can express;
 its deliberately wrong variants fail exactly the flagged cases, with a readable report."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
 from refattn import cli
 from refattn.conformance.suite import load_suite
 from refattn.conformance.verify import default_suite_folder, verify
+from tests.examples import EXAMPLES, load_example
 
 pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path.append(str(EXAMPLES))  # the adapters import their neighbour _gallery_entry
-
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("torch_sdpa", EXAMPLES / "torch_sdpa.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("torch_sdpa.py", "torch_sdpa")
 
 
 @pytest.fixture(scope="module")

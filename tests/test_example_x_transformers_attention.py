@@ -2,38 +2,26 @@
 fails, as its source says, the grouped-query cases (kv heads tiled) and the soft-cap-before-bias case.
 Skipped without x-transformers."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
 from refattn.conformance.suite import load_suite
 from refattn.conformance.verify import default_suite_folder, verify
+from tests.examples import load_example, statuses
 
 pytest.importorskip("torch")
 pytest.importorskip("x_transformers")
 pytestmark = pytest.mark.torch
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path.append(str(EXAMPLES))  # the adapters import their neighbour _gallery_entry
-
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("x_transformers_example", EXAMPLES / "x_transformers_attention.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("x_transformers_attention.py", "x_transformers_example")
 
 
 @pytest.fixture(scope="module")
 def suite():
     return load_suite(default_suite_folder(), "dense")
-
-
-def statuses(report) -> dict:
-    return {case.id: case.status for case in report.cases}
 
 
 def test_dense_cases_pass_with_gradients(example, suite):
