@@ -58,6 +58,7 @@ import numpy as np
 from .checks import cotangent
 from .errors import SpecError
 from .precision import numerics
+from . import xp
 from .results import Cotangents, Grads, Result
 
 REFERENCE = "reference"
@@ -188,7 +189,9 @@ def _document_dispatch_arguments(mechanism: Mechanism) -> None:
     if not doc or re.search(r"^    precision\b", doc, re.M) or "\n    Returns\n" not in doc:
         return
     folder = mechanism.package.replace(".", "/")
-    kernels = [f'``"{name}"`` runs {folder}/{name}.py' for name in mechanism.backends[1:]]
+    on_gpu = " on a GPU (CuPy arrays in give CuPy arrays out)"
+    kernels = [f'``"{name}"`` runs {folder}/{name}.py' + (on_gpu if name == GPU_BACKEND else "")
+               for name in mechanism.backends[1:]]  # fmt: skip
     runs = ", ".join(kernels) + ", in the inputs' dtype (no ``precision``)" if kernels else "The reference alone"
     names = ", ".join(f'"{name}"' for name in mechanism.backends)
     text = (
@@ -233,6 +236,9 @@ def call_forward(name: str, arguments: dict) -> Result:
     mechanism = get(name)
     own, backend_name, precision = _split(arguments)
     module = mechanism.backend(backend_name)  # a bad backend name fails before any work
+    if backend_name == GPU_BACKEND:
+        return _on_gpu(mechanism, own, lambda inputs, host, device_arrays: module.forward(
+            xp.with_device_arrays(inputs, device_arrays)))
     inputs = mechanism.check_inputs(**own)
     if backend_name == REFERENCE:
         return _as_float64(module.forward(inputs, numerics(precision)))
@@ -244,18 +250,39 @@ def call_vjp(name: str, dout, arguments: dict, *, dlse=None, saved: Result | Non
     mechanism = get(name)
     own, backend_name, precision = _split(arguments)
     module = mechanism.backend(backend_name)
+    if backend_name == GPU_BACKEND:
+        return _on_gpu(mechanism, {**own, "dout": dout, "dlse": dlse}, lambda inputs, host, device_arrays: module.vjp(
+            xp.with_device_arrays(inputs, device_arrays),
+            _checked_cotangents(name, inputs, host["dout"], host["dlse"], device_arrays), saved=saved))  # fmt: skip
     inputs = mechanism.check_inputs(**own)
+    cotangents = _checked_cotangents(name, inputs, dout, dlse)
+    if backend_name == REFERENCE:
+        grads = module.vjp(inputs, cotangents, numerics(precision))
+        return Grads({key: np.asarray(value, np.float64) for key, value in grads.items()})
+    return module.vjp(inputs, cotangents, saved=saved)
+
+
+def _checked_cotangents(name: str, inputs, dout, dlse, device_arrays: dict | None = None) -> Cotangents:
+    """``dout`` and ``dlse`` checked against the output's shapes (CuPy ones by their host copies in
+    ``device_arrays``, then given back as the device arrays)."""
     shapes = inputs.cotangent_shapes()
     dout = cotangent(dout, "dout", shapes["dout"])
     if dlse is not None:
         if shapes.get("dlse") is None:
             raise SpecError("dlse", f"None ({name} defines no log-sum-exp)", "an array")
         dlse = cotangent(dlse, "dlse", shapes["dlse"])
-    cotangents = Cotangents(dout=dout, dlse=dlse)
-    if backend_name == REFERENCE:
-        grads = module.vjp(inputs, cotangents, numerics(precision))
-        return Grads({key: np.asarray(value, np.float64) for key, value in grads.items()})
-    return module.vjp(inputs, cotangents, saved=saved)
+    return xp.with_device_arrays(Cotangents(dout=dout, dlse=dlse), device_arrays or {})
+
+
+def _on_gpu(mechanism: Mechanism, own: dict, compute: Callable):
+    """``compute(checked inputs, own's host copies, device_arrays)`` on the ``"cupy"`` backend: CuPy arrays
+    among ``own`` (the cotangents ``dout`` and ``dlse`` included) are checked by their host copies, then
+    computed with as they are, and the results are CuPy arrays (refattn/core/xp.py); with NumPy arrays only,
+    the results are NumPy arrays, as every backend's."""
+    host, device_arrays = xp.host_copies(own)
+    inputs = mechanism.check_inputs(**{name: value for name, value in host.items() if name not in ("dout", "dlse")})
+    result = compute(inputs, host, device_arrays)
+    return xp.to_device(result) if device_arrays else result
 
 
 def _as_float64(result: Result) -> Result:

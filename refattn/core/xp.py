@@ -9,12 +9,20 @@ the registered ``"cupy"`` backend, made by :func:`cupy_backend`.
 CuPy is imported only when the ``cupy`` backend is first called; without CuPy
 or without a CUDA device that call raises :class:`SpecError` naming the
 backend, before anything is computed. Inputs are checked on the host like
-every backend's (the checks are NumPy's), moved to the device once, and the
-results are moved back: the backend returns NumPy arrays, as the others do.
+every backend's (the checks are NumPy's). Results are where the inputs were:
+
+* NumPy inputs are moved to the device once, and the results come back as
+  NumPy arrays, as every backend returns them;
+* CuPy inputs (a kernel author's arrays, already on the GPU) are copied to the
+  host for the checks only (:func:`host_copies`); the computation uses the
+  device arrays themselves (:func:`with_device_arrays`), and the results stay
+  on the device as CuPy arrays, to be compared there.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import importlib
 from types import ModuleType
 
@@ -62,16 +70,102 @@ def to_host(value):
 
 
 def cupy_backend(xp_module: ModuleType):
-    """``(forward, vjp)`` of the ``"cupy"`` backend: ``xp_module``'s algorithm under CuPy, results on the host."""
+    """``(forward, vjp)`` of the ``"cupy"`` backend: ``xp_module``'s algorithm under CuPy, results where
+    the inputs were (on the host unless the checked inputs hold CuPy arrays).
+
+    A module that sets ``STEPS_ON_HOST = True`` (the memory family: its streaming steps are the
+    reference's, on the host; only each step's attention runs on the device) is given its inputs on the host.
+    """
+
+    steps_on_host = getattr(xp_module, "STEPS_ON_HOST", False)
 
     def forward(x) -> Result:
-        result = xp_module.forward(x, cupy_namespace())
+        cupy = cupy_namespace()
+        result = xp_module.forward(inputs_on_host(x, cupy) if steps_on_host else x, cupy)
+        if holds_device_arrays(x, cupy):
+            return result
         return Result(out=to_host(result.out), lse=to_host(result.lse), aux=to_host(result.aux))
 
     def vjp(x, cotangents: Cotangents, saved: Result | None = None) -> Grads:
-        return Grads(to_host(dict(xp_module.vjp(x, cotangents, cupy_namespace(), saved))))
+        cupy = cupy_namespace()
+        grads = dict(xp_module.vjp(inputs_on_host(x, cupy) if steps_on_host else x, cotangents, cupy, saved))
+        return Grads(grads if holds_device_arrays(x, cupy) else to_host(grads))
 
     return forward, vjp
+
+
+# --- CuPy arrays as inputs ------------------------------------------------------------------
+
+
+def host_copies(arguments: dict) -> tuple[dict, dict]:
+    """``arguments`` with each CuPy array (alone or in a tuple or list) replaced by its host copy, for
+    the checks; and ``{id(copy): device array}`` to put the device arrays back (:func:`with_device_arrays`).
+
+    With no CuPy array among them (or no CuPy), the arguments are returned as they are.
+    """
+    cupy = cupy_or_none()
+    originals: dict[int, object] = {}
+    if cupy is None:
+        return arguments, originals
+
+    def on_host(value):
+        if isinstance(value, cupy.ndarray):
+            host = value.get()
+            originals[id(host)] = value
+            return host
+        if isinstance(value, (tuple, list)):
+            return type(value)(on_host(item) for item in value)
+        return value
+
+    return {name: on_host(value) for name, value in arguments.items()}, originals
+
+
+def with_device_arrays(value, originals: dict):
+    """``value`` (checked inputs, a cotangent) with each host copy made by :func:`host_copies` that the checks
+    kept as it was replaced by its device array; arrays the checks derived (reshaped, cast) stay on the host
+    and are moved as NumPy inputs are."""
+    if not originals:
+        return value
+    return map_leaves(value, lambda leaf: originals.get(id(leaf), leaf) if isinstance(leaf, np.ndarray) else leaf)
+
+
+def inputs_on_host(x, cupy):
+    """Checked inputs ``x`` with every CuPy array in it copied to the host."""
+    return map_leaves(x, lambda leaf: leaf.get() if isinstance(leaf, cupy.ndarray) else leaf)
+
+
+def holds_device_arrays(x, cupy) -> bool:
+    """Whether checked inputs ``x`` hold a CuPy array."""
+    found = []
+    map_leaves(x, lambda leaf: found.append(isinstance(leaf, cupy.ndarray)))
+    return any(found)
+
+
+def map_leaves(x, change):
+    """``x`` with ``change`` applied to each value in it that is neither a tuple nor a dataclass (checked inputs
+    nest both). Dataclasses are copied, not rebuilt, so their checks do not run again."""
+    if isinstance(x, tuple):
+        return tuple(map_leaves(item, change) for item in x)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        copied = copy.copy(x)
+        for field in dataclasses.fields(x):
+            object.__setattr__(copied, field.name, map_leaves(getattr(x, field.name), change))
+        return copied
+    return change(x)
+
+
+def to_device(result: Result | Grads) -> Result | Grads:
+    """A backend's result with every array in it a CuPy array (those already on the device as they are)."""
+    cupy = cupy_namespace()
+
+    def moved(value):
+        if isinstance(value, dict):
+            return {name: moved(item) for name, item in value.items()}
+        return None if value is None else cupy.asarray(value)
+
+    if isinstance(result, Result):
+        return Result(out=moved(result.out), lse=moved(result.lse), aux=moved(result.aux))
+    return Grads(moved(dict(result)))
 
 
 def scatter_add(xp, target, index, values) -> None:

@@ -17,6 +17,9 @@ from ...dense import xp as dense_xp
 from .. import streaming
 from .reference import CompressiveInputs, _run
 
+#: Its streaming steps are the reference's, on the host: device inputs come back for them (core/xp.py).
+STEPS_ON_HOST = True
+
 BLOCK_Q, BLOCK_K = dense_xp.BLOCK_Q, dense_xp.BLOCK_K  # tiles of each step's attention (C2)
 
 

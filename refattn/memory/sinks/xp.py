@@ -15,6 +15,9 @@ from ...core.xp import algorithm
 from .. import streaming
 from .reference import SinkInputs, _steps
 
+#: Its streaming steps are the reference's, on the host: device inputs come back for them (core/xp.py).
+STEPS_ON_HOST = True
+
 INNER = "rope"
 BLOCK_Q, BLOCK_K = algorithm(INNER).BLOCK_Q, algorithm(INNER).BLOCK_K  # the tiles are RoPE's (its xp.py's)
 
