@@ -1,4 +1,4 @@
-"""The device check of the GPU path (issue 19): verify every ``cupy`` backend, then time it against SDPA.
+"""The device check of the GPU path (issue 19): verify every ``cupy`` backend, time it against SDPA and Flex.
 
 One run, on one GPU, in under 8 minutes: no verification starts after ``--verify-budget-s`` (240)
 seconds, no measurement is started that its prediction says would end after ``--budget-s`` (360),
@@ -8,20 +8,30 @@ and gpu_check.sh stops the run at 470 seconds.
    :func:`refattn.verify` through that backend against every conformance case, in float64 and
    float32, with gradients (what ``python -m pytest -q -m gpu tests/test_xp_path.py`` checks), in
    tiles of 16 x 32 so that the cases (N <= 80) cross tile edges.
-2. **Time**: size by size (4K, 16K, 64K: ``--sizes``), PyTorch's CUDA ``scaled_dot_product_attention``
+2. **Check the Flex expressions**: for each mechanism whose function FlexAttention expresses
+   (:data:`FLEX`: a ``score_mod`` and/or a ``mask_mod`` built from the problem's own arguments; why
+   the others are not, :data:`FLEX_NOT_EXPRESSED`), eager ``flex_attention`` on the CPU against
+   refattn's reference at N = 24 and 40 (windows scaled down), float64 and float32: ``flex_matches``.
+   An expression that does not match is not timed.
+3. **Time**: size by size (4K, 16K, 64K: ``--sizes``), PyTorch's CUDA ``scaled_dot_product_attention``
    and then each of those mechanisms (dense first) with a problem in :data:`PROBLEMS`, B = 1, H = 8,
    D = 64, N = Nq = Nk, float32 and float64: the forward and the backward of its tiled xp algorithm
    under CuPy in tiles of 1024 x 1024, with q, k, v already on the device (as a kernel author's are)
    and results left there. The backward is given the forward's result (``saved``), as autograd gives
    SDPA its own. Each time is the fastest of ``--repeats`` calls after one warm-up call, synchronised.
-   ``--numba-sizes`` adds each mechanism's Numba forward on the machine's CPU.
+   ``--numba-sizes`` adds each mechanism's Numba forward on the machine's CPU. Then, size by size
+   (``--flex-sizes``), each matching Flex expression: ``torch.compile(flex_attention)``,
+   compiled once per (mechanism, dtype, N) before the timed calls (its compile time is predicted
+   into the budget), forward and autograd backward, q, k, v on the device, and the largest
+   difference of its output from the xp algorithm's on the same inputs.
 
 It writes ``gpu_check.md`` (the tables) and ``gpu_check.json`` to ``$OUT`` (or ``./gpu_check_out``).
 It installs nothing: CuPy, PyTorch and Numba are expected, and each missing one is named at the start
 (and in the output); without CuPy and a device only ``--dry-run`` can run.
 
 ``--dry-run`` runs the same steps on the CPU with NumPy standing in for CuPy (the xp algorithm's
-tested form) and PyTorch's CPU SDPA, at tiny N: it checks the script, not the GPU.
+tested form), PyTorch's CPU SDPA and eager Flex (forward only: it has no CPU backward), at tiny N:
+it checks the script, not the GPU.
 
     bash benchmarks/gpu_check.sh                      # on the GPU machine
     python benchmarks/gpu_check.py --dry-run --sizes 32 --mechanisms dense
@@ -37,7 +47,9 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -46,6 +58,7 @@ from refattn.core import registry
 from refattn.core import xp as core_xp
 from refattn.core.results import Cotangents
 from refattn.dense.inputs import DenseInputs
+from refattn.position.t5 import reference as t5_reference
 
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
 #: Mechanisms whose results include an (Nq, Nk) array made on the host (their aux): timed up to this N.
@@ -101,12 +114,12 @@ PROBLEMS = {
                                           v_bias=rng.standard_normal((HEADS, HEAD_DIM)), causal=True, **_positions(n)),  # fmt: skip
     "differential": lambda n, rng: dict({f"lambda_{name}": rng.standard_normal(HEAD_DIM) / 8
                                          for name in ("q1", "k1", "q2", "k2")}, depth=0),  # fmt: skip
-    # N = 64 · 2**k at every size: the paper's hierarchy, log2(N / 64) levels.
-    "h1d": lambda n, rng: dict(block_size=64),
-    # Block-sparse family: a band of 512 (and a global token per 4K), BigBird's 64-blocks with 3 random
-    # blocks per row block, 256-token windows and segments.
+    # N = 64 · 2**k at every size (N / 2 at small N): the paper's hierarchy, log2(N / 64) levels.
+    "h1d": lambda n, rng: dict(block_size=min(64, n // 2)),
+    # Block-sparse family: a band of 512 (and a global token per 4K), BigBird's 64-blocks (N / 8 at
+    # small N) with 3 random blocks per row block, 256-token windows and segments.
     "longformer": lambda n, rng: dict(attention_window=512, global_tokens=(np.arange(n) % 4096 == 0)[None]),
-    "bigbird": lambda n, rng: dict(block_size=64, random_blocks=rng.integers(1, n // 64 - 1, (HEADS, n // 64 - 2, 3))),
+    "bigbird": lambda n, rng: _bigbird(min(64, n // 8), n, rng),
     "local": lambda n, rng: dict(window_size=min(256, n), causal=True),
     "segmented": lambda n, rng: dict(segment_len=min(256, n), causal=True, integration="lse_merge"),
     # Reformer's 4 rounds of 64 buckets in chunks of 64; routing's N / 256 clusters of 256.
@@ -115,6 +128,12 @@ PROBLEMS = {
     "routing": lambda n, rng: dict(centroids=rng.standard_normal((HEADS, max(n // 256, 1), HEAD_DIM)),
                                    cluster_size=min(256, n)),  # fmt: skip
 }
+
+
+def _bigbird(block_size: int, n: int, rng) -> dict:
+    """BigBird's blocks and 3 random key blocks per middle query block, drawn from the blocks 1 ... nb − 2."""
+    blocks = n // block_size
+    return dict(block_size=block_size, random_blocks=rng.integers(1, blocks - 1, (HEADS, blocks - 2, 3)))
 
 
 def qkv(name: str, n: int, rng) -> dict:
@@ -127,13 +146,20 @@ def qkv(name: str, n: int, rng) -> dict:
     return {"qk": arrays["q"], "v": arrays["v"]} if name == "lsh" else arrays  # LSH shares queries and keys
 
 
-def checked(name: str, dtype: str, n: int, seed: int = 0):
-    """The mechanism's checked inputs for the benchmark problem, arrays in ``dtype``."""
+def arguments(name: str, dtype: str, n: int, seed: int = 0, overrides: dict | None = None) -> dict:
+    """The keyword arguments of the mechanism's public function for the benchmark problem, arrays in
+    ``dtype``; ``overrides`` replace some of the problem's own after its random draws (a smaller window)."""
     rng = np.random.default_rng(seed)
+    given = {key: value.astype(dtype) for key, value in qkv(name, n, rng).items()}
+    given.update(PROBLEMS[name](n, rng))
+    given.update(overrides or {})
+    return given
+
+
+def checked(name: str, dtype: str, n: int, seed: int = 0, overrides: dict | None = None):
+    """The mechanism's checked inputs for the benchmark problem, arrays in ``dtype``."""
     mechanism = registry.get(name)
-    arguments = {key: value.astype(dtype) for key, value in qkv(name, n, rng).items()}
-    arguments.update(PROBLEMS[name](n, rng))
-    bound = inspect.signature(mechanism.forward).bind_partial(**arguments)
+    bound = inspect.signature(mechanism.forward).bind_partial(**arguments(name, dtype, n, seed, overrides))
     bound.apply_defaults()
     return mechanism.check_inputs(**{k: v for k, v in bound.arguments.items() if k not in ("precision", "backend")})
 
@@ -173,7 +199,288 @@ def verify_all(names: list[str], dtypes: list[str], deadline: float) -> list[dic
     return rows
 
 
-# --- step 2: time -------------------------------------------------------------------
+# --- step 2: FlexAttention's expressions ---------------------------------------------
+#
+# FlexAttention: pytorch/pytorch, torch/nn/attention/flex_attention.py, flex_attention and
+# create_block_mask (commit c98133c32fecc80f5cdea0af129d21337211d7bf; PyTorch 2.13 here).
+# Each builder states a benchmark problem for torch.nn.attention.flex_attention from the mechanism's
+# checked inputs (the problem's own arguments), so that the timed Flex call computes refattn's function.
+# score_mod(score, b, h, q_idx, kv_idx) changes one score (score = scale · q · k); mask_mod(b, h, q_idx,
+# kv_idx) keeps a key or drops it (b batch row, h head, q_idx query, kv_idx key). What a builder
+# captures is a tensor or a constant that does not grow with N (no (N, N) array).
+
+
+class FlexProblem(NamedTuple):
+    """One problem as Flex takes it: q, k (B, H, N, D), v (B, H, N, Dv) torch tensors, the scale, the score
+    and mask changes (None: none)."""
+
+    q: object
+    k: object
+    v: object
+    scale: float
+    score_mod: object = None
+    mask_mod: object = None
+
+
+def _tensor(torch, device: str, array: np.ndarray):
+    """``array`` as a torch tensor on ``device`` (its dtype kept)."""
+    return torch.as_tensor(np.ascontiguousarray(array), device=device)
+
+
+def _dense_flex(d: DenseInputs, torch, device: str, score_mod=None) -> FlexProblem:
+    """Dense attention's part of a problem: q, k, v, the scale and the causal/window mask, with
+    ``score_mod``. The problems give no user mask, bias, soft-cap or dropout; a problem that did is refused."""
+    given = [name for name, value in (("mask", d.mask), ("bias", d.bias), ("dropout_keep", d.dropout_keep),
+                                      ("softcap", d.softcap or None)) if value is not None]  # fmt: skip
+    if given:
+        raise NotImplementedError(f"no Flex expression written for the dense arguments {given}")
+    q, k, v = (_tensor(torch, device, array) for array in (d.q, d.k, d.v))
+    return FlexProblem(q, k, v, d.scale, score_mod, _position_mask_mod(d))
+
+
+def _position_mask_mod(d: DenseInputs):
+    """Keys ``j <= i'`` (causal) and ``i' - left <= j <= i' + right`` (window), ``i'`` the query's position
+    on the key axis (``i + Nk - Nq`` bottom-right aligned); None when neither restricts."""
+    causal, (left, right) = d.causal, d.window or (None, None)
+    if not causal and left is None and right is None:
+        return None
+    offset = d.shape.kv_len - d.shape.q_len if d.causal_alignment == "bottom_right" else 0
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        aligned = q_idx + offset
+        keep = kv_idx >= 0
+        if causal:
+            keep = keep & (kv_idx <= aligned)
+        if left is not None:
+            keep = keep & (kv_idx >= aligned - left)
+        if right is not None:
+            keep = keep & (kv_idx <= aligned + right)
+        return keep
+
+    return mask_mod
+
+
+def flex_dense(x: DenseInputs, torch, device: str) -> FlexProblem:
+    """Dense attention, and sliding windows (their checked inputs are dense's with a window and causality)."""
+    return _dense_flex(x, torch, device)
+
+
+def flex_local(x, torch, device: str) -> FlexProblem:
+    """local-attention's pattern (step 3 of refattn.segmented.local): query block ``i // ws`` sees key blocks
+    ``i // ws - look_backward ... i // ws + look_forward``, ``j <= i`` when causal, trimmed to
+    ``i - ws lb <= j <= i + ws lf`` with exact_windowsize. Its other steps change q, k or add a key: refused."""
+    if x.shared_qk or x.rotary or x.padded_len != x.shape.q_len:
+        raise NotImplementedError("no Flex expression written for shared_qk, rotary or padding")
+    ws, lb, lf, causal, exact = x.window_size, x.look_backward, x.look_forward, x.causal, x.exact_windowsize
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_block, kv_block = q_idx // ws, kv_idx // ws
+        keep = (kv_block >= q_block - lb) & (kv_block <= q_block + lf)
+        if causal:
+            keep = keep & (kv_idx <= q_idx)
+        if exact:
+            keep = keep & (kv_idx >= q_idx - ws * lb)
+            if not causal:
+                keep = keep & (kv_idx <= q_idx + ws * lf)
+        return keep
+
+    q, k, v = (_tensor(torch, device, array) for array in (x.q, x.k, x.v))
+    return FlexProblem(q, k, v, x.scale, mask_mod=mask_mod)
+
+
+def flex_alibi(x, torch, device: str) -> FlexProblem:
+    """ALiBi's (A1)-(A2): the score plus ``m_h · (p_j − p_i)`` (form "causal") or ``−m_h · |p_j − p_i|``."""
+    slopes = _tensor(torch, device, x.slopes.astype(x.dense.q.dtype))  # (H,)
+    q_positions, k_positions = _tensor(torch, device, x.q_positions), _tensor(torch, device, x.k_positions)
+    symmetric = x.form == "symmetric"
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        distance = k_positions[kv_idx] - q_positions[q_idx]
+        if symmetric:
+            distance = -distance.abs()
+        return score + slopes[h] * distance
+
+    return _dense_flex(x.dense, torch, device, score_mod)
+
+
+def flex_t5(x, torch, device: str) -> FlexProblem:
+    """T5's (T1)-(T3): the score plus ``table[bucket(p_j − p_i), h]``. The bias of every distance that
+    occurs is gathered once, (H, R) by distance from the smallest, R <= Nq + Nk − 1."""
+    smallest = int(x.k_positions.min() - x.q_positions.max())
+    distances = np.arange(smallest, int(x.k_positions.max() - x.q_positions.min()) + 1)  # (R,)
+    rule = x.bucketing
+    buckets = t5_reference.relative_position_bucket(distances, rule.bidirectional, rule.num_buckets, rule.max_distance)
+    by_distance = _tensor(torch, device, x.table[buckets].T.astype(x.dense.q.dtype))  # (H, R)
+    q_positions = _tensor(torch, device, x.q_positions)
+    k_from_smallest = _tensor(torch, device, x.k_positions - smallest)  # p_j − smallest: the distance's index + p_i
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + by_distance[h, k_from_smallest[kv_idx] - q_positions[q_idx]]
+
+    return _dense_flex(x.dense, torch, device, score_mod)
+
+
+def flex_logn(x, torch, device: str) -> FlexProblem:
+    """Log-n's (L1)-(L2): the score times ``log n``, or with ``training_length`` L, row i at position
+    ``p_i = i + Nk − Nq`` times ``log(p_i + 1) / log L`` where ``p_i + 1 > L`` (1 elsewhere)."""
+    shape = x.dense.shape
+    if x.training_length is None:
+        factor = np.full(shape.q_len, np.log(x.n))
+    else:
+        count = np.arange(shape.q_len) + shape.kv_len - shape.q_len + 1  # (Nq,) p_i + 1
+        factor = np.where(count > x.training_length, np.log(count) / np.log(x.training_length), 1.0)
+    factor = _tensor(torch, device, factor.astype(x.dense.q.dtype))  # (Nq,)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score * factor[q_idx]
+
+    return _dense_flex(x.dense, torch, device, score_mod)
+
+
+def flex_ssmax(x, torch, device: str) -> FlexProblem:
+    """SSMax's (S1)-(S3) where every row attends to all Nk keys (nothing masked, or n_rule "axis_length"):
+    the score times the head's ``s_h · log Nk + s_bias_h``. Counts that vary by row are refused."""
+    d = x.dense
+    if x.n_rule == "attended" and (d.causal or d.window is not None or d.mask is not None):
+        raise NotImplementedError("no Flex expression written for SSMax's per-row counts under a mask")
+    heads = d.shape.q_heads
+    s, s_bias = (np.broadcast_to(np.asarray(value, dtype=np.float64), (heads,)) for value in (x.s, x.s_bias))
+    factor = _tensor(torch, device, (s * np.log(d.shape.kv_len) + s_bias).astype(d.q.dtype))  # (H,)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score * factor[h]
+
+    return _dense_flex(d, torch, device, score_mod)
+
+
+def flex_longformer(x, torch, device: str) -> FlexProblem:
+    """Longformer without global projections: the band ``|i − j| <= w / 2``, every global key, and every
+    key for a global query (steps 1-3 of refattn.segmented.longformer, one q, k, v)."""
+    if x.projections or x.padded_len != x.shape.q_len:
+        raise NotImplementedError("no Flex expression written for global projections or padding")
+    one_sided = x.one_sided
+    is_global = _tensor(torch, device, x.global_tokens)  # (B, N)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return ((q_idx - kv_idx).abs() <= one_sided) | is_global[b, kv_idx] | is_global[b, q_idx]
+
+    q, k, v = (_tensor(torch, device, array) for array in (x.q, x.k, x.v))
+    return FlexProblem(q, k, v, x.scale, mask_mod=mask_mod)
+
+
+def flex_bigbird(x, torch, device: str) -> FlexProblem:
+    """BigBird ITC, each listed block once (steps 1-4 of refattn.segmented.bigbird): query block t sees key
+    block s where ``|t − s| <= 1``, s or t is 0 or nb − 1, or s is one of t's random blocks; a per-head
+    (H, nb, nb) table of the listed blocks, looked up by ``(h, q_idx // bs, kv_idx // bs)``."""
+    if x.extra_global_tokens or x.count_repeated_blocks or x.full_attention:
+        raise NotImplementedError("no Flex expression written for ETC, repeated blocks or the short-sequence rule")
+    nb, bs = x.num_blocks, x.block_size
+    blocks = np.arange(nb)
+    listed = np.abs(blocks[:, None] - blocks[None, :]) <= 1  # (t, s) sliding
+    listed |= np.isin(blocks, (0, nb - 1))[:, None] | np.isin(blocks, (0, nb - 1))[None, :]  # global rows, columns
+    listed = np.repeat(listed[None], x.shape.q_heads, axis=0)  # (H, nb, nb)
+    heads, rows, _ = np.indices(x.random_blocks.shape)
+    listed[heads, rows + 1, x.random_blocks] = True  # ITC: row t − 1 holds middle block t's random blocks
+    listed = _tensor(torch, device, listed)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return listed[h, q_idx // bs, kv_idx // bs]
+
+    q, k, v = (_tensor(torch, device, array) for array in (x.q, x.k, x.v))
+    return FlexProblem(q, k, v, x.scale, mask_mod=mask_mod)
+
+
+#: Mechanism -> builder of its FlexProblem from its checked inputs.
+FLEX = {"dense": flex_dense, "sliding_window": flex_dense, "local": flex_local, "alibi": flex_alibi, "t5": flex_t5,
+        "logn": flex_logn, "ssmax": flex_ssmax, "longformer": flex_longformer, "bigbird": flex_bigbird}  # fmt: skip
+#: Why Flex does not express the other problems' functions: a score_mod sees one score and its indices,
+#: a mask_mod keeps or drops one key.
+FLEX_NOT_EXPRESSED = {
+    "rope": "rotates q and k: not a mask/score change",
+    "xpos": "rotates and scales q and k: not a mask/score change",
+    "shaw": "adds rel_v to the output: not a mask/score change",
+    "transformer_xl": "adds q · r_(i−j), an (N, N) term: not a mask/score change",
+    "differential": "subtracts two softmaxes: not one attention",
+    "h1d": "attends to coarsened keys: not a mask/score change",
+    "segmented": "merges segment-summary keys: not a mask/score change",
+    "lsh": "hashes, sorts and chunks by the data: not a fixed mask",
+    "routing": "clusters by the data: not a fixed mask",
+}
+#: The check's problems at small N: windows and blocks scaled down to fit N = 24 and 40.
+FLEX_CHECK_OVERRIDES = {"sliding_window": dict(window_size=5), "local": dict(window_size=8),
+                        "logn": dict(training_length=16), "longformer": dict(attention_window=6)}  # fmt: skip
+FLEX_CHECK_SIZES = (24, 40)
+#: Seconds predicted for compiling Flex's forward and backward before one is measured (a guess, on the safe side).
+FLEX_COMPILE_GUESS_S = 30.0
+#: Largest accepted |Flex − refattn| of out and lse (relative above 1), by dtype.
+FLEX_TOLERANCE = {"float64": 1e-9, "float32": 1e-4}
+
+
+def flex_call(flex, problem: FlexProblem, block_mask, **options):
+    """``flex(q, k, v)`` with the problem's changes, block mask and scale."""
+    grouped = problem.q.shape[1] != problem.k.shape[1]
+    return flex(problem.q, problem.k, problem.v, score_mod=problem.score_mod, block_mask=block_mask,
+                scale=problem.scale, enable_gqa=grouped, **options)  # fmt: skip
+
+
+def block_mask_of(torch, problem: FlexProblem, n: int, device: str):
+    """The problem's BlockMask (N = Nq = Nk), per batch row and head (BigBird's differs by head), or None."""
+    if problem.mask_mod is None:
+        return None
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    # On CUDA the mask is built compiled, without an (N, N) intermediate.
+    batch, heads = problem.q.shape[:2]
+    return create_block_mask(problem.mask_mod, batch, heads, n, n, device=device, _compile=device == "cuda")
+
+
+def eager_flex(*args, **kwargs):
+    """``flex_attention`` uncompiled (it then materialises the scores: tiny N only), without its warning saying so."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(*args, **kwargs)
+
+
+def flex_check(names: list[str], torch) -> list[dict]:
+    """One row per (mechanism, dtype, N): its Flex expression, eager on the CPU, against refattn's reference
+    (the public function, backend "reference") on the same inputs at small N; ``matches`` when out and lse
+    agree within :data:`FLEX_TOLERANCE`."""
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    rows = []
+    for name in (name for name in names if name in FLEX):
+        for dtype in ("float64", "float32"):
+            for n in FLEX_CHECK_SIZES:
+                overrides = FLEX_CHECK_OVERRIDES.get(name)
+                expected = registry.get(name).forward(**arguments(name, dtype, n, overrides=overrides))
+                problem = FLEX[name](checked(name, dtype, n, overrides=overrides), torch, "cpu")
+                out, aux = flex_call(eager_flex, problem, block_mask_of(torch, problem, n, "cpu"),
+                                     return_aux=AuxRequest(lse=True))  # fmt: skip
+                error = max(_relative_error(out.numpy(), expected.out), _relative_error(aux.lse.numpy(), expected.lse))
+                mods = [mod for mod in ("score_mod", "mask_mod") if getattr(problem, mod) is not None]
+                rows.append(dict(mechanism=name, dtype=dtype, n=n, mods=mods, error=error,
+                                 matches=bool(error <= FLEX_TOLERANCE[dtype])))  # fmt: skip
+        print(f"flex   {name:16s} matches refattn: {all(row['matches'] for row in rows if row['mechanism'] == name)}",
+              flush=True)  # fmt: skip
+    return rows
+
+
+def _relative_error(ours, expected, xp=np) -> float:
+    """Largest ``|ours − expected| / max(1, |expected|)`` of two arrays of namespace ``xp``."""
+    return float(xp.max(xp.abs(ours - expected) / xp.maximum(1.0, xp.abs(expected))))
+
+
+def flex_matches(check_rows: list[dict]) -> dict:
+    """``{mechanism: every check row matched}``."""
+    matches = {}
+    for row in check_rows:
+        matches[row["mechanism"]] = matches.get(row["mechanism"], True) and row["matches"]
+    return matches
+
+
+# --- step 3: time -------------------------------------------------------------------
 
 
 def fastest(call, sync, repeats: int) -> float:
@@ -189,10 +496,14 @@ def fastest(call, sync, repeats: int) -> float:
     return min(times)
 
 
+def xp_problem(name: str, dtype: str, n: int, xp):
+    """The mechanism's xp module and its checked inputs for the benchmark problem, q, k, v on the device."""
+    return importlib.import_module(f"{registry.get(name).package}.xp"), on_device(checked(name, dtype, n), xp)
+
+
 def time_xp(name: str, dtype: str, n: int, xp, sync, repeats: int) -> dict:
     """Forward and backward seconds of the mechanism's xp algorithm, inputs and results on the device."""
-    module = importlib.import_module(f"{registry.get(name).package}.xp")
-    x = on_device(checked(name, dtype, n), xp)
+    module, x = xp_problem(name, dtype, n, xp)
     saved = module.forward(x, xp)
     dout = xp.asarray(np.random.default_rng(1).standard_normal(saved.out.shape).astype(dtype))
     cotangents = Cotangents(dout, None)
@@ -220,6 +531,60 @@ def time_sdpa(torch, dtype: str, n: int, device: str, repeats: int) -> dict:
     return dict(forward=forward, backward=backward)
 
 
+def time_flex(name: str, dtype: str, n: int, torch, flex, device: str, repeats: int, xp) -> dict:
+    """Seconds of the mechanism's Flex expression on ``device``: ``compile`` (the block mask and the first
+    forward and backward calls, which compile), ``forward`` and ``backward``; "OOM" when it does not fit,
+    the error's first line as the note when Flex refuses (a dtype its kernels lack). On the dry run's CPU
+    ``flex`` is eager and has no backward. ``xp_difference``: the largest relative difference of Flex's
+    output from the xp algorithm's on the same inputs (not where the xp rows skip N: a host aux)."""
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    problem = FLEX[name](checked(name, dtype, n), torch, device)
+    problem = problem._replace(**{key: getattr(problem, key).requires_grad_(cuda) for key in "qkv"})
+    try:
+        begin = time.perf_counter()
+        block_mask = block_mask_of(torch, problem, n, device)
+        out = flex_call(flex, problem, block_mask)
+        generator = torch.Generator(device=device).manual_seed(1)
+        dout = torch.randn(out.shape, dtype=out.dtype, device=device, generator=generator)
+
+        def backward():
+            return torch.autograd.grad(out, (problem.q, problem.k, problem.v), dout, retain_graph=True)
+
+        if cuda:
+            backward()
+        sync()
+        result = dict(compile=time.perf_counter() - begin)
+        result["forward"] = fastest(lambda: flex_call(flex, problem, block_mask), sync, repeats)
+        result["backward"] = fastest(backward, sync, repeats) if cuda else None
+        result["note"] = "" if cuda else "no backward: FlexAttention has none on the CPU"
+        if n <= HOST_AUX_MAX_N.get(name, n):
+            module, x = xp_problem(name, dtype, n, xp)
+            result["xp_difference"] = _relative_error(xp.asarray(out.detach()), module.forward(x, xp).out, xp)
+    except torch.cuda.OutOfMemoryError:
+        result = dict(forward="OOM", backward="OOM")
+    except Exception as error:  # noqa: BLE001 (whatever Flex raises for what it does not support is the row's note)
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        result = dict(note=f"{type(error).__name__}: {first_line[:160]}")
+    finally:
+        if cuda:
+            torch.cuda.empty_cache()
+    return result
+
+
+def compiled_flex(torch, device: str):
+    """``torch.compile(flex_attention)`` on CUDA, with room for one compilation per (mechanism, dtype, N);
+    eager ``flex_attention`` on the CPU (the dry run)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device != "cuda":
+        return eager_flex
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit, max(getattr(config, limit), 256))
+    return torch.compile(flex_attention, dynamic=False)
+
+
 def time_numba(name: str, dtype: str, n: int, repeats: int) -> dict:
     """Forward seconds of the mechanism's Numba backend on this machine's CPU (the first call compiles)."""
     module = registry.get(name).backend("numba")
@@ -227,29 +592,38 @@ def time_numba(name: str, dtype: str, n: int, repeats: int) -> dict:
     return dict(numba_forward=fastest(lambda: module.forward(x), lambda: None, repeats))
 
 
-def time_all(names, dtypes, sizes, xp, sync, torch, device, repeats, deadline, numba_sizes=()) -> tuple[list, list]:
-    """The xp rows and the SDPA rows, size by size (every mechanism at 4K, then at 16K...), so that the
-    budget cuts the largest sizes, not the last mechanisms. A measurement whose predicted time (the same
-    row at the previous N, times (N / N_prev)²) would end after ``deadline`` (a ``time.perf_counter()``
-    value) is skipped and says so. At ``numba_sizes``, each mechanism's Numba forward is timed too."""
-    xp_rows, sdpa_rows, last = [], [], {}  # last[row's key] = (N, seconds) of its latest measurement
+class Budget:
+    """Skips a measurement whose predicted time (its fixed part, such as compiling, plus the same row's time
+    at the previous N times (N / N_prev)²) would end after ``deadline`` (a ``time.perf_counter()`` value)."""
 
-    def measure(row: dict, key: tuple, timer) -> None:
-        n_last, seconds = last.get(key, (row["n"], 0.0))
-        if time.perf_counter() + seconds * (row["n"] / n_last) ** 2 > deadline:
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self.last = {}  # row's key -> (N, seconds) of its latest measurement, compiling excluded
+
+    def measure(self, row: dict, key: tuple, timer, fixed: float = 0.0) -> None:
+        """``row.update(timer())``, or the note "skipped: time budget"."""
+        n_last, seconds = self.last.get(key, (row["n"], 0.0))
+        if time.perf_counter() + fixed + seconds * (row["n"] / n_last) ** 2 > self.deadline:
             row["note"] = "skipped: time budget"
             return
         begin = time.perf_counter()
         row.update(timer())
-        last[key] = (row["n"], time.perf_counter() - begin)
+        self.last[key] = (row["n"], time.perf_counter() - begin - row.get("compile", 0.0))
 
+
+def time_all(names, dtypes, sizes, xp, sync, torch, device, repeats, budget: Budget,
+             numba_sizes=()) -> tuple[list, list]:  # fmt: skip
+    """The xp rows and the SDPA rows, size by size (every mechanism at 4K, then at 16K...), so that the
+    budget cuts the largest sizes, not the last mechanisms. At ``numba_sizes``, each mechanism's Numba
+    forward is timed too."""
+    xp_rows, sdpa_rows = [], []
     for n in sizes:
         for dtype in dtypes:
             row = dict(dtype=dtype, n=n, forward=None, backward=None, note="")
             if torch is None:
                 row["note"] = "PyTorch missing"
             else:
-                measure(row, ("sdpa", dtype), lambda: time_sdpa(torch, dtype, n, device, repeats))
+                budget.measure(row, ("sdpa", dtype), lambda: time_sdpa(torch, dtype, n, device, repeats))
             sdpa_rows.append(row)
         for name in names:
             for dtype in dtypes:
@@ -259,15 +633,43 @@ def time_all(names, dtypes, sizes, xp, sync, torch, device, repeats, deadline, n
                 elif n > HOST_AUX_MAX_N.get(name, n):
                     row["note"] = "skipped: its aux is (Nq, Nk) on the host"
                 else:
-                    measure(row, (name, dtype), lambda: time_xp(name, dtype, n, xp, sync, repeats))
+                    budget.measure(row, (name, dtype), lambda: time_xp(name, dtype, n, xp, sync, repeats))
                     if n in numba_sizes and "numba" in registry.get(name).backends:
-                        measure(row, (name, dtype, "numba"), lambda: time_numba(name, dtype, n, repeats))
+                        budget.measure(row, (name, dtype, "numba"), lambda: time_numba(name, dtype, n, repeats))
                 print(f"time {name:16s} {dtype} N={n}: {row['forward']} {row['backward']} {row['note']}", flush=True)
                 xp_rows.append(row)
-    order = {name: i for i, name in enumerate(names)}
-    xp_rows.sort(key=lambda row: (order[row["mechanism"]], row["dtype"], row["n"]))
+    xp_rows.sort(key=lambda row: (names.index(row["mechanism"]), row["dtype"], row["n"]))
     sdpa_rows.sort(key=lambda row: (row["dtype"], row["n"]))
     return xp_rows, sdpa_rows
+
+
+def time_all_flex(names, dtypes, sizes, xp, torch, device, repeats, budget: Budget, matches: dict) -> list:
+    """The Flex rows, size by size, after every xp row (the budget cuts Flex before the xp algorithm): each
+    mechanism's Flex expression that ``matches`` refattn (``{mechanism: bool}``, :func:`flex_matches`). The
+    prediction of a row's compile time is the latest one of its dtype (:data:`FLEX_COMPILE_GUESS_S` before
+    the first); a (mechanism, dtype) whose Flex call raised is not tried again at larger N."""
+    flex = compiled_flex(torch, device)
+    rows, compile_seconds, refused = [], {}, {}  # dtype -> compile seconds; (mechanism, dtype) -> N where it raised
+    for n in sizes:
+        for name in (name for name in names if name in matches):
+            for dtype in dtypes:
+                row = dict(mechanism=name, dtype=dtype, n=n, forward=None, backward=None, note="")
+                if not matches[name]:
+                    row["note"] = "not timed: its Flex expression does not match refattn"
+                elif (name, dtype) in refused:
+                    row["note"] = f"not timed: Flex raised at N = {refused[name, dtype]}"
+                else:
+                    budget.measure(row, (name, dtype, "flex"),
+                                   lambda: time_flex(name, dtype, n, torch, flex, device, repeats, xp),
+                                   fixed=compile_seconds.get(dtype, FLEX_COMPILE_GUESS_S))  # fmt: skip
+                    if "compile" in row:
+                        compile_seconds[dtype] = row["compile"]
+                    if row["forward"] is None and not row["note"].startswith("skipped"):
+                        refused[name, dtype] = n
+                print(f"flex {name:16s} {dtype} N={n}: {row['forward']} {row['backward']} {row['note']}", flush=True)
+                rows.append(row)
+    rows.sort(key=lambda row: (names.index(row["mechanism"]), row["dtype"], row["n"]))
+    return rows
 
 
 # --- the report ---------------------------------------------------------------------
@@ -283,8 +685,10 @@ def _ratio(ours, theirs) -> str:
     return f"{ours / theirs:.3g}"
 
 
-def markdown(found: dict, verify_rows: list, xp_rows: list, sdpa_rows: list, settings: dict) -> str:
-    """The report: what was found, the verification, SDPA's times and each mechanism's, with ratios."""
+def markdown(found: dict, verify_rows: list, xp_rows: list, sdpa_rows: list, settings: dict, flex_checks=(),
+             flex_rows=()) -> str:  # fmt: skip
+    """The report: what was found, the verification, the Flex expressions' check, SDPA's times and each
+    mechanism's, with Flex's beside them and the ratios."""
     lines = ["# GPU check", "", f"Settings: {json.dumps(settings)}", ""]
     lines += [f"* {name}: {line}" for name, (_, line) in found.items()]
     lines += ["", "## Verification (cupy backend, every conformance case, forward and gradients)", "",
@@ -294,24 +698,53 @@ def markdown(found: dict, verify_rows: list, xp_rows: list, sdpa_rows: list, set
         result = "ok" if row["ok"] else "FAILED" if counts else "not run (time budget)"
         lines.append(f"| {row['mechanism']} | {row['dtype']} | {result} | "
                      f"{counts.get('pass', 0)} | {counts.get('fail', 0)} | {row['seconds']} |")  # fmt: skip
+    lines += flex_check_lines(flex_checks)
     lines += ["", f"## PyTorch SDPA (B={BATCH}, H={HEADS}, D={HEAD_DIM}, N = Nq = Nk)", "",
               "| dtype | N | forward ms | backward ms | note |", "|---|---|---|---|---|"]  # fmt: skip
     sdpa = {}
     for row in sdpa_rows:
         sdpa[row["dtype"], row["n"]] = row
         lines.append(f"| {row['dtype']} | {row['n']} | {_ms(row['forward'])} | {_ms(row['backward'])} | {row['note']} |")
-    lines += ["", "## refattn's xp algorithm under CuPy (inputs and results on the device)", "",
-              "| mechanism | dtype | N | forward ms | x SDPA | backward ms | x SDPA | Numba forward ms (CPU) | "
-              "Numba / xp | note |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    flex = {(row["mechanism"], row["dtype"], row["n"]): row for row in flex_rows}
+    lines += ["", "## refattn's xp algorithm under CuPy (inputs and results on the device), and the mechanism's "
+              "FlexAttention expression (torch.compile'd on the GPU; eager on the CPU in the dry run)", "",
+              "| mechanism | dtype | N | forward ms | x SDPA | Flex forward ms | x Flex | backward ms | x SDPA | "
+              "Flex backward ms | x Flex | Numba forward ms (CPU) | Numba / xp | note |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in xp_rows:
         theirs = sdpa.get((row["dtype"], row["n"]), {})
+        flexed = flex.get((row["mechanism"], row["dtype"], row["n"]), {})
+        compiled = "compile" in flexed and f"Flex compiled in {flexed['compile']:.1f} s"
+        difference = "xp_difference" in flexed and f"Flex vs xp {flexed['xp_difference']:.1e}"
+        flex_note = flexed.get("note") and f"Flex: {flexed['note']}"
+        note = "; ".join(filter(None, (row["note"], compiled, difference, flex_note)))
         lines.append(
             f"| {row['mechanism']} | {row['dtype']} | {row['n']} | {_ms(row['forward'])} | "
-            f"{_ratio(row['forward'], theirs.get('forward'))} | {_ms(row['backward'])} | "
-            f"{_ratio(row['backward'], theirs.get('backward'))} | {_ms(row.get('numba_forward'))} | "
-            f"{_ratio(row.get('numba_forward'), row['forward'])} | {row['note']} |"
+            f"{_ratio(row['forward'], theirs.get('forward'))} | {_ms(flexed.get('forward'))} | "
+            f"{_ratio(row['forward'], flexed.get('forward'))} | {_ms(row['backward'])} | "
+            f"{_ratio(row['backward'], theirs.get('backward'))} | {_ms(flexed.get('backward'))} | "
+            f"{_ratio(row['backward'], flexed.get('backward'))} | {_ms(row.get('numba_forward'))} | "
+            f"{_ratio(row.get('numba_forward'), row['forward'])} | {note} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def flex_check_lines(flex_checks: list) -> list[str]:
+    """The Flex section: each expression's check against refattn, then why the others have none."""
+    if not flex_checks:
+        return []
+    lines = ["", f"## FlexAttention expressions against refattn's reference (eager on the CPU, N = "
+             f"{', '.join(map(str, FLEX_CHECK_SIZES))}; only a matching one is timed)", "",
+             "| mechanism | stated by | flex_matches | largest error float64 | largest error float32 |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    matches = flex_matches(flex_checks)
+    for name, matched in matches.items():
+        rows = [row for row in flex_checks if row["mechanism"] == name]
+        errors = {dtype: max(row["error"] for row in rows if row["dtype"] == dtype) for dtype in ("float64", "float32")}
+        stated_by = " and ".join(rows[0]["mods"]) or "neither (plain attention)"
+        lines.append(f"| {name} | {stated_by} | {matched} | {errors['float64']:.1e} | {errors['float32']:.1e} |")
+    reasons = "; ".join(f"{name} ({why})" for name, why in FLEX_NOT_EXPRESSED.items())
+    return lines + ["", f"No Flex expression: {reasons}."]
 
 
 # --- the run ------------------------------------------------------------------------
@@ -337,11 +770,16 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--numba-sizes", type=lambda s: [int(n) for n in s.split(",")], default=[],
                         help="N at which each mechanism's Numba forward is also timed on the CPU (default none: "
                              "compiling takes minutes)")  # fmt: skip
+    parser.add_argument("--flex-sizes", type=lambda s: [int(n) for n in s.split(",")], default=None,
+                        help="N at which each Flex expression is timed (default every size; compiling each "
+                             "(mechanism, dtype, N) counts against the budget)")  # fmt: skip
     parser.add_argument("--skip-verify", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "gpu_check_out"))
     args = parser.parse_args(argv)
     if args.sizes is None:
         args.sizes = [32, 64] if args.dry_run else [4096, 16384, 65536]
+    if args.flex_sizes is None:
+        args.flex_sizes = args.sizes
     return args
 
 
@@ -382,22 +820,33 @@ def main(argv=None) -> int:
     set_blocks(names, args.verify_blocks)
     settings = dict(dry_run=args.dry_run, sizes=args.sizes, dtypes=args.dtypes, blocks=list(args.blocks),
                     verify_blocks=list(args.verify_blocks), repeats=args.repeats,
-                    verify_budget_s=args.verify_budget_s, budget_s=args.budget_s, numba_sizes=args.numba_sizes)  # fmt: skip
+                    verify_budget_s=args.verify_budget_s, budget_s=args.budget_s, numba_sizes=args.numba_sizes,
+                    flex_sizes=args.flex_sizes)  # fmt: skip
     verify_rows = [] if args.skip_verify else verify_all(names, args.dtypes, started + args.verify_budget_s)
-    write(args.out, found, verify_rows, [], [], settings)  # the verification survives a run stopped later
+    torch = found["torch"][0]
+    flex_checks = [] if torch is None else flex_check(names, torch)
+    write(args.out, found, verify_rows, [], [], settings, flex_checks)  # what is checked survives a run stopped later
     set_blocks(names, args.blocks)
-    xp_rows, sdpa_rows = time_all(names, args.dtypes, args.sizes, xp, sync, found["torch"][0], device,
-                                  args.repeats, started + args.budget_s, args.numba_sizes)  # fmt: skip
-    write(args.out, found, verify_rows, xp_rows, sdpa_rows, settings)
+    budget = Budget(started + args.budget_s)
+    xp_rows, sdpa_rows = time_all(names, args.dtypes, args.sizes, xp, sync, torch, device, args.repeats, budget,
+                                  args.numba_sizes)  # fmt: skip
+    flex_sizes = [n for n in args.sizes if n in args.flex_sizes]
+    flex_rows = [] if torch is None else time_all_flex(names, args.dtypes, flex_sizes, xp, torch, device, args.repeats,
+                                                       budget, flex_matches(flex_checks))  # fmt: skip
+    write(args.out, found, verify_rows, xp_rows, sdpa_rows, settings, flex_checks, flex_rows)
     return 0 if all(row["ok"] for row in verify_rows) else 1
 
 
-def write(out: Path, found: dict, verify_rows: list, xp_rows: list, sdpa_rows: list, settings: dict) -> None:
+def write(out: Path, found: dict, verify_rows: list, xp_rows: list, sdpa_rows: list, settings: dict, flex_checks=(),
+          flex_rows=()) -> None:  # fmt: skip
     """``gpu_check.md`` and ``gpu_check.json`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.md").write_text(markdown(found, verify_rows, xp_rows, sdpa_rows, settings))
+    report = markdown(found, verify_rows, xp_rows, sdpa_rows, settings, flex_checks, flex_rows)
+    (out / "gpu_check.md").write_text(report)
+    flex = dict(flex_matches=flex_matches(flex_checks), checks=list(flex_checks), not_expressed=FLEX_NOT_EXPRESSED,
+                timings=list(flex_rows))  # fmt: skip
     results = dict(settings=settings, tools={name: line for name, (_, line) in found.items()},
-                   verify=verify_rows, xp=xp_rows, sdpa=sdpa_rows)  # fmt: skip
+                   verify=verify_rows, xp=xp_rows, sdpa=sdpa_rows, flex=flex)  # fmt: skip
     (out / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str))
     print(f"wrote {out / 'gpu_check.md'}", flush=True)
 

@@ -126,6 +126,8 @@ class DeviceArray(NDArrayOperatorsMixin):
 
     def __init__(self, host: np.ndarray):
         self.host = host
+        for watch in LargestArray.active:
+            watch.seen(host)
 
     # Operators and NumPy's own functions called on device arrays dispatch here, as they do to CuPy.
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
@@ -196,6 +198,26 @@ class DeviceArray(NDArrayOperatorsMixin):
             return _to_device(value(*_to_host(args, f"ndarray.{name}"), **_to_host(kwargs, f"ndarray.{name}")))
 
         return method
+
+
+class LargestArray:
+    """The element count of the largest device array made while active: ``with LargestArray() as largest: ...``
+    then ``largest.size`` (how the O(N) memory of a tiled algorithm is checked without a device)."""
+
+    active: list["LargestArray"] = []
+
+    def __init__(self):
+        self.size = 0
+
+    def seen(self, host: np.ndarray) -> None:
+        self.size = max(self.size, host.size)
+
+    def __enter__(self):
+        LargestArray.active.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        LargestArray.active.remove(self)
 
 
 def _index(key, host: np.ndarray):

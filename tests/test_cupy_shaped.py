@@ -8,7 +8,9 @@ leaves undefined. The first tests show that the stand-in refuses each of those.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -17,7 +19,7 @@ import pytest
 import refattn
 from refattn.core import registry
 from refattn.core import xp as core_xp
-from refattn.core.results import Grads, Result
+from refattn.core.results import Cotangents, Grads, Result
 
 from . import cupy_shaped
 from .cupy_shaped import CUPYX, NAMESPACE, CupyShapeError
@@ -171,3 +173,38 @@ def test_cupy_inputs_are_checked_on_the_host_first(cupy_shaped_device):
         refattn.dense_attention_vjp(xp.ones((1, 2, 3, 8)), xp.asarray(q), xp.asarray(q), xp.asarray(q), backend="cupy")
     host = refattn.dense_attention(q, q, q, backend="cupy")
     assert isinstance(host.out, np.ndarray)  # NumPy in, NumPy out
+
+
+# --- O(N) device memory ---------------------------------------------------------------------------
+
+
+def _benchmark_script():
+    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parents[1] / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+GPU_CHECK = _benchmark_script()
+
+
+@pytest.mark.parametrize("name", sorted(GPU_CHECK.PROBLEMS))
+def test_no_device_array_grows_faster_than_n(name, monkeypatch):
+    """The largest device array of the forward and of the backward on the device check's problem, at N and 4N
+    in tiles of 32: a tiled algorithm's largest arrays are O(N) (q and its likes) and grow 4x; one N x N buffer
+    would grow 16x. (How the GPU path keeps 64K-1M tokens in memory, checked without a device.)"""
+    monkeypatch.setitem(sys.modules, "cupyx", CUPYX)
+    module = _xp_module(name)
+    monkeypatch.setattr(module, "BLOCK_Q", 32)
+    monkeypatch.setattr(module, "BLOCK_K", 32)
+    largest = {}
+    for n in (256, 1024):
+        x = GPU_CHECK.checked(name, "float32", n)
+        with cupy_shaped.LargestArray() as forward:
+            saved = module.forward(x, xp)
+        dout = xp.asarray(np.ones(saved.out.shape, np.float32))
+        with cupy_shaped.LargestArray() as backward:
+            module.vjp(x, Cotangents(dout, None), xp, saved)
+        largest[n] = forward.size, backward.size
+    assert largest[1024][0] <= 4.05 * largest[256][0], largest
+    assert largest[1024][1] <= 4.05 * largest[256][1], largest

@@ -46,6 +46,21 @@ def test_dry_run_verifies_times_and_writes_the_tables(gpu_check, tmp_path):
     ours = next(row for row in results["xp"] if row["mechanism"] == "differential" and row["n"] == 24)
     assert float(cells[3]) == pytest.approx(1e3 * ours["forward"], rel=1e-3)
     assert float(cells[4]) == pytest.approx(ours["forward"] / results["sdpa"][1]["forward"], rel=1e-2)
+    # Flex beside dense and t5 (it does not express differential), checked against refattn, then timed.
+    assert results["flex"]["flex_matches"] == {"dense": True, "t5": True}
+    assert "differential" in results["flex"]["not_expressed"]
+    assert "| t5 | score_mod | True |" in table
+    flex = {(row["mechanism"], row["n"]): row for row in results["flex"]["timings"]}
+    assert sorted(flex) == [("dense", 12), ("dense", 24), ("t5", 12), ("t5", 24)]
+    assert all(row["forward"] > 0 and "no backward" in row["note"] for row in flex.values())  # eager CPU Flex
+    assert all(row["xp_difference"] < 1e-12 for row in flex.values())  # the same function as the xp algorithm
+    line = next(line for line in table.splitlines() if line.startswith("| t5 | float64 | 24 |"))
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    ours = next(row for row in results["xp"] if row["mechanism"] == "t5" and row["n"] == 24)
+    assert float(cells[5]) == pytest.approx(1e3 * flex["t5", 24]["forward"], rel=1e-3)
+    assert float(cells[6]) == pytest.approx(ours["forward"] / flex["t5", 24]["forward"], rel=1e-2)
+    line = next(line for line in table.splitlines() if line.startswith("| differential | float64 | 24 |"))
+    assert [cell.strip() for cell in line.strip("|").split("|")][5:7] == ["", ""]
     # What is missing here is said: no CUDA device for CuPy.
     assert "cupy: MISSING" in table
 
@@ -66,7 +81,81 @@ def test_numba_column_at_the_sizes_asked(gpu_check, tmp_path):
     assert [row.get("numba_forward") is not None for row in results["xp"]] == [False, True]
     line = next(line for line in table.splitlines() if line.startswith("| dense | float64 | 24 |"))
     row = results["xp"][1]
-    assert float(line.strip("|").split("|")[8]) == pytest.approx(row["numba_forward"] / row["forward"], rel=1e-2)
+    assert float(line.strip("|").split("|")[12]) == pytest.approx(row["numba_forward"] / row["forward"], rel=1e-2)
+
+
+def test_every_flex_expression_computes_its_mechanism(gpu_check):
+    """Each Flex expression, eager on the CPU, against refattn's reference (the expected values) in float64."""
+    torch = pytest.importorskip("torch")
+    rows = gpu_check.flex_check(list(gpu_check.FLEX), torch)
+    assert {row["mechanism"] for row in rows} == set(gpu_check.FLEX)
+    float64 = [row for row in rows if row["dtype"] == "float64"]
+    assert len(float64) == 2 * len(gpu_check.FLEX)
+    assert all(row["matches"] and row["error"] < 1e-12 for row in float64), float64
+    # Every benchmark problem is either stated for Flex or says why not.
+    assert set(gpu_check.FLEX) | set(gpu_check.FLEX_NOT_EXPRESSED) == set(gpu_check.PROBLEMS)
+    assert not set(gpu_check.FLEX) & set(gpu_check.FLEX_NOT_EXPRESSED)
+
+
+def test_block_masks_keep_every_block_their_mask_keeps(gpu_check):
+    """At a benchmark size (the problems' own windows and blocks), no key a mask_mod keeps lies in a block the
+    BlockMask skips (compiled Flex on the GPU skips those blocks; the eager check does not)."""
+    torch = pytest.importorskip("torch")
+    from torch.nn.attention.flex_attention import create_mask
+
+    n = 2048
+    for name, builder in gpu_check.FLEX.items():
+        problem = builder(gpu_check.checked(name, "float64", n), torch, "cpu")
+        if problem.mask_mod is None:
+            continue
+        block_mask = gpu_check.block_mask_of(torch, problem, n, "cpu")
+        rows, columns = block_mask.BLOCK_SIZE
+        blocks = block_mask.to_dense().bool()  # (B, H, N / rows, N / columns)
+        kept_blocks = blocks.repeat_interleave(rows, dim=2).repeat_interleave(columns, dim=3)[..., :n, :n]
+        kept = create_mask(problem.mask_mod, *problem.q.shape[:2], n, n, device="cpu")  # (B, H, N, N)
+        assert kept.any() and not (kept & ~kept_blocks).any(), name
+
+
+def test_the_check_catches_a_wrong_flex_expression_and_it_is_not_timed(gpu_check, tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+
+    def alibi_with_the_wrong_sign(x, torch, device):
+        right = gpu_check.flex_alibi(x, torch, device)
+
+        def score_mod(score, b, h, q_idx, kv_idx):  # score − m_h (p_j − p_i)
+            return 2 * score - right.score_mod(score, b, h, q_idx, kv_idx)
+
+        return right._replace(score_mod=score_mod)
+
+    monkeypatch.setitem(gpu_check.FLEX, "alibi", alibi_with_the_wrong_sign)
+    assert not any(row["matches"] for row in gpu_check.flex_check(["alibi"], torch))
+    code, table, results = _run(gpu_check, tmp_path, "--mechanisms", "alibi", "--skip-verify")
+    assert results["flex"]["flex_matches"] == {"alibi": False}
+    notes = {row["note"] for row in results["flex"]["timings"]}
+    assert notes == {"not timed: its Flex expression does not match refattn"}
+    assert all(row["forward"] is None for row in results["flex"]["timings"])
+    assert "| alibi | score_mod | False |" in table
+
+
+def test_flex_rows_respect_the_budget_and_the_sizes_asked(gpu_check, tmp_path):
+    pytest.importorskip("torch")
+    code, table, results = _run(gpu_check, tmp_path, "--mechanisms", "dense", "--skip-verify", "--budget-s", "0")
+    assert {row["note"] for row in results["flex"]["timings"]} == {"skipped: time budget"}
+    code, table, results = _run(gpu_check, tmp_path, "--mechanisms", "dense", "--skip-verify", "--flex-sizes", "24")
+    assert [row["n"] for row in results["flex"]["timings"]] == [24]
+
+
+def test_a_flex_call_that_raises_is_noted_and_not_tried_again(gpu_check, tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+
+    def refusing_flex(*args, **kwargs):
+        raise NotImplementedError("float64 is not supported\nsecond line")
+
+    monkeypatch.setattr(gpu_check, "compiled_flex", lambda torch, device: refusing_flex)
+    code, table, results = _run(gpu_check, tmp_path, "--mechanisms", "dense", "--skip-verify")
+    notes = [row["note"] for row in results["flex"]["timings"]]
+    assert notes == ["NotImplementedError: float64 is not supported", "not timed: Flex raised at N = 12"]
+    assert "Flex: NotImplementedError: float64 is not supported" in table
 
 
 def test_verification_past_its_budget_is_not_run_and_fails_the_check(gpu_check, tmp_path):

@@ -81,15 +81,18 @@ def cupy_backend(xp_module: ModuleType):
 
     def forward(x) -> Result:
         cupy = cupy_namespace()
-        result = xp_module.forward(inputs_on_host(x, cupy) if steps_on_host else x, cupy)
-        if holds_device_arrays(x, cupy):
+        on_device = holds_device_arrays(x, cupy)
+        result = xp_module.forward(inputs_on_host(x, cupy) if steps_on_host and on_device else x, cupy)
+        if on_device:
             return result
         return Result(out=to_host(result.out), lse=to_host(result.lse), aux=to_host(result.aux))
 
     def vjp(x, cotangents: Cotangents, saved: Result | None = None) -> Grads:
         cupy = cupy_namespace()
-        grads = dict(xp_module.vjp(inputs_on_host(x, cupy) if steps_on_host else x, cotangents, cupy, saved))
-        return Grads(grads if holds_device_arrays(x, cupy) else to_host(grads))
+        on_device = holds_device_arrays(x, cupy)
+        steps_x = inputs_on_host(x, cupy) if steps_on_host and on_device else x
+        grads = dict(xp_module.vjp(steps_x, cotangents, cupy, saved))
+        return Grads(grads if on_device else to_host(grads))
 
     return forward, vjp
 
@@ -135,7 +138,10 @@ def inputs_on_host(x, cupy):
 
 
 def holds_device_arrays(x, cupy) -> bool:
-    """Whether checked inputs ``x`` hold a CuPy array."""
+    """Whether checked inputs ``x`` hold a CuPy array (never where NumPy stands in for CuPy, as in
+    ``benchmarks/gpu_check.py --dry-run``: its arrays are the host's)."""
+    if cupy is np:
+        return False
     found = []
     map_leaves(x, lambda leaf: found.append(isinstance(leaf, cupy.ndarray)))
     return any(found)
