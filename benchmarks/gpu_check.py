@@ -497,8 +497,10 @@ def fastest(call, sync, repeats: int) -> float:
 
 
 def xp_problem(name: str, dtype: str, n: int, xp):
-    """The mechanism's xp module and its checked inputs for the benchmark problem, q, k, v on the device."""
-    return importlib.import_module(f"{registry.get(name).package}.xp"), on_device(checked(name, dtype, n), xp)
+    """The mechanism's xp module and its checked inputs for the benchmark problem, q, k, v on the device (on
+    the host for a module whose streaming steps run there, ``STEPS_ON_HOST``: refattn/core/xp.py)."""
+    module, x = importlib.import_module(f"{registry.get(name).package}.xp"), checked(name, dtype, n)
+    return module, x if getattr(module, "STEPS_ON_HOST", False) else on_device(x, xp)
 
 
 def time_xp(name: str, dtype: str, n: int, xp, sync, repeats: int) -> dict:

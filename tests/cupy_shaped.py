@@ -126,8 +126,7 @@ class DeviceArray(NDArrayOperatorsMixin):
 
     def __init__(self, host: np.ndarray):
         self.host = host
-        for watch in LargestArray.active:
-            watch.seen(host)
+        _made(host)
 
     # Operators and NumPy's own functions called on device arrays dispatch here, as they do to CuPy.
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
@@ -167,12 +166,15 @@ class DeviceArray(NDArrayOperatorsMixin):
         return (_to_device(row) for row in self.host)
 
     def __bool__(self):
+        _read_by_host()
         return bool(self.host)
 
     def __float__(self):
+        _read_by_host()
         return float(self.host)
 
     def __int__(self):
+        _read_by_host()
         return int(self.host)
 
     def __repr__(self):
@@ -181,6 +183,7 @@ class DeviceArray(NDArrayOperatorsMixin):
     def get(self, *args, **kwargs):
         """The host copy (``cupy.ndarray.get``)."""
         _check_call(API["ndarray"]["get"], "ndarray.get", args, kwargs)
+        _read_by_host()
         return self.host.copy()
 
     def __getattr__(self, name):
@@ -192,6 +195,8 @@ class DeviceArray(NDArrayOperatorsMixin):
         value = getattr(self.host, name)
         if entry["kind"] != "function":
             return _to_device(value)
+        if name in ("item", "tolist"):
+            _read_by_host()
 
         def method(*args, **kwargs):
             _check_call(entry, f"ndarray.{name}", args, kwargs)
@@ -200,24 +205,34 @@ class DeviceArray(NDArrayOperatorsMixin):
         return method
 
 
-class LargestArray:
-    """The element count of the largest device array made while active: ``with LargestArray() as largest: ...``
-    then ``largest.size`` (how the O(N) memory of a tiled algorithm is checked without a device)."""
+class Watch:
+    """What device work did while the watch was active (``with Watch() as watch: ...``): ``largest``, the element
+    count of the largest device array made (how O(N) memory is checked without a device), and ``host_reads``,
+    how many times the host read a device value (``bool``, ``int``, ``float``, ``.item()``, ``.tolist()``,
+    ``.get()``), each a wait for the device on a GPU."""
 
-    active: list["LargestArray"] = []
+    active: list["Watch"] = []
 
     def __init__(self):
-        self.size = 0
-
-    def seen(self, host: np.ndarray) -> None:
-        self.size = max(self.size, host.size)
+        self.largest = 0
+        self.host_reads = 0
 
     def __enter__(self):
-        LargestArray.active.append(self)
+        Watch.active.append(self)
         return self
 
     def __exit__(self, *exc):
-        LargestArray.active.remove(self)
+        Watch.active.remove(self)
+
+
+def _made(host: np.ndarray) -> None:
+    for watch in Watch.active:
+        watch.largest = max(watch.largest, host.size)
+
+
+def _read_by_host() -> None:
+    for watch in Watch.active:
+        watch.host_reads += 1
 
 
 def _index(key, host: np.ndarray):

@@ -263,17 +263,24 @@ def attended_counts(x: DenseInputs, xp, blocks: tuple[int, int]):
 
 def first_allowed(x: DenseInputs, xp, blocks: tuple[int, int], marked: LogitsTerm) -> tuple[int, int] | None:
     """The first (query, key) pair, in tile order, that attention keeps and ``marked(i0, i1, j0, j1)``
-    ((bq, bk) bool) marks, or None: a mechanism's check that every kept pair has what it needs."""
+    ((bq, bk) bool) marks, or None: a mechanism's check that every kept pair has what it needs.
+
+    Each tile's verdict stays on the device and the host reads them once, at the end: one wait for the
+    device in all, not one per tile. Only when a tile has such a pair is it formed again to find which.
+    """
     v = _Visibility(x, xp)
-    for i0, i1, j0, j1 in v.tiles(blocks):
-        bad = marked(i0, i1, j0, j1)
-        allowed = v.allowed(i0, i1, j0, j1)
-        if allowed is not None:
-            bad = bad & allowed
-        if bool(bad.any()):
-            i, j = (int(index) for index in xp.argwhere(bad)[0][-2:])
-            return i0 + i, j0 + j
-    return None
+
+    def kept_and_marked(i0: int, i1: int, j0: int, j1: int):
+        marked_pairs, allowed = marked(i0, i1, j0, j1), v.allowed(i0, i1, j0, j1)
+        return marked_pairs if allowed is None else marked_pairs & allowed  # (bq, bk) or (…, bq, bk)
+
+    tiles = list(v.tiles(blocks))
+    verdicts = xp.stack([kept_and_marked(*tile).any() for tile in tiles]) if tiles else None  # (tiles,)
+    if verdicts is None or not bool(verdicts.any()):
+        return None
+    i0, i1, j0, j1 = tiles[int(xp.argmax(verdicts))]
+    i, j = (int(index) for index in xp.argwhere(kept_and_marked(i0, i1, j0, j1))[0][-2:])
+    return i0 + i, j0 + j
 
 
 class RelativeRows:
