@@ -206,15 +206,18 @@ class DeviceArray(NDArrayOperatorsMixin):
 
 
 class Watch:
-    """What device work did while the watch was active (``with Watch() as watch: ...``): ``largest``, the element
-    count of the largest device array made (how O(N) memory is checked without a device), and ``host_reads``,
-    how many times the host read a device value (``bool``, ``int``, ``float``, ``.item()``, ``.tolist()``,
-    ``.get()``), each a wait for the device on a GPU."""
+    """What device work did while the watch was active (``with Watch() as watch: ...``):
+
+    * ``largest``: the element count of the largest device array made (how O(N) memory is checked without
+      a device); ``float64_made``: how many float64 arrays were made (a float32 run's tiles stay float32);
+    * ``host_reads``: how many times the host read a device value (``bool``, ``int``, ``float``, ``.item()``,
+      ``.tolist()``, ``.get()``), each a wait for the device on a GPU.
+    """
 
     active: list["Watch"] = []
 
     def __init__(self):
-        self.largest = 0
+        self.largest = self.float64_made = 0
         self.host_reads = 0
 
     def __enter__(self):
@@ -228,6 +231,7 @@ class Watch:
 def _made(host: np.ndarray) -> None:
     for watch in Watch.active:
         watch.largest = max(watch.largest, host.size)
+        watch.float64_made += host.dtype == np.float64
 
 
 def _read_by_host() -> None:

@@ -195,7 +195,10 @@ def test_device_work_at_4n_grows_as_a_tiled_algorithm_s(name, monkeypatch):
 
     * the largest device array grows 4x: a tiled algorithm's are O(N) (q and its likes); one N x N buffer
       would grow 16x;
-    * the host reads device values as often at 4N as at N: no wait for the device per tile.
+    * the host reads device values as often at 4N as at N: no wait for the device per tile;
+    * in float32, as many float64 arrays are made at 4N as at N (per-row statistics at most, none per tile):
+      the tiles are computed in float32, as the Numba kernels compute them. (A NumPy float64 scalar, such as
+      a default scale of ``1 / np.sqrt(D)``, would promote them to float64 and double their traffic.)
     """
     monkeypatch.setitem(sys.modules, "cupyx", CUPYX)
     module = _xp_module(name)
@@ -213,3 +216,4 @@ def test_device_work_at_4n_grows_as_a_tiled_algorithm_s(name, monkeypatch):
     for small, large in zip(watched[256], watched[1024]):
         assert large.largest <= 4.05 * small.largest, (name, small.largest, large.largest)
         assert large.host_reads == small.host_reads, (name, small.host_reads, large.host_reads)
+        assert large.float64_made == small.float64_made, (name, small.float64_made, large.float64_made)

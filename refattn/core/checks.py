@@ -7,6 +7,7 @@ truncated or padded silently.
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -136,9 +137,10 @@ def real_number(x, name: str, *, minimum: float, inclusive: bool = True, maximum
 
 
 def scale(x, head_dim: int) -> float:
-    """The logit scale: ``None`` means 1/sqrt(D); otherwise a finite number > 0."""
+    """The logit scale: ``None`` means 1/sqrt(D); otherwise a finite number > 0. A Python float either way,
+    so that it scales float32 scores in float32 (a NumPy float64 scalar would promote them to float64)."""
     if x is None:
-        return 1.0 / np.sqrt(head_dim)
+        return 1.0 / math.sqrt(head_dim)
     return real_number(x, "scale", minimum=0.0, inclusive=False)
 
 

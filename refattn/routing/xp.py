@@ -252,7 +252,8 @@ def forward(x: RoutingInputs, xp) -> Result:
     sums = xp.zeros(routed.v.shape, dtype=routed.v.dtype)
     scatter_add(xp, sums, _slot_index(routed.membership, xp), slot_out)
     counts = routed.aux["counts"][..., None]
-    out = xp.where(counts > 0, sums / xp.where(counts > 0, counts + x.scatter_eps, 1.0), 0.0).astype(sums.dtype)
+    divisor = xp.where(counts > 0, counts + x.scatter_eps, 1.0).astype(sums.dtype)  # (B, H, N, 1)
+    out = xp.where(counts > 0, sums / divisor, 0.0).astype(sums.dtype)
     return Result(out=out, lse=None, aux=dict(routed.aux, slot_lse=slots["lse"]))
 
 
@@ -264,7 +265,8 @@ def vjp(x: RoutingInputs, cotangents: Cotangents, xp, saved: Result | None = Non
     dout = xp.asarray(cotangents.dout, dtype=dtype)
     # (11') Each slot receives its token's cotangent divided by the token's count + eps.
     index = _slot_index(routed.membership, xp)
-    d_slot_out = dout[index] / (routed.aux["counts"][index][..., None] + x.scatter_eps)  # (B, H, K, W, Dv)
+    divisor = (routed.aux["counts"][index][..., None] + x.scatter_eps).astype(dtype)  # integer counts + eps
+    d_slot_out = dout[index] / divisor  # (B, H, K, W, Dv), in the compute dtype
     delta = (d_slot_out * slots["out"]).sum(axis=-1)  # Σ_t P dP = d_o · o per slot
     row_sum = xp.where(slots["sum"] > 0, slots["sum"], 1.0)  # a row with no key: every weight is 0 anyway
     d_attend_q, d_attend_k, dv = xp.zeros_like(routed.attend_q), xp.zeros_like(routed.attend_k), xp.zeros_like(routed.v)
