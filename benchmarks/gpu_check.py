@@ -40,7 +40,6 @@ it checks the script, not the GPU.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import inspect
 import json
@@ -58,9 +57,14 @@ from refattn.core import registry
 from refattn.core import xp as core_xp
 from refattn.core.results import Cotangents
 from refattn.dense.inputs import DenseInputs
+from refattn.lowrank.performer.reference import orthogonal_features
 from refattn.position.t5 import reference as t5_reference
 
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
+#: The model width H · D: the feature count of the mechanisms that read token vectors, not heads.
+WIDTH = HEADS * HEAD_DIM
+#: Mechanisms with no VJP (the centroid update runs outside autograd): their forward only is timed.
+FORWARD_ONLY = {"centroid_ema"}
 #: Mechanisms whose results include an (Nq, Nk) array made on the host (their aux): timed up to this N.
 HOST_AUX_MAX_N = {"t5": 16384, "shaw": 16384}
 
@@ -97,6 +101,26 @@ def _positions(n: int) -> dict:
     return dict(q_positions=np.arange(n), k_positions=np.arange(n))
 
 
+def _scaled(rng, shape: tuple, fan_in: int) -> np.ndarray:
+    """Standard normal entries divided by sqrt(fan_in): a projection that keeps O(1) inputs O(1)."""
+    return rng.standard_normal(shape) / np.sqrt(fan_in)
+
+
+def _qkv(n: int, rng) -> dict:
+    """q, k, v as gpu_check's ``qkv`` draws them (B, H, N, D)."""
+    return {key: rng.standard_normal((BATCH, HEADS, n, HEAD_DIM)) for key in "qkv"}
+
+
+def _multilevel(n: int, rng) -> dict:
+    """HAN's two levels over tokens of the model width: sentences of 64 tokens, then one document over
+    the sentences; attention pooling (W, b and the context vector u of width D) at each level."""
+    segments = np.stack([np.arange(n) // 64, np.zeros(n, np.int64)])  # (L = 2, N)
+    return dict(segments=segments, wq=_scaled(rng, (2, WIDTH, HEAD_DIM), WIDTH),
+                wk=_scaled(rng, (2, WIDTH, HEAD_DIM), WIDTH), wv=_scaled(rng, (2, WIDTH, WIDTH), WIDTH),
+                aggregate="attention_pool", pool_w=_scaled(rng, (2, WIDTH, HEAD_DIM), WIDTH),
+                pool_b=rng.standard_normal((2, HEAD_DIM)), context=_scaled(rng, (2, HEAD_DIM), HEAD_DIM))  # fmt: skip
+
+
 #: Each mechanism's own arguments for the benchmark problem (q, k, v are added), by N and a generator.
 PROBLEMS = {
     "dense": lambda n, rng: {},
@@ -127,6 +151,42 @@ PROBLEMS = {
                                chunk_len=64),  # fmt: skip
     "routing": lambda n, rng: dict(centroids=rng.standard_normal((HEADS, max(n // 256, 1), HEAD_DIM)),
                                    cluster_size=min(256, n)),  # fmt: skip
+    # Low-rank family: Linformer's k = 256 projections, E and F each shared by the heads (entries
+    # N(0, 1 / N): E K stays O(1) at any N); Performer's M = 256 orthogonal features, bidirectional;
+    # Nyström's 64 landmarks (N at small N), 6 pseudo-inverse iterations and the 33-tap convolution
+    # of V; rank-256 positive factors for the generic form (OWN_ARRAYS).
+    "linformer": lambda n, rng: dict(e=_scaled(rng, (256, n), n), f=_scaled(rng, (256, n), n)),
+    "performer": lambda n, rng: dict(omega=orthogonal_features(rng, 256, HEAD_DIM)),
+    "nystrom": lambda n, rng: dict(num_landmarks=min(64, n), pinv_iterations=6,
+                                   conv_kernel=_scaled(rng, (HEADS, 33), 33)),
+    "lowrank": lambda n, rng: dict(normalized=True),
+    # Memory family, causal streams: segments of 512 with a memory of 512 (Transformer-XL, with its
+    # relative scores over the 1024 distances a step sees), and a compressed memory of 512 filled at
+    # rate 4 by the 1D convolution (Compressive); Infini-attention's segments of 2048; RMT's 10 memory
+    # tokens (OWN_ARRAYS) around segments of 512 (N at small N: they must divide N); StreamingLLM's 4
+    # sinks and 2000 recent tokens, the stream fed in steps of 512 (token by token is N host round trips).
+    "xl_recurrence": lambda n, rng: dict(segment_len=512, mem_len=512,
+                                         r=rng.standard_normal((HEADS, 1024, HEAD_DIM)) / 8,
+                                         u=rng.standard_normal((HEADS, HEAD_DIM)),
+                                         v_bias=rng.standard_normal((HEADS, HEAD_DIM))),  # fmt: skip
+    "compressive": lambda n, rng: dict(segment_len=512, mem_len=512, compressed_len=512, rate=4, compression="conv",
+                                       conv_weight_k=_scaled(rng, (HEAD_DIM, HEAD_DIM, 4), 4 * HEAD_DIM),
+                                       conv_weight_v=_scaled(rng, (HEAD_DIM, HEAD_DIM, 4), 4 * HEAD_DIM)),  # fmt: skip
+    "infini": lambda n, rng: dict(segment_len=2048, beta=rng.standard_normal(HEADS)),
+    "memory_tokens": lambda n, rng: dict(segment_len=min(512, n)),
+    "sinks": lambda n, rng: dict(sink_count=4, recent_size=2000, segment_len=512),
+    # Routing family, as routing's problem: N / 256 centroids, clusters of 256. The hybrid layer has 4
+    # local heads (a causal window of 256) and 4 routing heads; the centroid update is one step of the
+    # canonical VQ moving average (decay 0.999) over the queries and keys; soft routing mixes a causal
+    # path and a causal window of 512, routed by the tokens' H · D features (OWN_ARRAYS).
+    "routing_hybrid": lambda n, rng: dict(num_local_heads=HEADS // 2, cluster_size=min(256, n),
+                                          centroids=rng.standard_normal((HEADS // 2, max(n // 256, 1), HEAD_DIM)),
+                                          local_window=(255, 0), causal=True),  # fmt: skip
+    "centroid_ema": lambda n, rng: dict(centroids=rng.standard_normal((HEADS, max(n // 256, 1), HEAD_DIM))),
+    "soft_routing": lambda n, rng: dict(routing_weights=_scaled(rng, (WIDTH, 2), WIDTH), path_causal=[True, True],
+                                        path_window=[None, (511, 0)]),  # fmt: skip
+    # Hierarchical: HAN's sentences of 64 tokens under one document (OWN_ARRAYS: token vectors).
+    "multilevel": _multilevel,
 }
 
 
@@ -136,8 +196,31 @@ def _bigbird(block_size: int, n: int, rng) -> dict:
     return dict(block_size=block_size, random_blocks=rng.integers(1, blocks - 1, (HEADS, blocks - 2, 3)))
 
 
+#: The arrays that replace :func:`qkv`'s q, k, v (cast to the problem's dtype with them), for mechanisms whose
+#: data are not only q, k, v (B, H, N, D).
+OWN_ARRAYS = {
+    # U (B, H, N, r) and W (B, H, r, N) in (0, 1): every row sum of U W is positive (normalized=True);
+    # W / N keeps W V O(1) at any N.
+    "lowrank": lambda n, rng: dict(u=rng.random((BATCH, HEADS, n, 256)), w=rng.random((BATCH, HEADS, 256, n)) / n,
+                                   v=rng.standard_normal((BATCH, HEADS, n, HEAD_DIM))),  # fmt: skip
+    # HAN reads token vectors x (B, N, C), C = H · D, no heads.
+    "multilevel": lambda n, rng: dict(x=rng.standard_normal((BATCH, n, WIDTH))),
+    # q, k, v, and the router's features x (B, N, H · D): data, in the problem's dtype.
+    "soft_routing": lambda n, rng: dict(_qkv(n, rng), x=rng.standard_normal((BATCH, n, WIDTH))),
+    # q, k, v, RMT's initial memory (B, m = 10, H · D) (a previous segment's outputs) and its projections
+    # W_q, W_k, W_v (H · D, H, D): all in the problem's dtype, since the wrapped segment's q, k, v take
+    # the dtype of memory · W (NumPy's promotion: float64 weights would make a float32 problem float64).
+    "memory_tokens": lambda n, rng: dict(_qkv(n, rng), memory=rng.standard_normal((BATCH, 10, WIDTH)),
+                                         **{name: _scaled(rng, (WIDTH, HEADS, HEAD_DIM), WIDTH)
+                                            for name in ("w_q", "w_k", "w_v")}),  # fmt: skip
+}
+
+
 def qkv(name: str, n: int, rng) -> dict:
-    """q, k, v of the benchmark shape (differential: 2H query and key heads, values 2D wide)."""
+    """q, k, v of the benchmark shape (differential: 2H query and key heads, values 2D wide), or the
+    mechanism's :data:`OWN_ARRAYS`."""
+    if name in OWN_ARRAYS:
+        return OWN_ARRAYS[name](n, rng)
     if name == "differential":
         shapes = (2 * HEADS, HEAD_DIM), (2 * HEADS, HEAD_DIM), (HEADS, 2 * HEAD_DIM)
     else:
@@ -165,15 +248,11 @@ def checked(name: str, dtype: str, n: int, seed: int = 0, overrides: dict | None
 
 
 def on_device(x, xp):
-    """``x`` with the q, k, v of every dense problem in it moved to the device (other fields as they are)."""
-    if isinstance(x, DenseInputs):
-        return dataclasses.replace(x, q=xp.asarray(x.q), k=xp.asarray(x.k), v=xp.asarray(x.v))
-    if isinstance(x, tuple):
-        return tuple(on_device(item, xp) for item in x)
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        changes = {f.name: on_device(getattr(x, f.name), xp) for f in dataclasses.fields(x)}
-        return dataclasses.replace(x, **{k: v for k, v in changes.items() if v is not getattr(x, k)})
-    return x
+    """Checked inputs ``x`` with every floating-point array in them (q, k, v, projections, tables...) moved to
+    the device, as a kernel author's are: the timed calls then move nothing from the host. Integer and
+    boolean arrays (positions, masks, assignments) stay, as the checks made them."""
+    return core_xp.map_leaves(x, lambda leaf: xp.asarray(leaf) if isinstance(leaf, np.ndarray)
+                              and leaf.dtype.kind == "f" else leaf)  # fmt: skip
 
 
 # --- step 1: verify -----------------------------------------------------------------
@@ -405,6 +484,19 @@ FLEX_NOT_EXPRESSED = {
     "segmented": "merges segment-summary keys: not a mask/score change",
     "lsh": "hashes, sorts and chunks by the data: not a fixed mask",
     "routing": "clusters by the data: not a fixed mask",
+    "routing_hybrid": "clusters its routing heads by the data: not a fixed mask",
+    "soft_routing": "mixes attention paths by the data: not one attention",
+    "centroid_ema": "updates centroids: not attention",
+    "linformer": "projects keys and values along the sequence: not a mask/score change",
+    "nystrom": "approximates the softmax through landmarks: not a mask/score change",
+    "performer": "replaces the softmax with random features: not a mask/score change",
+    "lowrank": "factored weights, no scores: not a mask/score change",
+    "xl_recurrence": "carries a memory between segments: not one attention",
+    "compressive": "carries compressed memories between segments: not one attention",
+    "infini": "adds a linear-attention memory: not one attention",
+    "memory_tokens": "wraps segments in memory tokens: not one attention",
+    "sinks": "evicts from a cache between steps: not one attention",
+    "multilevel": "pools sentences, then attends over them: not one attention",
 }
 #: The check's problems at small N: windows and blocks scaled down to fit N = 24 and 40.
 FLEX_CHECK_OVERRIDES = {"sliding_window": dict(window_size=5), "local": dict(window_size=8),
@@ -509,8 +601,10 @@ def time_xp(name: str, dtype: str, n: int, xp, sync, repeats: int) -> dict:
     saved = module.forward(x, xp)
     dout = xp.asarray(np.random.default_rng(1).standard_normal(saved.out.shape).astype(dtype))
     cotangents = Cotangents(dout, None)
-    return dict(forward=fastest(lambda: module.forward(x, xp), sync, repeats),
-                backward=fastest(lambda: module.vjp(x, cotangents, xp, saved), sync, repeats))  # fmt: skip
+    forward = fastest(lambda: module.forward(x, xp), sync, repeats)
+    if name in FORWARD_ONLY:
+        return dict(forward=forward)
+    return dict(forward=forward, backward=fastest(lambda: module.vjp(x, cotangents, xp, saved), sync, repeats))
 
 
 def time_sdpa(torch, dtype: str, n: int, device: str, repeats: int) -> dict:

@@ -174,6 +174,14 @@ def to_device(result: Result | Grads) -> Result | Grads:
     return Grads(moved(dict(result)))
 
 
+def device_array(value, xp, dtype):
+    """``value`` as an ``xp`` array of ``dtype``: host data (a number, a NumPy array of any dtype, bfloat16
+    included, which CuPy has not) converted on the host first; an array already on the device cast there."""
+    if isinstance(value, (np.ndarray, np.generic, int, float)):
+        return xp.asarray(np.asarray(value, dtype=dtype))
+    return xp.asarray(value, dtype=dtype)
+
+
 def scatter_add(xp, target, index, values) -> None:
     """``target[index] += values`` with repeated indices summed (NumPy's ``add.at``, CuPy's ``cupyx.scatter_add``)."""
     if xp is np:

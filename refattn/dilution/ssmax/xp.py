@@ -13,7 +13,7 @@ from dataclasses import replace
 import numpy as np
 
 from ...core.results import Cotangents, Grads, Result
-from ...core.xp import compute_dtype
+from ...core.xp import compute_dtype, device_array
 from ...dense import xp as dense_xp
 from .reference import SSMaxInputs
 
@@ -22,7 +22,7 @@ BLOCK_Q, BLOCK_K = dense_xp.BLOCK_Q, dense_xp.BLOCK_K  # rows and columns of a t
 
 def _per_head(parameter, xp, dtype):
     """A number, or an (Hq,) array as (Hq, 1), on the device: broadcasts over (B, Hq, Nq)."""
-    value = xp.asarray(np.asarray(parameter, dtype=np.float64), dtype=dtype)
+    value = device_array(parameter, xp, dtype)
     return value[:, None] if value.ndim == 1 else value
 
 

@@ -102,7 +102,8 @@ class _Features:
         """(5)-(6): δ s added to D, the guard, and ``out = n / D``; returns out and D (…, T)."""
         x = self.x
         denominator = denominator + x.denominator_feature_eps * phi_sum
-        denominator = denominator + 2 * x.denominator_guard * (self.xp.abs(denominator) <= x.denominator_guard)
+        guarded = (self.xp.abs(denominator) <= x.denominator_guard).astype(denominator.dtype)  # (a bool would promote)
+        denominator = denominator + 2 * x.denominator_guard * guarded
         return numerator / denominator[..., None], denominator
 
     def d_finish(self, dout, out, denominator):

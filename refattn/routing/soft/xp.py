@@ -10,10 +10,9 @@ Einsum letters: b batch, h head, n token, x feature of ``x``, p path, e value di
 
 from __future__ import annotations
 
-import numpy as np
 
 from ...core.results import Cotangents, Grads, Result
-from ...core.xp import compute_dtype
+from ...core.xp import compute_dtype, device_array
 from ...dense import xp as dense
 from ..soft.reference import SoftRoutingInputs
 
@@ -55,8 +54,8 @@ def vjp(x: SoftRoutingInputs, cotangents: Cotangents, xp, saved: Result | None =
 def _probabilities(x: SoftRoutingInputs, xp):
     """Steps (S1)-(S2): ``softmax over paths of x · W_r`` (B, N, P), and ``x``, ``W_r`` on the device."""
     dtype = compute_dtype(x.paths[0].q.dtype)
-    features = xp.asarray(np.asarray(x.x, dtype=dtype))  # (B, N, Dx)
-    weights = xp.asarray(np.asarray(x.routing_weights, dtype=dtype))  # (Dx, P)
+    features = device_array(x.x, xp, dtype)  # (B, N, Dx)
+    weights = device_array(x.routing_weights, xp, dtype)  # (Dx, P)
     logits = xp.matmul(features, weights)  # (B, N, P)
     e = xp.exp(logits - logits.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True), (features, weights)
