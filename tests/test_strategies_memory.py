@@ -9,12 +9,13 @@ import pytest
 from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
 
-from refattn.core import registry
 from refattn.core.precision import Numerics, STORAGE_DTYPES
 from refattn.memory import compressive_attention
 from refattn.memory.compressive.strategies import max_pool_margins, usage_margins
 from refattn.memory.infini.strategies import denominator_margins
 from refattn.strategies import problems, tie_margin
+
+from .strategy_checks import draws_are_accepted
 
 MEMORY = ("xl_recurrence", "sinks", "infini", "memory_tokens", "compressive")
 #: hypothesis.find's budget: enough to reach every option; shrinking then runs to the end.
@@ -27,18 +28,15 @@ FIND = settings(database=None, max_examples=300, suppress_health_check=list(Heal
 @pytest.mark.parametrize("precision", ["float64", "float32"])
 @pytest.mark.parametrize("mechanism", MEMORY)
 def test_draws_are_accepted_by_the_public_function(mechanism, precision):
-    forward = registry.get(mechanism).forward
+    draws_are_accepted(mechanism, precision,
+                       settings(max_examples=60, deadline=None, derandomize=True,
+                                suppress_health_check=list(HealthCheck)),
+                       also=_one_key_per_query)  # fmt: skip
 
-    @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-    @given(problems(mechanism, precision))
-    def accepted(problem):
-        assert problem.mechanism == mechanism
-        q, k = problem.arguments["q"], problem.arguments["k"]
-        assert k.shape[2] == q.shape[2] <= 40  # a stream: one key per query (Nq != Nk is not allowed)
-        result = problem.call(forward)  # a SpecError fails the test
-        assert np.all(np.isfinite(result.out))
 
-    accepted()
+def _one_key_per_query(problem) -> None:
+    q, k = problem.arguments["q"], problem.arguments["k"]
+    assert k.shape[2] == q.shape[2] <= 40  # a stream: one key per query (Nq != Nk is not allowed)
 
 
 # --- every option reachable, minimal examples small ----------------------------------

@@ -16,10 +16,11 @@ from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
 
 import refattn
-from refattn.core import registry
 from refattn.routing import routing_vectors
 from refattn.routing.presets import get_preset
 from refattn.strategies import problems, tie_margin
+
+from .strategy_checks import draws_are_accepted
 
 MECHANISMS = ("routing", "routing_hybrid", "soft_routing", "centroid_ema", "differential", "lowrank", "linformer",
               "nystrom", "performer")  # fmt: skip
@@ -36,16 +37,7 @@ def shape(problem, name="q"):
 @pytest.mark.parametrize("precision", ["float64", "float32"])
 @pytest.mark.parametrize("mechanism", MECHANISMS)
 def test_draws_are_accepted_by_the_public_function(mechanism, precision):
-    function = registry.get(mechanism).forward
-
-    @settings(max_examples=40, deadline=None, database=None)
-    @given(problems(mechanism, precision))
-    def accepted(problem):
-        assert problem.mechanism == mechanism
-        result = problem.call(function)  # a SpecError fails the test
-        assert np.all(np.isfinite(result.out))
-
-    accepted()
+    draws_are_accepted(mechanism, precision, settings(max_examples=40, deadline=None, database=None))
 
 
 # --- options are reachable and shrink small -------------------------------------------

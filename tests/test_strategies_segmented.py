@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, find, given, settings
 
-from refattn.core import registry
 from refattn.hierarchical import multilevel_attention
 from refattn.hierarchical.multilevel import strategies as multilevel_strategies
 from refattn.strategies import problems, tie_margin
+
+from .strategy_checks import draws_are_accepted
 
 MECHANISMS = ("segmented", "sliding_window", "longformer", "bigbird", "local", "h1d", "multilevel")
 FIND = settings(database=None, max_examples=1000, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -36,16 +37,7 @@ def sizes(problem) -> tuple:
 @pytest.mark.parametrize("precision", ["float64", "float32"])
 @pytest.mark.parametrize("mechanism", MECHANISMS)
 def test_draws_are_accepted_by_the_public_function(mechanism, precision):
-    function = registry.get(mechanism).forward
-
-    @settings(max_examples=40, deadline=None, database=None)
-    @given(problems(mechanism, precision))
-    def accepted(problem):
-        assert problem.mechanism == mechanism
-        result = problem.call(function)  # a SpecError here is a draw the function refuses
-        assert np.all(np.isfinite(result.out))
-
-    accepted()
+    draws_are_accepted(mechanism, precision, settings(max_examples=40, deadline=None, database=None))
 
 
 # --- options are reachable, and their minimal examples small ---------------------------

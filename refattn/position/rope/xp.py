@@ -34,22 +34,33 @@ def rotate(vectors, cos, sin, x: RopeInputs, xp):
     return rotated
 
 
-def _rotated(x: RopeInputs, xp):
-    q_tables, k_tables = _tables(x, x.q_positions, xp), _tables(x, x.k_positions, xp)
-    dense = replace(x.dense, q=rotate(x.dense.q, *q_tables, x, xp), k=rotate(x.dense.k, *k_tables, x, xp))
-    return dense, q_tables, k_tables
-
-
 def forward(x: RopeInputs, xp) -> Result:
-    dense, _, _ = _rotated(x, xp)
-    out, lse = dense_xp.attend(dense, xp, (BLOCK_Q, BLOCK_K))
-    return Result(out=out, lse=lse, aux={})
+    tables = _tables(x, x.q_positions, xp), _tables(x, x.k_positions, xp)
+    return rotated_attention(x.dense, *tables, x, xp, (BLOCK_Q, BLOCK_K))
 
 
 def vjp(x: RopeInputs, cotangents: Cotangents, xp, saved: Result | None = None) -> Grads:
-    dense, (q_cos, q_sin), (k_cos, k_sin) = _rotated(x, xp)
-    grads = dense_xp.attend_vjp(dense, cotangents, xp, (BLOCK_Q, BLOCK_K), saved)
-    # (R3') dq = R(θ)ᵀ dq~ = R(−θ) dq~, likewise dk.
-    grads["q"] = rotate(grads["q"], q_cos, -q_sin, x, xp)
-    grads["k"] = rotate(grads["k"], k_cos, -k_sin, x, xp)
+    tables = _tables(x, x.q_positions, xp), _tables(x, x.k_positions, xp)
+    return rotated_attention_vjp(x.dense, *tables, x, cotangents, xp, (BLOCK_Q, BLOCK_K), saved)
+
+
+def rotated_attention(dense, q_tables, k_tables, rotation, xp, blocks) -> Result:
+    """(R3) q and k rotated by their (cos, sin) tables, then dense attention's tiled algorithm. ``rotation``:
+    anything with ``.rope`` (:func:`rotate`); xPos passes its scaled tables."""
+    out, lse = dense_xp.attend(_rotated(dense, q_tables, k_tables, rotation, xp), xp, blocks)
+    return Result(out=out, lse=lse, aux={})
+
+
+def rotated_attention_vjp(dense, q_tables, k_tables, rotation, cotangents: Cotangents, xp, blocks, saved) -> Grads:
+    """The VJP of :func:`rotated_attention`: dense attention's, then (R3') dq = R(θ)ᵀ dq~ = R(−θ) dq~ (with
+    xPos's tables, Rᵀ S dq~), likewise dk."""
+    grads = dense_xp.attend_vjp(_rotated(dense, q_tables, k_tables, rotation, xp), cotangents, xp, blocks, saved)
+    (q_cos, q_sin), (k_cos, k_sin) = q_tables, k_tables
+    grads["q"] = rotate(grads["q"], q_cos, -q_sin, rotation, xp)
+    grads["k"] = rotate(grads["k"], k_cos, -k_sin, rotation, xp)
     return grads
+
+
+def _rotated(dense, q_tables, k_tables, rotation, xp):
+    """Dense inputs with ``q~ = R q`` and ``k~ = R k``."""
+    return replace(dense, q=rotate(dense.q, *q_tables, rotation, xp), k=rotate(dense.k, *k_tables, rotation, xp))

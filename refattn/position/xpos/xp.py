@@ -9,8 +9,6 @@ once to the compute dtype and moved. The VJP applies the transposed transform ``
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 
 from ...core.results import Cotangents, Grads, Result
@@ -31,25 +29,18 @@ def _tables(x: XposInputs, positions, downscale: bool, xp):
     return xp.asarray(factors * np.cos(theta), dtype=dtype), xp.asarray(factors * np.sin(theta), dtype=dtype)
 
 
-def _transformed(x: XposInputs, xp):
-    """The dense inputs with ``q~ = S R q`` (upscaled) and ``k~ = S R k`` (downscaled), and the tables."""
-    q_tables, k_tables = _tables(x, x.q_positions, False, xp), _tables(x, x.k_positions, True, xp)
-    # (R3), (X3) in one rotation; rope's rotation reads only ``.rope`` (rotary_dim, layout) of its inputs.
-    q = rope_xp.rotate(x.dense.q, *q_tables, x.xpos, xp)
-    k = rope_xp.rotate(x.dense.k, *k_tables, x.xpos, xp)
-    return replace(x.dense, q=q, k=k), q_tables, k_tables
-
-
 def forward(x: XposInputs, xp) -> Result:
-    dense, _, _ = _transformed(x, xp)
-    out, lse = dense_xp.attend(dense, xp, (BLOCK_Q, BLOCK_K))
-    return Result(out=out, lse=lse, aux={})
+    """(R3), (X3) in one rotation: ``q~ = S R q`` (upscaled), ``k~ = S R k`` (downscaled), then dense attention."""
+    return rope_xp.rotated_attention(x.dense, *_both_tables(x, xp), x.xpos, xp, (BLOCK_Q, BLOCK_K))
 
 
 def vjp(x: XposInputs, cotangents: Cotangents, xp, saved: Result | None = None) -> Grads:
-    dense, (q_cos, q_sin), (k_cos, k_sin) = _transformed(x, xp)
-    grads = dense_xp.attend_vjp(dense, cotangents, xp, (BLOCK_Q, BLOCK_K), saved)
-    # (X3'), (R3') dq = Rᵀ S dq~ = S R(−θ) dq~, likewise dk with the keys' tables.
-    grads["q"] = rope_xp.rotate(grads["q"], q_cos, -q_sin, x.xpos, xp)
-    grads["k"] = rope_xp.rotate(grads["k"], k_cos, -k_sin, x.xpos, xp)
-    return grads
+    """(X3'), (R3') dq = Rᵀ S dq~ = S R(−θ) dq~, likewise dk with the keys' tables."""
+    return rope_xp.rotated_attention_vjp(x.dense, *_both_tables(x, xp), x.xpos, cotangents, xp,
+                                         (BLOCK_Q, BLOCK_K), saved)  # fmt: skip
+
+
+def _both_tables(x: XposInputs, xp):
+    """The queries' (upscaled) and the keys' (downscaled) tables; rope's rotation reads only ``.rope``
+    (rotary_dim, layout) of ``x.xpos``."""
+    return _tables(x, x.q_positions, False, xp), _tables(x, x.k_positions, True, xp)
